@@ -1,0 +1,63 @@
+/**
+ * @file base/config.hpp
+ * Layer: base (includes nothing from the library).
+ *
+ * The one place that reads platform, architecture and compiler macros. Every other header tests the
+ * MEMBACKING_* macros defined here, so porting the library means reading this file first.
+ */
+#pragma once
+
+#if defined(__linux__)
+#    define MEMBACKING_OS_LINUX 1
+#else
+#    define MEMBACKING_OS_LINUX 0
+#endif
+
+#if defined(_WIN32)
+#    define MEMBACKING_OS_WINDOWS 1
+#else
+#    define MEMBACKING_OS_WINDOWS 0
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#    define MEMBACKING_ARCH_X86_64 1
+#else
+#    define MEMBACKING_ARCH_X86_64 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#    define MEMBACKING_GNU_COMPATIBLE 1
+#else
+#    define MEMBACKING_GNU_COMPATIBLE 0
+#endif
+
+// The fault-recovering access primitives are x86-64 inline assembly in the GNU dialect, with the
+// recovery table placed through ELF section tricks. Other combinations have no access layer yet.
+#if MEMBACKING_OS_LINUX && MEMBACKING_ARCH_X86_64 && MEMBACKING_GNU_COMPATIBLE
+#    define MEMBACKING_HAS_GUARDED_ACCESS 1
+#else
+#    define MEMBACKING_HAS_GUARDED_ACCESS 0
+#endif
+
+// ThreadSanitizer does not understand faults resumed at another instruction by a signal handler
+// that rewrites the context, nor the inline-asm accesses; the build tells us so we can say so.
+#if defined(__SANITIZE_THREAD__)
+#    define MEMBACKING_TSAN 1
+#elif defined(__has_feature)
+#    if __has_feature(thread_sanitizer)
+#        define MEMBACKING_TSAN 1
+#    endif
+#endif
+#ifndef MEMBACKING_TSAN
+#    define MEMBACKING_TSAN 0
+#endif
+
+#if MEMBACKING_GNU_COMPATIBLE
+#    define MEMBACKING_ALWAYS_INLINE inline __attribute__((always_inline))
+#    define MEMBACKING_NOINLINE __attribute__((noinline))
+#    define MEMBACKING_COLD __attribute__((cold))
+#else
+#    define MEMBACKING_ALWAYS_INLINE inline
+#    define MEMBACKING_NOINLINE
+#    define MEMBACKING_COLD
+#endif

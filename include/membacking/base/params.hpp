@@ -1,0 +1,45 @@
+/**
+ * @file base/params.hpp
+ * Layer: base.
+ *
+ * Small value types shared by every layer: how a region is mapped (MapParams), what kind of memory
+ * it is (MappingType) and host-side placement hints for a mapping (MemoryPolicy).
+ */
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace membacking {
+
+/// How a region is exposed while it is mapped.
+struct MapParams {
+    bool writable = false;
+    bool executable = false;
+    /// Ask partitions to populate the region's second-level page tables when it is mapped.
+    bool prefetch = false;
+
+    friend constexpr bool operator==(const MapParams&, const MapParams&) noexcept = default;
+};
+
+/// What a region holds. RAM is guest memory proper (shareable, IOMMU failures fatal); Device is
+/// memory a device exposes, such as a BAR or a DAX window.
+enum class MappingType : std::uint8_t { Ram, Device };
+
+[[nodiscard]] constexpr std::string_view to_string(MappingType t) noexcept
+{
+    return t == MappingType::Ram ? "ram" : "device";
+}
+
+/// Host-side placement hints for one mapping. Hints only: failing to apply one is logged by the
+/// VA policy, never an error for the guest (as in the reference), except where a test asks.
+struct MemoryPolicy {
+    std::optional<std::uint32_t> numa_node; ///< mbind the pages to this host node
+    bool transparent_hugepages = false;     ///< madvise(MADV_HUGEPAGE)
+    bool prefetch = false;                  ///< populate the VA when mapped
+
+    friend constexpr bool operator==(const MemoryPolicy&, const MemoryPolicy&) noexcept = default;
+};
+
+} // namespace membacking

@@ -1,0 +1,63 @@
+/**
+ * @file detail/undo_log.hpp
+ * Internal (namespace membacking::detail); includes base/ only.
+ *
+ * The mechanism behind "every control operation is all-or-nothing": each step that changed the
+ * outside world pushes the step that reverses it; a failure runs the list backwards. An undo step
+ * that itself fails leaves the guest's view and the library's books disagreeing with no way back,
+ * so that is fatal (base/fatal.hpp) rather than silent.
+ */
+#pragma once
+
+#include <membacking/base/fatal.hpp>
+#include <membacking/base/result.hpp>
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace membacking::detail {
+
+class UndoLog {
+public:
+    UndoLog() = default;
+    UndoLog(const UndoLog&) = delete;
+    UndoLog& operator=(const UndoLog&) = delete;
+
+    /// Rolls back whatever was not committed (the error path of an early return).
+    ~UndoLog() { rollback(); }
+
+    /// Records how to reverse a step that just succeeded.
+    void push(std::function<Result<void>()> undo) { steps_.push_back(std::move(undo)); }
+
+    /// The operation succeeded: forget the undo steps.
+    void commit() noexcept { steps_.clear(); }
+
+    /// Moves the other log's steps to the end of this one (a sub-operation joining its caller).
+    void absorb(UndoLog&& other)
+    {
+        for (auto& s : other.steps_)
+            steps_.push_back(std::move(s));
+        other.steps_.clear();
+    }
+
+    /// Reverses every recorded step, newest first.
+    void rollback() noexcept
+    {
+        while (!steps_.empty()) {
+            auto step = std::move(steps_.back());
+            steps_.pop_back();
+            if (auto r = step(); !r)
+                fatal("rollback step failed, guest memory state is now inconsistent: " +
+                      r.error().full_message());
+        }
+    }
+
+    [[nodiscard]] bool empty() const noexcept { return steps_.empty(); }
+
+private:
+    std::vector<std::function<Result<void>()>> steps_;
+};
+
+} // namespace membacking::detail

@@ -1,0 +1,326 @@
+/**
+ * @file partition/mock.hpp
+ * Layer: partition (includes base/ and partition/partition_mapper.hpp).
+ *
+ * MockPartition: a first-class, portable partition policy that records every call in order,
+ * keeps the view a real hypervisor would have (which GPA windows are mapped, from which host VA,
+ * with which permissions), and can be told to fail the N-th call from now with a given error.
+ *
+ * It is strict where real hypervisors are strict, so that it catches manager bugs: mapping over
+ * an existing window fails (KVM and WHP reject overlapping slots), and unmapping part of a window
+ * fails (KVM cannot shrink a memslot). A failing call changes nothing.
+ *
+ * Thread-safe: calls and queries take one mutex.
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/partition/partition_mapper.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <utility>
+#include <vector>
+
+namespace membacking {
+
+class MockPartition {
+public:
+    static constexpr PartitionFeatures features =
+        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log;
+
+    enum class Op : std::uint8_t {
+        map,
+        unmap,
+        prefetch,
+        pin,
+        unpin,
+        set_dirty_logging,
+        take_dirty_log
+    };
+
+    /// One recorded call. host_va, writable and executable are meaningful for map only;
+    /// writable carries `enabled` for set_dirty_logging.
+    struct Call {
+        Op op = Op::map;
+        std::uint64_t gpa = 0;
+        std::uint64_t size = 0;
+        const void* host_va = nullptr;
+        bool writable = false;
+        bool executable = false;
+        bool failed = false; ///< this call was made to fail
+
+        friend bool operator==(const Call&, const Call&) noexcept = default;
+    };
+
+    /// One mapped window, as the partition sees it.
+    struct Window {
+        std::uint64_t gpa = 0;
+        std::uint64_t size = 0;
+        const void* host_va = nullptr;
+        bool writable = false;
+        bool executable = false;
+        bool pinned = false;
+        bool dirty_logging = false;
+        friend bool operator==(const Window&, const Window&) noexcept = default;
+    };
+
+    MockPartition() = default;
+    MockPartition(const MockPartition&) = delete;
+    MockPartition& operator=(const MockPartition&) = delete;
+
+    Result<void> map_range(void* host_va, std::uint64_t gpa, std::uint64_t size, bool writable,
+                           bool executable)
+    {
+        std::lock_guard lock(mutex_);
+        Call call{Op::map, gpa, size, host_va, writable, executable};
+        if (auto e = next_failure(call))
+            return *e;
+        auto range = MemoryRange::from_size(gpa, size);
+        if (!range || range->empty())
+            return reject(call, errc::invalid_range,
+                          "mock partition: invalid map of " + MemoryRange::hex(size) +
+                              " bytes at " + MemoryRange::hex(gpa));
+        if (const Window* w = first_overlap(*range))
+            return reject(call, errc::overlap,
+                          "mock partition: map of " + range->to_string() +
+                              " overlaps mapped window " + window_range(*w).to_string());
+        windows_.emplace(gpa, Window{gpa, size, host_va, writable, executable});
+        record(call);
+        return {};
+    }
+
+    Result<void> unmap_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        Call call{Op::unmap, gpa, size};
+        if (auto e = next_failure(call))
+            return *e;
+        auto range = MemoryRange::from_size(gpa, size);
+        if (!range)
+            return reject(call, errc::invalid_range, "mock partition: invalid unmap range");
+        // Whole windows only: a window cut in half is an error, as in KVM.
+        std::vector<std::uint64_t> doomed;
+        auto it = windows_.upper_bound(range->start());
+        if (it != windows_.begin())
+            --it;
+        for (; it != windows_.end() && it->first < range->end(); ++it) {
+            const MemoryRange wr = window_range(it->second);
+            const std::uint64_t start = it->first;
+            if (!wr.overlaps(*range))
+                continue;
+            if (!range->contains(wr))
+                return reject(call, errc::invalid_range,
+                              "mock partition: unmap of " + range->to_string() +
+                                  " would split mapped window " + wr.to_string());
+            doomed.push_back(start);
+        }
+        for (std::uint64_t start : doomed)
+            windows_.erase(start);
+        record(call);
+        return {};
+    }
+
+    Result<void> prefetch_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        return window_op(Op::prefetch, gpa, size, [](Window&) {});
+    }
+    Result<void> pin_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        return window_op(Op::pin, gpa, size, [](Window& w) { w.pinned = true; });
+    }
+    Result<void> unpin_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        return window_op(Op::unpin, gpa, size, [](Window& w) { w.pinned = false; });
+    }
+    Result<void> set_dirty_logging(std::uint64_t gpa, std::uint64_t size, bool enabled)
+    {
+        return window_op(
+            Op::set_dirty_logging, gpa, size,
+            [&](Window& w) {
+                w.dirty_logging = enabled;
+                if (!enabled)
+                    clear_dirty(w);
+            },
+            enabled);
+    }
+    Result<std::vector<std::uint64_t>> take_dirty_log(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::vector<std::uint64_t> bitmap((size / page_size + 63) / 64, 0);
+        auto r = window_op(Op::take_dirty_log, gpa, size, [&](Window& w) {
+            for (std::uint64_t off = 0; off < size; off += page_size) {
+                if (dirty_.erase(w.gpa + off) != 0)
+                    bitmap[(off / page_size) / 64] |= std::uint64_t{1} << ((off / page_size) % 64);
+            }
+        });
+        if (!r)
+            return std::move(r).error();
+        return bitmap;
+    }
+
+    // ---- test controls ----
+
+    /// The n-th call from now (1 = the next one) fails with `error` and changes nothing.
+    void fail_nth_call(std::size_t n, Error error)
+    {
+        std::lock_guard lock(mutex_);
+        failure_ = Failure{calls_seen_ + n, std::move(error)};
+    }
+    void clear_failure()
+    {
+        std::lock_guard lock(mutex_);
+        failure_.reset();
+    }
+    /// Simulates a guest write the hypervisor logged (only in windows with logging on).
+    void mark_dirty(std::uint64_t gpa)
+    {
+        std::lock_guard lock(mutex_);
+        if (const Window* w = window_at(gpa); w != nullptr && w->dirty_logging)
+            dirty_.emplace(align_down(gpa, page_size), true);
+    }
+
+    // ---- queries ----
+
+    [[nodiscard]] std::vector<Call> calls() const
+    {
+        std::lock_guard lock(mutex_);
+        return calls_;
+    }
+    void clear_calls()
+    {
+        std::lock_guard lock(mutex_);
+        calls_.clear();
+    }
+    /// Turns the call log off (benchmarks: the log would grow without bound) or back on.
+    void set_recording(bool on)
+    {
+        std::lock_guard lock(mutex_);
+        recording_ = on;
+        calls_.clear();
+    }
+    [[nodiscard]] std::vector<Window> windows() const
+    {
+        std::lock_guard lock(mutex_);
+        std::vector<Window> out;
+        for (const auto& [start, w] : windows_)
+            out.push_back(w);
+        return out;
+    }
+    /// The window mapping gpa, if any.
+    [[nodiscard]] std::optional<Window> lookup(std::uint64_t gpa) const
+    {
+        std::lock_guard lock(mutex_);
+        const Window* w = window_at(gpa);
+        return w ? std::optional<Window>(*w) : std::nullopt;
+    }
+
+    friend std::ostream& operator<<(std::ostream& os, const Call& c)
+    {
+        static constexpr const char* names[] = {
+            "map", "unmap", "prefetch", "pin", "unpin", "set_dirty_logging", "take_dirty_log"};
+        os << names[static_cast<int>(c.op)] << "(" << MemoryRange::hex(c.gpa) << "+"
+           << MemoryRange::hex(c.size);
+        if (c.op == Op::map)
+            os << (c.writable ? ", rw" : ", ro") << (c.executable ? "x" : "");
+        return os << ")" << (c.failed ? " [failed]" : "");
+    }
+
+private:
+    struct Failure {
+        std::size_t at_call = 0;
+        Error error;
+    };
+
+    static MemoryRange window_range(const Window& w)
+    {
+        return MemoryRange::unchecked(w.gpa, w.gpa + w.size);
+    }
+
+    /// Counts the call; returns the injected error if this is the one to fail.
+    std::optional<Error> next_failure(Call& call)
+    {
+        ++calls_seen_;
+        if (failure_ && failure_->at_call == calls_seen_) {
+            Error e = std::move(failure_->error);
+            failure_.reset();
+            call.failed = true;
+            record(call);
+            return e;
+        }
+        return std::nullopt;
+    }
+
+    void record(const Call& call)
+    {
+        if (recording_)
+            calls_.push_back(call);
+    }
+
+    Error reject(Call& call, errc code, std::string message)
+    {
+        call.failed = true;
+        record(call);
+        return make_error(code, std::move(message));
+    }
+
+    const Window* window_at(std::uint64_t gpa) const
+    {
+        auto it = windows_.upper_bound(gpa);
+        if (it == windows_.begin())
+            return nullptr;
+        --it;
+        return window_range(it->second).contains(gpa) ? &it->second : nullptr;
+    }
+
+    const Window* first_overlap(const MemoryRange& r) const
+    {
+        auto it = windows_.upper_bound(r.start());
+        if (it != windows_.begin() && window_range(std::prev(it)->second).overlaps(r))
+            return &std::prev(it)->second;
+        if (it != windows_.end() && window_range(it->second).overlaps(r))
+            return &it->second;
+        return nullptr;
+    }
+
+    /// An operation on exactly one mapped window [gpa, gpa+size).
+    template <class F>
+    Result<void> window_op(Op op, std::uint64_t gpa, std::uint64_t size, F&& f, bool flag = false)
+    {
+        std::lock_guard lock(mutex_);
+        Call call{op, gpa, size, nullptr, flag, false};
+        if (auto e = next_failure(call))
+            return *e;
+        auto it = windows_.find(gpa);
+        if (it == windows_.end() || it->second.size != size)
+            return reject(call, errc::not_found,
+                          "mock partition: no mapped window " + MemoryRange::hex(gpa) + "+" +
+                              MemoryRange::hex(size));
+        f(it->second);
+        record(call);
+        return {};
+    }
+
+    void clear_dirty(const Window& w)
+    {
+        for (auto it = dirty_.lower_bound(w.gpa); it != dirty_.end() && it->first < w.gpa + w.size;)
+            it = dirty_.erase(it);
+    }
+
+    mutable std::mutex mutex_;
+    std::map<std::uint64_t, Window> windows_;
+    std::map<std::uint64_t, bool> dirty_; ///< dirty page GPAs
+    std::vector<Call> calls_;
+    std::size_t calls_seen_ = 0;
+    bool recording_ = true;
+    std::optional<Failure> failure_;
+};
+
+static_assert(PartitionMapper<MockPartition>);
+
+} // namespace membacking

@@ -1,0 +1,117 @@
+/**
+ * @file partition/partition_mapper.hpp
+ * Layer: partition (includes base/ only).
+ *
+ * The PartitionMapper concept: a hypervisor partition that guest memory is pushed into (KVM, WHP,
+ * the mock). Partitions never see individual mappings: they map whole active regions by host
+ * virtual address, pointing into a VA mapper's linear range.
+ *
+ * Required:
+ *   static constexpr PartitionFeatures features;
+ *   Result<void> map_range(void* host_va, uint64_t gpa, uint64_t size, bool writable, bool
+ * executable); Result<void> unmap_range(uint64_t gpa, uint64_t size); unmap_range is given whole
+ * earlier maps only, never part of one. Both must leave the partition unchanged when they fail.
+ *
+ * Optional capabilities, claimed in `features` (snmalloc's "claims F => provides F" pattern):
+ *   prefetch:   Result<void> prefetch_range(uint64_t gpa, uint64_t size);
+ *   pin:        Result<void> pin_range(uint64_t gpa, uint64_t size);
+ *               Result<void> unpin_range(uint64_t gpa, uint64_t size);
+ *   dirty_log:  Result<void> set_dirty_logging(uint64_t gpa, uint64_t size, bool enabled);
+ *               Result<std::vector<uint64_t>> take_dirty_log(uint64_t gpa, uint64_t size);
+ *               (one bit per 4 KiB page, bit i of word i/64, cleared as it is read)
+ */
+#pragma once
+
+#include <membacking/base/result.hpp>
+
+#include <concepts>
+#include <cstdint>
+#include <vector>
+
+namespace membacking {
+
+/// Optional partition capabilities, as a bitmask.
+enum class PartitionFeatures : std::uint32_t {
+    none = 0,
+    prefetch = 1U << 0,  ///< can populate second-level page tables ahead of guest faults
+    pin = 1U << 1,       ///< can pin mapped ranges (device assignment)
+    dirty_log = 1U << 2, ///< can log guest writes per page
+};
+
+[[nodiscard]] constexpr PartitionFeatures operator|(PartitionFeatures a,
+                                                    PartitionFeatures b) noexcept
+{
+    return static_cast<PartitionFeatures>(static_cast<std::uint32_t>(a) |
+                                          static_cast<std::uint32_t>(b));
+}
+
+/// True if policy P claims capability F.
+template <PartitionFeatures F, class P>
+inline constexpr bool partition_supports = (static_cast<std::uint32_t>(P::features) &
+                                            static_cast<std::uint32_t>(F)) != 0;
+
+template <class P>
+concept PartitionMapper_features = requires
+{
+    {
+        P::features
+        } -> std::convertible_to<PartitionFeatures>;
+};
+
+template <class P>
+concept PartitionMapper_map = requires(P& p, void* host_va, std::uint64_t gpa, std::uint64_t size,
+                                       bool writable, bool executable)
+{
+    {
+        p.map_range(host_va, gpa, size, writable, executable)
+        } -> std::same_as<Result<void>>;
+};
+
+template <class P>
+concept PartitionMapper_unmap = requires(P& p, std::uint64_t gpa, std::uint64_t size)
+{
+    {
+        p.unmap_range(gpa, size)
+        } -> std::same_as<Result<void>>;
+};
+
+template <class P>
+concept PartitionMapper_prefetch = requires(P& p, std::uint64_t gpa, std::uint64_t size)
+{
+    {
+        p.prefetch_range(gpa, size)
+        } -> std::same_as<Result<void>>;
+};
+
+template <class P>
+concept PartitionMapper_pin = requires(P& p, std::uint64_t gpa, std::uint64_t size)
+{
+    {
+        p.pin_range(gpa, size)
+        } -> std::same_as<Result<void>>;
+    {
+        p.unpin_range(gpa, size)
+        } -> std::same_as<Result<void>>;
+};
+
+template <class P>
+concept PartitionMapper_dirty_log = requires(P& p, std::uint64_t gpa, std::uint64_t size,
+                                             bool enabled)
+{
+    {
+        p.set_dirty_logging(gpa, size, enabled)
+        } -> std::same_as<Result<void>>;
+    {
+        p.take_dirty_log(gpa, size)
+        } -> std::same_as<Result<std::vector<std::uint64_t>>>;
+};
+
+template <class P>
+concept PartitionMapper = PartitionMapper_features<P> && PartitionMapper_map<P> &&
+    PartitionMapper_unmap<P> &&
+    (!partition_supports<PartitionFeatures::prefetch, P> || PartitionMapper_prefetch<P>)&&(
+        !partition_supports<PartitionFeatures::pin, P> ||
+        PartitionMapper_pin<P>)&&(!partition_supports<PartitionFeatures::dirty_log, P> ||
+                                  PartitionMapper_dirty_log<P>);
+
+} // namespace membacking

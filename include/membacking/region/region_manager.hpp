@@ -1,0 +1,562 @@
+/**
+ * @file region/region_manager.hpp
+ * Layer: region (includes base/, detail/, va/mappable.hpp and region/).
+ *
+ * RegionManager: the registry of regions and their mappings, and the one place that turns a
+ * topology change into sink events. It knows nothing of how a sink maps anything.
+ *
+ * Semantics are OpenVMM's (reference inventory §3) with its quirks fixed (§12):
+ * - A failed map leaves the region unmapped, so a retry really retries.
+ * - A sink failure anywhere (VA or partition) is rolled back and returned, never a panic.
+ * - Mapping offsets are validated against the region when the mapping is added.
+ * - Overlapping mappings in a region are an atomic replacement (the new mapping replaces the
+ *   covered parts of old ones, splitting them), not an assertion. remove_mappings splits too.
+ * - Partitions map a region writable only if the region and every mapping in it are writable.
+ * - Private memory is never discarded as a side effect: disabling a region that holds it for any
+ *   reason but its removal, or replacing it inside a visible region, is an error.
+ *
+ * Ordering: enabling goes to the VA side (every mapping) first, then partitions; disabling goes
+ * to partitions first, then the VA side. Making partition permissions stricter happens before the
+ * VA change that needs it; relaxing them happens after.
+ *
+ * Not thread-safe by itself: the GuestMemoryManager serialises calls under its control lock.
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/params.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/detail/undo_log.hpp>
+#include <membacking/region/event_sink.hpp>
+#include <membacking/region/mapping.hpp>
+#include <membacking/region/region_id.hpp>
+#include <membacking/region/resolver.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace membacking {
+
+template <RegionResolver Resolver, RegionEventSink Sink>
+class RegionManager {
+public:
+    /// Mappings of one region, keyed by their start offset; never overlapping.
+    using MappingList = std::map<std::uint64_t, RegionMapping>;
+
+    struct Region {
+        RegionId id;
+        std::string name;
+        MemoryRange range;
+        std::uint8_t priority = 0;
+        MappingType type = MappingType::Ram;
+        std::optional<MapParams> map_params; ///< set while mapped (visible or shadowed)
+        std::vector<MemoryRange> visible;    ///< segments currently active; empty if inactive
+        MappingList mappings;
+        std::size_t readonly_mappings = 0; ///< mappings with writable == false
+        std::size_t private_mappings = 0;  ///< mappings backed by private memory
+
+        [[nodiscard]] bool active() const noexcept { return !visible.empty(); }
+        [[nodiscard]] bool mapped() const noexcept { return map_params.has_value(); }
+        /// "'vga' (0xa0000-0xc0000)", the form every message uses.
+        [[nodiscard]] std::string describe() const
+        {
+            return "'" + name + "' (" + range.to_string() + ")";
+        }
+    };
+
+    explicit RegionManager(Sink& sink) : sink_(sink) {}
+    RegionManager(const RegionManager&) = delete;
+    RegionManager& operator=(const RegionManager&) = delete;
+
+    /// Registers an unmapped region. errc::invalid_range for an empty range, errc::overlap if it
+    /// breaks the resolver's overlap rules (the message names both regions).
+    Result<RegionId> add_region(std::string name, MemoryRange range, std::uint8_t priority,
+                                MappingType type)
+    {
+        if (range.empty())
+            return make_error(errc::invalid_range,
+                              "memory region '" + name + "' (" + range.to_string() + ") is empty");
+        const RegionId id{next_id_};
+        const ResolverEntry entry{id, range, priority};
+        if (auto clash = resolver_.find_conflict(entry))
+            return make_error(errc::overlap, "memory region '" + name + "' (" + range.to_string() +
+                                                 ") overlaps with existing region " +
+                                                 regions_.at(*clash).describe());
+        resolver_.insert(entry);
+        ++next_id_;
+        Region r;
+        r.id = id;
+        r.name = std::move(name);
+        r.range = range;
+        r.priority = priority;
+        r.type = type;
+        regions_.emplace(id, std::move(r));
+        return id;
+    }
+
+    /// Maps a region. Same params again: no-op. Different params on a visible region: an
+    /// unmap/map cycle. Under a visible higher-priority region: records the params only.
+    Result<void> map_region(RegionId id, const MapParams& params)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        if (r->map_params == params)
+            return {};
+        if (r->active()) {
+            Transition t;
+            for (const MemoryRange& seg : r->visible) {
+                t.deactivate.push_back({id, seg});
+                t.activate.push_back({id, seg});
+            }
+            MEMBACKING_TRY_CONTEXT(apply(t, Override{id, params}, std::nullopt),
+                                   "failed to remap region " + r->describe());
+            r->map_params = params;
+            return {};
+        }
+        if (r->mapped()) {
+            r->map_params = params; // shadowed: becomes visible with these params later
+            return {};
+        }
+        Transition t;
+        resolver_.plan_map(id, t);
+        MEMBACKING_TRY_CONTEXT(apply(t, Override{id, params}, std::nullopt),
+                               "failed to map region " + r->describe());
+        resolver_.set_mapped(id, true);
+        r->map_params = params;
+        return {};
+    }
+
+    /// Unmaps a region; the best mapped regions under it reappear. Unmapped already: no-op.
+    Result<void> unmap_region(RegionId id)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        if (!r->mapped())
+            return {};
+        if (r->active()) {
+            Transition t;
+            resolver_.plan_unmap(id, t);
+            MEMBACKING_TRY_CONTEXT(apply(t, std::nullopt, std::nullopt),
+                                   "failed to unmap region " + r->describe());
+        }
+        resolver_.set_mapped(id, false);
+        r->map_params.reset();
+        return {};
+    }
+
+    /// Unmaps (if needed) and forgets a region. Its private memory, if any, is discarded.
+    Result<void> remove_region(RegionId id)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        if (r->active()) {
+            Transition t;
+            resolver_.plan_unmap(id, t);
+            MEMBACKING_TRY_CONTEXT(apply(t, std::nullopt, id),
+                                   "failed to remove region " + r->describe());
+        }
+        if (r->mapped())
+            resolver_.set_mapped(id, false);
+        resolver_.erase(id);
+        regions_.erase(id);
+        return {};
+    }
+
+    /// Places a mapping at m.range (relative to the region). It replaces the covered parts of any
+    /// mappings already there. If the region is visible, VA mappers see it before this returns.
+    Result<void> add_mapping(RegionId id, const RegionMapping& m)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        MEMBACKING_TRY(validate_mapping_range(*r, m.range));
+        if (m.backing.is_private() && !m.writable)
+            return make_error(errc::invalid_argument, "private memory mapping " +
+                                                          m.range.to_string() + " in region " +
+                                                          r->describe() + " must be writable");
+
+        const MappingEdit edit = replace_edit(*r, m);
+        if (r->active() && edit.removes_private)
+            return make_error(errc::conflict, "replacing private memory at " + m.range.to_string() +
+                                                  " in visible region " + r->describe() +
+                                                  " would discard it");
+        const Counts after = counts_after(*r, edit);
+        if (after.private_mappings > 0 && after.readonly_mappings > 0)
+            return make_error(errc::conflict,
+                              "region " + r->describe() +
+                                  " cannot hold private memory and read-only mappings together");
+
+        if (r->active()) {
+            detail::UndoLog undo;
+            const MapParams& params = *r->map_params;
+            const bool was_writable = partition_writable(*r, params, counts_of(*r));
+            const bool now_writable = partition_writable(*r, params, after);
+            if (was_writable && !now_writable)
+                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+            const MemoryRange abs = absolute(*r, m.range);
+            for (const MemoryRange& seg : r->visible) {
+                const MemoryRange clip = abs.intersection(seg);
+                if (clip.empty())
+                    continue;
+                std::vector<ActiveMapping> before = active_in(*r, clip, params);
+                MEMBACKING_TRY_CONTEXT(sink_.add_mapping(to_active(*r, m, params).slice(clip)),
+                                       "failed to add mapping " + clip.to_string() + " to region " +
+                                           r->describe());
+                undo.push([this, clip, before = std::move(before)]() -> Result<void> {
+                    return restore(clip, before);
+                });
+            }
+            if (!was_writable && now_writable)
+                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+            undo.commit();
+        }
+        commit(*r, edit);
+        return {};
+    }
+
+    /// Removes whatever is mapped in range_in_region, splitting mappings at its edges (munmap
+    /// semantics). If the region is visible, VA mappers drop it before this returns.
+    Result<void> remove_mappings(RegionId id, const MemoryRange& range_in_region)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        if (range_in_region.empty())
+            return {};
+        MEMBACKING_TRY(validate_mapping_range(*r, range_in_region));
+        const MappingEdit edit = remove_edit(*r, range_in_region);
+        if (edit.erase.empty())
+            return {};
+
+        if (r->active()) {
+            detail::UndoLog undo;
+            const MapParams& params = *r->map_params;
+            const Counts after = counts_after(*r, edit);
+            const MemoryRange abs = absolute(*r, range_in_region);
+            for (const MemoryRange& seg : r->visible) {
+                std::vector<ActiveMapping> before = active_in(*r, abs.intersection(seg), params);
+                if (before.empty())
+                    continue;
+                // Only the extent that holds mappings: the VA side has nothing to do elsewhere.
+                const MemoryRange clip =
+                    MemoryRange::unchecked(before.front().gpa.start(), before.back().gpa.end());
+                MEMBACKING_TRY_CONTEXT(sink_.remove_mappings(clip),
+                                       "failed to remove mappings " + clip.to_string() +
+                                           " from region " + r->describe());
+                undo.push([this, clip, before = std::move(before)]() -> Result<void> {
+                    return restore(clip, before);
+                });
+            }
+            // Removing can only make partitions more permissive, so that happens last.
+            if (!partition_writable(*r, params, counts_of(*r)) &&
+                partition_writable(*r, params, after))
+                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+            undo.commit();
+        }
+        commit(*r, edit);
+        return {};
+    }
+
+    // ---- queries ----
+
+    [[nodiscard]] const Region* find(RegionId id) const
+    {
+        auto it = regions_.find(id);
+        return it == regions_.end() ? nullptr : &it->second;
+    }
+
+    /// All regions in registration order.
+    [[nodiscard]] const std::map<RegionId, Region>& regions() const noexcept { return regions_; }
+
+    /// Every mapping the VA side should hold right now, in region registration order.
+    [[nodiscard]] std::vector<ActiveMapping> active_mappings() const
+    {
+        std::vector<ActiveMapping> out;
+        for (const auto& [id, r] : regions_)
+            for (const MemoryRange& seg : r.visible) {
+                auto part = active_in(r, seg, *r.map_params);
+                out.insert(out.end(), part.begin(), part.end());
+            }
+        return out;
+    }
+
+    /// Every window partitions should map right now.
+    [[nodiscard]] std::vector<RegionActivation> active_regions() const
+    {
+        std::vector<RegionActivation> out;
+        for (const auto& [id, r] : regions_)
+            for (const MemoryRange& seg : r.visible)
+                out.push_back(activation(r, seg, *r.map_params, counts_of(r)));
+        return out;
+    }
+
+    [[nodiscard]] const Resolver& resolver() const noexcept { return resolver_; }
+
+private:
+    struct Override {
+        RegionId id;
+        MapParams params;
+    };
+
+    struct Counts {
+        std::size_t readonly_mappings = 0;
+        std::size_t private_mappings = 0;
+    };
+
+    /// A change to one region's mapping list, computed before anything is touched and committed
+    /// only after every sink accepted it.
+    struct MappingEdit {
+        std::vector<std::uint64_t> erase;  ///< keys of mappings to drop
+        std::vector<RegionMapping> insert; ///< new entries (kept pieces and the new mapping)
+        bool removes_private = false;      ///< some private memory is covered
+    };
+
+    static Error no_such_region(RegionId id)
+    {
+        return make_error(errc::not_found, "no memory region with id " + std::to_string(id.value));
+    }
+
+    Region* find_mutable(RegionId id)
+    {
+        auto it = regions_.find(id);
+        return it == regions_.end() ? nullptr : &it->second;
+    }
+
+    static Result<void> validate_mapping_range(const Region& r, const MemoryRange& rel)
+    {
+        if (rel.empty())
+            return make_error(errc::invalid_range, "empty mapping range " + rel.to_string() +
+                                                       " in region " + r.describe());
+        if (rel.end() > r.range.size())
+            return make_error(errc::out_of_range,
+                              "mapping range " + rel.to_string() + " does not fit in region " +
+                                  r.describe() + " of size " + MemoryRange::hex(r.range.size()));
+        return {};
+    }
+
+    static MemoryRange absolute(const Region& r, const MemoryRange& rel)
+    {
+        return MemoryRange::unchecked(r.range.start() + rel.start(), r.range.start() + rel.end());
+    }
+
+    /// The mappings of r that overlap the region-relative range `rel`, in offset order.
+    template <class F>
+    static void for_each_overlapping(const MappingList& list, const MemoryRange& rel, F&& f)
+    {
+        auto it = list.upper_bound(rel.start());
+        if (it != list.begin() && std::prev(it)->second.range.overlaps(rel))
+            --it;
+        for (; it != list.end() && it->first < rel.end(); ++it)
+            if (it->second.range.overlaps(rel))
+                f(it->second);
+    }
+
+    /// The edit that punches `rel` out of the list (keeping the pieces outside it).
+    static MappingEdit remove_edit(const Region& r, const MemoryRange& rel)
+    {
+        MappingEdit edit;
+        for_each_overlapping(r.mappings, rel, [&](const RegionMapping& old) {
+            edit.erase.push_back(old.range.start());
+            edit.removes_private = edit.removes_private || old.backing.is_private();
+            if (old.range.start() < rel.start())
+                edit.insert.push_back(
+                    old.slice(MemoryRange::unchecked(old.range.start(), rel.start())));
+            if (old.range.end() > rel.end())
+                edit.insert.push_back(
+                    old.slice(MemoryRange::unchecked(rel.end(), old.range.end())));
+        });
+        return edit;
+    }
+
+    static MappingEdit replace_edit(const Region& r, const RegionMapping& m)
+    {
+        MappingEdit edit = remove_edit(r, m.range);
+        edit.insert.push_back(m);
+        return edit;
+    }
+
+    static Counts counts_of(const Region& r) { return {r.readonly_mappings, r.private_mappings}; }
+
+    static Counts counts_after(const Region& r, const MappingEdit& edit)
+    {
+        Counts c = counts_of(r);
+        for (std::uint64_t key : edit.erase) {
+            const RegionMapping& m = r.mappings.at(key);
+            c.readonly_mappings -= m.writable ? 0U : 1U;
+            c.private_mappings -= m.backing.is_private() ? 1U : 0U;
+        }
+        for (const RegionMapping& m : edit.insert) {
+            c.readonly_mappings += m.writable ? 0U : 1U;
+            c.private_mappings += m.backing.is_private() ? 1U : 0U;
+        }
+        return c;
+    }
+
+    static void commit(Region& r, const MappingEdit& edit)
+    {
+        const Counts c = counts_after(r, edit);
+        for (std::uint64_t key : edit.erase)
+            r.mappings.erase(key);
+        for (const RegionMapping& m : edit.insert)
+            r.mappings.emplace(m.range.start(), m);
+        r.readonly_mappings = c.readonly_mappings;
+        r.private_mappings = c.private_mappings;
+    }
+
+    static bool partition_writable(const Region&, const MapParams& params, const Counts& c)
+    {
+        return params.writable && c.readonly_mappings == 0;
+    }
+
+    static RegionActivation activation(const Region& r, const MemoryRange& seg,
+                                       const MapParams& params, const Counts& c)
+    {
+        MapParams p = params;
+        p.writable = partition_writable(r, params, c);
+        return {seg, p, r.id, r.type};
+    }
+
+    static ActiveMapping to_active(const Region& r, const RegionMapping& m, const MapParams& p)
+    {
+        return {absolute(r, m.range), m.backing, m.writable && p.writable, r.type, m.policy, r.id};
+    }
+
+    /// r's mappings clipped to the absolute range `clip`, as the VA side sees them.
+    static std::vector<ActiveMapping> active_in(const Region& r, const MemoryRange& clip,
+                                                const MapParams& params)
+    {
+        std::vector<ActiveMapping> out;
+        if (clip.empty())
+            return out;
+        const MemoryRange rel = clip.shifted_down(r.range.start());
+        for_each_overlapping(r.mappings, rel, [&](const RegionMapping& m) {
+            out.push_back(to_active(r, m, params).slice(absolute(r, m.range).intersection(clip)));
+        });
+        return out;
+    }
+
+    static bool holds_private(const Region& r, const MemoryRange& clip)
+    {
+        if (r.private_mappings == 0)
+            return false;
+        bool found = false;
+        for_each_overlapping(
+            r.mappings, clip.shifted_down(r.range.start()),
+            [&](const RegionMapping& m) { found = found || m.backing.is_private(); });
+        return found;
+    }
+
+    /// Puts the VA side of `clip` back to exactly `before` (used by undo steps). The old pieces
+    /// go back first (add_mapping replaces in place, so they are never absent), then the parts of
+    /// `clip` that held nothing before are cleared.
+    Result<void> restore(const MemoryRange& clip, const std::vector<ActiveMapping>& before)
+    {
+        std::uint64_t cursor = clip.start();
+        for (const ActiveMapping& m : before) {
+            MEMBACKING_TRY(sink_.add_mapping(m));
+            if (m.gpa.start() > cursor)
+                MEMBACKING_TRY(
+                    sink_.remove_mappings(MemoryRange::unchecked(cursor, m.gpa.start())));
+            cursor = m.gpa.end();
+        }
+        if (cursor < clip.end())
+            MEMBACKING_TRY(sink_.remove_mappings(MemoryRange::unchecked(cursor, clip.end())));
+        return {};
+    }
+
+    Result<void> activate(const Region& r, const MemoryRange& seg, const MapParams& params,
+                          detail::UndoLog& undo)
+    {
+        for (const ActiveMapping& m : active_in(r, seg, params)) {
+            MEMBACKING_TRY_CONTEXT(sink_.add_mapping(m), "failed to map " + m.gpa.to_string() +
+                                                             " of region " + r.describe());
+            undo.push([this, gpa = m.gpa] { return sink_.remove_mappings(gpa); });
+        }
+        const RegionActivation act = activation(r, seg, params, counts_of(r));
+        MEMBACKING_TRY_CONTEXT(sink_.map_region(act),
+                               "failed to map region " + r.describe() + " into a partition");
+        undo.push([this, seg] { return sink_.unmap_region(seg); });
+        return {};
+    }
+
+    Result<void> deactivate(const Region& r, const MemoryRange& seg, bool permanent,
+                            detail::UndoLog& undo)
+    {
+        if (!permanent && holds_private(r, seg))
+            return make_error(errc::conflict, "disabling region " + r.describe() +
+                                                  " would discard its private memory");
+        const MapParams& params = *r.map_params;
+        const RegionActivation act = activation(r, seg, params, counts_of(r));
+        MEMBACKING_TRY_CONTEXT(sink_.unmap_region(seg),
+                               "failed to unmap region " + r.describe() + " from a partition");
+        undo.push([this, act] { return sink_.map_region(act); });
+        std::vector<ActiveMapping> before = active_in(r, seg, params);
+        if (!before.empty()) {
+            MEMBACKING_TRY_CONTEXT(sink_.remove_mappings(seg),
+                                   "failed to invalidate region " + r.describe());
+            undo.push([this, seg, before = std::move(before)] { return restore(seg, before); });
+        }
+        return {};
+    }
+
+    /// Re-maps every visible segment of r in the partitions with permissions derived from
+    /// `after` instead of `before`.
+    Result<void> repartition(const Region& r, const MapParams& params, const Counts& before,
+                             const Counts& after, detail::UndoLog& undo)
+    {
+        for (const MemoryRange& seg : r.visible) {
+            const RegionActivation old_act = activation(r, seg, params, before);
+            const RegionActivation new_act = activation(r, seg, params, after);
+            MEMBACKING_TRY(sink_.unmap_region(seg));
+            undo.push([this, old_act] { return sink_.map_region(old_act); });
+            MEMBACKING_TRY(sink_.map_region(new_act));
+            undo.push([this, seg] { return sink_.unmap_region(seg); });
+        }
+        return {};
+    }
+
+    /// Applies a transition through the sinks, all or nothing, then updates visibility.
+    /// `override_params` gives the params for the region being (re)mapped; `removing` names the
+    /// region whose deactivation is permanent.
+    Result<void> apply(const Transition& t, const std::optional<Override>& override_params,
+                       const std::optional<RegionId>& removing)
+    {
+        detail::UndoLog undo;
+        for (const Segment& s : t.deactivate)
+            MEMBACKING_TRY(deactivate(regions_.at(s.region), s.gpa, removing == s.region, undo));
+        for (const Segment& s : t.activate) {
+            const Region& r = regions_.at(s.region);
+            const MapParams& params = (override_params && override_params->id == s.region)
+                                          ? override_params->params
+                                          : *r.map_params;
+            MEMBACKING_TRY(activate(r, s.gpa, params, undo));
+        }
+        undo.commit();
+        for (const Segment& s : t.deactivate) {
+            auto& vis = regions_.at(s.region).visible;
+            auto it = std::find(vis.begin(), vis.end(), s.gpa);
+            MEMBACKING_CHECK(it != vis.end(),
+                             "resolver deactivated a segment that was not visible");
+            vis.erase(it);
+        }
+        for (const Segment& s : t.activate)
+            regions_.at(s.region).visible.push_back(s.gpa);
+        return {};
+    }
+
+    Sink& sink_;
+    Resolver resolver_;
+    std::map<RegionId, Region> regions_;
+    std::uint64_t next_id_ = 1;
+};
+
+} // namespace membacking

@@ -1,0 +1,77 @@
+// MockPartition: it records calls, keeps a hypervisor-like view, is strict about overlaps and
+// partial unmaps, and fails the N-th call on request without changing anything.
+#include <membacking/partition/mock.hpp>
+
+#include "test_support.hpp"
+
+using namespace membacking;
+using Op = MockPartition::Op;
+
+namespace {
+void* va(std::uintptr_t v)
+{
+    return reinterpret_cast<void*>(v);
+}
+} // namespace
+
+TEST_CASE("MockPartition records calls and keeps the mapped view")
+{
+    MockPartition p;
+    REQUIRE(p.map_range(va(0x10000), 0x0, 0x4000, true, false).has_value());
+    REQUIRE(p.map_range(va(0x20000), 0x8000, 0x1000, false, true).has_value());
+    const auto calls = p.calls();
+    REQUIRE(calls.size() == 2);
+    CHECK(calls[0] == MockPartition::Call{Op::map, 0x0, 0x4000, va(0x10000), true, false});
+    CHECK(calls[1].executable);
+    REQUIRE(p.lookup(0x3fff).has_value());
+    CHECK(p.lookup(0x3fff)->host_va == va(0x10000));
+    CHECK_FALSE(p.lookup(0x4000).has_value());
+    CHECK_FALSE(p.lookup(0x8000)->writable);
+}
+
+TEST_CASE("MockPartition rejects overlapping maps and partial unmaps, changing nothing")
+{
+    MockPartition p;
+    REQUIRE(p.map_range(va(0x10000), 0x0, 0x4000, true, false).has_value());
+    auto overlap = p.map_range(va(0x30000), 0x2000, 0x4000, true, false);
+    REQUIRE_FALSE(overlap);
+    CHECK(overlap.error().code() == errc::overlap);
+    auto partial = p.unmap_range(0x0, 0x2000);
+    REQUIRE_FALSE(partial);
+    CHECK(partial.error().code() == errc::invalid_range);
+    CHECK(p.windows().size() == 1);
+    // An unmap may cover several whole windows and gaps.
+    REQUIRE(p.map_range(va(0x50000), 0x8000, 0x1000, true, false).has_value());
+    REQUIRE(p.unmap_range(0x0, 0x10000).has_value());
+    CHECK(p.windows().empty());
+}
+
+TEST_CASE("MockPartition fails the N-th call with the given error")
+{
+    MockPartition p;
+    p.fail_nth_call(2, make_error(errc::resource_exhausted, "out of slots"));
+    REQUIRE(p.map_range(va(0x1000), 0x0, 0x1000, true, false).has_value());
+    auto second = p.map_range(va(0x2000), 0x1000, 0x1000, true, false);
+    REQUIRE_FALSE(second);
+    CHECK(second.error().message() == "out of slots");
+    CHECK_FALSE(p.lookup(0x1000).has_value());
+    CHECK(p.calls().back().failed);
+    CHECK(p.map_range(va(0x2000), 0x1000, 0x1000, true, false).has_value()); // only once
+}
+
+TEST_CASE("MockPartition optional capabilities: pin and dirty logging")
+{
+    MockPartition p;
+    REQUIRE(p.map_range(va(0x1000), 0x0, 0x4000, true, false).has_value());
+    REQUIRE(p.pin_range(0x0, 0x4000).has_value());
+    CHECK(p.lookup(0x0)->pinned);
+    CHECK(p.pin_range(0x0, 0x1000).error().code() == errc::not_found); // not a whole window
+    REQUIRE(p.set_dirty_logging(0x0, 0x4000, true).has_value());
+    p.mark_dirty(0x2010);
+    auto log = p.take_dirty_log(0x0, 0x4000);
+    REQUIRE(log.has_value());
+    REQUIRE(log->size() == 1);
+    CHECK((*log)[0] == 0b100);
+    auto again = p.take_dirty_log(0x0, 0x4000);
+    CHECK((*again)[0] == 0); // cleared as read
+}

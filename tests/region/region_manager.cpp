@@ -1,0 +1,422 @@
+// Region manager behaviour: the applicable tests of the reference's region_manager.rs (§11), one
+// test per rule of the priority semantics, and one per reference quirk that we fix (§12).
+#include <membacking/region/nested_priority.hpp>
+#include <membacking/region/region_manager.hpp>
+
+#include "recording_sink.hpp"
+#include "test_support.hpp"
+
+#include <string>
+#include <vector>
+
+using namespace membacking;
+using membacking::test::range;
+using membacking::test::RecordingSink;
+using Log = std::vector<std::string>;
+
+namespace {
+
+constexpr MapParams rw{true, true, false};
+constexpr MapParams ro{false, true, false};
+
+struct Fixture {
+    RecordingSink sink;
+    RegionManager<NestedPriority, RecordingSink> rm{sink};
+    Mappable fd = test::make_memfd(0x100000);
+
+    RegionId add(const std::string& name, std::uint64_t start, std::uint64_t end, std::uint8_t prio,
+                 MappingType type = MappingType::Device)
+    {
+        auto id = rm.add_region(name, range(start, end), prio, type);
+        REQUIRE_MESSAGE(id.has_value(), (id ? "" : id.error().full_message()));
+        return *id;
+    }
+
+    /// A region with one file mapping over its whole range, mapped rw.
+    RegionId add_mapped(const std::string& name, std::uint64_t start, std::uint64_t end,
+                        std::uint8_t prio)
+    {
+        const RegionId id = add(name, start, end, prio);
+        REQUIRE(rm.add_mapping(id, file_mapping(0, end - start)).has_value());
+        REQUIRE(rm.map_region(id, rw).has_value());
+        return id;
+    }
+
+    RegionMapping file_mapping(std::uint64_t off, std::uint64_t end, std::uint64_t file_off = 0,
+                               bool writable = true)
+    {
+        return RegionMapping{range(off, end), MappingBacking::file(fd, file_off), writable, {}};
+    }
+
+    bool active(RegionId id) const { return rm.find(id)->active(); }
+};
+
+} // namespace
+
+TEST_CASE("reference test_region_overlap: the containment rules, step by step")
+{
+    Fixture f;
+    const RegionId high = f.add("high", 0x1000, 0x3000, 1);
+    REQUIRE(f.rm.map_region(high, rw).has_value());
+
+    auto partial_low = f.rm.add_region("p0", range(0x2000, 0x4000), 0, MappingType::Device);
+    REQUIRE_FALSE(partial_low);
+    CHECK(partial_low.error().code() == errc::overlap);
+    CHECK(
+        partial_low.error().message() ==
+        "memory region 'p0' (0x2000-0x4000) overlaps with existing region 'high' (0x1000-0x3000)");
+
+    const RegionId low = f.add("low", 0x1000, 0x3000, 0); // shadowed by high
+    CHECK_FALSE(f.active(low));
+    REQUIRE(f.rm.map_region(low, rw).has_value());
+    CHECK_FALSE(f.active(low));
+    REQUIRE(f.rm.remove_region(high).has_value());
+    CHECK(f.active(low));
+
+    CHECK_FALSE(f.rm.add_region("p1", range(0x2000, 0x4000), 1, MappingType::Device));
+    CHECK_FALSE(f.rm.add_region("p1", range(0x2000, 0x3000), 1, MappingType::Device));
+    const RegionId big = f.add("big", 0x0, 0x10000, 1);
+    REQUIRE(f.rm.map_region(big, rw).has_value());
+    CHECK(f.active(big));
+    CHECK_FALSE(f.active(low)); // disabled by the bigger, higher region
+    REQUIRE(f.rm.remove_region(low).has_value());
+    CHECK_FALSE(f.rm.add_region("p0", range(0x0, 0x20000), 0, MappingType::Device));
+    CHECK(f.rm.add_region("p0", range(0x1000, 0x8000), 0, MappingType::Device).has_value());
+}
+
+TEST_CASE("an empty region is rejected (the reference creates one for RAM ending at 1 MiB)")
+{
+    Fixture f;
+    auto r = f.rm.add_region("empty", range(0x100000, 0x100000), 255, MappingType::Ram);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::invalid_range);
+    CHECK(f.rm.regions().empty());
+}
+
+TEST_CASE("the highest-priority mapped region is active; equal priorities go to the earliest")
+{
+    Fixture f;
+    const RegionId first = f.add_mapped("first", 0x0, 0x4000, 5);
+    const RegionId second = f.add_mapped("second", 0x0, 0x4000, 5);
+    const RegionId lower = f.add_mapped("lower", 0x1000, 0x2000, 3);
+    CHECK(f.active(first));
+    CHECK_FALSE(f.active(second));
+    CHECK_FALSE(f.active(lower));
+    REQUIRE(f.sink.page(0x1000).has_value());
+    CHECK(f.sink.page(0x1000)->region == first);
+
+    // Mapping a higher one on top takes over the whole range.
+    const RegionId top = f.add_mapped("top", 0x0, 0x4000, 9);
+    CHECK(f.active(top));
+    CHECK_FALSE(f.active(first));
+    CHECK(f.sink.page(0x1000)->region == top);
+}
+
+TEST_CASE("mapping under an active higher-priority region only records the params")
+{
+    Fixture f;
+    f.add_mapped("ram", 0x0, 0x10000, 255);
+    const RegionId dev = f.add("dev", 0x4000, 0x8000, 0);
+    REQUIRE(f.rm.add_mapping(dev, f.file_mapping(0, 0x4000)).has_value());
+    f.sink.clear_log();
+    REQUIRE(f.rm.map_region(dev, rw).has_value());
+    CHECK(f.sink.log().empty());
+    CHECK(f.rm.find(dev)->mapped());
+    CHECK_FALSE(f.active(dev));
+}
+
+TEST_CASE("unmapping the active region makes the best mapped lower regions reappear, by start")
+{
+    Fixture f;
+    const RegionId ram = f.add_mapped("ram", 0x0, 0x10000, 255);
+    // Registered out of address order on purpose.
+    const RegionId c = f.add_mapped("c", 0x8000, 0xa000, 0);
+    const RegionId a = f.add_mapped("a", 0x1000, 0x2000, 0);
+    const RegionId mid = f.add_mapped("mid", 0x4000, 0x6000, 100);
+    const RegionId b_under_mid = f.add_mapped("b", 0x4000, 0x5000, 0);
+    f.sink.clear_log();
+
+    REQUIRE(f.rm.unmap_region(ram).has_value());
+    CHECK(f.sink.log() == Log{"part- 0x0-0x10000", "va- 0x0-0x10000", "va+ 0x1000-0x2000 rw",
+                              "part+ 0x1000-0x2000 rw", "va+ 0x4000-0x6000 rw",
+                              "part+ 0x4000-0x6000 rw", "va+ 0x8000-0xa000 rw",
+                              "part+ 0x8000-0xa000 rw"});
+    CHECK(f.active(a));
+    CHECK(f.active(mid));
+    CHECK(f.active(c));
+    CHECK_FALSE(f.active(b_under_mid)); // still under "mid"
+
+    // Map RAM back: it disables everything under it, then enables itself.
+    f.sink.clear_log();
+    REQUIRE(f.rm.map_region(ram, rw).has_value());
+    CHECK(f.sink.log() == Log{"part- 0x1000-0x2000", "va- 0x1000-0x2000", "part- 0x4000-0x6000",
+                              "va- 0x4000-0x6000", "part- 0x8000-0xa000", "va- 0x8000-0xa000",
+                              "va+ 0x0-0x10000 rw", "part+ 0x0-0x10000 rw"});
+    CHECK(f.active(ram));
+}
+
+TEST_CASE("removing the active region lets lower ones reappear")
+{
+    Fixture f;
+    const RegionId ram = f.add_mapped("ram", 0x0, 0x10000, 255);
+    const RegionId dev = f.add_mapped("dev", 0x2000, 0x3000, 0);
+    REQUIRE(f.rm.remove_region(ram).has_value());
+    CHECK(f.rm.find(ram) == nullptr);
+    CHECK(f.active(dev));
+    CHECK(f.sink.partition.windows().size() == 1);
+    CHECK(f.sink.partition.lookup(0x2000).has_value());
+    CHECK_FALSE(f.sink.partition.lookup(0x0).has_value());
+}
+
+TEST_CASE("re-mapping: same params is a no-op, different params is an unmap/map cycle")
+{
+    Fixture f;
+    const RegionId r = f.add_mapped("r", 0x0, 0x2000, 10);
+    f.sink.clear_log();
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    CHECK(f.sink.log().empty());
+
+    REQUIRE(f.rm.map_region(r, ro).has_value());
+    CHECK(f.sink.log() ==
+          Log{"part- 0x0-0x2000", "va- 0x0-0x2000", "va+ 0x0-0x2000 ro", "part+ 0x0-0x2000 ro"});
+    CHECK(f.rm.find(r)->map_params == ro);
+    CHECK_FALSE(f.sink.page(0x0)->writable);
+    CHECK_FALSE(f.sink.partition.lookup(0x0)->writable);
+}
+
+TEST_CASE("mappings: file-backed and private, added live, removed by range")
+{
+    Fixture f;
+    const RegionId r = f.add("r", 0x10000, 0x20000, 10, MappingType::Ram);
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    f.sink.clear_log();
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x1000, 0x3000, 0x5000)).has_value());
+    REQUIRE(
+        f.rm.add_mapping(
+                r, RegionMapping{range(0x8000, 0xa000), MappingBacking::private_memory(), true, {}})
+            .has_value());
+    // Partitions are not told: they already map the whole region's VA.
+    CHECK(f.sink.log() == Log{"va+ 0x11000-0x13000 rw", "va+ 0x18000-0x1a000 rw"});
+    REQUIRE(f.sink.page(0x12000).has_value());
+    CHECK(f.sink.page(0x12000)->object == f.fd.identity());
+    CHECK(f.sink.page(0x12000)->file_offset == 0x6000);
+    CHECK(f.sink.page(0x18000)->object == 0);
+
+    f.sink.clear_log();
+    REQUIRE(f.rm.remove_mappings(r, range(0x0, 0x4000)).has_value());
+    CHECK(f.sink.log() == Log{"va- 0x11000-0x13000"});
+    CHECK_FALSE(f.sink.page(0x12000).has_value());
+    CHECK(f.rm.find(r)->mappings.size() == 1);
+}
+
+TEST_CASE("mapping offsets are validated against the region when added (the reference does not)")
+{
+    Fixture f;
+    const RegionId r = f.add("small", 0x10000, 0x12000, 10); // unmapped: still validated
+    auto past_end = f.rm.add_mapping(r, f.file_mapping(0x1000, 0x3000));
+    REQUIRE_FALSE(past_end);
+    CHECK(past_end.error().code() == errc::out_of_range);
+    CHECK(past_end.error().message() == "mapping range 0x1000-0x3000 does not fit in region "
+                                        "'small' (0x10000-0x12000) of size 0x2000");
+    CHECK(f.rm.find(r)->mappings.empty());
+
+    auto unknown = f.rm.add_mapping(RegionId{999}, f.file_mapping(0, 0x1000));
+    REQUIRE_FALSE(unknown);
+    CHECK(unknown.error().code() == errc::not_found);
+}
+
+TEST_CASE("effective writability is mapping AND region, for VA mappers and partitions alike")
+{
+    Fixture f;
+    const RegionId r = f.add("r", 0x0, 0x4000, 10);
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x0, 0x2000, 0, true)).has_value());
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x2000, 0x4000, 0x2000, false)).has_value());
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    CHECK(f.sink.page(0x0)->writable);
+    CHECK_FALSE(f.sink.page(0x2000)->writable);
+    // Quirk fix: the reference maps the partition writable here because the region is writable,
+    // although part of it is read-only in the VA; a guest write there would fault in the host.
+    CHECK_FALSE(f.sink.partition.lookup(0x0)->writable);
+
+    // Removing the read-only mapping relaxes the partition, after the VA change.
+    f.sink.clear_log();
+    REQUIRE(f.rm.remove_mappings(r, range(0x2000, 0x4000)).has_value());
+    CHECK(f.sink.log() == Log{"va- 0x2000-0x4000", "part- 0x0-0x4000", "part+ 0x0-0x4000 rw"});
+    CHECK(f.sink.partition.lookup(0x0)->writable);
+
+    // Adding a read-only mapping makes the partition stricter first, then changes the VA.
+    f.sink.clear_log();
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x3000, 0x4000, 0, false)).has_value());
+    CHECK(f.sink.log() == Log{"part- 0x0-0x4000", "part+ 0x0-0x4000 ro", "va+ 0x3000-0x4000 ro"});
+
+    // A read-only region makes every mapping read-only.
+    REQUIRE(f.rm.map_region(r, ro).has_value());
+    CHECK_FALSE(f.sink.page(0x0)->writable);
+}
+
+TEST_CASE("overlapping mappings are an atomic replacement that splits the old ones")
+{
+    Fixture f;
+    const RegionId r = f.add("dax", 0x100000, 0x110000, 0);
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x0, 0x8000, 0x40000)).has_value());
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    Mappable other = test::make_memfd(0x10000);
+    f.sink.clear_log();
+
+    // Replace the middle: one VA event, no unmap window in between.
+    REQUIRE(
+        f.rm.add_mapping(
+                r,
+                RegionMapping{range(0x2000, 0x4000), MappingBacking::file(other, 0x1000), true, {}})
+            .has_value());
+    CHECK(f.sink.log() == Log{"va+ 0x102000-0x104000 rw"});
+    const auto& maps = f.rm.find(r)->mappings;
+    REQUIRE(maps.size() == 3);
+    CHECK(maps.at(0x0).range == range(0x0, 0x2000));
+    CHECK(maps.at(0x0).backing.file_offset == 0x40000);
+    CHECK(maps.at(0x2000).backing.object == other);
+    CHECK(maps.at(0x4000).range == range(0x4000, 0x8000));
+    CHECK(maps.at(0x4000).backing.file_offset == 0x44000); // the kept tail keeps its offset
+    CHECK(f.sink.page(0x101000)->object == f.fd.identity());
+    CHECK(f.sink.page(0x103000)->object == other.identity());
+    CHECK(f.sink.page(0x103000)->file_offset == 0x2000);
+    CHECK(f.sink.page(0x105000)->file_offset == 0x45000);
+
+    // remove_mappings over a partial overlap splits too (the reference panics).
+    REQUIRE(f.rm.remove_mappings(r, range(0x3000, 0x5000)).has_value());
+    CHECK(f.rm.find(r)->mappings.size() == 3);
+    CHECK_FALSE(f.sink.page(0x103000).has_value());
+    CHECK_FALSE(f.sink.page(0x104000).has_value());
+    CHECK(f.sink.page(0x105000)->file_offset == 0x45000);
+}
+
+TEST_CASE("event ordering: VA before partitions when enabling, partitions first when disabling")
+{
+    Fixture f;
+    const RegionId r = f.add("r", 0x0, 0x4000, 10);
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x0, 0x1000)).has_value());
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x2000, 0x3000)).has_value());
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    CHECK(f.sink.log() == Log{"va+ 0x0-0x1000 rw", "va+ 0x2000-0x3000 rw", "part+ 0x0-0x4000 rw"});
+    f.sink.clear_log();
+    REQUIRE(f.rm.unmap_region(r).has_value());
+    CHECK(f.sink.log() == Log{"part- 0x0-0x4000", "va- 0x0-0x4000"});
+}
+
+TEST_CASE("enable rollback: each mapping that got in is taken out exactly once (reference 11/12)")
+{
+    Fixture f;
+    const RegionId r = f.add("r", 0x0, 0x18000, 10);
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x0, 0x4000)).has_value());
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x4000, 0x8000)).has_value());
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x8000, 0xc000)).has_value());
+    f.sink.fail_call(3);
+    auto res = f.rm.map_region(r, rw);
+    REQUIRE_FALSE(res);
+    CHECK(res.error().code() == errc::resource_exhausted);
+    CHECK(res.error().full_message() ==
+          "failed to map region 'r' (0x0-0x18000): failed to map 0x8000-0xc000 of region "
+          "'r' (0x0-0x18000): injected sink failure");
+    CHECK(f.sink.log() == Log{"va+ 0x0-0x4000 rw", "va+ 0x4000-0x8000 rw",
+                              "va+ 0x8000-0xc000 rw [injected failure]", "va- 0x4000-0x8000",
+                              "va- 0x0-0x4000"});
+    CHECK_FALSE(f.active(r));
+    CHECK(f.sink.pages().empty());
+    CHECK(f.sink.partition.windows().empty());
+}
+
+TEST_CASE("quirk fix: a failed map leaves the region unmapped, so a retry really retries")
+{
+    Fixture f;
+    const RegionId r = f.add("r", 0x0, 0x2000, 10);
+    REQUIRE(f.rm.add_mapping(r, f.file_mapping(0x0, 0x2000)).has_value());
+    f.sink.fail_call(2); // the partition map
+    REQUIRE_FALSE(f.rm.map_region(r, rw));
+    CHECK_FALSE(f.rm.find(r)->mapped());
+    CHECK_FALSE(f.active(r));
+    CHECK(f.sink.pages().empty());
+    // In the reference the same call is now a silent no-op; here it maps.
+    REQUIRE(f.rm.map_region(r, rw).has_value());
+    CHECK(f.active(r));
+    CHECK(f.sink.partition.lookup(0x1000).has_value());
+}
+
+TEST_CASE("quirk fix: a partition failure while re-enabling lower regions is an error, not a panic")
+{
+    Fixture f;
+    const RegionId ram = f.add_mapped("ram", 0x0, 0x10000, 255);
+    const RegionId dev = f.add_mapped("dev", 0x4000, 0x8000, 0);
+    f.sink.clear_log();
+    f.sink.fail_call(4); // part-, va-, va+ dev, part+ dev <- fails
+    auto res = f.rm.unmap_region(ram);
+    REQUIRE_FALSE(res);
+    CHECK(res.error().code() == errc::resource_exhausted);
+    // Everything is as before: RAM still mapped and visible, the device still shadowed.
+    CHECK(f.rm.find(ram)->mapped());
+    CHECK(f.active(ram));
+    CHECK_FALSE(f.active(dev));
+    CHECK(f.sink.page(0x5000)->region == ram);
+    CHECK(f.sink.partition.windows().size() == 1);
+    CHECK(f.sink.partition.lookup(0x5000)->gpa == 0x0);
+}
+
+TEST_CASE("quirk fix: private memory is never discarded as a side effect")
+{
+    Fixture f;
+    const RegionId ram = f.add("ram", 0x0, 0x4000, 100, MappingType::Ram);
+    REQUIRE(
+        f.rm.add_mapping(
+                ram, RegionMapping{range(0, 0x4000), MappingBacking::private_memory(), true, {}})
+            .has_value());
+    REQUIRE(f.rm.map_region(ram, rw).has_value());
+
+    // A higher region over it would transiently disable it (the reference asserts).
+    const RegionId over = f.add("over", 0x0, 0x4000, 200);
+    auto res = f.rm.map_region(over, rw);
+    REQUIRE_FALSE(res);
+    CHECK(res.error().code() == errc::conflict);
+    CHECK(f.active(ram));
+    CHECK_FALSE(f.rm.find(over)->mapped());
+
+    // Changing its params or unmapping it would too.
+    CHECK(f.rm.map_region(ram, ro).error().code() == errc::conflict);
+    CHECK(f.rm.unmap_region(ram).error().code() == errc::conflict);
+    // Replacing it inside the visible region would lose it.
+    CHECK(f.rm.add_mapping(ram, f.file_mapping(0x1000, 0x2000)).error().code() == errc::conflict);
+    // A read-only private mapping makes no sense, and private memory cannot share a region with
+    // read-only mappings (the partition permissions could not be rolled back exactly).
+    CHECK(f.rm.add_mapping(
+                  ram, RegionMapping{range(0, 0x1000), MappingBacking::private_memory(), false, {}})
+              .error()
+              .code() == errc::invalid_argument);
+
+    // Removing the region is the one way to discard it.
+    REQUIRE(f.rm.remove_region(ram).has_value());
+    CHECK(f.sink.pages().empty());
+}
+
+TEST_CASE("unknown region ids are errors, not panics")
+{
+    Fixture f;
+    CHECK(f.rm.map_region(RegionId{42}, rw).error().code() == errc::not_found);
+    CHECK(f.rm.unmap_region(RegionId{42}).error().code() == errc::not_found);
+    CHECK(f.rm.remove_region(RegionId{42}).error().code() == errc::not_found);
+    CHECK(f.rm.remove_mappings(RegionId{42}, range(0, 0x1000)).error().code() == errc::not_found);
+}
+
+TEST_CASE("active_mappings and active_regions describe the live state for replay")
+{
+    Fixture f;
+    f.add_mapped("ram", 0x0, 0x10000, 255);
+    const RegionId dev = f.add_mapped("dev", 0x20000, 0x22000, 0);
+    REQUIRE(f.rm.map_region(dev, ro).has_value());
+    const auto maps = f.rm.active_mappings();
+    REQUIRE(maps.size() == 2);
+    CHECK(maps[0].gpa == range(0x0, 0x10000));
+    CHECK(maps[1].gpa == range(0x20000, 0x22000));
+    CHECK_FALSE(maps[1].writable);
+    const auto regions = f.rm.active_regions();
+    REQUIRE(regions.size() == 2);
+    CHECK(regions[1].region == dev);
+    CHECK_FALSE(regions[1].params.writable);
+}

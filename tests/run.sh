@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine: installs what it needs (apt-get, as root),
+# then builds and runs every test in three configurations:
+#   build-ci        gcc, debugoptimized (unit, examples, lint, benchmark smoke runs)
+#   build-ci-asan   gcc, AddressSanitizer + UndefinedBehaviorSanitizer
+#   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
+# and ends with one line: "N passed, N failed, N skipped".
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+
+# shellcheck source=tests/deps.sh
+source tests/deps.sh
+install_deps
+
+total_pass=0 total_fail=0 total_skip=0
+summarise() { # $1 = build dir
+    local counts
+    counts=$(python3 tests/lint/summarise.py "$1/meson-logs/testlog.json")
+    read -r p f s <<<"$counts"
+    echo "   $1: $p passed, $f failed, $s skipped"
+    total_pass=$((total_pass + p)) total_fail=$((total_fail + f)) total_skip=$((total_skip + s))
+}
+
+run_config() { # $1 = build dir, rest = meson options
+    local dir=$1
+    shift
+    echo "== configuring $dir ($*)"
+    if [ ! -d "$dir" ]; then
+        meson setup "$dir" --wrap-mode=nodownload "$@" >"$dir.setup.log" 2>&1 ||
+            { cat "$dir.setup.log"; return 1; }
+    fi
+    echo "== building $dir"
+    meson compile -C "$dir" >"$dir.build.log" 2>&1 || { tail -50 "$dir.build.log"; return 1; }
+    echo "== testing $dir"
+    meson test -C "$dir" --no-rebuild --print-errorlogs "${TEST_ARGS[@]}" || true
+    summarise "$dir"
+}
+
+# Sanitizer findings must fail the test that triggered them, not scroll past.
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+export ASAN_OPTIONS=abort_on_error=0:detect_leaks=1
+
+status=0
+TEST_ARGS=()
+run_config build-ci || status=1
+TEST_ARGS=(--no-suite bench --no-suite lint)
+run_config build-ci-asan -Db_sanitize=address,undefined -Dbench_smoke=false -Dexamples=true || status=1
+
+echo
+echo "$total_pass passed, $total_fail failed, $total_skip skipped"
+if [ "$status" -ne 0 ] || [ "$total_fail" -ne 0 ]; then
+    exit 1
+fi
