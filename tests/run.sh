@@ -45,7 +45,8 @@ status=0
 TEST_ARGS=()
 run_config build-ci || status=1
 TEST_ARGS=(--no-suite bench --no-suite lint)
-run_config build-ci-asan -Db_sanitize=address,undefined -Dbench_smoke=false -Dexamples=true || status=1
+run_config build-ci-asan -Db_sanitize=address,undefined -Dbenchmarks=disabled || status=1
+run_config build-ci-tsan -Db_sanitize=thread -Dbenchmarks=disabled || status=1
 
 echo
 echo "$total_pass passed, $total_fail failed, $total_skip skipped"

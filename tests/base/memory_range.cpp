@@ -15,20 +15,20 @@ TEST_CASE("MemoryRange: the checked factory rejects unaligned and reversed bound
 
     auto unaligned_start = MemoryRange::create(0x1001, 0x2000);
     REQUIRE_FALSE(unaligned_start.has_value());
-    CHECK(unaligned_start.error().code() == errc::invalid_range);
+    CHECK(membacking::test::error_of(unaligned_start) == errc::invalid_range);
     CHECK(unaligned_start.error().message().find("0x1001-0x2000") != std::string::npos);
 
     CHECK_FALSE(MemoryRange::create(0, 0x1fff).has_value());
     auto reversed = MemoryRange::create(0x3000, 0x2000);
     REQUIRE_FALSE(reversed.has_value());
-    CHECK(reversed.error().code() == errc::invalid_range);
+    CHECK(membacking::test::error_of(reversed) == errc::invalid_range);
 }
 
 TEST_CASE("MemoryRange: from_size rejects overflow instead of wrapping")
 {
     auto wraps = MemoryRange::from_size(0xffff'ffff'ffff'f000, 0x2000);
     REQUIRE_FALSE(wraps.has_value());
-    CHECK(wraps.error().code() == errc::invalid_range);
+    CHECK(membacking::test::error_of(wraps) == errc::invalid_range);
     auto ok = MemoryRange::from_size(0x10000, 0x3000);
     REQUIRE(ok.has_value());
     CHECK(*ok == range(0x10000, 0x13000));
@@ -64,7 +64,7 @@ TEST_CASE("MemoryRange: split and subrange are checked")
     CHECK(*sub == range(0x11000, 0x12000));
     auto outside = a.subrange(range(0xf000, 0x11000));
     REQUIRE_FALSE(outside.has_value());
-    CHECK(outside.error().code() == errc::out_of_range);
+    CHECK(membacking::test::error_of(outside) == errc::out_of_range);
 }
 
 TEST_CASE("MemoryRange: formats as 0x0-0x100000")

@@ -330,7 +330,7 @@ struct Harness {
             INFO(trace);
             REQUIRE_FALSE(result.has_value());
             if (!injected_fired)
-                CHECK(result.error().code() == *expect_error);
+                CHECK(membacking::test::error_of(result) == *expect_error);
             model = before;
         } else if (!result) {
             // The only legitimate failure of a valid operation is an injected one, and then

@@ -3,6 +3,7 @@
  */
 #pragma once
 
+#include <membacking/access/access_result.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/va/mappable.hpp>
@@ -11,7 +12,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <sys/mman.h>
+#include <system_error>
 #include <unistd.h>
 
 namespace membacking::test {
@@ -23,6 +26,28 @@ inline Mappable make_memfd(std::uint64_t size = 0x10000)
     REQUIRE(fd >= 0);
     REQUIRE(::ftruncate(fd, static_cast<off_t>(size)) == 0);
     return Mappable::adopt(fd);
+}
+
+/// The error code of a failed Result, or an empty code if it succeeded (so a CHECK on a result
+/// that unexpectedly succeeded fails instead of aborting in error()).
+template <class T>
+std::error_code error_of(const Result<T>& r)
+{
+    return r ? std::error_code() : r.error().code();
+}
+
+/// The error code of a failed AccessResult, or nullopt if it succeeded.
+template <class T>
+std::optional<errc> error_of(const AccessResult<T>& r)
+{
+    return r ? std::nullopt : std::optional<errc>(r.error().code);
+}
+
+/// The value of an AccessResult, or nullopt if it failed (a CHECK then fails instead of aborting).
+template <class T>
+std::optional<T> value_of(const AccessResult<T>& r)
+{
+    return r ? std::optional<T>(r.value()) : std::nullopt;
 }
 
 /// A range known to be valid; a test typo is reported as a test failure.

@@ -1,0 +1,613 @@
+/**
+ * @file mapping/mapping_manager.hpp
+ * Layer: mapping (includes base/, detail/, access/, va/, region/mapping.hpp). Knows nothing of
+ * partitions.
+ *
+ * MappingManager<V> keeps every VA mapper of one guest in sync with the active mappings the
+ * region manager computes (it is the region manager's VaEventSink). A VaMapper<V> is one linear
+ * reservation (GPA g at base + g) in this process; GuestMemory handles are bound to one.
+ *
+ * Semantics (reference inventory §4, §5, §10):
+ * - Eager mappers get the current mappings replayed when they are created, then every change.
+ * - Lazy mappers get a mapping only when an access faults on it (resolve_fault); a gap is
+ *   answered "no mapping". A lazy mapper can be upgraded to eager, with a replay.
+ * - Removing a mapping invalidates it in every mapper that holds it, eager or lazy, before the
+ *   call returns; afterwards an access there faults and is reported, never served stale memory.
+ * - add_mapping replaces whatever overlaps it (MAP_FIXED, no unmapped window on Linux); lazy
+ *   mappers that held the old memory there drop it and fault the new one in on demand.
+ * - Every failure path rolls back: adding a mapper (its reservation simply goes away), adding or
+ *   replacing a mapping (mappers that took it get the old pieces back), removing mappings, and
+ *   upgrading (the mapper stays lazy, keeping what it mapped so far, which is still correct).
+ * - Private (anonymous) memory lives in exactly one mapper: a second mapper is refused while
+ *   private memory is mapped, and private memory is refused while two mappers exist.
+ * - Mapper ids are never reused (the reference's slab reuses keys).
+ *
+ * Concurrency: one mutex guards the books and every VA change. Control calls and lazy faults
+ * both take it; the access path never does. A fault taken on a thread that already holds the
+ * mutex (an access from inside a control call) is answered with an error, not a deadlock.
+ * Shutdown (the manager's destructor) unmaps every mapper's whole range, so handles that outlive
+ * the manager get errors, not stale memory.
+ */
+#pragma once
+
+#include <membacking/base/config.hpp>
+#include <membacking/base/fatal.hpp>
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/region/mapping.hpp>
+#include <membacking/va/va_policy.hpp>
+
+#if MEMBACKING_HAS_GUARDED_ACCESS
+#    include <membacking/access/fault_handler.hpp>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace membacking {
+
+template <VaPolicy V>
+class MappingManager;
+
+namespace detail {
+template <VaPolicy V>
+class MappingCore;
+} // namespace detail
+
+/// Whether a new mapper gets every mapping pushed to it (eager) or faults them in (lazy).
+enum class MapperMode : std::uint8_t { eager, lazy };
+
+/// Counters for tests and dumps.
+struct MappingStats {
+    std::uint64_t lazy_faults = 0;   ///< mappings faulted into lazy mappers
+    std::uint64_t hint_failures = 0; ///< THP advice that the kernel refused (advisory only)
+};
+
+/// One linear VA range for guest memory in this process. Created by MappingManager::new_mapper,
+/// owned through shared_ptr (GuestMemory handles keep it alive), never moved.
+template <VaPolicy V>
+class VaMapper {
+public:
+    VaMapper(const VaMapper&) = delete;
+    VaMapper& operator=(const VaMapper&) = delete;
+    ~VaMapper();
+
+    [[nodiscard]] std::byte* base() const noexcept { return va_.base(); }
+    /// The guest address space size (max GPA + 1).
+    [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
+    [[nodiscard]] bool is_eager() const noexcept { return eager_.load(std::memory_order_relaxed); }
+    [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+
+    /// The slow path of a guest access that faulted at `gpa`. Returns std::nullopt if the access
+    /// should be retried (a lazy mapper fetched the mapping, or it was replaced concurrently), or
+    /// the error to report: errc::unmapped (no mapping there), errc::read_only (a write to
+    /// read-only memory), errc::conflict (the fault came from inside a control call on this
+    /// thread). Takes the mapping manager's lock; may map memory.
+    [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept;
+
+private:
+    friend class detail::MappingCore<V>;
+    VaMapper(V va, std::uint64_t size, std::weak_ptr<detail::MappingCore<V>> core, std::uint64_t id,
+             bool eager)
+        : va_(std::move(va)), size_(size), core_(std::move(core)), id_(id), eager_(eager)
+    {}
+
+    V va_;
+    std::uint64_t size_;
+    std::weak_ptr<detail::MappingCore<V>> core_;
+    std::uint64_t id_;
+    std::atomic<bool> eager_;
+    /// Only registered mappers deregister on destruction; cleared at the manager's shutdown.
+    std::atomic<bool> registered_ = false;
+};
+
+namespace detail {
+
+/// The shared state of one MappingManager. Mappers refer to it weakly, so a mapper can outlive
+/// the manager (its accesses then fail).
+template <VaPolicy V>
+class MappingCore : public std::enable_shared_from_this<MappingCore<V>> {
+public:
+    MappingCore(std::uint64_t max_addr, std::uint64_t min_alignment)
+        : max_addr_(max_addr), min_alignment_(min_alignment)
+    {}
+
+    Result<void> add_mapping(const ActiveMapping& m)
+    {
+        Locked lock(*this);
+        if (m.gpa.empty() || m.gpa.end() > max_addr_)
+            return make_error(errc::out_of_range, "mapping " + m.gpa.to_string() +
+                                                      " lies outside the guest address space of " +
+                                                      MemoryRange::hex(max_addr_) + " bytes");
+        if (m.backing.is_private() && mappers_.size() > 1)
+            return make_error(errc::conflict,
+                              "cannot map private memory at " + m.gpa.to_string() + " while " +
+                                  std::to_string(mappers_.size()) +
+                                  " VA mappers exist (private memory lives in one)");
+        const std::vector<ActiveMapping> old = pieces_in(m.gpa);
+        for (const ActiveMapping& p : old)
+            if (p.backing.is_private())
+                return make_error(errc::conflict, "replacing private memory at " +
+                                                      p.gpa.to_string() + " would discard it");
+
+        // Eager mappers take the new mapping; any failure gives the ones that took it the old
+        // pieces back.
+        std::vector<Slot*> took;
+        for (Slot& s : mappers_) {
+            if (!s.eager)
+                continue;
+            if (auto r = map_into(*s.mapper, m); !r) {
+                for (Slot* t : took)
+                    must(restore(*t->mapper, m.gpa, old), "restoring an eager mapper");
+                return std::move(r).error();
+            }
+            took.push_back(&s);
+        }
+        // Lazy mappers that hold old memory here drop it; they will fault the new one in.
+        std::vector<Slot*> dropped;
+        for (Slot& s : mappers_) {
+            if (s.eager || !holds_any(s.id, m.gpa))
+                continue;
+            if (auto r = s.mapper->va_.unmap(m.gpa.start(), m.gpa.size()); !r) {
+                for (Slot* d : dropped)
+                    must(restore(*d->mapper, m.gpa, held_pieces(d->id, m.gpa)),
+                         "restoring a lazy mapper");
+                for (Slot* t : took)
+                    must(restore(*t->mapper, m.gpa, old), "restoring an eager mapper");
+                return std::move(r).error();
+            }
+            dropped.push_back(&s);
+        }
+
+        // Commit: split what overlapped, keep the outside parts with their holders.
+        split_out(m.gpa);
+        Entry e{m, {}};
+        for (const Slot& s : mappers_)
+            if (s.eager)
+                e.holders.push_back(s.id);
+        entries_.emplace(m.gpa.start(), std::move(e));
+        has_private_ = has_private_ || m.backing.is_private();
+        return {};
+    }
+
+    Result<void> remove_mappings(const MemoryRange& range)
+    {
+        Locked lock(*this);
+        const std::vector<ActiveMapping> old = pieces_in(range);
+        if (old.empty())
+            return {};
+        const MemoryRange extent =
+            MemoryRange::unchecked(old.front().gpa.start(), old.back().gpa.end());
+        std::vector<Slot*> done;
+        for (Slot& s : mappers_) {
+            if (!s.eager && !holds_any(s.id, extent))
+                continue;
+            if (auto r = s.mapper->va_.unmap(extent.start(), extent.size()); !r) {
+                for (Slot* d : done)
+                    must(restore(*d->mapper, extent, held_pieces(d->id, extent)),
+                         "re-mapping after a failed invalidation");
+                return std::move(r).error();
+            }
+            done.push_back(&s);
+        }
+        split_out(extent);
+        recompute_private();
+        return {};
+    }
+
+    Result<std::shared_ptr<VaMapper<V>>> new_mapper(MapperMode mode)
+    {
+#if MEMBACKING_HAS_GUARDED_ACCESS
+        access::install_fault_handler();
+#endif
+        Locked lock(*this);
+        if (shut_down_)
+            return make_error(errc::not_found, "the mapping manager has shut down");
+        if (!mappers_.empty() && has_private_)
+            return make_error(errc::conflict,
+                              "cannot add a second VA mapper while private memory is mapped "
+                              "(private memory lives in one mapper)");
+        auto va = V::reserve(max_addr_, min_alignment_);
+        if (!va)
+            return std::move(va).error().context("failed to reserve address space for a VA mapper");
+        const bool eager = mode == MapperMode::eager;
+        std::shared_ptr<VaMapper<V>> mapper(
+            new VaMapper<V>(std::move(*va), max_addr_, this->weak_from_this(), next_id_++, eager));
+        if (eager) {
+            // A failed replay needs no undo: the unregistered mapper and its whole reservation
+            // go away when `mapper` does.
+            for (auto& [start, e] : entries_)
+                MEMBACKING_TRY_CONTEXT(map_into(*mapper, e.mapping),
+                                       "failed to replay mappings into a new VA mapper");
+            for (auto& [start, e] : entries_)
+                e.holders.push_back(mapper->id_);
+        }
+        mapper->registered_ = true;
+        mappers_.push_back(Slot{mapper->id_, mapper.get(), eager});
+        return mapper;
+    }
+
+    Result<void> upgrade_to_eager(VaMapper<V>& mapper)
+    {
+        Locked lock(*this);
+        Slot* s = find_slot(mapper.id_);
+        if (s == nullptr)
+            return make_error(errc::not_found,
+                              "VA mapper " + std::to_string(mapper.id_) + " is not registered");
+        if (s->eager)
+            return {};
+        for (auto& [start, e] : entries_) {
+            if (holds(e, s->id))
+                continue;
+            // On failure the mapper stays lazy; what it mapped so far stays valid and recorded.
+            MEMBACKING_TRY_CONTEXT(map_into(mapper, e.mapping), "failed to upgrade VA mapper " +
+                                                                    std::to_string(s->id) +
+                                                                    " to eager");
+            e.holders.push_back(s->id);
+        }
+        s->eager = true;
+        mapper.eager_.store(true, std::memory_order_relaxed);
+        return {};
+    }
+
+    void remove_mapper(std::uint64_t id) noexcept
+    {
+        Locked lock(*this);
+        std::erase_if(mappers_, [&](const Slot& s) { return s.id == id; });
+        for (auto& [start, e] : entries_)
+            std::erase(e.holders, id);
+    }
+
+    std::optional<errc> resolve_fault(VaMapper<V>& mapper, std::uint64_t gpa, bool write) noexcept
+    {
+        if (locked_here() == this)
+            return errc::conflict; // re-entrant: the control call on this thread holds the lock
+        Locked lock(*this);
+        Slot* s = find_slot(mapper.id_);
+        if (s == nullptr)
+            return errc::unmapped;
+        Entry* e = entry_at(gpa);
+        if (e == nullptr)
+            return errc::unmapped;
+        if (write && !e->mapping.writable)
+            return errc::read_only;
+        if (holds(*e, s->id))
+            return std::nullopt; // mapped by now: the access raced with a change; retry
+        if (s->eager)
+            return errc::unmapped;
+        if (!map_into(mapper, e->mapping))
+            return errc::resource_exhausted;
+        e->holders.push_back(s->id);
+        ++stats_.lazy_faults;
+        return std::nullopt;
+    }
+
+    /// Unmaps every mapper's whole range and forgets everything.
+    void shut_down() noexcept
+    {
+        Locked lock(*this);
+        for (Slot& s : mappers_) {
+            if (!s.mapper->va_.unmap(0, align_up_page(max_addr_)))
+                fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
+                      "reachable after its manager is gone");
+            s.mapper->registered_ = false;
+        }
+        mappers_.clear();
+        entries_.clear();
+        has_private_ = false;
+        shut_down_ = true;
+    }
+
+    [[nodiscard]] std::vector<ActiveMapping> mappings() const
+    {
+        Locked lock(*this);
+        std::vector<ActiveMapping> out;
+        for (const auto& [start, e] : entries_)
+            out.push_back(e.mapping);
+        return out;
+    }
+    [[nodiscard]] std::vector<std::uint64_t> holders_at(std::uint64_t gpa) const
+    {
+        Locked lock(*this);
+        const Entry* e = entry_at(gpa);
+        return e ? e->holders : std::vector<std::uint64_t>{};
+    }
+    [[nodiscard]] std::size_t mapper_count() const
+    {
+        Locked lock(*this);
+        return mappers_.size();
+    }
+    [[nodiscard]] MappingStats stats() const
+    {
+        Locked lock(*this);
+        return stats_;
+    }
+    [[nodiscard]] std::uint64_t max_addr() const noexcept
+    {
+        return max_addr_;
+    }
+
+private:
+    struct Entry {
+        ActiveMapping mapping;
+        std::vector<std::uint64_t> holders; ///< ids of mappers whose VA has this mapping
+    };
+    struct Slot {
+        std::uint64_t id;
+        VaMapper<V>* mapper;
+        bool eager;
+    };
+
+    /// The mutex, plus a per-thread note of which core this thread holds (for re-entrancy).
+    struct Locked {
+        explicit Locked(const MappingCore& c) : lock(c.mutex_), previous(locked_here())
+        {
+            locked_here() = &c;
+        }
+        ~Locked() { locked_here() = previous; }
+        Locked(const Locked&) = delete;
+        Locked& operator=(const Locked&) = delete;
+        std::unique_lock<std::mutex> lock;
+        const void* previous;
+    };
+    static const void*& locked_here() noexcept
+    {
+        static thread_local const void* core = nullptr;
+        return core;
+    }
+
+    static std::uint64_t align_up_page(std::uint64_t v)
+    {
+        return (v + page_size - 1) & ~(page_size - 1);
+    }
+
+    static void must(Result<void> r, const char* what)
+    {
+        if (!r)
+            fatal(std::string(what) + " failed during rollback: " + r.error().full_message());
+    }
+
+    static bool holds(const Entry& e, std::uint64_t id)
+    {
+        return std::find(e.holders.begin(), e.holders.end(), id) != e.holders.end();
+    }
+
+    Slot* find_slot(std::uint64_t id)
+    {
+        for (Slot& s : mappers_)
+            if (s.id == id)
+                return &s;
+        return nullptr;
+    }
+
+    Entry* entry_at(std::uint64_t gpa)
+    {
+        return const_cast<Entry*>(std::as_const(*this).entry_at(gpa));
+    }
+    const Entry* entry_at(std::uint64_t gpa) const
+    {
+        auto it = entries_.upper_bound(gpa);
+        if (it == entries_.begin())
+            return nullptr;
+        --it;
+        return it->second.mapping.gpa.contains(gpa) ? &it->second : nullptr;
+    }
+
+    /// Iterates the entries overlapping r, in address order.
+    template <class F>
+    void for_each_overlapping(const MemoryRange& r, F&& f)
+    {
+        auto it = entries_.upper_bound(r.start());
+        if (it != entries_.begin() && std::prev(it)->second.mapping.gpa.overlaps(r))
+            --it;
+        for (; it != entries_.end() && it->first < r.end(); ++it)
+            if (it->second.mapping.gpa.overlaps(r))
+                f(it->second);
+    }
+
+    /// The parts of the active mappings that lie inside r.
+    std::vector<ActiveMapping> pieces_in(const MemoryRange& r)
+    {
+        std::vector<ActiveMapping> out;
+        for_each_overlapping(r, [&](const Entry& e) {
+            out.push_back(e.mapping.slice(e.mapping.gpa.intersection(r)));
+        });
+        return out;
+    }
+
+    /// The parts inside r of the mappings mapper `id` holds.
+    std::vector<ActiveMapping> held_pieces(std::uint64_t id, const MemoryRange& r)
+    {
+        std::vector<ActiveMapping> out;
+        for_each_overlapping(r, [&](const Entry& e) {
+            if (holds(e, id))
+                out.push_back(e.mapping.slice(e.mapping.gpa.intersection(r)));
+        });
+        return out;
+    }
+
+    bool holds_any(std::uint64_t id, const MemoryRange& r)
+    {
+        bool any = false;
+        for_each_overlapping(r, [&](const Entry& e) { any = any || holds(e, id); });
+        return any;
+    }
+
+    /// Removes r from the books, keeping the parts of overlapping entries outside it.
+    void split_out(const MemoryRange& r)
+    {
+        std::vector<Entry> keep;
+        std::vector<std::uint64_t> doomed;
+        for_each_overlapping(r, [&](const Entry& e) {
+            doomed.push_back(e.mapping.gpa.start());
+            const MemoryRange g = e.mapping.gpa;
+            if (g.start() < r.start())
+                keep.push_back(
+                    {e.mapping.slice(MemoryRange::unchecked(g.start(), r.start())), e.holders});
+            if (g.end() > r.end())
+                keep.push_back(
+                    {e.mapping.slice(MemoryRange::unchecked(r.end(), g.end())), e.holders});
+        });
+        for (std::uint64_t k : doomed)
+            entries_.erase(k);
+        for (Entry& e : keep) {
+            const std::uint64_t start = e.mapping.gpa.start();
+            entries_.emplace(start, std::move(e));
+        }
+    }
+
+    void recompute_private()
+    {
+        has_private_ = std::any_of(entries_.begin(), entries_.end(), [](const auto& kv) {
+            return kv.second.mapping.backing.is_private();
+        });
+    }
+
+    /// Maps one active mapping into one mapper's VA, with its placement hints.
+    Result<void> map_into(VaMapper<V>& mapper, const ActiveMapping& m)
+    {
+        V& va = mapper.va_;
+        const std::uint64_t off = m.gpa.start();
+        const std::uint64_t len = m.gpa.size();
+        if (m.backing.is_private())
+            MEMBACKING_TRY(va.commit_private(off, len));
+        else
+            MEMBACKING_TRY(
+                va.map_file(off, len, m.backing.object, m.backing.file_offset, m.writable));
+        // An explicit NUMA request that cannot be honoured is an error (the memory would silently
+        // live on the wrong node); THP is advice the kernel may refuse (e.g. THP "never").
+        if (m.policy.numa_node) {
+            if (auto r = va.bind_numa(off, len, *m.policy.numa_node); !r) {
+                must(va.unmap(off, len), "unmapping after a failed NUMA binding");
+                return std::move(r).error();
+            }
+        }
+        if (m.policy.transparent_hugepages && !va.advise_hugepages(off, len))
+            ++stats_.hint_failures;
+        return {};
+    }
+
+    /// Puts `pieces` back into `mapper` over `range`, clearing the parts of `range` they do not
+    /// cover. Used only to roll back.
+    Result<void> restore(VaMapper<V>& mapper, const MemoryRange& range,
+                         const std::vector<ActiveMapping>& pieces)
+    {
+        std::uint64_t cursor = range.start();
+        for (const ActiveMapping& p : pieces) {
+            if (p.gpa.start() > cursor)
+                MEMBACKING_TRY(mapper.va_.unmap(cursor, p.gpa.start() - cursor));
+            MEMBACKING_TRY(map_into(mapper, p));
+            cursor = p.gpa.end();
+        }
+        if (cursor < range.end())
+            MEMBACKING_TRY(mapper.va_.unmap(cursor, range.end() - cursor));
+        return {};
+    }
+
+    mutable std::mutex mutex_;
+    const std::uint64_t max_addr_;
+    const std::uint64_t min_alignment_;
+    std::map<std::uint64_t, Entry> entries_; ///< active mappings by GPA start, disjoint
+    std::vector<Slot> mappers_;              ///< registration order
+    std::uint64_t next_id_ = 1;
+    bool has_private_ = false;
+    bool shut_down_ = false;
+    MappingStats stats_;
+};
+
+} // namespace detail
+
+template <VaPolicy V>
+VaMapper<V>::~VaMapper()
+{
+    if (registered_.load())
+        if (auto core = core_.lock())
+            core->remove_mapper(id_);
+}
+
+template <VaPolicy V>
+std::optional<errc> VaMapper<V>::resolve_fault(std::uint64_t gpa, bool write) noexcept
+{
+    if (gpa >= size_)
+        return errc::out_of_range;
+    auto core = core_.lock();
+    if (!core)
+        return errc::unmapped; // the manager is gone; everything was unmapped at its shutdown
+    return core->resolve_fault(*this, gpa, write);
+}
+
+/// The VA side of a guest: a VaEventSink for the region manager, and the factory of VA mappers.
+template <VaPolicy V>
+class MappingManager {
+public:
+    /// A manager for a guest address space of max_addr bytes; min_alignment is the smallest base
+    /// alignment of every reservation (the largest hugetlb page size in use).
+    [[nodiscard]] static Result<MappingManager> create(std::uint64_t max_addr,
+                                                       std::uint64_t min_alignment = page_size)
+    {
+        if (max_addr == 0)
+            return make_error(errc::invalid_argument, "guest address space size is zero");
+        if (!is_power_of_two(min_alignment))
+            return make_error(errc::invalid_argument, "minimum VA alignment " +
+                                                          MemoryRange::hex(min_alignment) +
+                                                          " is not a power of two");
+        return MappingManager(std::make_shared<detail::MappingCore<V>>(max_addr, min_alignment));
+    }
+
+    MappingManager(MappingManager&&) noexcept = default;
+    MappingManager& operator=(MappingManager&& other) noexcept
+    {
+        if (this != &other) {
+            shut_down();
+            core_ = std::move(other.core_);
+        }
+        return *this;
+    }
+    MappingManager(const MappingManager&) = delete;
+    MappingManager& operator=(const MappingManager&) = delete;
+    ~MappingManager() { shut_down(); }
+
+    // VaEventSink
+    Result<void> add_mapping(const ActiveMapping& m) { return core_->add_mapping(m); }
+    Result<void> remove_mappings(const MemoryRange& r) { return core_->remove_mappings(r); }
+
+    /// A new VA mapper in this process: eager ones get every mapping now and every change later.
+    Result<std::shared_ptr<VaMapper<V>>> new_mapper(MapperMode mode)
+    {
+        return core_->new_mapper(mode);
+    }
+    /// Turns a lazy mapper eager (replaying what it lacks). On failure it stays lazy.
+    Result<void> upgrade_to_eager(VaMapper<V>& mapper) { return core_->upgrade_to_eager(mapper); }
+
+    [[nodiscard]] std::vector<ActiveMapping> mappings() const { return core_->mappings(); }
+    /// Ids of the mappers whose VA holds the mapping at gpa (for tests and dumps).
+    [[nodiscard]] std::vector<std::uint64_t> holders_at(std::uint64_t gpa) const
+    {
+        return core_->holders_at(gpa);
+    }
+    [[nodiscard]] std::size_t mapper_count() const { return core_->mapper_count(); }
+    [[nodiscard]] MappingStats stats() const { return core_->stats(); }
+    [[nodiscard]] std::uint64_t max_addr() const noexcept { return core_->max_addr(); }
+
+private:
+    explicit MappingManager(std::shared_ptr<detail::MappingCore<V>> core) : core_(std::move(core))
+    {}
+    void shut_down() noexcept
+    {
+        if (core_)
+            core_->shut_down();
+    }
+
+    std::shared_ptr<detail::MappingCore<V>> core_;
+};
+
+} // namespace membacking

@@ -1,0 +1,99 @@
+/**
+ * @file os/linux.hpp
+ * Layer: os (includes base/ only). The whole body is Linux-only.
+ *
+ * LinuxSyscalls: the seam between the library and the Linux kernel. Every policy that makes a
+ * system call takes a `Sys` template parameter defaulting to this struct and calls `Sys::mmap`,
+ * `Sys::ioctl`, ... instead of the libc function. Tests pass a struct that derives from this one
+ * and shadows a few members to inject ENOMEM, EINVAL or an exhausted slot table, without root and
+ * without touching the real call sites.
+ *
+ * Conventions: each function behaves like the libc call it wraps (return value and errno).
+ */
+#pragma once
+
+#include <membacking/base/config.hpp>
+
+#if MEMBACKING_OS_LINUX
+
+#    include <membacking/base/result.hpp>
+
+#    include <cerrno>
+#    include <cstddef>
+#    include <cstdint>
+#    include <fcntl.h>
+#    include <sys/ioctl.h>
+#    include <sys/mman.h>
+#    include <sys/prctl.h>
+#    include <sys/syscall.h>
+#    include <unistd.h>
+
+namespace membacking::os {
+
+struct LinuxSyscalls {
+    static void* mmap(void* addr, std::size_t len, int prot, int flags, int fd,
+                      off_t offset) noexcept
+    {
+        return ::mmap(addr, len, prot, flags, fd, offset);
+    }
+    static int munmap(void* addr, std::size_t len) noexcept { return ::munmap(addr, len); }
+    static int mprotect(void* addr, std::size_t len, int prot) noexcept
+    {
+        return ::mprotect(addr, len, prot);
+    }
+    static int madvise(void* addr, std::size_t len, int advice) noexcept
+    {
+        return ::madvise(addr, len, advice);
+    }
+    static int mlock(const void* addr, std::size_t len) noexcept { return ::mlock(addr, len); }
+    static int munlock(const void* addr, std::size_t len) noexcept { return ::munlock(addr, len); }
+    static int memfd_create(const char* name, unsigned flags) noexcept
+    {
+        return ::memfd_create(name, flags);
+    }
+    static int ftruncate(int fd, off_t len) noexcept { return ::ftruncate(fd, len); }
+    static int fallocate(int fd, int mode, off_t offset, off_t len) noexcept
+    {
+        return ::fallocate(fd, mode, offset, len);
+    }
+    static int close(int fd) noexcept { return ::close(fd); }
+    /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
+    static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,
+                      unsigned long maxnode, unsigned flags) noexcept
+    {
+        return ::syscall(SYS_mbind, addr, len, mode, nodemask, maxnode, flags);
+    }
+    /// get_mempolicy(2) through syscall(), for the same reason.
+    static long get_mempolicy(int* mode, unsigned long* nodemask, unsigned long maxnode, void* addr,
+                              unsigned long flags) noexcept
+    {
+        return ::syscall(SYS_get_mempolicy, mode, nodemask, maxnode, addr, flags);
+    }
+    static int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
+                     unsigned long a5) noexcept
+    {
+        return ::prctl(option, a2, a3, a4, a5);
+    }
+    static int ioctl(int fd, unsigned long request, void* arg) noexcept
+    {
+        return ::ioctl(fd, request, arg);
+    }
+    static int ioctl(int fd, unsigned long request, unsigned long arg) noexcept
+    {
+        return ::ioctl(fd, request, arg);
+    }
+    static long sysconf(int name) noexcept { return ::sysconf(name); }
+};
+
+/// The Error for the errno left by the call that just failed. errno is read before `message()`
+/// runs, because building the message may allocate and allocation may change errno.
+template <class F>
+[[nodiscard]] Error last_error(F&& message)
+{
+    const int err = errno;
+    return os_error(err, message());
+}
+
+} // namespace membacking::os
+
+#endif // MEMBACKING_OS_LINUX

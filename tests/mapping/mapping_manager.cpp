@@ -1,0 +1,326 @@
+// MappingManager and VaMapper: the reference's mapping-manager tests that apply (§11, 15-30),
+// the private-memory single-mapper rule, and every rollback path, driven through the real Linux
+// VA policy with failures injected at the syscall seam.
+#include <membacking/guest_memory.hpp>
+#include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/va/linux_mmap.hpp>
+
+#include "injecting_syscalls.hpp"
+#include "test_support.hpp"
+
+#include <string>
+#include <vector>
+
+using namespace membacking;
+using test::InjectingSyscalls;
+using test::range;
+using Va = LinuxMmap<InjectingSyscalls>;
+using Mapper = VaMapper<Va>;
+using Memory = GuestMemory<Mapper>;
+using Ids = std::vector<std::uint64_t>;
+
+namespace {
+
+template <class T>
+T must(Result<T> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+void must(Result<void> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+}
+
+struct Fixture {
+    Fixture() { InjectingSyscalls::reset(); }
+    ~Fixture() { InjectingSyscalls::reset(); }
+
+    MappingManager<Va> mm = must(MappingManager<Va>::create(0x100000));
+    Mappable shm = must(Va::create_shared_memory(0x100000, "mm-test"));
+
+    ActiveMapping file(std::uint64_t start, std::uint64_t end, std::uint64_t file_offset = 0,
+                       bool writable = true)
+    {
+        return {range(start, end),
+                MappingBacking::file(shm, file_offset),
+                writable,
+                MappingType::Ram,
+                {},
+                RegionId{1}};
+    }
+    static ActiveMapping private_memory(std::uint64_t start, std::uint64_t end)
+    {
+        return {range(start, end), MappingBacking::private_memory(), true, MappingType::Ram, {},
+                RegionId{1}};
+    }
+    /// What a raw look at the mapper's VA says: is gpa accessible right now (no fault handling)?
+    static bool resident(const std::shared_ptr<Mapper>& m, std::uint64_t gpa)
+    {
+        std::uint8_t v = 0;
+        return access::try_load(m->base() + gpa, v);
+    }
+};
+
+} // namespace
+
+TEST_CASE("reference 15/30: an eager mapper gets existing mappings replayed")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    CHECK(eager->is_eager());
+    CHECK(Fixture::resident(eager, 0x8000));
+    CHECK(f.mm.holders_at(0) == Ids{eager->id()});
+}
+
+TEST_CASE("reference 16/17: a lazy mapper gets nothing until it faults; adds go to eager only")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    CHECK_FALSE(Fixture::resident(lazy, 0));
+    must(f.mm.add_mapping(f.file(0x20000, 0x30000, 0x20000)));
+    CHECK(Fixture::resident(eager, 0x20000));
+    CHECK_FALSE(Fixture::resident(lazy, 0x20000));
+    CHECK(f.mm.holders_at(0x20000) == Ids{eager->id()});
+}
+
+TEST_CASE("reference 21/29: a lazy fault fetches the mapping and the access is retried")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    REQUIRE(Memory(eager).write_plain<std::uint32_t>(0x1000, 0xfeedf00d).has_value());
+    auto v = Memory(lazy).read_plain<std::uint32_t>(0x1000);
+    REQUIRE(v.has_value());
+    CHECK(*v == 0xfeedf00d);
+    CHECK(Fixture::resident(lazy, 0x1000));
+    CHECK(f.mm.stats().lazy_faults == 1);
+    // The whole mapping came in (as in the reference), so the next page costs no fault.
+    CHECK(Memory(lazy).read_plain<std::uint8_t>(0xf000).has_value());
+    CHECK(f.mm.stats().lazy_faults == 1);
+}
+
+TEST_CASE("reference 22/27: a gap is no mapping, for lazy and eager mappers alike")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    CHECK(lazy->resolve_fault(0x10000, false) == errc::unmapped);
+    CHECK(eager->resolve_fault(0x10000, false) == errc::unmapped);
+    auto r = Memory(lazy).read_plain<std::uint8_t>(0x18000);
+    REQUIRE_FALSE(r);
+    CHECK(membacking::test::error_of(r) == errc::unmapped);
+    CHECK(r.error().gpa == 0x18000);
+}
+
+TEST_CASE("reference 18/19/20: upgrading a lazy mapper replays, then it gets every change")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto m = must(f.mm.new_mapper(MapperMode::lazy));
+    must(f.mm.upgrade_to_eager(*m));
+    CHECK(m->is_eager());
+    CHECK(Fixture::resident(m, 0));
+    must(f.mm.upgrade_to_eager(*m)); // already eager: nothing to do
+    must(f.mm.add_mapping(f.file(0x40000, 0x41000)));
+    CHECK(Fixture::resident(m, 0x40000));
+}
+
+TEST_CASE("reference 23: removing a mapping invalidates it in eager and lazy mappers")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
+    REQUIRE(Memory(lazy).read_plain<std::uint8_t>(0).has_value()); // fault it in
+    must(f.mm.remove_mappings(range(0, 0x10000)));
+    CHECK_FALSE(Fixture::resident(eager, 0));
+    CHECK_FALSE(Fixture::resident(lazy, 0));
+    CHECK(membacking::test::error_of(Memory(lazy).read_plain<std::uint8_t>(0)) == errc::unmapped);
+    CHECK(membacking::test::error_of(Memory(eager).read_plain<std::uint8_t>(0)) == errc::unmapped);
+}
+
+TEST_CASE("removing part of a mapping splits it and keeps the rest mapped with its offsets")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x4000, 0x8000)));
+    auto eager = must(f.mm.new_mapper(MapperMode::eager));
+    must(f.mm.remove_mappings(range(0x1000, 0x2000)));
+    const auto maps = f.mm.mappings();
+    REQUIRE(maps.size() == 2);
+    CHECK(maps[1].gpa == range(0x2000, 0x4000));
+    CHECK(maps[1].backing.file_offset == 0xa000);
+    CHECK(Fixture::resident(eager, 0));
+    CHECK_FALSE(Fixture::resident(eager, 0x1000));
+    CHECK(Fixture::resident(eager, 0x2000));
+}
+
+TEST_CASE("reference 24: a failed replay into a new eager mapper leaves no trace")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x1000)));
+    must(f.mm.add_mapping(f.file(0x2000, 0x3000)));
+    InjectingSyscalls::fail_mmap(3); // reserve, replay #1, replay #2 <- fails
+    auto failed = f.mm.new_mapper(MapperMode::eager);
+    REQUIRE_FALSE(failed);
+    CHECK(membacking::test::error_of(failed) == std::errc::not_enough_memory);
+    CHECK(f.mm.mapper_count() == 0);
+    CHECK(f.mm.holders_at(0).empty());
+    auto ok = must(f.mm.new_mapper(MapperMode::eager));
+    CHECK(Fixture::resident(ok, 0));
+    CHECK(Fixture::resident(ok, 0x2000));
+}
+
+TEST_CASE("reference 25: a failed add in the second eager mapper is undone in the first")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    auto b = must(f.mm.new_mapper(MapperMode::eager));
+    InjectingSyscalls::fail_mmap(2);
+    auto r = f.mm.add_mapping(f.file(0, 0x1000));
+    REQUIRE_FALSE(r);
+    CHECK_FALSE(Fixture::resident(a, 0));
+    CHECK_FALSE(Fixture::resident(b, 0));
+    CHECK(f.mm.mappings().empty());
+}
+
+TEST_CASE("a failed replacement gives the first mapper its old memory back")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    auto b = must(f.mm.new_mapper(MapperMode::eager));
+    must(f.mm.add_mapping(f.file(0, 0x3000, 0)));
+    REQUIRE(Memory(a).write_plain<std::uint8_t>(0x1000, 0x11).has_value());
+    Mappable other = must(Va::create_shared_memory(0x1000, "other"));
+    InjectingSyscalls::fail_mmap(2);
+    auto r = f.mm.add_mapping({range(0x1000, 0x2000),
+                               MappingBacking::file(other, 0),
+                               true,
+                               MappingType::Ram,
+                               {},
+                               RegionId{1}});
+    REQUIRE_FALSE(r);
+    CHECK(test::value_of(Memory(a).read_plain<std::uint8_t>(0x1000)) == 0x11);
+    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(0x1000)) == 0x11);
+    REQUIRE(f.mm.mappings().size() == 1);
+    // Without the failure the replacement lands in both, atomically.
+    must(f.mm.add_mapping({range(0x1000, 0x2000),
+                           MappingBacking::file(other, 0),
+                           true,
+                           MappingType::Ram,
+                           {},
+                           RegionId{1}}));
+    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(0x1000)) == 0);
+    CHECK(f.mm.mappings().size() == 3);
+}
+
+TEST_CASE("a failed invalidation in the second mapper is undone in the first")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    auto b = must(f.mm.new_mapper(MapperMode::eager));
+    must(f.mm.add_mapping(f.file(0, 0x1000)));
+    InjectingSyscalls::fail_mmap(2);
+    REQUIRE_FALSE(f.mm.remove_mappings(range(0, 0x1000)));
+    CHECK(Fixture::resident(a, 0));
+    CHECK(Fixture::resident(b, 0));
+    CHECK(f.mm.mappings().size() == 1);
+}
+
+TEST_CASE("reference 26: a failed upgrade leaves the mapper lazy with what it already has")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x1000)));
+    must(f.mm.add_mapping(f.file(0x2000, 0x3000)));
+    auto m = must(f.mm.new_mapper(MapperMode::lazy));
+    InjectingSyscalls::fail_mmap(2);
+    REQUIRE_FALSE(f.mm.upgrade_to_eager(*m));
+    CHECK_FALSE(m->is_eager());
+    CHECK(f.mm.holders_at(0) == Ids{m->id()});
+    CHECK(f.mm.holders_at(0x2000).empty());
+    must(f.mm.add_mapping(f.file(0x4000, 0x5000)));
+    CHECK_FALSE(Fixture::resident(m, 0x4000)); // still lazy: nothing pushed
+}
+
+TEST_CASE("reference 28: dropping a mapper deregisters it")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x1000)));
+    auto m = must(f.mm.new_mapper(MapperMode::eager));
+    CHECK(f.mm.mapper_count() == 1);
+    m.reset();
+    CHECK(f.mm.mapper_count() == 0);
+    CHECK(f.mm.holders_at(0).empty());
+}
+
+TEST_CASE("mapper ids are never reused (the reference's slab reuses keys)")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::lazy));
+    const std::uint64_t first = a->id();
+    a.reset();
+    auto b = must(f.mm.new_mapper(MapperMode::lazy));
+    CHECK(b->id() != first);
+}
+
+TEST_CASE("private memory lives in exactly one mapper")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    must(f.mm.add_mapping(Fixture::private_memory(0, 0x2000)));
+    auto second = f.mm.new_mapper(MapperMode::lazy);
+    REQUIRE_FALSE(second);
+    CHECK(membacking::test::error_of(second) == errc::conflict);
+    REQUIRE(Memory(a).write_plain<std::uint64_t>(0x1000, 5).has_value());
+    CHECK(test::value_of(Memory(a).read_plain<std::uint64_t>(0x1000)) == 5);
+    must(f.mm.remove_mappings(range(0, 0x2000)));
+    auto b = must(f.mm.new_mapper(MapperMode::lazy)); // no private memory any more
+    auto priv = f.mm.add_mapping(Fixture::private_memory(0, 0x1000));
+    REQUIRE_FALSE(priv);
+    CHECK(membacking::test::error_of(priv) == errc::conflict);
+}
+
+TEST_CASE("a mapping outside the guest address space is refused")
+{
+    Fixture f;
+    auto r = f.mm.add_mapping(f.file(0xff000, 0x101000));
+    REQUIRE_FALSE(r);
+    CHECK(membacking::test::error_of(r) == errc::out_of_range);
+}
+
+TEST_CASE("a mapper outliving its manager sees nothing: shutdown unmaps everything")
+{
+    std::shared_ptr<Mapper> survivor;
+    {
+        Fixture f;
+        must(f.mm.add_mapping(f.file(0, 0x1000)));
+        survivor = must(f.mm.new_mapper(MapperMode::eager));
+        CHECK(Fixture::resident(survivor, 0));
+    }
+    CHECK_FALSE(Fixture::resident(survivor, 0));
+    auto r = Memory(survivor).read_plain<std::uint8_t>(0);
+    REQUIRE_FALSE(r);
+    CHECK(membacking::test::error_of(r) == errc::unmapped);
+}
+
+TEST_CASE("an explicit NUMA binding that fails fails the mapping; THP advice is best effort")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    ActiveMapping m = f.file(0, 0x2000);
+    m.policy.numa_node = 0;
+    InjectingSyscalls::mbind_plan = test::Plan{0, EINVAL};
+    REQUIRE_FALSE(f.mm.add_mapping(m));
+    CHECK_FALSE(Fixture::resident(a, 0));
+    InjectingSyscalls::reset();
+    m.policy.transparent_hugepages = true;
+    InjectingSyscalls::madvise_plan = test::Plan{0, EINVAL};
+    must(f.mm.add_mapping(m));
+    CHECK(Fixture::resident(a, 0));
+    CHECK(f.mm.stats().hint_failures == 1);
+}

@@ -1,0 +1,90 @@
+/**
+ * InjectingSyscalls: the Linux syscall seam with failure injection. Derives from the real seam
+ * and shadows the calls tests want to break: the n-th mmap (or mbind, madvise, memfd_create,
+ * ftruncate, fallocate) from now fails with a chosen errno and does nothing.
+ *
+ * State is static (the seam is a type, not an object); tests that use it run on one thread and
+ * call reset() first.
+ */
+#pragma once
+
+#include <membacking/os/linux.hpp>
+
+#include <cerrno>
+#include <cstddef>
+#include <sys/mman.h>
+
+namespace membacking::test {
+
+/// When one kind of call fails.
+struct Plan {
+    long countdown = -1; ///< calls to let through before failing; -1 = never fail
+    int error = ENOMEM;
+    std::size_t calls = 0; ///< calls seen since reset
+    bool fired = false;
+
+    bool next()
+    {
+        ++calls;
+        if (countdown < 0)
+            return false;
+        if (countdown-- == 0) {
+            fired = true;
+            return true;
+        }
+        return false;
+    }
+};
+
+struct InjectingSyscalls : os::LinuxSyscalls {
+    static inline Plan mmap_plan;
+    static inline Plan mbind_plan;
+    static inline Plan madvise_plan;
+    static inline Plan memfd_plan;
+
+    static void reset()
+    {
+        mmap_plan = {};
+        mbind_plan = {};
+        madvise_plan = {};
+        memfd_plan = {};
+    }
+    /// The n-th mmap from now (1 = the next) fails with err.
+    static void fail_mmap(long n, int err = ENOMEM) { mmap_plan = Plan{n - 1, err}; }
+
+    static void* mmap(void* addr, std::size_t len, int prot, int flags, int fd, off_t off) noexcept
+    {
+        if (mmap_plan.next()) {
+            errno = mmap_plan.error;
+            return MAP_FAILED;
+        }
+        return os::LinuxSyscalls::mmap(addr, len, prot, flags, fd, off);
+    }
+    static long mbind(void* addr, unsigned long len, int mode, const unsigned long* mask,
+                      unsigned long maxnode, unsigned flags) noexcept
+    {
+        if (mbind_plan.next()) {
+            errno = mbind_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::mbind(addr, len, mode, mask, maxnode, flags);
+    }
+    static int madvise(void* addr, std::size_t len, int advice) noexcept
+    {
+        if (madvise_plan.next()) {
+            errno = madvise_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::madvise(addr, len, advice);
+    }
+    static int memfd_create(const char* name, unsigned flags) noexcept
+    {
+        if (memfd_plan.next()) {
+            errno = memfd_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::memfd_create(name, flags);
+    }
+};
+
+} // namespace membacking::test

@@ -1,0 +1,238 @@
+// LinuxMmap: the reference's sparse_mmap tests that apply, plus the seam (injected failures leave
+// the range as it was) and the fixed quirk (size() is what was asked for).
+#include <membacking/va/linux_mmap.hpp>
+
+#include "injecting_syscalls.hpp"
+#include "test_support.hpp"
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+
+using namespace membacking;
+using Va = LinuxMmap<>;
+using InjectedVa = LinuxMmap<test::InjectingSyscalls>;
+
+namespace {
+template <class T>
+T must(Result<T> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+void must(Result<void> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+}
+std::uintptr_t addr(const std::byte* p)
+{
+    return reinterpret_cast<std::uintptr_t>(p);
+}
+/// The /proc/self/maps line for the VMA containing p.
+std::string maps_line(const void* p)
+{
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    while (std::getline(maps, line)) {
+        unsigned long lo = 0, hi = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) == 2 && a >= lo && a < hi)
+            return line;
+    }
+    return {};
+}
+} // namespace
+
+TEST_CASE("reference test_sparse_mapping: commit, write and unmap at both ends of many sizes")
+{
+    for (std::uint64_t size :
+         {std::uint64_t{1} << 20, std::uint64_t{2} << 20, (std::uint64_t{2} << 20) + page_size,
+          std::uint64_t{1} << 30, (std::uint64_t{1} << 30) + page_size}) {
+        CAPTURE(size);
+        Va va = must(Va::reserve(size, 1));
+        CHECK(va.size() == size); // quirk fix: the reference reports the rounded size
+        for (std::uint64_t off : {page_size, size - page_size}) {
+            must(va.commit_private(off, page_size));
+            std::memset(va.base() + off, 0xcc, page_size);
+            CHECK(va.base()[off + 17] == std::byte{0xcc});
+            must(va.unmap(off, page_size));
+        }
+    }
+}
+
+TEST_CASE("reference test_sparse_mapping_minimum_alignment and default alignment")
+{
+    CHECK(membacking::test::error_of(Va::reserve(page_size, 0)) == errc::invalid_argument);
+    CHECK(membacking::test::error_of(Va::reserve(page_size, 3)) == errc::invalid_argument);
+    CHECK(addr(must(Va::reserve(page_size, 1)).base()) % page_size == 0);
+    CHECK(addr(must(Va::reserve(page_size, 0x10000)).base()) % 0x10000 == 0);
+    CHECK(addr(must(Va::reserve(page_size, 0x200000)).base()) % 0x200000 == 0);
+    CHECK(addr(must(Va::reserve(std::uint64_t{2} << 20, 1)).base()) % (2 << 20) == 0);
+    CHECK(addr(must(Va::reserve(std::uint64_t{1} << 30, 1)).base()) % (1 << 30) == 0);
+    CHECK(membacking::test::error_of(Va::reserve(0, 1)) == errc::invalid_argument);
+}
+
+TEST_CASE("reference test_overlapping_mappings: any order of overlapping maps and unmaps")
+{
+    Va va = must(Va::reserve(16 * page_size, 1));
+    const auto p = [](std::uint64_t n) { return n * page_size; };
+    must(va.commit_private(p(1), p(4)));
+    must(va.commit_private(p(1), p(2)));
+    must(va.commit_private(p(2), p(3)));
+    must(va.commit_private(p(0), p(16)));
+    must(va.commit_private(p(8), p(8)));
+    must(va.unmap(p(0xc), p(2)));
+    must(va.commit_private(p(9), p(4)));
+    must(va.unmap(p(3), p(0xb)));
+    must(va.commit_private(p(5), p(4)));
+    must(va.commit_private(p(6), p(2)));
+    must(va.commit_private(p(6), p(1)));
+    must(va.commit_private(p(4), p(3)));
+    Mappable shm = must(Va::create_shared_memory(p(4), "overlap"));
+    must(va.map_file(p(5), p(4), shm, 0, true));
+    must(va.map_file(p(6), p(2), shm, 0, true));
+    must(va.map_file(p(6), p(1), shm, 0, true));
+    must(va.map_file(p(4), p(3), shm, 0, true));
+}
+
+TEST_CASE("a file mapping is shared memory, and MAP_FIXED replaces what was there")
+{
+    Va a = must(Va::reserve(4 * page_size, 1));
+    Va b = must(Va::reserve(4 * page_size, 1));
+    Mappable shm = must(Va::create_shared_memory(2 * page_size, "shared"));
+    must(a.map_file(0, 2 * page_size, shm, 0, true));
+    must(b.map_file(page_size, page_size, shm, page_size, true));
+    a.base()[page_size + 5] = std::byte{0x42};
+    CHECK(b.base()[page_size + 5] == std::byte{0x42});
+    // Replace a's second page with private memory: it no longer sees the file.
+    must(a.commit_private(page_size, page_size));
+    CHECK(a.base()[page_size + 5] == std::byte{0});
+    CHECK(b.base()[page_size + 5] == std::byte{0x42});
+}
+
+TEST_CASE("private memory: committed pages read zero, commit is idempotent (reference 32/33)")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    must(va.commit_private(0, 2 * page_size));
+    va.base()[10] = std::byte{7};
+    CHECK(va.base()[page_size + 10] == std::byte{0});
+    CHECK(va.base()[10] == std::byte{7});
+}
+
+TEST_CASE("madvise(MADV_HUGEPAGE) on private and shared memory")
+{
+    Va va = must(Va::reserve(std::uint64_t{4} << 20, 1));
+    must(va.commit_private(0, std::uint64_t{2} << 20));
+    must(va.advise_hugepages(0, std::uint64_t{2} << 20));
+    Mappable shm = must(Va::create_shared_memory(std::uint64_t{2} << 20, "thp"));
+    must(va.map_file(std::uint64_t{2} << 20, std::uint64_t{2} << 20, shm, 0, true));
+    must(va.advise_hugepages(std::uint64_t{2} << 20, std::uint64_t{2} << 20));
+    va.base()[(std::uint64_t{2} << 20) + 1] = std::byte{1};
+    CHECK(va.base()[(std::uint64_t{2} << 20) + 1] == std::byte{1});
+}
+
+TEST_CASE("NUMA binding to node 0 works; an absurd node is an error")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    must(va.commit_private(0, page_size));
+    must(va.bind_numa(0, page_size, 0));
+    int mode = -1;
+    unsigned long mask = 0;
+    REQUIRE(os::LinuxSyscalls::get_mempolicy(&mode, &mask, sizeof(mask) * 8, va.base(),
+                                             2 /* MPOL_F_ADDR */) == 0);
+    CHECK(mode == 2 /* MPOL_BIND */);
+    CHECK(mask == 1);
+    CHECK(membacking::test::error_of(va.bind_numa(0, page_size, 99999)) == errc::invalid_argument);
+}
+
+namespace {
+/// Whether this kernel names anonymous VMAs (CONFIG_ANON_VMA_NAME), probed on a scratch mapping.
+bool kernel_names_vmas()
+{
+    void* p = ::mmap(nullptr, page_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(p != MAP_FAILED);
+    const int r = ::prctl(0x53564d41, 0, reinterpret_cast<unsigned long>(p), page_size,
+                          reinterpret_cast<unsigned long>("probe"));
+    ::munmap(p, page_size);
+    return r == 0;
+}
+} // namespace
+
+TEST_CASE("set_name names the reservation where the kernel can, and reports it where it cannot")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    auto named = va.set_name(0, page_size, "guest-memory");
+    if (kernel_names_vmas()) {
+        REQUIRE(named.has_value());
+        CHECK(maps_line(va.base()).find("[anon:guest-memory]") != std::string::npos);
+    } else {
+        REQUIRE_FALSE(named.has_value());
+        CHECK(membacking::test::error_of(named) == std::errc::invalid_argument);
+        CHECK(maps_line(va.base()).find("[anon:") == std::string::npos);
+    }
+}
+
+TEST_CASE("unmap keeps the range reserved")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    must(va.commit_private(0, page_size));
+    must(va.unmap(0, page_size));
+    const std::string line = maps_line(va.base());
+    REQUIRE_FALSE(line.empty()); // still reserved: nothing else can be placed there
+    CHECK(line.find("---p") != std::string::npos);
+}
+
+TEST_CASE("bad offsets are errors, not faults")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    CHECK(membacking::test::error_of(va.commit_private(1, page_size)) == errc::invalid_range);
+    CHECK(membacking::test::error_of(va.commit_private(0, 0)) == errc::invalid_range);
+    CHECK(membacking::test::error_of(va.commit_private(3 * page_size, 2 * page_size)) ==
+          errc::out_of_range);
+    CHECK(membacking::test::error_of(va.map_file(0, page_size, Mappable(), 0, true)) ==
+          errc::invalid_argument);
+}
+
+TEST_CASE("injected mmap failures leave the range as it was")
+{
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::fail_mmap(1, ENOMEM);
+    auto failed = InjectedVa::reserve(4 * page_size, 1);
+    REQUIRE_FALSE(failed);
+    CHECK(membacking::test::error_of(failed) == std::errc::not_enough_memory);
+
+    InjectedVa va = must(InjectedVa::reserve(4 * page_size, 1));
+    Mappable shm = must(InjectedVa::create_shared_memory(page_size, "inject"));
+    must(va.map_file(0, page_size, shm, 0, true));
+    va.base()[3] = std::byte{9};
+
+    test::InjectingSyscalls::fail_mmap(1, EINVAL);
+    auto replace = va.commit_private(0, page_size);
+    REQUIRE_FALSE(replace);
+    CHECK(membacking::test::error_of(replace) == std::errc::invalid_argument);
+    CHECK(va.base()[3] == std::byte{9}); // the file mapping is still there
+
+    test::InjectingSyscalls::fail_mmap(1, ENOMEM);
+    REQUIRE_FALSE(va.unmap(0, page_size));
+    CHECK(va.base()[3] == std::byte{9});
+    test::InjectingSyscalls::reset();
+}
+
+TEST_CASE("shared memory objects: memfd sizes and hugetlb page-size validation")
+{
+    Mappable m = must(Va::create_shared_memory(3 * page_size, "sized"));
+    struct stat st {};
+    REQUIRE(::fstat(m.native_handle(), &st) == 0);
+    CHECK(st.st_size == static_cast<off_t>(3 * page_size));
+    CHECK(membacking::test::error_of(Va::create_hugetlb_memory(std::uint64_t{2} << 20, "bad",
+                                                               3 << 20)) == errc::invalid_argument);
+    CHECK(membacking::test::error_of(Va::create_hugetlb_memory(std::uint64_t{2} << 20, "bad",
+                                                               2048)) == errc::invalid_argument);
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::memfd_plan = test::Plan{0, EMFILE};
+    CHECK(membacking::test::error_of(InjectedVa::create_shared_memory(page_size, "x")) ==
+          std::errc::too_many_files_open);
+    test::InjectingSyscalls::reset();
+}
