@@ -29,6 +29,7 @@
 #include <membacking/detail/undo_log.hpp>
 #include <membacking/region/event_sink.hpp>
 #include <membacking/region/mapping.hpp>
+#include <membacking/region/mapping_list.hpp>
 #include <membacking/region/region_id.hpp>
 #include <membacking/region/resolver.hpp>
 
@@ -46,9 +47,6 @@ namespace membacking {
 template <RegionResolver Resolver, RegionEventSink Sink>
 class RegionManager {
 public:
-    /// Mappings of one region, keyed by their start offset; never overlapping.
-    using MappingList = std::map<std::uint64_t, RegionMapping>;
-
     struct Region {
         RegionId id;
         std::string name;
@@ -58,8 +56,6 @@ public:
         std::optional<MapParams> map_params; ///< set while mapped (visible or shadowed)
         std::vector<MemoryRange> visible;    ///< segments currently active; empty if inactive
         MappingList mappings;
-        std::size_t readonly_mappings = 0; ///< mappings with writable == false
-        std::size_t private_mappings = 0;  ///< mappings backed by private memory
 
         [[nodiscard]] bool active() const noexcept { return !visible.empty(); }
         [[nodiscard]] bool mapped() const noexcept { return map_params.has_value(); }
@@ -184,13 +180,13 @@ public:
                                                           m.range.to_string() + " in region " +
                                                           r->describe() + " must be writable");
 
-        const MappingEdit edit = replace_edit(*r, m);
+        const MappingEdit edit = r->mappings.replace_edit(m);
         if (r->active() && edit.removes_private)
             return make_error(errc::conflict, "replacing private memory at " + m.range.to_string() +
                                                   " in visible region " + r->describe() +
                                                   " would discard it");
-        const Counts after = counts_after(*r, edit);
-        if (after.private_mappings > 0 && after.readonly_mappings > 0)
+        const Counts after = r->mappings.counts_after(edit);
+        if (after.private_memory > 0 && after.readonly > 0)
             return make_error(errc::conflict,
                               "region " + r->describe() +
                                   " cannot hold private memory and read-only mappings together");
@@ -219,7 +215,7 @@ public:
                 MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
             undo.commit();
         }
-        commit(*r, edit);
+        r->mappings.apply(edit);
         return {};
     }
 
@@ -233,14 +229,14 @@ public:
         if (range_in_region.empty())
             return {};
         MEMBACKING_TRY(validate_mapping_range(*r, range_in_region));
-        const MappingEdit edit = remove_edit(*r, range_in_region);
+        const MappingEdit edit = r->mappings.remove_edit(range_in_region);
         if (edit.erase.empty())
             return {};
 
         if (r->active()) {
             detail::UndoLog undo;
             const MapParams& params = *r->map_params;
-            const Counts after = counts_after(*r, edit);
+            const Counts after = r->mappings.counts_after(edit);
             const MemoryRange abs = absolute(*r, range_in_region);
             for (const MemoryRange& seg : r->visible) {
                 std::vector<ActiveMapping> before = active_in(*r, abs.intersection(seg), params);
@@ -262,7 +258,7 @@ public:
                 MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
             undo.commit();
         }
-        commit(*r, edit);
+        r->mappings.apply(edit);
         return {};
     }
 
@@ -307,18 +303,8 @@ private:
         MapParams params;
     };
 
-    struct Counts {
-        std::size_t readonly_mappings = 0;
-        std::size_t private_mappings = 0;
-    };
-
-    /// A change to one region's mapping list, computed before anything is touched and committed
-    /// only after every sink accepted it.
-    struct MappingEdit {
-        std::vector<std::uint64_t> erase;  ///< keys of mappings to drop
-        std::vector<RegionMapping> insert; ///< new entries (kept pieces and the new mapping)
-        bool removes_private = false;      ///< some private memory is covered
-    };
+    using Counts = MappingList::Counts;
+    using MappingEdit = MappingList::Edit;
 
     static Error no_such_region(RegionId id)
     {
@@ -348,74 +334,12 @@ private:
         return MemoryRange::unchecked(r.range.start() + rel.start(), r.range.start() + rel.end());
     }
 
-    /// The mappings of r that overlap the region-relative range `rel`, in offset order.
-    template <class F>
-    static void for_each_overlapping(const MappingList& list, const MemoryRange& rel, F&& f)
-    {
-        auto it = list.upper_bound(rel.start());
-        if (it != list.begin() && std::prev(it)->second.range.overlaps(rel))
-            --it;
-        for (; it != list.end() && it->first < rel.end(); ++it)
-            if (it->second.range.overlaps(rel))
-                f(it->second);
-    }
-
-    /// The edit that punches `rel` out of the list (keeping the pieces outside it).
-    static MappingEdit remove_edit(const Region& r, const MemoryRange& rel)
-    {
-        MappingEdit edit;
-        for_each_overlapping(r.mappings, rel, [&](const RegionMapping& old) {
-            edit.erase.push_back(old.range.start());
-            edit.removes_private = edit.removes_private || old.backing.is_private();
-            if (old.range.start() < rel.start())
-                edit.insert.push_back(
-                    old.slice(MemoryRange::unchecked(old.range.start(), rel.start())));
-            if (old.range.end() > rel.end())
-                edit.insert.push_back(
-                    old.slice(MemoryRange::unchecked(rel.end(), old.range.end())));
-        });
-        return edit;
-    }
-
-    static MappingEdit replace_edit(const Region& r, const RegionMapping& m)
-    {
-        MappingEdit edit = remove_edit(r, m.range);
-        edit.insert.push_back(m);
-        return edit;
-    }
-
-    static Counts counts_of(const Region& r) { return {r.readonly_mappings, r.private_mappings}; }
-
-    static Counts counts_after(const Region& r, const MappingEdit& edit)
-    {
-        Counts c = counts_of(r);
-        for (std::uint64_t key : edit.erase) {
-            const RegionMapping& m = r.mappings.at(key);
-            c.readonly_mappings -= m.writable ? 0U : 1U;
-            c.private_mappings -= m.backing.is_private() ? 1U : 0U;
-        }
-        for (const RegionMapping& m : edit.insert) {
-            c.readonly_mappings += m.writable ? 0U : 1U;
-            c.private_mappings += m.backing.is_private() ? 1U : 0U;
-        }
-        return c;
-    }
-
-    static void commit(Region& r, const MappingEdit& edit)
-    {
-        const Counts c = counts_after(r, edit);
-        for (std::uint64_t key : edit.erase)
-            r.mappings.erase(key);
-        for (const RegionMapping& m : edit.insert)
-            r.mappings.emplace(m.range.start(), m);
-        r.readonly_mappings = c.readonly_mappings;
-        r.private_mappings = c.private_mappings;
-    }
-
     static bool partition_writable(const Region&, const MapParams& params, const Counts& c)
     {
-        return params.writable && c.readonly_mappings == 0;
+        return params.writable && c.readonly == 0;
     }
+
+    static Counts counts_of(const Region& r) { return r.mappings.counts(); }
 
     static RegionActivation activation(const Region& r, const MemoryRange& seg,
                                        const MapParams& params, const Counts& c)
@@ -438,7 +362,7 @@ private:
         if (clip.empty())
             return out;
         const MemoryRange rel = clip.shifted_down(r.range.start());
-        for_each_overlapping(r.mappings, rel, [&](const RegionMapping& m) {
+        r.mappings.for_each_overlapping(rel, [&](const RegionMapping& m) {
             out.push_back(to_active(r, m, params).slice(absolute(r, m.range).intersection(clip)));
         });
         return out;
@@ -446,11 +370,11 @@ private:
 
     static bool holds_private(const Region& r, const MemoryRange& clip)
     {
-        if (r.private_mappings == 0)
+        if (r.mappings.counts().private_memory == 0)
             return false;
         bool found = false;
-        for_each_overlapping(
-            r.mappings, clip.shifted_down(r.range.start()),
+        r.mappings.for_each_overlapping(
+            clip.shifted_down(r.range.start()),
             [&](const RegionMapping& m) { found = found || m.backing.is_private(); });
         return found;
     }
