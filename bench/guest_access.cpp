@@ -105,7 +105,7 @@ private:
         Result<void> add_mapping(const ActiveMapping& m) { return va->add_mapping(m); }
         Result<void> remove_mappings(const MemoryRange& r) { return va->remove_mappings(r); }
         Result<void> map_region(const RegionActivation&) { return {}; }
-        Result<void> unmap_region(const MemoryRange&) { return {}; }
+        Result<void> unmap_region(const RegionActivation&) { return {}; }
     };
     std::uint64_t size_;
     MappingManager<Va> va_;

@@ -27,9 +27,9 @@ struct BenchSink {
         return partition.map_range(nullptr, a.gpa.start(), a.gpa.size(), a.params.writable,
                                    a.params.executable);
     }
-    Result<void> unmap_region(const MemoryRange& r)
+    Result<void> unmap_region(const RegionActivation& a)
     {
-        return partition.unmap_range(r.start(), r.size());
+        return partition.unmap_range(a.gpa.start(), a.gpa.size());
     }
 };
 

@@ -51,9 +51,9 @@
 namespace membacking {
 
 /// What GuestMemory needs from the mapper it is bound to.
+// clang-format off
 template <class M>
-concept GuestMemoryBacking = requires(const M& cm, M& m, std::uint64_t gpa, bool write)
-{
+concept GuestMemoryBacking = requires(const M& cm, M& m, std::uint64_t gpa, bool write) {
     {
         cm.base()
     }
@@ -75,6 +75,7 @@ concept GuestValue = std::is_trivially_copyable_v<T>;
 /// An integer that atomic operations work on: 1, 2, 4 or 8 bytes.
 template <class T>
 concept GuestInteger = std::integral<T> && access::AtomicSized<T>;
+// clang-format on
 
 template <GuestMemoryBacking Mapper>
 class GuestMemoryView {

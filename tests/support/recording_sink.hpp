@@ -69,12 +69,12 @@ public:
                                    a.params.executable);
     }
 
-    Result<void> unmap_region(const MemoryRange& r)
+    Result<void> unmap_region(const RegionActivation& a)
     {
-        log_.push_back("part- " + r.to_string());
+        log_.push_back("part- " + a.gpa.to_string());
         if (auto e = maybe_fail())
             return *e;
-        return partition.unmap_range(r.start(), r.size());
+        return partition.unmap_range(a.gpa.start(), a.gpa.size());
     }
 
     /// The n-th sink call from now (1 = next) fails with an injected error.

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <ostream>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,7 @@ namespace membacking {
 
 class MockPartition {
 public:
+    static constexpr std::string_view name = "mock";
     static constexpr PartitionFeatures features =
         PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log;
 

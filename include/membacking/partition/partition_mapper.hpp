@@ -8,6 +8,7 @@
  *
  * Required:
  *   static constexpr PartitionFeatures features;
+ *   static constexpr std::string_view name;      // "kvm", "whp", "mock": for dumps
  *   Result<void> map_range(void* host_va, uint64_t gpa, uint64_t size, bool writable, bool
  * executable); Result<void> unmap_range(uint64_t gpa, uint64_t size); unmap_range is given whole
  * earlier maps only, never part of one. Both must leave the partition unchanged when they fail.
@@ -26,6 +27,7 @@
 
 #include <concepts>
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 namespace membacking {
@@ -50,68 +52,56 @@ template <PartitionFeatures F, class P>
 inline constexpr bool partition_supports = (static_cast<std::uint32_t>(P::features) &
                                             static_cast<std::uint32_t>(F)) != 0;
 
+// clang-format off
 template <class P>
-concept PartitionMapper_features = requires
-{
-    {
-        P::features
-        } -> std::convertible_to<PartitionFeatures>;
+concept PartitionMapper_features = requires {
+    { P::features } -> std::convertible_to<PartitionFeatures>;
+};
+
+template <class P>
+concept PartitionMapper_name = requires {
+    { P::name } -> std::convertible_to<std::string_view>;
 };
 
 template <class P>
 concept PartitionMapper_map = requires(P& p, void* host_va, std::uint64_t gpa, std::uint64_t size,
-                                       bool writable, bool executable)
-{
-    {
-        p.map_range(host_va, gpa, size, writable, executable)
-        } -> std::same_as<Result<void>>;
+                                       bool writable, bool executable) {
+    { p.map_range(host_va, gpa, size, writable, executable) } -> std::same_as<Result<void>>;
 };
 
 template <class P>
-concept PartitionMapper_unmap = requires(P& p, std::uint64_t gpa, std::uint64_t size)
-{
-    {
-        p.unmap_range(gpa, size)
-        } -> std::same_as<Result<void>>;
+concept PartitionMapper_unmap = requires(P& p, std::uint64_t gpa, std::uint64_t size) {
+    { p.unmap_range(gpa, size) } -> std::same_as<Result<void>>;
 };
 
 template <class P>
-concept PartitionMapper_prefetch = requires(P& p, std::uint64_t gpa, std::uint64_t size)
-{
-    {
-        p.prefetch_range(gpa, size)
-        } -> std::same_as<Result<void>>;
+concept PartitionMapper_prefetch = requires(P& p, std::uint64_t gpa, std::uint64_t size) {
+    { p.prefetch_range(gpa, size) } -> std::same_as<Result<void>>;
 };
 
 template <class P>
-concept PartitionMapper_pin = requires(P& p, std::uint64_t gpa, std::uint64_t size)
-{
-    {
-        p.pin_range(gpa, size)
-        } -> std::same_as<Result<void>>;
-    {
-        p.unpin_range(gpa, size)
-        } -> std::same_as<Result<void>>;
+concept PartitionMapper_pin = requires(P& p, std::uint64_t gpa, std::uint64_t size) {
+    { p.pin_range(gpa, size) } -> std::same_as<Result<void>>;
+    { p.unpin_range(gpa, size) } -> std::same_as<Result<void>>;
 };
 
 template <class P>
 concept PartitionMapper_dirty_log = requires(P& p, std::uint64_t gpa, std::uint64_t size,
-                                             bool enabled)
-{
-    {
-        p.set_dirty_logging(gpa, size, enabled)
-        } -> std::same_as<Result<void>>;
-    {
-        p.take_dirty_log(gpa, size)
-        } -> std::same_as<Result<std::vector<std::uint64_t>>>;
+                                             bool enabled) {
+    { p.set_dirty_logging(gpa, size, enabled) } -> std::same_as<Result<void>>;
+    { p.take_dirty_log(gpa, size) } -> std::same_as<Result<std::vector<std::uint64_t>>>;
 };
 
+/// "Claims F => provides F" for each optional capability.
 template <class P>
-concept PartitionMapper = PartitionMapper_features<P> && PartitionMapper_map<P> &&
-    PartitionMapper_unmap<P> &&
-    (!partition_supports<PartitionFeatures::prefetch, P> || PartitionMapper_prefetch<P>)&&(
-        !partition_supports<PartitionFeatures::pin, P> ||
-        PartitionMapper_pin<P>)&&(!partition_supports<PartitionFeatures::dirty_log, P> ||
-                                  PartitionMapper_dirty_log<P>);
+concept PartitionMapper_capabilities =
+    (!partition_supports<PartitionFeatures::prefetch, P> || PartitionMapper_prefetch<P>) &&
+    (!partition_supports<PartitionFeatures::pin, P> || PartitionMapper_pin<P>) &&
+    (!partition_supports<PartitionFeatures::dirty_log, P> || PartitionMapper_dirty_log<P>);
+
+template <class P>
+concept PartitionMapper = PartitionMapper_features<P> && PartitionMapper_name<P> &&
+    PartitionMapper_map<P> && PartitionMapper_unmap<P> && PartitionMapper_capabilities<P>;
+// clang-format on
 
 } // namespace membacking

@@ -9,7 +9,8 @@
  *   add_mapping atomically *replaces* whatever active mappings overlap m.gpa, splitting them;
  *   remove_mappings removes everything inside the range, splitting mappings at its edges.
  * - PartitionEventSink: the hypervisor side. map_region maps one window; unmap_region is always
- *   given exactly the gpa of an earlier map_region, never a part of one.
+ *   given exactly the activation of an earlier map_region (so a sink can put it back if it has
+ *   to roll back), never a part of one.
  *
  * Every call may fail and must then leave the sink as it was; the region manager rolls back the
  * calls that succeeded before it. Ordering is the region manager's job: enabling goes to the VA
@@ -25,30 +26,21 @@
 
 namespace membacking {
 
+// clang-format off
 template <class S>
-concept VaEventSink = requires(S& sink, const ActiveMapping& mapping, const MemoryRange& range)
-{
-    {
-        sink.add_mapping(mapping)
-        } -> std::same_as<Result<void>>;
-    {
-        sink.remove_mappings(range)
-        } -> std::same_as<Result<void>>;
+concept VaEventSink = requires(S& sink, const ActiveMapping& mapping, const MemoryRange& range) {
+    { sink.add_mapping(mapping) } -> std::same_as<Result<void>>;
+    { sink.remove_mappings(range) } -> std::same_as<Result<void>>;
 };
 
 template <class S>
-concept PartitionEventSink = requires(S& sink, const RegionActivation& activation,
-                                      const MemoryRange& range)
-{
-    {
-        sink.map_region(activation)
-        } -> std::same_as<Result<void>>;
-    {
-        sink.unmap_region(range)
-        } -> std::same_as<Result<void>>;
+concept PartitionEventSink = requires(S& sink, const RegionActivation& activation) {
+    { sink.map_region(activation) } -> std::same_as<Result<void>>;
+    { sink.unmap_region(activation) } -> std::same_as<Result<void>>;
 };
 
 template <class S>
 concept RegionEventSink = VaEventSink<S> && PartitionEventSink<S>;
+// clang-format on
 
 } // namespace membacking

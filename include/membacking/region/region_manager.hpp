@@ -408,7 +408,7 @@ private:
         const RegionActivation act = activation(r, seg, params, counts_of(r));
         MEMBACKING_TRY_CONTEXT(sink_.map_region(act),
                                "failed to map region " + r.describe() + " into a partition");
-        undo.push([this, seg] { return sink_.unmap_region(seg); });
+        undo.push([this, act] { return sink_.unmap_region(act); });
         return {};
     }
 
@@ -420,7 +420,7 @@ private:
                                                   " would discard its private memory");
         const MapParams& params = *r.map_params;
         const RegionActivation act = activation(r, seg, params, counts_of(r));
-        MEMBACKING_TRY_CONTEXT(sink_.unmap_region(seg),
+        MEMBACKING_TRY_CONTEXT(sink_.unmap_region(act),
                                "failed to unmap region " + r.describe() + " from a partition");
         undo.push([this, act] { return sink_.map_region(act); });
         std::vector<ActiveMapping> before = active_in(r, seg, params);
@@ -440,10 +440,10 @@ private:
         for (const MemoryRange& seg : r.visible) {
             const RegionActivation old_act = activation(r, seg, params, before);
             const RegionActivation new_act = activation(r, seg, params, after);
-            MEMBACKING_TRY(sink_.unmap_region(seg));
+            MEMBACKING_TRY(sink_.unmap_region(old_act));
             undo.push([this, old_act] { return sink_.map_region(old_act); });
             MEMBACKING_TRY(sink_.map_region(new_act));
-            undo.push([this, seg] { return sink_.unmap_region(seg); });
+            undo.push([this, new_act] { return sink_.unmap_region(new_act); });
         }
         return {};
     }

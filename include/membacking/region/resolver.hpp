@@ -56,43 +56,31 @@ struct Transition {
 };
 
 /// Registration: the overlap rules and the index.
+// clang-format off
 template <class R>
-concept RegionResolver_registry = requires(R& r, const R& cr, const ResolverEntry& e, RegionId id)
-{
+concept RegionResolver_registry = requires(R& r, const R& cr, const ResolverEntry& e, RegionId id) {
     /// The existing region that e would conflict with, if any.
-    {
-        cr.find_conflict(e)
-        } -> std::same_as<std::optional<RegionId>>;
+    { cr.find_conflict(e) } -> std::same_as<std::optional<RegionId>>;
     /// Precondition: find_conflict(e) is empty.
-    {
-        r.insert(e)
-        } -> std::same_as<void>;
+    { r.insert(e) } -> std::same_as<void>;
     /// Precondition: the region is unmapped.
-    {
-        r.erase(id)
-        } -> std::same_as<void>;
+    { r.erase(id) } -> std::same_as<void>;
 };
 
 /// Planning: what a change of one region's mapped flag does to visibility.
 template <class R>
 concept RegionResolver_planning = requires(R& r, const R& cr, RegionId id, bool mapped,
-                                           Transition& out)
-{
-    {
-        r.set_mapped(id, mapped)
-        } -> std::same_as<void>;
+                                           Transition& out) {
+    { r.set_mapped(id, mapped) } -> std::same_as<void>;
     /// Precondition: id is unmapped. Appends to out.
-    {
-        cr.plan_map(id, out)
-        } -> std::same_as<void>;
+    { cr.plan_map(id, out) } -> std::same_as<void>;
     /// Precondition: id is mapped. Appends to out.
-    {
-        cr.plan_unmap(id, out)
-        } -> std::same_as<void>;
+    { cr.plan_unmap(id, out) } -> std::same_as<void>;
 };
 
 template <class R>
 concept RegionResolver =
     std::default_initializable<R> && RegionResolver_registry<R> && RegionResolver_planning<R>;
+// clang-format on
 
 } // namespace membacking

@@ -52,74 +52,45 @@ template <VaFeatures F, class V>
 inline constexpr bool va_supports = (static_cast<std::uint32_t>(V::features) &
                                      static_cast<std::uint32_t>(F)) != 0;
 
+// clang-format off
 template <class V>
-concept VaPolicy_reserve = std::movable<V> && requires(const V& cv, std::uint64_t n)
-{
-    {
-        V::reserve(n, n)
-        } -> std::same_as<Result<V>>;
-    {
-        cv.base()
-        } -> std::same_as<std::byte*>;
-    {
-        cv.size()
-        } -> std::same_as<std::uint64_t>;
-    {
-        V::features
-        } -> std::convertible_to<VaFeatures>;
+concept VaPolicy_reserve = std::movable<V> && requires(const V& cv, std::uint64_t n) {
+    { V::reserve(n, n) } -> std::same_as<Result<V>>;
+    { cv.base() } -> std::same_as<std::byte*>;
+    { cv.size() } -> std::same_as<std::uint64_t>;
+    { V::features } -> std::convertible_to<VaFeatures>;
 };
 
 template <class V>
 concept VaPolicy_map = requires(V& v, std::uint64_t off, std::uint64_t len, const Mappable& object,
-                                bool writable)
-{
-    {
-        v.map_file(off, len, object, off, writable)
-        } -> std::same_as<Result<void>>;
-    {
-        v.commit_private(off, len)
-        } -> std::same_as<Result<void>>;
-    {
-        v.unmap(off, len)
-        } -> std::same_as<Result<void>>;
+                                bool writable) {
+    { v.map_file(off, len, object, off, writable) } -> std::same_as<Result<void>>;
+    { v.commit_private(off, len) } -> std::same_as<Result<void>>;
+    { v.unmap(off, len) } -> std::same_as<Result<void>>;
 };
 
 template <class V>
-concept VaPolicy_protect = requires(V& v, std::uint64_t off, std::uint64_t len, bool writable)
-{
-    {
-        v.protect(off, len, writable)
-        } -> std::same_as<Result<void>>;
+concept VaPolicy_protect = requires(V& v, std::uint64_t off, std::uint64_t len, bool writable) {
+    { v.protect(off, len, writable) } -> std::same_as<Result<void>>;
 };
 
 template <class V>
 concept VaPolicy_hints = requires(V& v, std::uint64_t off, std::uint64_t len, std::uint32_t node,
-                                  const char* name)
-{
-    {
-        v.advise_hugepages(off, len)
-        } -> std::same_as<Result<void>>;
-    {
-        v.bind_numa(off, len, node)
-        } -> std::same_as<Result<void>>;
-    {
-        v.set_name(off, len, name)
-        } -> std::same_as<Result<void>>;
+                                  const char* name) {
+    { v.advise_hugepages(off, len) } -> std::same_as<Result<void>>;
+    { v.bind_numa(off, len, node) } -> std::same_as<Result<void>>;
+    { v.set_name(off, len, name) } -> std::same_as<Result<void>>;
 };
 
 template <class V>
-concept VaPolicy_objects = requires(std::uint64_t size, const char* name)
-{
-    {
-        V::create_shared_memory(size, name)
-        } -> std::same_as<Result<Mappable>>;
-    {
-        V::create_hugetlb_memory(size, name, size)
-        } -> std::same_as<Result<Mappable>>;
+concept VaPolicy_objects = requires(std::uint64_t size, const char* name) {
+    { V::create_shared_memory(size, name) } -> std::same_as<Result<Mappable>>;
+    { V::create_hugetlb_memory(size, name, size) } -> std::same_as<Result<Mappable>>;
 };
 
 template <class V>
 concept VaPolicy = VaPolicy_reserve<V> && VaPolicy_map<V> && VaPolicy_protect<V> &&
     VaPolicy_hints<V> && VaPolicy_objects<V>;
+// clang-format on
 
 } // namespace membacking

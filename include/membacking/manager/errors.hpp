@@ -1,0 +1,147 @@
+/**
+ * @file manager/errors.hpp
+ * Layer: manager (includes base/ only).
+ *
+ * The manager's error kinds, as error categories so that callers can test `code() == kind` while
+ * the message keeps the reference's exact wording (inventory §2.4, §2.5):
+ *
+ * - build_errc ("membacking.build"): why GuestMemoryBuilder::build failed (MemoryBuildError in the
+ *   reference). The wrapped OS or library error, if any, is the Error's source.
+ * - attach_errc ("membacking.attach"): why attach_partition failed (PartitionAttachError).
+ */
+#pragma once
+
+#include <membacking/base/result.hpp>
+
+#include <string>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+namespace membacking {
+
+enum class build_errc : int {
+    ram_too_large = 1,
+    allocation_failed,
+    hugepage_allocation_failed,
+    va_mapper,
+    ram_mapping,
+    ram_region_enable,
+    alias_map_wont_fit,
+    invalid_ram_for_x86,
+    private_memory_with_legacy,
+    private_memory_with_existing_backing,
+    hugepage_size_too_large,
+    hugepages_unsupported_platform,
+    host_numa_node_unsupported_platform,
+    hugepages_with_private_memory,
+    hugepages_with_existing_backing,
+    hugepages_with_legacy,
+    invalid_hugepage_size,
+    hugepage_ram_size_unaligned,
+    hugepage_ram_range_unaligned,
+    /// Not in the reference (it panics): RAM ranges that overlap or leave the address space.
+    invalid_ram_layout,
+};
+
+enum class attach_errc : int {
+    va_mapper = 1,    ///< "failed to reserve VA range for partition mapping"
+    partition_mapper, ///< "failed to attach partition to memory manager"
+};
+
+namespace detail {
+class BuildCategory final : public std::error_category {
+public:
+    [[nodiscard]] const char* name() const noexcept override { return "membacking.build"; }
+    [[nodiscard]] std::string message(int v) const override
+    {
+        switch (static_cast<build_errc>(v)) {
+        case build_errc::ram_too_large: return "ram size is too large";
+        case build_errc::allocation_failed: return "failed to allocate memory";
+        case build_errc::hugepage_allocation_failed: return "failed to reserve hugetlb pages";
+        case build_errc::va_mapper: return "failed to create VA mapper";
+        case build_errc::ram_mapping: return "failed to map RAM range";
+        case build_errc::ram_region_enable: return "failed to enable RAM region";
+        case build_errc::alias_map_wont_fit:
+            return "not enough guest address space available for the vtl0 alias map";
+        case build_errc::invalid_ram_for_x86:
+            return "x86 support requires RAM to start at 0 and contain at least 1MB";
+        case build_errc::private_memory_with_legacy:
+            return "private memory is incompatible with x86 legacy support";
+        case build_errc::private_memory_with_existing_backing:
+            return "private memory is incompatible with an existing memory backing";
+        case build_errc::hugepage_size_too_large: return "hugepage size is too large";
+        case build_errc::hugepages_unsupported_platform:
+            return "hugepages are only supported on Linux and Windows";
+        case build_errc::host_numa_node_unsupported_platform:
+            return "host NUMA node binding is only supported on Linux and Windows";
+        case build_errc::hugepages_with_private_memory:
+            return "hugepages require shared memory mode";
+        case build_errc::hugepages_with_existing_backing:
+            return "hugepages are incompatible with existing memory backing";
+        case build_errc::hugepages_with_legacy:
+            return "hugepages are incompatible with x86 legacy RAM splitting";
+        case build_errc::invalid_hugepage_size: return "invalid hugepage size";
+        case build_errc::hugepage_ram_size_unaligned:
+            return "RAM size is not aligned to the hugepage size";
+        case build_errc::hugepage_ram_range_unaligned:
+            return "RAM range is not aligned to the hugepage size";
+        case build_errc::invalid_ram_layout: return "invalid RAM layout";
+        }
+        return "unknown build error";
+    }
+};
+
+class AttachCategory final : public std::error_category {
+public:
+    [[nodiscard]] const char* name() const noexcept override { return "membacking.attach"; }
+    [[nodiscard]] std::string message(int v) const override
+    {
+        return static_cast<attach_errc>(v) == attach_errc::va_mapper
+                   ? "failed to reserve VA range for partition mapping"
+                   : "failed to attach partition to memory manager";
+    }
+};
+} // namespace detail
+
+inline const std::error_category& build_category() noexcept
+{
+    static const detail::BuildCategory category;
+    return category;
+}
+inline const std::error_category& attach_category() noexcept
+{
+    static const detail::AttachCategory category;
+    return category;
+}
+inline std::error_code make_error_code(build_errc e) noexcept
+{
+    return {static_cast<int>(e), build_category()};
+}
+inline std::error_code make_error_code(attach_errc e) noexcept
+{
+    return {static_cast<int>(e), attach_category()};
+}
+
+/// A build error with the category's own text as its message.
+[[nodiscard]] inline Error build_error(build_errc kind)
+{
+    const std::error_code code = make_error_code(kind);
+    return {code, code.message()};
+}
+/// A build error with a specific message (and optionally the error it wraps).
+[[nodiscard]] inline Error build_error(build_errc kind, std::string message)
+{
+    return {make_error_code(kind), std::move(message)};
+}
+[[nodiscard]] inline Error build_error(build_errc kind, std::string message, Error source)
+{
+    return {make_error_code(kind), std::move(message), std::move(source)};
+}
+
+} // namespace membacking
+
+template <>
+struct std::is_error_code_enum<membacking::build_errc> : std::true_type {};
+template <>
+struct std::is_error_code_enum<membacking::attach_errc> : std::true_type {};

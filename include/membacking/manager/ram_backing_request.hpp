@@ -1,0 +1,101 @@
+/**
+ * @file manager/ram_backing_request.hpp
+ * Layer: manager (includes base/, va/mappable.hpp).
+ *
+ * RamBackingRequest: one allocation of guest RAM (one memfd, or private anonymous memory) that
+ * backs one or more GPA ranges, laid out back to back in the object in range order. Typically
+ * one per host NUMA node, or one in total. Reference inventory §2.3.
+ *
+ * Example:
+ *     RamBackingRequest ram({MemoryRange::unchecked(0, 2 << 30)});
+ *     ram.transparent_hugepages(true).host_numa_node(0);
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/va/mappable.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace membacking {
+
+class RamBackingRequest {
+public:
+    /// The default hugetlb page size when hugepages are requested without one.
+    static constexpr std::uint64_t default_hugepage_size = std::uint64_t{2} << 20;
+
+    explicit RamBackingRequest(std::vector<MemoryRange> ranges) : ranges_(std::move(ranges)) {}
+
+    /// Ask partitions to populate second-level page tables when the RAM is mapped.
+    RamBackingRequest& prefetch(bool on)
+    {
+        prefetch_ = on;
+        return *this;
+    }
+    /// Anonymous private memory instead of a memfd: lives in one VA mapper only.
+    RamBackingRequest& private_memory(bool on)
+    {
+        private_memory_ = on;
+        return *this;
+    }
+    /// madvise(MADV_HUGEPAGE) on the RAM's VA (ignored with hugepages).
+    RamBackingRequest& transparent_hugepages(bool on)
+    {
+        transparent_hugepages_ = on;
+        return *this;
+    }
+    /// A hugetlb memfd with pages of `page_size` (std::nullopt: no hugetlb).
+    RamBackingRequest& hugepages(std::optional<std::uint64_t> page_size)
+    {
+        hugepages_ = page_size;
+        return *this;
+    }
+    /// hugetlb with the default 2 MiB pages.
+    RamBackingRequest& hugepages(bool on)
+    {
+        return hugepages(on ? std::optional<std::uint64_t>(default_hugepage_size) : std::nullopt);
+    }
+    /// Reuse an existing object (restore / servicing); nothing is allocated.
+    RamBackingRequest& existing_mappable(Mappable object)
+    {
+        existing_ = std::move(object);
+        return *this;
+    }
+    /// Bind the RAM to one host NUMA node (mbind).
+    RamBackingRequest& host_numa_node(std::optional<std::uint32_t> node)
+    {
+        numa_node_ = node;
+        return *this;
+    }
+
+    [[nodiscard]] const std::vector<MemoryRange>& ranges() const noexcept { return ranges_; }
+    [[nodiscard]] bool prefetch() const noexcept { return prefetch_; }
+    [[nodiscard]] bool private_memory() const noexcept { return private_memory_; }
+    [[nodiscard]] bool transparent_hugepages() const noexcept { return transparent_hugepages_; }
+    [[nodiscard]] const std::optional<std::uint64_t>& hugepages() const noexcept
+    {
+        return hugepages_;
+    }
+    [[nodiscard]] const std::optional<Mappable>& existing_mappable() const noexcept
+    {
+        return existing_;
+    }
+    [[nodiscard]] const std::optional<std::uint32_t>& host_numa_node() const noexcept
+    {
+        return numa_node_;
+    }
+
+private:
+    std::vector<MemoryRange> ranges_;
+    bool prefetch_ = false;
+    bool private_memory_ = false;
+    bool transparent_hugepages_ = false;
+    std::optional<std::uint64_t> hugepages_;
+    std::optional<Mappable> existing_;
+    std::optional<std::uint32_t> numa_node_;
+};
+
+} // namespace membacking
