@@ -41,6 +41,7 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static inline Plan mbind_plan;
     static inline Plan madvise_plan;
     static inline Plan memfd_plan;
+    static inline Plan fallocate_plan;
 
     static void reset()
     {
@@ -48,6 +49,7 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         mbind_plan = {};
         madvise_plan = {};
         memfd_plan = {};
+        fallocate_plan = {};
     }
     /// The n-th mmap from now (1 = the next) fails with err.
     static void fail_mmap(long n, int err = ENOMEM) { mmap_plan = Plan{n - 1, err}; }
@@ -76,6 +78,14 @@ struct InjectingSyscalls : os::LinuxSyscalls {
             return -1;
         }
         return os::LinuxSyscalls::madvise(addr, len, advice);
+    }
+    static int fallocate(int fd, int mode, off_t offset, off_t len) noexcept
+    {
+        if (fallocate_plan.next()) {
+            errno = fallocate_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::fallocate(fd, mode, offset, len);
     }
     static int memfd_create(const char* name, unsigned flags) noexcept
     {

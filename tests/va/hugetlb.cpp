@@ -2,6 +2,7 @@
 // the test reserves one itself where it can (as root) and otherwise reports itself skipped.
 #define DOCTEST_CONFIG_IMPLEMENT
 #define DOCTEST_CONFIG_NO_POSIX_SIGNALS
+#include <membacking/membacking.hpp>
 #include <membacking/va/linux_mmap.hpp>
 
 #include "hugetlb_pool.hpp"
@@ -57,6 +58,21 @@ TEST_CASE("a hugetlb request larger than the pool fails when the object is creat
     REQUIRE_FALSE(object.has_value());
     CHECK(object.error().code().category() == std::system_category());
     CHECK(test::HugetlbPool::free_pages() == free_pages); // nothing stayed reserved
+}
+
+TEST_CASE("a guest memory manager with hugetlb RAM (2 MiB pages)")
+{
+    using Manager = MockGuestMemoryManager;
+    auto m = Manager::builder()
+                 .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 2 * two_mib)})
+                                  .hugepages(two_mib))
+                 .build(4 * two_mib);
+    REQUIRE_MESSAGE(m.has_value(), (m ? "" : m.error().full_message()));
+    auto mem = m->guest_memory();
+    REQUIRE(mem.write_plain<std::uint64_t>(two_mib + 8, 0x1234).has_value());
+    CHECK(mem.read_plain<std::uint64_t>(two_mib + 8).value() == 0x1234);
+    CHECK(reinterpret_cast<std::uintptr_t>(mem.mapper()->base()) % two_mib == 0);
+    CHECK(kernel_page_kb(mem.mapper()->base()) == 2048);
 }
 
 int main(int argc, char** argv)

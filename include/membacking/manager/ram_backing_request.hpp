@@ -47,16 +47,11 @@ public:
         transparent_hugepages_ = on;
         return *this;
     }
-    /// A hugetlb memfd with pages of `page_size` (std::nullopt: no hugetlb).
-    RamBackingRequest& hugepages(std::optional<std::uint64_t> page_size)
+    /// A hugetlb memfd with pages of `size` bytes (2 MiB if not given; std::nullopt: none).
+    RamBackingRequest& hugepages(std::optional<std::uint64_t> size = default_hugepage_size)
     {
-        hugepages_ = page_size;
+        hugepages_ = size;
         return *this;
-    }
-    /// hugetlb with the default 2 MiB pages.
-    RamBackingRequest& hugepages(bool on)
-    {
-        return hugepages(on ? std::optional<std::uint64_t>(default_hugepage_size) : std::nullopt);
     }
     /// Reuse an existing object (restore / servicing); nothing is allocated.
     RamBackingRequest& existing_mappable(Mappable object)

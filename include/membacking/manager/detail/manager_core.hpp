@@ -348,6 +348,14 @@ public:
         return {};
     }
 
+    [[nodiscard]] std::optional<MemoryRange> device_placement(const DeviceRegionState& d) const
+    {
+        std::lock_guard lock(control_);
+        if (!d.placed)
+            return std::nullopt;
+        return MemoryRange::unchecked(d.gpa, d.gpa + d.size);
+    }
+
     Result<void> device_unmap_from_guest(DeviceRegionState& d)
     {
         std::lock_guard lock(control_);

@@ -1,0 +1,294 @@
+/**
+ * @file manager/builder.hpp
+ * Layer: manager.
+ *
+ * GuestMemoryBuilder<Manager>: validates the RAM layout, allocates the backings, reserves the
+ * primary VA mapper and creates the RAM regions. Validation order and error messages are the
+ * reference's (inventory §2.4), so that tools matching on them keep working; errors carry
+ * build_errc codes. Fixed from the reference:
+ * - overlapping RAM ranges, or RAM past max_addr, are an error (build_errc::invalid_ram_layout),
+ *   not a panic;
+ * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
+ * - a failure part way leaves nothing behind (the half-built manager is destroyed).
+ *
+ * x86 legacy support splits the RAM range that starts at 0 into 16 separately controllable
+ * regions: low 640K, the VGA window, twelve 16K PAM segments (0xc0000-0xf0000), the 64K F
+ * segment, and the rest above 1 MiB.
+ */
+#pragma once
+
+#include <membacking/base/align.hpp>
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/memory_size.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/manager/errors.hpp>
+#include <membacking/manager/ram_backing_request.hpp>
+#include <membacking/region/mapping.hpp>
+
+#include <range/v3/view/drop.hpp>
+#include <range/v3/view/zip.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace membacking {
+
+template <class Manager>
+class GuestMemoryBuilder {
+    using Core = typename Manager::Core;
+    using Va = typename Manager::VaPolicyType;
+
+public:
+    static constexpr std::uint64_t legacy_low_ram_end = 0x100000;
+
+    /// VTL2 partitions also get all of memory at gpa + offset.
+    GuestMemoryBuilder& vtl0_alias_map(std::optional<std::uint64_t> offset)
+    {
+        vtl0_alias_map_ = offset;
+        return *this;
+    }
+    /// Pin each range in every partition after mapping it (device assignment).
+    GuestMemoryBuilder& pin_mappings(bool on)
+    {
+        pin_mappings_ = on;
+        return *this;
+    }
+    /// Split low RAM into the x86 legacy regions (PAM, VGA) so they can be controlled.
+    GuestMemoryBuilder& x86_legacy_support(bool on)
+    {
+        x86_legacy_ = on;
+        return *this;
+    }
+    GuestMemoryBuilder& add_backing(RamBackingRequest request)
+    {
+        backings_.push_back(std::move(request));
+        return *this;
+    }
+
+    /// Builds a manager for a guest address space of max_addr bytes.
+    [[nodiscard]] Result<Manager> build(std::uint64_t max_addr) const
+    {
+        // 1. Each request on its own.
+        for (const RamBackingRequest& req : backings_) {
+            if (req.private_memory() && x86_legacy_)
+                return build_error(build_errc::private_memory_with_legacy);
+            if (req.private_memory() && req.existing_mappable())
+                return build_error(build_errc::private_memory_with_existing_backing);
+            if (req.hugepages()) {
+                if (req.private_memory())
+                    return build_error(build_errc::hugepages_with_private_memory);
+                if (req.existing_mappable())
+                    return build_error(build_errc::hugepages_with_existing_backing);
+                if (x86_legacy_)
+                    return build_error(build_errc::hugepages_with_legacy);
+            }
+        }
+        // 2. x86 needs RAM at 0..1 MiB.
+        if (x86_legacy_ && std::none_of(backings_.begin(), backings_.end(), [](const auto& req) {
+                return std::any_of(req.ranges().begin(), req.ranges().end(), [](const auto& r) {
+                    return r.start() == 0 && r.end() >= legacy_low_ram_end;
+                });
+            }))
+            return build_error(build_errc::invalid_ram_for_x86);
+        // 3. The largest hugetlb page size is the VA alignment every mapper needs.
+        std::uint64_t min_alignment = page_size;
+        for (const RamBackingRequest& req : backings_)
+            if (req.hugepages()) {
+                auto hp = validate_hugepage_size(*req.hugepages());
+                if (!hp)
+                    return std::move(hp).error();
+                min_alignment = std::max(min_alignment, *hp);
+            }
+        // 4. Allocate the backings.
+        std::vector<Mappable> objects;
+        for (std::size_t i = 0; i < backings_.size(); ++i) {
+            auto object = allocate(backings_[i], i);
+            if (!object)
+                return std::move(object).error();
+            objects.push_back(std::move(*object));
+        }
+        // 5. The alias map must fit in the address space.
+        if (vtl0_alias_map_ && max_addr > *vtl0_alias_map_)
+            return build_error(build_errc::alias_map_wont_fit);
+        // 6. The manager, with its primary VA mapper.
+        typename Core::Config config;
+        config.max_addr = max_addr;
+        config.min_va_alignment = min_alignment;
+        config.vtl0_alias_map = vtl0_alias_map_;
+        config.pin_mappings = pin_mappings_;
+        auto core = Core::create(config);
+        if (!core)
+            return std::move(core).error();
+        // 7. The RAM regions.
+        for (std::size_t i = 0; i < backings_.size(); ++i) {
+            const RamBackingRequest& req = backings_[i];
+            (*core)->record_backing({objects[i], req.ranges()});
+            std::uint64_t file_offset = 0;
+            for (const MemoryRange& range : req.ranges()) {
+                for (const auto& [sub, name] : split(range, i)) {
+                    MEMBACKING_TRY(add_ram(**core, req, objects[i], sub, name, file_offset));
+                    file_offset += sub.size();
+                }
+            }
+        }
+        return Manager(std::move(*core));
+    }
+
+    /// The reference's validate_hugepage_size.
+    [[nodiscard]] static Result<std::uint64_t> validate_hugepage_size(std::uint64_t size)
+    {
+        if (!is_power_of_two(size) || size < page_size)
+            return build_error(build_errc::invalid_hugepage_size,
+                               "hugepage size " + MemorySize{size}.to_string() +
+                                   " must be a power of two and at least the host page size");
+        if (size > std::numeric_limits<std::size_t>::max())
+            return build_error(build_errc::hugepage_size_too_large,
+                               "hugepage size " + MemorySize{size}.to_string() + " is too large");
+        return size;
+    }
+
+    /// The reference's validate_hugepage_ram_alignment.
+    [[nodiscard]] static Result<void>
+    validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRange>& ranges,
+                                    std::uint64_t hugepage)
+    {
+        if (total % hugepage != 0)
+            return build_error(build_errc::hugepage_ram_size_unaligned,
+                               "RAM size " + MemorySize{total}.to_string() + " is not aligned to " +
+                                   MemorySize{hugepage}.to_string() +
+                                   " hugepages; choose a memory size that is a multiple of the "
+                                   "hugepage size");
+        for (const MemoryRange& r : ranges)
+            if (r.start() % hugepage != 0 || r.size() % hugepage != 0)
+                return build_error(build_errc::hugepage_ram_range_unaligned,
+                                   "RAM range " + r.to_string() + " (" +
+                                       MemorySize{r.size()}.to_string() + ") is not aligned to " +
+                                       MemorySize{hugepage}.to_string() +
+                                       " hugepages; range start and size must both be multiples "
+                                       "of the hugepage size");
+        return {};
+    }
+
+    /// The reference's HugepageAllocationFailed, wrapping the OS error.
+    [[nodiscard]] static Error hugepage_allocation_failed(std::uint64_t size,
+                                                          std::uint64_t hugepage,
+                                                          const std::error_code& os_code)
+    {
+        return build_error(build_errc::hugepage_allocation_failed,
+                           "failed to reserve " + std::to_string(size / hugepage) +
+                               " hugetlb pages of " + MemorySize{hugepage}.to_string() + " each (" +
+                               MemorySize{size}.to_string() +
+                               " total); increase the hugetlb pool or reduce guest memory size",
+                           Error(os_code, os_code.message()));
+    }
+
+private:
+    struct Piece {
+        MemoryRange range;
+        std::string name;
+    };
+
+    /// The regions one RAM range becomes: itself, or the x86 legacy split of low RAM.
+    [[nodiscard]] std::vector<Piece> split(const MemoryRange& range, std::size_t backing) const
+    {
+        const std::string plain = backings_.size() == 1 ? "ram" : "ram-" + std::to_string(backing);
+        if (!(x86_legacy_ && range.start() == 0 && range.end() >= legacy_low_ram_end))
+            return {{range, plain}};
+        const std::vector<std::uint64_t> bounds = {
+            0x0,     0xa0000, 0xc0000, 0xc4000, 0xc8000, 0xcc000, 0xd0000,  0xd4000,    0xd8000,
+            0xdc000, 0xe0000, 0xe4000, 0xe8000, 0xec000, 0xf0000, 0x100000, range.end()};
+        std::vector<Piece> out;
+        for (const auto [lo, hi] : ranges::views::zip(bounds, bounds | ranges::views::drop(1))) {
+            if (lo == hi)
+                continue; // RAM ending exactly at 1 MiB: no empty region (reference quirk)
+            out.push_back({MemoryRange::unchecked(lo, hi), legacy_name(lo, plain)});
+        }
+        return out;
+    }
+
+    static std::string legacy_name(std::uint64_t start, const std::string& plain)
+    {
+        if (start == 0)
+            return "ram-low";
+        if (start == 0xa0000)
+            return "ram-vga";
+        if (start == 0xf0000)
+            return "ram-f-segment";
+        if (start >= legacy_low_ram_end)
+            return plain;
+        return "ram-pam-" + MemoryRange::hex(start);
+    }
+
+    /// The object behind one backing (empty for private memory).
+    [[nodiscard]] static Result<Mappable> allocate(const RamBackingRequest& req, std::size_t i)
+    {
+        if (req.private_memory())
+            return Mappable();
+        if (req.existing_mappable())
+            return *req.existing_mappable();
+        std::uint64_t size = 0;
+        for (const MemoryRange& r : req.ranges()) {
+            const auto sum = checked_add(size, r.size());
+            if (!sum || *sum > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+                return build_error(build_errc::ram_too_large, "ram size " + std::to_string(size) +
+                                                                  "+" + std::to_string(r.size()) +
+                                                                  " is too large");
+            size = *sum;
+        }
+        const std::string name = i == 0 ? "guest-ram" : "guest-ram-" + std::to_string(i);
+        if (req.hugepages()) {
+            const std::uint64_t hp = *req.hugepages();
+            MEMBACKING_TRY(validate_hugepage_size(hp));
+            MEMBACKING_TRY(validate_hugepage_ram_alignment(size, req.ranges(), hp));
+            auto object = Va::create_hugetlb_memory(size, name.c_str(), hp);
+            if (!object)
+                return hugepage_allocation_failed(size, hp, object.error().code());
+            return object;
+        }
+        auto object = Va::create_shared_memory(size, name.c_str());
+        if (!object)
+            return build_error(build_errc::allocation_failed, "failed to allocate memory",
+                               std::move(object).error());
+        return object;
+    }
+
+    Result<void> add_ram(Core& core, const RamBackingRequest& req, const Mappable& object,
+                         const MemoryRange& range, const std::string& name,
+                         std::uint64_t file_offset) const
+    {
+        auto id = core.add_region(name, range, 255, MappingType::Ram);
+        if (!id)
+            return build_error(build_errc::invalid_ram_layout,
+                               "invalid RAM range " + range.to_string(), std::move(id).error());
+        const MemoryPolicy policy{req.host_numa_node(),
+                                  req.transparent_hugepages() && !req.hugepages(), req.prefetch()};
+        const MappingBacking backing = req.private_memory()
+                                           ? MappingBacking::private_memory()
+                                           : MappingBacking::file(object, file_offset);
+        if (auto r = core.add_mapping(
+                *id, {MemoryRange::unchecked(0, range.size()), backing, true, policy});
+            !r)
+            return build_error(build_errc::ram_mapping,
+                               "failed to map RAM range " + range.to_string(),
+                               std::move(r).error());
+        if (auto r = core.map_region(*id, {true, true, req.prefetch()}); !r)
+            return build_error(build_errc::ram_region_enable,
+                               "failed to enable RAM region " + range.to_string(),
+                               std::move(r).error());
+        core.record_ram({range, *id, req.prefetch()});
+        return {};
+    }
+
+    std::optional<std::uint64_t> vtl0_alias_map_;
+    bool pin_mappings_ = false;
+    bool x86_legacy_ = false;
+    std::vector<RamBackingRequest> backings_;
+};
+
+} // namespace membacking

@@ -1,0 +1,52 @@
+/**
+ * @file manager/client.hpp
+ * Layer: manager.
+ *
+ * GuestMemoryClient: how code that only needs to access guest memory gets a GuestMemory. In the
+ * owning process, guest_memory() is bound to the primary (eager) VA mapper, the one partitions
+ * map from. lazy_guest_memory() makes a separate lazy mapper that faults mappings in on first
+ * access (what the reference does for other processes; useful here for isolating a device's
+ * view). Both fail with errc::not_found once the manager is gone.
+ */
+#pragma once
+
+#include <membacking/base/result.hpp>
+#include <membacking/guest_memory.hpp>
+#include <membacking/mapping/mapping_manager.hpp>
+
+#include <memory>
+#include <utility>
+
+namespace membacking {
+
+template <class Core>
+class GuestMemoryClient {
+public:
+    using Memory = GuestMemory<typename Core::Mapper>;
+
+    explicit GuestMemoryClient(std::weak_ptr<Core> core) : core_(std::move(core)) {}
+
+    [[nodiscard]] Result<Memory> guest_memory() const
+    {
+        auto core = core_.lock();
+        if (!core)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        return Memory(core->primary());
+    }
+
+    [[nodiscard]] Result<Memory> lazy_guest_memory() const
+    {
+        auto core = core_.lock();
+        if (!core)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        auto mapper = core->new_mapper(MapperMode::lazy);
+        if (!mapper)
+            return std::move(mapper).error();
+        return Memory(std::move(*mapper));
+    }
+
+private:
+    std::weak_ptr<Core> core_;
+};
+
+} // namespace membacking

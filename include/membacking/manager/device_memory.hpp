@@ -1,0 +1,150 @@
+/**
+ * @file manager/device_memory.hpp
+ * Layer: manager.
+ *
+ * DeviceMemoryMapper: regions of device memory (a BAR, a virtio shared-memory window, a
+ * virtio-fs DAX window, VGA VRAM) that a device fills with mappings and places in the guest at a
+ * GPA of its choice, at device priority (0) by default, so RAM hides it where they overlap.
+ * Reference inventory §8, with its quirks fixed:
+ * - mappings behave like mmap: a new one replaces and splits what it covers (reference: todo!());
+ * - offsets are checked against the region's size when mapped (reference: a later panic);
+ * - unmap drops the mappings inside the range (the reference's local list kept exactly those and
+ *   dropped the others, which only showed at the next placement);
+ * - moving the region is all or nothing: a failed move leaves it where it was.
+ *
+ * DeviceRegion is the handle of one such region. Dropping it removes the region from the guest.
+ * Every call is thread-safe and returns after the guest's view reflects it.
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/manager/detail/manager_core.hpp>
+#include <membacking/va/mappable.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace membacking {
+
+template <class Core>
+class DeviceRegion {
+public:
+    DeviceRegion(DeviceRegion&&) noexcept = default;
+    DeviceRegion& operator=(DeviceRegion&& other) noexcept
+    {
+        if (this != &other) {
+            remove();
+            core_ = std::move(other.core_);
+            state_ = std::move(other.state_);
+        }
+        return *this;
+    }
+    DeviceRegion(const DeviceRegion&) = delete;
+    DeviceRegion& operator=(const DeviceRegion&) = delete;
+    ~DeviceRegion() { remove(); }
+
+    /// Maps [offset, offset+len) of the region to `object` at `file_offset`, replacing and
+    /// splitting whatever mappings were there. Visible to the guest at once if placed.
+    Result<void> map(std::uint64_t offset, const Mappable& object, std::uint64_t file_offset,
+                     std::uint64_t len, bool writable)
+    {
+        return with_core([&](Core& c) {
+            return c.device_map(*state_, offset, object, file_offset, len, writable);
+        });
+    }
+
+    /// Removes whatever is mapped in [offset, offset+len), splitting mappings at the edges.
+    Result<void> unmap(std::uint64_t offset, std::uint64_t len)
+    {
+        return with_core([&](Core& c) { return c.device_unmap(*state_, offset, len); });
+    }
+
+    /// Places the region at gpa (moving it if it is placed elsewhere).
+    Result<void> map_to_guest(std::uint64_t gpa, bool writable)
+    {
+        return with_core([&](Core& c) { return c.device_map_to_guest(*state_, gpa, writable); });
+    }
+
+    /// Takes the region out of the guest; its mappings are kept for the next placement.
+    Result<void> unmap_from_guest()
+    {
+        return with_core([&](Core& c) { return c.device_unmap_from_guest(*state_); });
+    }
+
+    [[nodiscard]] std::uint64_t size() const noexcept { return state_->size; }
+    [[nodiscard]] const std::string& name() const noexcept { return state_->name; }
+    /// Where the region is in the guest, if it is.
+    [[nodiscard]] std::optional<MemoryRange> placement() const
+    {
+        auto core = core_.lock();
+        if (!core)
+            return std::nullopt;
+        return core->device_placement(*state_);
+    }
+
+private:
+    template <class>
+    friend class DeviceMemoryMapper;
+
+    DeviceRegion(std::weak_ptr<Core> core, std::shared_ptr<detail::DeviceRegionState> state)
+        : core_(std::move(core)), state_(std::move(state))
+    {}
+
+    template <class F>
+    Result<void> with_core(F&& f)
+    {
+        auto core = core_.lock();
+        if (!core)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        return f(*core);
+    }
+
+    /// A destructor cannot report an error: if the removal fails (a partition refused to
+    /// unmap), the region stays in the guest, consistent in every mapper and partition, until
+    /// the manager goes. Call unmap_from_guest() first to see the error.
+    void remove() noexcept
+    {
+        if (!state_)
+            return;
+        if (auto core = core_.lock())
+            (void)core->device_unmap_from_guest(*state_);
+        state_.reset();
+    }
+
+    std::weak_ptr<Core> core_;
+    std::shared_ptr<detail::DeviceRegionState> state_;
+};
+
+template <class Core>
+class DeviceMemoryMapper {
+public:
+    /// Regions created by devices sit below RAM (which has priority 255).
+    static constexpr std::uint8_t device_priority = 0;
+
+    explicit DeviceMemoryMapper(std::weak_ptr<Core> core) : core_(std::move(core)) {}
+
+    /// A new, unplaced device region of `size` bytes (page aligned, non-zero).
+    Result<DeviceRegion<Core>> new_region(std::uint64_t size, std::string name,
+                                          std::uint8_t priority = device_priority) const
+    {
+        if (size == 0 || !is_page_aligned(size))
+            return make_error(errc::invalid_range, "device region '" + name + "' size " +
+                                                       MemoryRange::hex(size) +
+                                                       " is zero or not page aligned");
+        auto state = std::make_shared<detail::DeviceRegionState>();
+        state->name = std::move(name);
+        state->size = size;
+        state->priority = priority;
+        return DeviceRegion<Core>(core_, std::move(state));
+    }
+
+private:
+    std::weak_ptr<Core> core_;
+};
+
+} // namespace membacking

@@ -1,0 +1,149 @@
+/**
+ * @file manager/guest_memory_manager.hpp
+ * Layer: manager.
+ *
+ * GuestMemoryManager<Resolver, Va, Partitions...>: the one type a VMM uses. It is composed at
+ * compile time from a region resolver (NestedPriority), a VA policy (LinuxMmap) and any number of
+ * partition policies (KvmPartition, MockPartition, ...); each template parameter is checked by
+ * its concept where the type is formed, so a policy missing a member fails with the name of the
+ * sub-concept it misses.
+ *
+ * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only; destroying it takes guest memory
+ * out of every partition and invalidates every VA mapper, so GuestMemory handles that outlive it
+ * get errors, never stale memory. Every method is thread-safe, and every control operation
+ * returns only after every VA mapper and partition reflects it.
+ *
+ * Example:
+ *     using Manager = GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>>;
+ *     auto manager = Manager::builder()
+ *                        .x86_legacy_support(true)
+ *                        .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 256 << 20)}))
+ *                        .build(std::uint64_t{1} << 32);
+ *     manager->attach_partition(Vtl::vtl0, kvm);
+ *     auto memory = manager->guest_memory();
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/guest_memory.hpp>
+#include <membacking/manager/client.hpp>
+#include <membacking/manager/detail/manager_core.hpp>
+#include <membacking/manager/device_memory.hpp>
+#include <membacking/manager/memory_map.hpp>
+#include <membacking/manager/ram_visibility.hpp>
+#include <membacking/manager/shared_backing.hpp>
+#include <membacking/manager/types.hpp>
+#include <membacking/partition/partition_mapper.hpp>
+#include <membacking/region/resolver.hpp>
+#include <membacking/va/va_policy.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace membacking {
+
+template <class Manager>
+class GuestMemoryBuilder;
+
+template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+class GuestMemoryManager {
+public:
+    using Core = detail::ManagerCore<Resolver, Va, Partitions...>;
+    using VaPolicyType = Va;
+    using ResolverType = Resolver;
+    using Mapper = VaMapper<Va>;
+    using Memory = GuestMemory<Mapper>;
+    using MemoryView = GuestMemoryView<Mapper>;
+    using Builder = GuestMemoryBuilder<GuestMemoryManager>;
+    using Client = GuestMemoryClient<Core>;
+    using VisibilityControl = RamVisibilityControl<Core>;
+    using DeviceMapper = DeviceMemoryMapper<Core>;
+    using Device = DeviceRegion<Core>;
+
+    static_assert(!std::is_polymorphic_v<Memory>, "the access path has no virtual calls");
+
+    [[nodiscard]] static Builder builder() { return Builder(); }
+
+    GuestMemoryManager(GuestMemoryManager&&) noexcept = default;
+    GuestMemoryManager& operator=(GuestMemoryManager&&) noexcept = default;
+    GuestMemoryManager(const GuestMemoryManager&) = delete;
+    GuestMemoryManager& operator=(const GuestMemoryManager&) = delete;
+    ~GuestMemoryManager() = default;
+
+    /// The access API over the primary VA mapper (the one partitions map from).
+    [[nodiscard]] Memory guest_memory() const { return Memory(core_->primary()); }
+    [[nodiscard]] Client client() const { return Client(core_); }
+
+    /// Maps every visible region into `partition` and keeps it in sync from now on. A VTL2
+    /// partition also gets all of memory at the VTL0 alias offset, if one is configured. All or
+    /// nothing: on failure the partition is left with nothing mapped (attach_errc).
+    template <class P>
+    Result<PartitionId> attach_partition(Vtl vtl, std::shared_ptr<P> partition)
+    {
+        static_assert(detail::occurs_once<P, Partitions...>,
+                      "attach_partition: this partition policy is not one of the manager's");
+        return core_->attach(vtl, std::move(partition));
+    }
+
+    /// Unmaps everything from a partition and forgets it.
+    Result<void> detach_partition(PartitionId id) { return core_->detach(id); }
+
+    [[nodiscard]] VisibilityControl ram_visibility_control() const
+    {
+        return VisibilityControl(core_);
+    }
+    [[nodiscard]] DeviceMapper device_memory_mapper() const { return DeviceMapper(core_); }
+
+    /// The RAM object, if there is exactly one backing and it is file-backed.
+    [[nodiscard]] std::optional<SharedMemoryBacking> shared_memory_backing() const
+    {
+        auto object = core_->sole_shared_backing();
+        if (!object)
+            return std::nullopt;
+        return SharedMemoryBacking::from_mappable(std::move(*object));
+    }
+
+    /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).
+    [[nodiscard]] MemoryMap memory_map() const { return core_->memory_map(); }
+
+    [[nodiscard]] std::uint64_t max_address() const noexcept { return core_->max_address(); }
+
+    // ---- the region API underneath (for VMMs that manage regions themselves) ----
+
+    Result<RegionId> add_region(std::string name, MemoryRange range, std::uint8_t priority,
+                                MappingType type)
+    {
+        return core_->add_region(std::move(name), range, priority, type);
+    }
+    Result<void> map_region(RegionId id, const MapParams& params)
+    {
+        return core_->map_region(id, params);
+    }
+    Result<void> unmap_region(RegionId id) { return core_->unmap_region(id); }
+    Result<void> remove_region(RegionId id) { return core_->remove_region(id); }
+    Result<void> add_mapping(RegionId id, const RegionMapping& m)
+    {
+        return core_->add_mapping(id, m);
+    }
+    Result<void> remove_mappings(RegionId id, const MemoryRange& range_in_region)
+    {
+        return core_->remove_mappings(id, range_in_region);
+    }
+
+    /// The shared core, for tests and tools that need to look inside.
+    [[nodiscard]] const Core& core() const noexcept { return *core_; }
+
+private:
+    friend Builder;
+    explicit GuestMemoryManager(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+
+    std::shared_ptr<Core> core_;
+};
+
+} // namespace membacking
+
+#include <membacking/manager/builder.hpp>

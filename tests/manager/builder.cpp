@@ -1,0 +1,360 @@
+// GuestMemoryBuilder: one test per validation with its exact message (reference §2.4), the
+// reference's memory-manager tests (§11, 39-48), the x86 legacy split, and the backing options
+// verified where the kernel shows them (THP in smaps, NUMA with get_mempolicy).
+#include <membacking/membacking.hpp>
+
+#include "injecting_syscalls.hpp"
+#include "smaps.hpp"
+#include "test_support.hpp"
+
+#include <string>
+#include <vector>
+
+using namespace membacking;
+using test::range;
+
+namespace {
+
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+constexpr std::uint64_t GiB = std::uint64_t{1} << 30;
+constexpr std::uint64_t pg = page_size;
+
+using Manager = MockGuestMemoryManager;
+using InjectedManager =
+    GuestMemoryManager<NestedPriority, LinuxMmap<test::InjectingSyscalls>, MockPartition>;
+using Builder = Manager::Builder;
+
+RamBackingRequest ram(std::vector<MemoryRange> ranges)
+{
+    return RamBackingRequest(std::move(ranges));
+}
+
+template <class M>
+M must(Result<M> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+
+/// The build error's code and message, or a failing check if the build succeeded.
+template <class M>
+void check_build_error(const Result<M>& r, build_errc kind, const std::string& message)
+{
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().code() == kind);
+    CHECK(r.error().message() == message);
+}
+
+} // namespace
+
+TEST_CASE("build validation: private memory and x86 legacy support")
+{
+    check_build_error(Manager::builder()
+                          .x86_legacy_support(true)
+                          .add_backing(ram({range(0, 2 * MiB)}).private_memory(true))
+                          .build(4 * MiB),
+                      build_errc::private_memory_with_legacy,
+                      "private memory is incompatible with x86 legacy support");
+}
+
+TEST_CASE("build validation: private memory and an existing backing")
+{
+    Mappable existing = test::make_memfd(MiB);
+    check_build_error(
+        Manager::builder()
+            .add_backing(ram({range(0, MiB)}).private_memory(true).existing_mappable(existing))
+            .build(MiB),
+        build_errc::private_memory_with_existing_backing,
+        "private memory is incompatible with an existing memory backing");
+}
+
+TEST_CASE(
+    "build validation: hugepages with private memory, existing backing (reference 39), legacy")
+{
+    check_build_error(Manager::builder()
+                          .add_backing(ram({range(0, 2 * MiB)}).hugepages().private_memory(true))
+                          .build(2 * MiB),
+                      build_errc::hugepages_with_private_memory,
+                      "hugepages require shared memory mode");
+    check_build_error(
+        Manager::builder()
+            .add_backing(
+                ram({range(0, 2 * MiB)}).hugepages().existing_mappable(test::make_memfd(2 * MiB)))
+            .build(2 * MiB),
+        build_errc::hugepages_with_existing_backing,
+        "hugepages are incompatible with existing memory backing");
+    check_build_error(Manager::builder()
+                          .x86_legacy_support(true)
+                          .add_backing(ram({range(0, 2 * MiB)}).hugepages())
+                          .build(2 * MiB),
+                      build_errc::hugepages_with_legacy,
+                      "hugepages are incompatible with x86 legacy RAM splitting");
+}
+
+TEST_CASE("build validation: x86 legacy support needs RAM from 0 to at least 1 MiB")
+{
+    const std::string message = "x86 support requires RAM to start at 0 and contain at least 1MB";
+    check_build_error(Manager::builder()
+                          .x86_legacy_support(true)
+                          .add_backing(ram({range(0, 512 * 1024)}))
+                          .build(MiB),
+                      build_errc::invalid_ram_for_x86, message);
+    check_build_error(Manager::builder()
+                          .x86_legacy_support(true)
+                          .add_backing(ram({range(pg, 2 * MiB)}))
+                          .build(2 * MiB),
+                      build_errc::invalid_ram_for_x86, message);
+}
+
+TEST_CASE("reference 40: hugepage size validation")
+{
+    CHECK(Builder::validate_hugepage_size(pg).has_value());
+    CHECK(test::error_of(Builder::validate_hugepage_size(pg / 2)) ==
+          build_errc::invalid_hugepage_size);
+    auto three = Builder::validate_hugepage_size(3 * MiB);
+    REQUIRE_FALSE(three);
+    CHECK(three.error().code() == build_errc::invalid_hugepage_size);
+    CHECK(three.error().message() ==
+          "hugepage size 3 MB must be a power of two and at least the host page size");
+    // And through build(), before anything is allocated.
+    check_build_error(
+        Manager::builder().add_backing(ram({range(0, 6 * MiB)}).hugepages(3 * MiB)).build(6 * MiB),
+        build_errc::invalid_hugepage_size,
+        "hugepage size 3 MB must be a power of two and at least the host page size");
+}
+
+TEST_CASE("reference 41-43: hugepage RAM alignment and its exact messages")
+{
+    CHECK(Builder::validate_hugepage_ram_alignment(
+              4 * MiB, {range(0, 2 * MiB), range(4 * MiB, 6 * MiB)}, 2 * MiB)
+              .has_value());
+    auto size = Builder::validate_hugepage_ram_alignment(257 * MiB, {range(0, 257 * MiB)}, 2 * MiB);
+    REQUIRE_FALSE(size);
+    CHECK(size.error().code() == build_errc::hugepage_ram_size_unaligned);
+    CHECK(size.error().message() ==
+          "RAM size 257 MB is not aligned to 2 MB hugepages; choose a memory size that is a "
+          "multiple of the hugepage size");
+    auto r = Builder::validate_hugepage_ram_alignment(
+        2 * MiB, {range(0, MiB), range(2 * MiB, 3 * MiB)}, 2 * MiB);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == build_errc::hugepage_ram_range_unaligned);
+    CHECK(r.error().message() ==
+          "RAM range 0x0-0x100000 (1 MB) is not aligned to 2 MB hugepages; range start and size "
+          "must both be multiples of the hugepage size");
+}
+
+TEST_CASE("reference 44: the hugetlb allocation failure message, from a failing build")
+{
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::fallocate_plan = test::Plan{0, ENOMEM};
+    auto r =
+        InjectedManager::builder().add_backing(ram({range(0, GiB)}).hugepages(2 * MiB)).build(GiB);
+    test::InjectingSyscalls::reset();
+    check_build_error(r, build_errc::hugepage_allocation_failed,
+                      "failed to reserve 512 hugetlb pages of 2 MB each (1 GB total); increase "
+                      "the hugetlb pool or reduce guest memory size");
+    REQUIRE(r.error().source() != nullptr);
+    CHECK(r.error().source()->message() == "Cannot allocate memory");
+}
+
+TEST_CASE("build validation: the VTL0 alias map must fit")
+{
+    check_build_error(
+        Manager::builder().vtl0_alias_map(MiB).add_backing(ram({range(0, MiB)})).build(2 * MiB),
+        build_errc::alias_map_wont_fit,
+        "not enough guest address space available for the vtl0 alias map");
+    CHECK(Manager::builder()
+              .vtl0_alias_map(2 * MiB)
+              .add_backing(ram({range(0, MiB)}))
+              .build(2 * MiB));
+}
+
+TEST_CASE("build failures: no address space, allocation, RAM too large, bad layout, enable")
+{
+    check_build_error(Manager::builder().add_backing(ram({range(0, MiB)})).build(0),
+                      build_errc::va_mapper, "failed to create VA mapper");
+
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::memfd_plan = test::Plan{0, EMFILE};
+    auto alloc = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(MiB);
+    check_build_error(alloc, build_errc::allocation_failed, "failed to allocate memory");
+    CHECK(alloc.error().code() == build_errc::allocation_failed);
+    CHECK(alloc.error().full_message().find("Too many open files") != std::string::npos);
+
+    const std::uint64_t half = std::uint64_t{1} << 63;
+    auto big = Manager::builder()
+                   .add_backing(ram({range(0, half), range(half, ~(page_size - 1))}))
+                   .build(MiB);
+    REQUIRE_FALSE(big);
+    CHECK(big.error().code() == build_errc::ram_too_large);
+
+    auto overlap = Manager::builder()
+                       .add_backing(ram({range(0, 2 * MiB)}))
+                       .add_backing(ram({range(MiB, 3 * MiB)}))
+                       .build(4 * MiB);
+    REQUIRE_FALSE(overlap);
+    CHECK(overlap.error().code() == build_errc::invalid_ram_layout);
+    CHECK(overlap.error().full_message().find("overlaps with existing region") !=
+          std::string::npos);
+    auto beyond = Manager::builder().add_backing(ram({range(0, 2 * MiB)})).build(MiB);
+    REQUIRE_FALSE(beyond);
+    CHECK(beyond.error().code() == build_errc::invalid_ram_layout);
+
+    // Mapping RAM into the primary VA mapper fails: the RAM region cannot be enabled.
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::fail_mmap(2); // 1: the primary's reservation, 2: mapping the RAM
+    auto enable = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(MiB);
+    test::InjectingSyscalls::reset();
+    check_build_error(enable, build_errc::ram_region_enable,
+                      "failed to enable RAM region 0x0-0x100000");
+    CHECK(enable.error().full_message().find("Cannot allocate memory") != std::string::npos);
+}
+
+TEST_CASE("reference 45: a single backing")
+{
+    Manager m = must(Manager::builder().add_backing(ram({range(0, 4 * pg)})).build(4 * pg));
+    auto mem = m.guest_memory();
+    REQUIRE(mem.fill(0, 0xab, pg).has_value());
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg - 1)) == 0xab);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 0);
+}
+
+TEST_CASE("reference 46-48: two backings, different sizes, and a gap")
+{
+    {
+        Manager m = must(Manager::builder()
+                             .add_backing(ram({range(0, 2 * pg)}))
+                             .add_backing(ram({range(2 * pg, 4 * pg)}))
+                             .build(4 * pg));
+        auto mem = m.guest_memory();
+        REQUIRE(mem.fill(0, 0x11, pg).has_value());
+        REQUIRE(mem.fill(2 * pg, 0x22, pg).has_value());
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(0)) == 0x11);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(2 * pg)) == 0x22);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 0);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(3 * pg)) == 0);
+        CHECK_FALSE(m.shared_memory_backing().has_value()); // two backings: no restart
+    }
+    {
+        Manager m = must(Manager::builder()
+                             .add_backing(ram({range(0, pg)}))
+                             .add_backing(ram({range(pg, 4 * pg)}))
+                             .build(4 * pg));
+        auto mem = m.guest_memory();
+        for (std::uint64_t p : {0ULL, 1ULL, 3ULL})
+            REQUIRE(mem.write_plain<std::uint8_t>(p * pg, static_cast<std::uint8_t>(p + 1))
+                        .has_value());
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(0)) == 1);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 2);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(2 * pg)) == 0);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(3 * pg)) == 4);
+    }
+    {
+        Manager m = must(Manager::builder()
+                             .add_backing(ram({range(0, 2 * pg)}))
+                             .add_backing(ram({range(4 * pg, 6 * pg)}))
+                             .build(6 * pg));
+        auto mem = m.guest_memory();
+        CHECK(mem.write_plain<std::uint64_t>(pg, 7).has_value());
+        CHECK(mem.write_plain<std::uint64_t>(5 * pg, 9).has_value());
+        CHECK(test::value_of(mem.read_plain<std::uint64_t>(5 * pg)) == 9);
+        CHECK(test::error_of(mem.read_plain<std::uint8_t>(3 * pg)) == errc::unmapped);
+    }
+}
+
+TEST_CASE("ranges of one backing are laid out back to back in its object")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(ram({range(0x10000, 0x12000), range(0x40000, 0x41000)}))
+                         .build(0x100000));
+    auto backing = m.shared_memory_backing();
+    REQUIRE(backing.has_value());
+    const MemoryMap map = m.memory_map();
+    REQUIRE(map.regions.size() == 2);
+    CHECK(map.regions[1].mappings.at(0).file_offset == 0x2000);
+    CHECK(map.regions[1].mappings.at(0).object == backing->mappable().identity());
+}
+
+TEST_CASE("x86 legacy support splits low RAM into 16 controllable regions")
+{
+    Manager m = must(Manager::builder()
+                         .x86_legacy_support(true)
+                         .add_backing(ram({range(0, 4 * MiB)}))
+                         .build(4 * MiB));
+    const MemoryMap map = m.memory_map();
+    REQUIRE(map.regions.size() == 16);
+    CHECK(map.regions[0].name == "ram-low");
+    CHECK(map.regions[0].range == range(0, 0xa0000));
+    CHECK(map.regions[1].name == "ram-vga");
+    CHECK(map.regions[2].name == "ram-pam-0xc0000");
+    CHECK(map.regions[2].range == range(0xc0000, 0xc4000));
+    CHECK(map.regions[13].name == "ram-pam-0xec000");
+    CHECK(map.regions[14].name == "ram-f-segment");
+    CHECK(map.regions[14].range == range(0xf0000, 0x100000));
+    CHECK(map.regions[15].range == range(0x100000, 4 * MiB));
+    for (const auto& r : map.regions) {
+        CHECK(r.active);
+        CHECK(r.priority == 255);
+    }
+    // One object, laid out contiguously: GPA g is at file offset g.
+    CHECK(map.regions[7].mappings.at(0).file_offset == map.regions[7].range.start());
+}
+
+TEST_CASE("x86 legacy RAM that ends exactly at 1 MiB creates no empty region (reference quirk)")
+{
+    Manager m = must(
+        Manager::builder().x86_legacy_support(true).add_backing(ram({range(0, MiB)})).build(MiB));
+    CHECK(m.memory_map().regions.size() == 15);
+}
+
+TEST_CASE("transparent huge pages are advised on the RAM's VA (smaps shows the hg flag)")
+{
+    Manager thp = must(Manager::builder()
+                           .add_backing(ram({range(0, 4 * MiB)}).transparent_hugepages(true))
+                           .build(4 * MiB));
+    const auto with = test::smaps_for(thp.guest_memory().mapper()->base());
+    REQUIRE(with.found);
+    CHECK(with.vm_flags.find(" hg") != std::string::npos);
+
+    Manager plain = must(Manager::builder().add_backing(ram({range(0, 4 * MiB)})).build(4 * MiB));
+    const auto without = test::smaps_for(plain.guest_memory().mapper()->base());
+    REQUIRE(without.found);
+    CHECK(without.vm_flags.find(" hg") == std::string::npos);
+}
+
+TEST_CASE("a host NUMA node binds the RAM (get_mempolicy reports MPOL_BIND to node 0)")
+{
+    Manager m = must(
+        Manager::builder().add_backing(ram({range(0, 2 * MiB)}).host_numa_node(0)).build(2 * MiB));
+    std::byte* base = m.guest_memory().mapper()->base();
+    int mode = -1;
+    unsigned long mask = 0;
+    REQUIRE(os::LinuxSyscalls::get_mempolicy(&mode, &mask, sizeof(mask) * 8, base,
+                                             2 /* MPOL_F_ADDR */) == 0);
+    CHECK(mode == 2 /* MPOL_BIND */);
+    CHECK(mask == 1);
+}
+
+TEST_CASE("private memory backs RAM in the primary mapper only")
+{
+    Manager m =
+        must(Manager::builder().add_backing(ram({range(0, MiB)}).private_memory(true)).build(MiB));
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint32_t>(0x100, 0x12345678).has_value());
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0x100)) == 0x12345678);
+    CHECK_FALSE(m.shared_memory_backing().has_value());
+    CHECK(test::error_of(m.client().lazy_guest_memory()) == errc::conflict); // one mapper only
+}
+
+TEST_CASE("prefetch is passed to partitions when RAM is mapped")
+{
+    Manager m =
+        must(Manager::builder().add_backing(ram({range(0, MiB)}).prefetch(true)).build(MiB));
+    auto part = std::make_shared<MockPartition>();
+    REQUIRE(m.attach_partition(Vtl::vtl0, part).has_value());
+    const auto calls = part->calls();
+    REQUIRE(calls.size() == 2);
+    CHECK(calls[1].op == MockPartition::Op::prefetch);
+    CHECK(calls[1].gpa == 0);
+    CHECK(calls[1].size == MiB);
+}

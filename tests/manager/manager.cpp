@@ -1,0 +1,550 @@
+// GuestMemoryManager's control surface end to end with the mock partition: composition checks,
+// attaching partitions (VTL2 alias, pinning, rollback), RAM visibility over device memory, the
+// device memory mapper (sub-mappings, moves, the reference's bookkeeping bug), the shared backing
+// round trip, the client, the memory-map dump, teardown, and concurrent control calls.
+#include <membacking/membacking.hpp>
+
+#include "test_support.hpp"
+
+#include <array>
+#include <atomic>
+#include <cstdio>
+#include <latch>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace membacking;
+using test::range;
+
+namespace {
+
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+using Manager = MockGuestMemoryManager;
+using Window = MockPartition::Window;
+
+template <class M>
+M must(Result<M> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+void must(Result<void> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+}
+
+/// A PC-like guest: x86 legacy RAM over 0..4 MiB.
+Manager legacy_guest(std::uint64_t max_addr = 16 * MiB)
+{
+    return must(Manager::builder()
+                    .x86_legacy_support(true)
+                    .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
+                    .build(max_addr));
+}
+
+// ---- composition: concepts name what is missing ----
+
+struct NoName {
+    static constexpr PartitionFeatures features = PartitionFeatures::none;
+    Result<void> map_range(void*, std::uint64_t, std::uint64_t, bool, bool) { return {}; }
+    Result<void> unmap_range(std::uint64_t, std::uint64_t) { return {}; }
+};
+struct NoUnmap {
+    static constexpr std::string_view name = "broken";
+    static constexpr PartitionFeatures features = PartitionFeatures::none;
+    Result<void> map_range(void*, std::uint64_t, std::uint64_t, bool, bool) { return {}; }
+};
+struct ClaimsPinWithoutIt {
+    static constexpr std::string_view name = "broken";
+    static constexpr PartitionFeatures features = PartitionFeatures::pin;
+    Result<void> map_range(void*, std::uint64_t, std::uint64_t, bool, bool) { return {}; }
+    Result<void> unmap_range(std::uint64_t, std::uint64_t) { return {}; }
+};
+struct WrongReturn {
+    static constexpr std::string_view name = "broken";
+    static constexpr PartitionFeatures features = PartitionFeatures::none;
+    bool map_range(void*, std::uint64_t, std::uint64_t, bool, bool) { return true; }
+    Result<void> unmap_range(std::uint64_t, std::uint64_t) { return {}; }
+};
+static_assert(PartitionMapper<MockPartition>);
+static_assert(!PartitionMapper_name<NoName> && !PartitionMapper<NoName>);
+static_assert(!PartitionMapper_unmap<NoUnmap> && !PartitionMapper<NoUnmap>);
+static_assert(!PartitionMapper_capabilities<ClaimsPinWithoutIt> &&
+              !PartitionMapper<ClaimsPinWithoutIt>);
+static_assert(!PartitionMapper_map<WrongReturn> && !PartitionMapper<WrongReturn>);
+
+struct NotAVaPolicy {
+    static Result<NotAVaPolicy> reserve(std::uint64_t, std::uint64_t) { return NotAVaPolicy{}; }
+    std::byte* base() const { return nullptr; }
+    std::uint64_t size() const { return 0; }
+    static constexpr VaFeatures features = VaFeatures::none;
+    // no map_file / commit_private / unmap, no hints, no objects
+};
+static_assert(VaPolicy_reserve<NotAVaPolicy> && !VaPolicy_map<NotAVaPolicy> &&
+              !VaPolicy<NotAVaPolicy>);
+static_assert(VaPolicy<LinuxMmap<>>);
+
+struct NotAResolver {
+    std::optional<RegionId> find_conflict(const ResolverEntry&) const { return std::nullopt; }
+};
+static_assert(!RegionResolver_registry<NotAResolver> && !RegionResolver<NotAResolver>);
+static_assert(RegionResolver<NestedPriority>);
+
+static_assert(!std::is_polymorphic_v<Manager::Memory>);
+static_assert(!std::is_polymorphic_v<Manager::MemoryView>);
+static_assert(std::is_trivially_copyable_v<Manager::MemoryView>);
+static_assert(!std::is_copy_constructible_v<Manager> && std::is_move_constructible_v<Manager>);
+
+/// A second partition policy, to show that lists of several policies fan out together.
+struct OtherPartition : MockPartition {
+    static constexpr std::string_view name = "other";
+};
+using TwoPolicyManager = LinuxGuestMemoryManager<MockPartition, OtherPartition>;
+
+/// A mock that does not claim pinning.
+struct CannotPin : MockPartition {
+    static constexpr std::string_view name = "cannot-pin";
+    static constexpr PartitionFeatures features = PartitionFeatures::none;
+};
+
+} // namespace
+
+TEST_CASE("attaching a partition replays what is visible and keeps it in sync")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    const PartitionId id = must(m.attach_partition(Vtl::vtl0, p));
+    CHECK(p->windows().size() == 16);
+    const auto w = p->lookup(0x200000);
+    REQUIRE(w.has_value());
+    CHECK(w->gpa == 0x100000);
+    CHECK(w->size == 3 * MiB);
+    CHECK(w->host_va == m.guest_memory().mapper()->base() + 0x100000);
+    CHECK(w->writable);
+    CHECK(w->executable);
+
+    // A new region appears in it too.
+    auto dev = must(m.device_memory_mapper().new_region(0x10000, "bar0"));
+    must(dev.map(0, test::make_memfd(0x10000), 0, 0x10000, true));
+    must(dev.map_to_guest(8 * MiB, true));
+    CHECK(p->lookup(8 * MiB).has_value());
+
+    must(m.detach_partition(id));
+    CHECK(p->windows().empty());
+    CHECK(test::error_of(m.detach_partition(id)) == errc::not_found);
+}
+
+TEST_CASE("partitions of several policies are all kept in sync")
+{
+    TwoPolicyManager m = must(
+        TwoPolicyManager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherPartition>();
+    must(m.attach_partition(Vtl::vtl0, a));
+    must(m.attach_partition(Vtl::vtl0, b));
+    const RegionId r = must(m.add_region("extra", range(2 * MiB, 3 * MiB), 10, MappingType::Ram));
+    must(m.map_region(r, {true, false, false}));
+    CHECK(a->lookup(2 * MiB).has_value());
+    CHECK(b->lookup(2 * MiB).has_value());
+    // A failure in the second policy's partition rolls the first one back, both ways.
+    b->fail_nth_call(1, make_error(errc::resource_exhausted, "busy"));
+    REQUIRE_FALSE(m.unmap_region(r));
+    CHECK(a->lookup(2 * MiB).has_value());
+    CHECK(b->lookup(2 * MiB).has_value());
+    must(m.unmap_region(r));
+    CHECK_FALSE(a->lookup(2 * MiB).has_value());
+    b->fail_nth_call(1, make_error(errc::resource_exhausted, "no slots"));
+    auto failed = m.map_region(r, {true, false, false});
+    REQUIRE_FALSE(failed);
+    CHECK(failed.error().code() == errc::resource_exhausted);
+    CHECK_FALSE(a->lookup(2 * MiB).has_value());
+    CHECK_FALSE(b->lookup(2 * MiB).has_value());
+    const auto map = m.memory_map();
+    REQUIRE(map.partitions.size() == 2);
+    CHECK(map.partitions[1].type == "other");
+}
+
+TEST_CASE("a VTL2 partition also gets the VTL0 alias map")
+{
+    Manager m = must(Manager::builder()
+                         .vtl0_alias_map(std::uint64_t{1} << 40)
+                         .add_backing(RamBackingRequest({range(0, MiB)}))
+                         .build(4 * MiB));
+    auto vtl0 = std::make_shared<MockPartition>();
+    auto vtl2 = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, vtl0));
+    must(m.attach_partition(Vtl::vtl2, vtl2));
+    CHECK(vtl0->windows().size() == 1);
+    REQUIRE(vtl2->windows().size() == 2);
+    const auto alias = vtl2->lookup((std::uint64_t{1} << 40) + 0x1000);
+    REQUIRE(alias.has_value());
+    CHECK(alias->host_va == vtl2->lookup(0x1000)->host_va); // the same memory twice
+    const auto map = m.memory_map();
+    REQUIRE(map.partitions.size() == 3);
+    CHECK(map.partitions[1].offset == std::uint64_t{1} << 40);
+}
+
+TEST_CASE("a failed attach leaves the partition with nothing mapped (the alias map included)")
+{
+    Manager m = must(Manager::builder()
+                         .vtl0_alias_map(std::uint64_t{1} << 40)
+                         .add_backing(RamBackingRequest({range(0, MiB), range(2 * MiB, 3 * MiB)}))
+                         .build(4 * MiB));
+    auto p = std::make_shared<MockPartition>();
+    // Alias map: 2 regions, then the plain map: the 2nd region fails.
+    p->fail_nth_call(4, make_error(errc::resource_exhausted, "no slots"));
+    auto r = m.attach_partition(Vtl::vtl2, p);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == attach_errc::partition_mapper);
+    CHECK(r.error().message() == "failed to attach partition to memory manager");
+    CHECK(r.error().full_message().find("no slots") != std::string::npos);
+    CHECK(p->windows().empty());
+    CHECK(m.memory_map().partitions.empty());
+}
+
+TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is refused")
+{
+    Manager m = must(Manager::builder()
+                         .pin_mappings(true)
+                         .add_backing(RamBackingRequest({range(0, MiB)}))
+                         .build(4 * MiB));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    CHECK(p->lookup(0)->pinned);
+    // A pin failure undoes that map.
+    auto dev = must(m.device_memory_mapper().new_region(0x1000, "dev"));
+    p->fail_nth_call(2, make_error(errc::resource_exhausted, "pin limit"));
+    CHECK_FALSE(dev.map_to_guest(2 * MiB, true));
+    CHECK_FALSE(p->lookup(2 * MiB).has_value());
+    CHECK_FALSE(dev.placement().has_value());
+
+    using CannotPinManager = LinuxGuestMemoryManager<CannotPin>;
+    CannotPinManager c = must(CannotPinManager::builder()
+                                  .pin_mappings(true)
+                                  .add_backing(RamBackingRequest({range(0, MiB)}))
+                                  .build(MiB));
+    auto refused = c.attach_partition(Vtl::vtl0, std::make_shared<CannotPin>());
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().code() == attach_errc::partition_mapper);
+    REQUIRE(refused.error().source() != nullptr);
+    CHECK(refused.error().source()->code() == errc::unsupported);
+}
+
+TEST_CASE("RAM visibility: only a RAM region's exact range is controllable")
+{
+    Manager m = legacy_guest();
+    auto control = m.ram_visibility_control();
+    auto bad = control.set_ram_visibility(range(0xc0000, 0xc8000), RamVisibility::read_only);
+    REQUIRE_FALSE(bad);
+    CHECK(bad.error().code() == errc::not_found);
+    CHECK(bad.error().message() == "0xc0000-0xc8000 is not a controllable RAM range");
+    must(control.set_ram_visibility(range(0xc0000, 0xc4000), RamVisibility::read_only));
+}
+
+TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing through")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+
+    // An option ROM device under the PAM segment, at device priority.
+    Mappable rom_object = test::make_memfd(0x4000);
+    auto rom = must(m.device_memory_mapper().new_region(0x4000, "option-rom"));
+    must(rom.map(0, rom_object, 0, 0x4000, true));
+    must(rom.map_to_guest(0xc0000, true));
+    REQUIRE(mem.write_plain<std::uint32_t>(0xc0010, 0xaaaa5555).has_value()); // into RAM
+
+    // RW: RAM, writable.
+    CHECK(p->lookup(0xc0000)->writable);
+    // RO: RAM reads, writes refused (and the partition maps it read-only, so guest writes exit).
+    must(control.set_ram_visibility(pam, RamVisibility::read_only));
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0xaaaa5555);
+    CHECK(test::error_of(mem.write_plain<std::uint32_t>(0xc0010, 1)) == errc::read_only);
+    const auto ro = p->lookup(0xc0000);
+    REQUIRE(ro.has_value());
+    CHECK_FALSE(ro->writable);
+    CHECK(ro->size == 0x4000);
+    // Unmapped: the device shows through, in GuestMemory and in the partition.
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0);
+    REQUIRE(mem.write_plain<std::uint32_t>(0xc0010, 0x0000beef).has_value()); // into the ROM
+    const auto dev_window = p->lookup(0xc0000);
+    REQUIRE(dev_window.has_value());
+    CHECK(dev_window->writable);
+    const auto map = m.memory_map();
+    const auto dev_region = std::find_if(map.regions.begin(), map.regions.end(),
+                                         [](const auto& r) { return r.name == "option-rom"; });
+    REQUIRE(dev_region != map.regions.end());
+    CHECK(dev_region->active);
+    // Back to RW: RAM's contents again.
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0xaaaa5555);
+    CHECK(p->lookup(0xc0000)->writable);
+    CHECK(p->windows().size() == 16);
+}
+
+TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
+{
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(16 * MiB));
+    auto mem = m.guest_memory();
+    Mappable a = test::make_memfd(0x10000);
+    Mappable b = test::make_memfd(0x10000);
+    auto dax = must(m.device_memory_mapper().new_region(0x8000, "dax"));
+    must(dax.map(0, a, 0, 0x8000, true));
+    must(dax.map_to_guest(4 * MiB, true));
+    REQUIRE(mem.fill(4 * MiB, 0xaa, 0x8000).has_value());
+    must(dax.map(0x2000, b, 0, 0x1000, true)); // replaces the middle of a
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x2000)) == 0);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x3000)) == 0xaa);
+    CHECK(test::error_of(dax.map(0x7000, a, 0, 0x2000, true)) == errc::out_of_range);
+    CHECK(test::error_of(dax.map(0x123, a, 0, 0x1000, true)) == errc::invalid_range);
+    must(dax.unmap(0x1000, 0x2000));
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x1000)) == errc::unmapped);
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x2000)) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB)) == 0xaa);
+}
+
+TEST_CASE("device memory: unmap then move replays the right mappings (reference bookkeeping bug)")
+{
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(16 * MiB));
+    auto mem = m.guest_memory();
+    Mappable a = test::make_memfd(0x1000);
+    Mappable b = test::make_memfd(0x1000);
+    auto dev = must(m.device_memory_mapper().new_region(0x2000, "dev"));
+    must(dev.map(0, a, 0, 0x1000, true));
+    must(dev.map(0x1000, b, 0, 0x1000, true));
+    must(dev.map_to_guest(2 * MiB, true));
+    REQUIRE(mem.write_plain<std::uint8_t>(2 * MiB + 0x1000, 0xbb).has_value());
+    must(dev.unmap(0, 0x1000)); // drop a
+    // Moving replays the local list: the reference would replay a (and not b) here.
+    must(dev.map_to_guest(6 * MiB, true));
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(6 * MiB)) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(6 * MiB + 0x1000)) == 0xbb);
+}
+
+TEST_CASE("end to end: device memory moved between GPAs, in memory and in the partition")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto bar = must(m.device_memory_mapper().new_region(0x10000, "bar0"));
+    must(bar.map(0, test::make_memfd(0x10000), 0, 0x10000, true));
+    must(bar.map_to_guest(8 * MiB, true));
+    REQUIRE(mem.write_plain<std::uint64_t>(8 * MiB + 8, 0x1122334455667788).has_value());
+    CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
+
+    must(bar.map_to_guest(12 * MiB, false));
+    CHECK(test::error_of(mem.read_plain<std::uint64_t>(8 * MiB + 8)) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(12 * MiB + 8)) == 0x1122334455667788);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(12 * MiB + 8, 0)) == errc::read_only);
+    CHECK_FALSE(p->lookup(8 * MiB).has_value());
+    REQUIRE(p->lookup(12 * MiB).has_value());
+    CHECK_FALSE(p->lookup(12 * MiB)->writable);
+
+    // A move that cannot happen (over RAM it would have to be contained by, here it sticks out)
+    // leaves it where it was.
+    auto clash = bar.map_to_guest(4 * MiB - 0x8000, true);
+    REQUIRE_FALSE(clash);
+    CHECK(clash.error().code() == errc::overlap);
+    CHECK(bar.placement() == range(12 * MiB, 12 * MiB + 0x10000));
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(12 * MiB + 8)) == 0x1122334455667788);
+    CHECK(p->lookup(12 * MiB).has_value());
+    // Beyond the address space: an error, nothing moves.
+    CHECK(test::error_of(bar.map_to_guest(16 * MiB, true)) == errc::out_of_range);
+
+    must(bar.unmap_from_guest());
+    CHECK_FALSE(bar.placement().has_value());
+    CHECK_FALSE(p->lookup(12 * MiB).has_value());
+}
+
+TEST_CASE("dropping a device region removes it from the guest")
+{
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    {
+        auto dev = must(m.device_memory_mapper().new_region(0x1000, "dev"));
+        must(dev.map_to_guest(2 * MiB, true));
+        CHECK(p->lookup(2 * MiB).has_value());
+    }
+    CHECK_FALSE(p->lookup(2 * MiB).has_value());
+    CHECK(m.memory_map().regions.size() == 1);
+}
+
+TEST_CASE("end to end: a manager rebuilt from the shared backing sees the same memory")
+{
+    std::optional<SharedMemoryBacking> backing;
+    {
+        Manager first = legacy_guest();
+        REQUIRE(first.guest_memory()
+                    .write_plain<std::uint64_t>(0x200000, 0xfeedfacecafebeef)
+                    .has_value());
+        REQUIRE(first.guest_memory().write_plain<std::uint8_t>(0xc0000, 0x42).has_value());
+        backing = first.shared_memory_backing();
+        REQUIRE(backing.has_value());
+    }
+    Manager second =
+        must(Manager::builder()
+                 .x86_legacy_support(true)
+                 .add_backing(
+                     RamBackingRequest({range(0, 4 * MiB)}).existing_mappable(backing->mappable()))
+                 .build(16 * MiB));
+    auto mem = second.guest_memory();
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x200000)) == 0xfeedfacecafebeef);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(0xc0000)) == 0x42);
+    CHECK(second.shared_memory_backing()->mappable() == backing->mappable());
+}
+
+TEST_CASE("the client hands out the primary mapper's memory, and lazy mappers on request")
+{
+    Manager m = legacy_guest();
+    auto client = m.client();
+    auto primary = must(client.guest_memory());
+    CHECK(primary.mapper() == m.guest_memory().mapper());
+    auto lazy = must(client.lazy_guest_memory());
+    REQUIRE(primary.write_plain<std::uint32_t>(0x1000, 77).has_value());
+    CHECK(test::value_of(lazy.read_plain<std::uint32_t>(0x1000)) == 77);
+    CHECK(lazy.mapper() != primary.mapper());
+    CHECK(m.memory_map().va_mappers == 2);
+}
+
+TEST_CASE("the memory map dump, as text and as JSON")
+{
+    Manager m = legacy_guest();
+    must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
+    auto dev = must(m.device_memory_mapper().new_region(0x20000, "vga \"vram\""));
+    must(dev.map(0, test::make_memfd(0x20000), 0, 0x20000, true));
+    must(dev.map_to_guest(0xa0000, true));
+    must(m.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
+                                                       RamVisibility::unmapped));
+    const MemoryMap map = m.memory_map();
+    const std::string text = map.to_text();
+    INFO(text);
+    CHECK(text.find("guest memory (max address 0x1000000, 1 VA mapper)") == 0);
+    CHECK(text.find("  0000000000000000-000000000009ffff (prio 255, ram, rwx): ram-low [active]") !=
+          std::string::npos);
+    CHECK(text.find("  00000000000a0000-00000000000bffff (prio 255, ram, unmapped): ram-vga\n") !=
+          std::string::npos);
+    // The device region is nested under the VGA window that contains it.
+    CHECK(text.find("    00000000000a0000-00000000000bffff (prio 0, device, rwx): vga \"vram\" "
+                    "[active]") != std::string::npos);
+    CHECK(text.find("object#1 +0x0 rw") != std::string::npos);
+    CHECK(text.find("partitions:\n  #1 mock vtl0 at offset 0x0\n") != std::string::npos);
+
+    // The JSON parses (python3 is part of the build toolchain) and says the same.
+    const std::string json = map.to_json();
+    const std::string path = "/tmp/membacking-map-" + std::to_string(::getpid()) + ".json";
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(json.c_str(), f);
+    std::fclose(f);
+    const std::string check =
+        "python3 -c \"import json,sys; d=json.load(open(sys.argv[1])); "
+        "r=[x for x in d['regions'] if x['name']=='vga \\\"vram\\\"'][0]; "
+        "assert r['active'] and r['priority']==0 and r['type']=='device', r; "
+        "v=[x for x in d['regions'] if x['name']=='ram-vga'][0]; "
+        "assert not v['mapped'] and not v['active'], v; "
+        "assert len(d['regions'])==17 and d['partitions'][0]['type']=='mock'\" " +
+        path;
+    CHECK(std::system(check.c_str()) == 0);
+    std::remove(path.c_str());
+}
+
+TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles with errors")
+{
+    auto p = std::make_shared<MockPartition>();
+    Manager::Memory survivor;
+    {
+        Manager m = legacy_guest();
+        must(m.attach_partition(Vtl::vtl0, p));
+        survivor = m.guest_memory();
+        REQUIRE(survivor.write_plain<std::uint8_t>(0, 1).has_value());
+        CHECK_FALSE(p->windows().empty());
+    }
+    CHECK(p->windows().empty());
+    CHECK(test::error_of(survivor.read_plain<std::uint8_t>(0)) == errc::unmapped);
+}
+
+TEST_CASE("controls outliving the manager report that it is gone")
+{
+    std::optional<Manager::VisibilityControl> control;
+    std::optional<Manager::Client> client;
+    {
+        Manager m = legacy_guest();
+        control = m.ram_visibility_control();
+        client = m.client();
+    }
+    CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
+                                                     RamVisibility::unmapped)) == errc::not_found);
+    CHECK(test::error_of(client->guest_memory()) == errc::not_found);
+}
+
+TEST_CASE("concurrent control calls and accesses stay consistent")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    p->set_recording(false);
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto control = m.ram_visibility_control();
+    REQUIRE(mem.fill(0xc0000, 0x5a, 0x30000).has_value());
+
+    constexpr int workers = 3;
+    std::latch started(workers + 1);
+    std::atomic<int> finished{0};
+    std::atomic<int> bad{0};
+    std::vector<std::thread> threads;
+    // Two threads toggle different PAM segments; one moves a device region around.
+    for (int t = 0; t < 2; ++t)
+        threads.emplace_back([&, t] {
+            const auto shift = static_cast<std::uint64_t>(t) * 0x4000;
+            const MemoryRange pam = range(0xc0000 + shift, 0xc4000 + shift);
+            started.arrive_and_wait();
+            for (int i = 0; i < 200; ++i)
+                if (!control.set_ram_visibility(pam, static_cast<RamVisibility>(i % 3)))
+                    bad.fetch_add(1);
+            finished.fetch_add(1);
+        });
+    threads.emplace_back([&] {
+        auto dev = must(m.device_memory_mapper().new_region(0x1000, "wanderer"));
+        started.arrive_and_wait();
+        for (int i = 0; i < 200; ++i)
+            if (!dev.map_to_guest(8 * MiB + static_cast<std::uint64_t>(i % 4) * 0x1000, true))
+                bad.fetch_add(1);
+        finished.fetch_add(1);
+    });
+    // Meanwhile this thread reads a PAM segment nobody toggles: always there, always 0x5a.
+    started.arrive_and_wait();
+    std::uint64_t reads = 0;
+    while (finished.load() < workers) {
+        std::array<std::byte, 64> buf{};
+        if (!mem.read(0xc8000, buf))
+            bad.fetch_add(1);
+        for (std::byte b : buf)
+            if (b != std::byte{0x5a})
+                bad.fetch_add(1);
+        ++reads;
+    }
+    for (auto& t : threads)
+        t.join();
+    CHECK(bad.load() == 0);
+    CHECK(reads > 0);
+    // Whatever each segment ended as, the partition and the books agree.
+    const auto map = m.memory_map();
+    std::size_t active = 0;
+    for (const auto& r : map.regions)
+        if (r.active) {
+            ++active;
+            CHECK(p->lookup(r.range.start()).has_value());
+        }
+    CHECK(p->windows().size() == active);
+}
