@@ -10,6 +10,7 @@
  * Default compositions:
  * - LinuxGuestMemoryManager<Partitions...>: NestedPriority + LinuxMmap + the given partitions.
  * - MockGuestMemoryManager: Linux VA with the mock partition (tests, examples without KVM).
+ * - KvmGuestMemoryManager: Linux VA with KVM partitions (and mock partitions to observe).
  */
 #pragma once
 
@@ -22,6 +23,7 @@
 
 #if MEMBACKING_OS_LINUX
 #    include <membacking/os/linux.hpp>
+#    include <membacking/partition/kvm.hpp>
 #    include <membacking/va/linux_mmap.hpp>
 #endif
 
@@ -43,6 +45,12 @@ using LinuxGuestMemoryManager = GuestMemoryManager<NestedPriority, DefaultVaPoli
 
 /// Linux VA mappers with the mock partition: for tests, and for running without a hypervisor.
 using MockGuestMemoryManager = LinuxGuestMemoryManager<MockPartition>;
+
+/// The KVM partition with the real system calls.
+using DefaultKvmPartition = KvmPartition<os::LinuxSyscalls>;
+
+/// A KVM VMM's manager: KVM partitions, and mock partitions for observing (tests, dry runs).
+using KvmGuestMemoryManager = LinuxGuestMemoryManager<DefaultKvmPartition, MockPartition>;
 #endif
 
 } // namespace membacking

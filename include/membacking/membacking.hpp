@@ -33,5 +33,7 @@
 #include <membacking/va/va_policy.hpp>
 
 #if MEMBACKING_OS_LINUX
+#    include <membacking/os/linux.hpp>
+#    include <membacking/partition/kvm.hpp>
 #    include <membacking/va/linux_mmap.hpp>
 #endif

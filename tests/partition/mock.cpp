@@ -67,7 +67,7 @@ TEST_CASE("MockPartition optional capabilities: pin and dirty logging")
     CHECK(p.lookup(0x0)->pinned);
     CHECK(membacking::test::error_of(p.pin_range(0x0, 0x1000)) ==
           errc::not_found); // not a whole window
-    REQUIRE(p.set_dirty_logging(0x0, 0x4000, true).has_value());
+    REQUIRE(p.set_dirty_logging(true).has_value());
     p.mark_dirty(0x2010);
     auto log = p.take_dirty_log(0x0, 0x4000);
     REQUIRE(log.has_value());
@@ -76,3 +76,26 @@ TEST_CASE("MockPartition optional capabilities: pin and dirty logging")
     auto again = p.take_dirty_log(0x0, 0x4000);
     CHECK((*again)[0] == 0); // cleared as read
 }
+
+// The conformance suite, for the mock.
+#include "partition_conformance.hpp"
+
+#include <sys/mman.h>
+
+namespace {
+struct MockFixture {
+    MockFixture()
+    {
+        void* p = ::mmap(nullptr, 80 * page_size, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        REQUIRE(p != MAP_FAILED);
+        memory = static_cast<std::byte*>(p);
+    }
+    ~MockFixture() { ::munmap(memory, 80 * page_size); }
+    std::byte* host(std::uint64_t offset) { return memory + offset; }
+    std::shared_ptr<MockPartition> partition = std::make_shared<MockPartition>();
+    std::byte* memory = nullptr;
+};
+} // namespace
+
+TEST_CASE_TEMPLATE_INVOKE(partition_conformance, MockFixture);

@@ -64,8 +64,8 @@ TEST_CASE("a guest memory manager with hugetlb RAM (2 MiB pages)")
 {
     using Manager = MockGuestMemoryManager;
     auto m = Manager::builder()
-                 .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 2 * two_mib)})
-                                  .hugepages(two_mib))
+                 .add_backing(
+                     RamBackingRequest({MemoryRange::unchecked(0, 2 * two_mib)}).hugepages(two_mib))
                  .build(4 * two_mib);
     REQUIRE_MESSAGE(m.has_value(), (m ? "" : m.error().full_message()));
     auto mem = m->guest_memory();

@@ -43,6 +43,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace membacking {
 
@@ -91,6 +92,18 @@ public:
 
     /// Unmaps everything from a partition and forgets it.
     Result<void> detach_partition(PartitionId id) { return core_->detach(id); }
+
+    /// Turns dirty-page logging on or off in one attached partition (if its policy can).
+    Result<void> set_dirty_logging(PartitionId id, bool enabled)
+    {
+        return core_->set_dirty_logging(id, enabled);
+    }
+    /// Reads and clears a visible region's dirty bitmap in one partition: bit i of word i/64 is
+    /// page i of the region.
+    Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, RegionId region)
+    {
+        return core_->take_dirty_log(id, region);
+    }
 
     [[nodiscard]] VisibilityControl ram_visibility_control() const
     {

@@ -69,7 +69,6 @@ public:
         bool writable = false;
         bool executable = false;
         bool pinned = false;
-        bool dirty_logging = false;
         friend bool operator==(const Window&, const Window&) noexcept = default;
     };
 
@@ -141,16 +140,18 @@ public:
     {
         return window_op(Op::unpin, gpa, size, [](Window& w) { w.pinned = false; });
     }
-    Result<void> set_dirty_logging(std::uint64_t gpa, std::uint64_t size, bool enabled)
+    /// Partition-wide: every window, including later ones, logs writes while it is on.
+    Result<void> set_dirty_logging(bool enabled)
     {
-        return window_op(
-            Op::set_dirty_logging, gpa, size,
-            [&](Window& w) {
-                w.dirty_logging = enabled;
-                if (!enabled)
-                    clear_dirty(w);
-            },
-            enabled);
+        std::lock_guard lock(mutex_);
+        Call call{Op::set_dirty_logging, 0, 0, nullptr, enabled, false};
+        if (auto e = next_failure(call))
+            return *e;
+        dirty_logging_ = enabled;
+        if (!enabled)
+            dirty_.clear();
+        record(call);
+        return {};
     }
     Result<std::vector<std::uint64_t>> take_dirty_log(std::uint64_t gpa, std::uint64_t size)
     {
@@ -179,11 +180,11 @@ public:
         std::lock_guard lock(mutex_);
         failure_.reset();
     }
-    /// Simulates a guest write the hypervisor logged (only in windows with logging on).
+    /// Simulates a guest write the hypervisor logged (only while logging is on, in a window).
     void mark_dirty(std::uint64_t gpa)
     {
         std::lock_guard lock(mutex_);
-        if (const Window* w = window_at(gpa); w != nullptr && w->dirty_logging)
+        if (dirty_logging_ && window_at(gpa) != nullptr)
             dirty_.emplace(align_down(gpa, page_size), true);
     }
 
@@ -292,10 +293,10 @@ private:
 
     /// An operation on exactly one mapped window [gpa, gpa+size).
     template <class F>
-    Result<void> window_op(Op op, std::uint64_t gpa, std::uint64_t size, F&& f, bool flag = false)
+    Result<void> window_op(Op op, std::uint64_t gpa, std::uint64_t size, F&& f)
     {
         std::lock_guard lock(mutex_);
-        Call call{op, gpa, size, nullptr, flag, false};
+        Call call{op, gpa, size, nullptr, false, false};
         if (auto e = next_failure(call))
             return *e;
         auto it = windows_.find(gpa);
@@ -308,15 +309,10 @@ private:
         return {};
     }
 
-    void clear_dirty(const Window& w)
-    {
-        for (auto it = dirty_.lower_bound(w.gpa); it != dirty_.end() && it->first < w.gpa + w.size;)
-            it = dirty_.erase(it);
-    }
-
     mutable std::mutex mutex_;
     std::map<std::uint64_t, Window> windows_;
     std::map<std::uint64_t, bool> dirty_; ///< dirty page GPAs
+    bool dirty_logging_ = false;
     std::vector<Call> calls_;
     std::size_t calls_seen_ = 0;
     bool recording_ = true;

@@ -17,9 +17,12 @@
  *   prefetch:   Result<void> prefetch_range(uint64_t gpa, uint64_t size);
  *   pin:        Result<void> pin_range(uint64_t gpa, uint64_t size);
  *               Result<void> unpin_range(uint64_t gpa, uint64_t size);
- *   dirty_log:  Result<void> set_dirty_logging(uint64_t gpa, uint64_t size, bool enabled);
+ *   dirty_log:  Result<void> set_dirty_logging(bool enabled);
  *               Result<std::vector<uint64_t>> take_dirty_log(uint64_t gpa, uint64_t size);
- *               (one bit per 4 KiB page, bit i of word i/64, cleared as it is read)
+ *               Logging is a partition-wide mode: it applies to every window, including those
+ *               mapped later (a region re-mapped by a visibility change keeps being logged).
+ *               take_dirty_log reads and clears the log of one mapped window: one bit per 4 KiB
+ *               page, bit i of word i/64.
  */
 #pragma once
 
@@ -88,7 +91,7 @@ concept PartitionMapper_pin = requires(P& p, std::uint64_t gpa, std::uint64_t si
 template <class P>
 concept PartitionMapper_dirty_log = requires(P& p, std::uint64_t gpa, std::uint64_t size,
                                              bool enabled) {
-    { p.set_dirty_logging(gpa, size, enabled) } -> std::same_as<Result<void>>;
+    { p.set_dirty_logging(enabled) } -> std::same_as<Result<void>>;
     { p.take_dirty_log(gpa, size) } -> std::same_as<Result<std::vector<std::uint64_t>>>;
 };
 

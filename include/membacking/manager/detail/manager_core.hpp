@@ -277,6 +277,64 @@ public:
         return {};
     }
 
+    /// Partition-wide dirty-page logging, for partitions whose policy can do it.
+    Result<void> set_dirty_logging(PartitionId id, bool enabled)
+    {
+        std::lock_guard lock(control_);
+        bool found = false;
+        Result<void> result;
+        for_each_attached([&](auto& a) {
+            if (a.id != id)
+                return true;
+            found = true;
+            using P = std::remove_cvref_t<decltype(*a.partition)>;
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>)
+                result = a.partition->set_dirty_logging(enabled);
+            else
+                result = make_error(errc::unsupported,
+                                    std::string(P::name) + " partitions cannot log dirty pages");
+            return false; // one call per partition, even with an alias mapping
+        });
+        if (!found)
+            return make_error(errc::not_found,
+                              "no partition with id " + std::to_string(id.value) + " is attached");
+        return result;
+    }
+
+    /// Reads and clears the dirty bitmap of one visible region in one partition (bit i is page
+    /// i of the region).
+    Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, RegionId region)
+    {
+        std::lock_guard lock(control_);
+        const auto* r = regions_.find(region);
+        if (r == nullptr)
+            return make_error(errc::not_found,
+                              "no memory region with id " + std::to_string(region.value));
+        if (r->visible.size() != 1)
+            return make_error(errc::conflict,
+                              "region " + r->describe() + " is not visible as one window");
+        const MemoryRange window = r->visible.front();
+        bool found = false;
+        Result<std::vector<std::uint64_t>> result =
+            make_error(errc::not_found, "partition " + std::to_string(id.value) + " not attached");
+        for_each_attached([&](auto& a) {
+            if (a.id != id || a.offset != 0)
+                return true;
+            found = true;
+            using P = std::remove_cvref_t<decltype(*a.partition)>;
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>)
+                result = a.partition->take_dirty_log(window.start(), window.size());
+            else
+                result = make_error(errc::unsupported,
+                                    std::string(P::name) + " partitions cannot log dirty pages");
+            return false;
+        });
+        if (!found)
+            return make_error(errc::not_found,
+                              "no partition with id " + std::to_string(id.value) + " is attached");
+        return result;
+    }
+
     // ---- device regions ----
 
     Result<void> device_map(DeviceRegionState& d, std::uint64_t offset, const Mappable& object,

@@ -1,0 +1,421 @@
+/**
+ * @file partition/kvm.hpp
+ * Layer: partition (includes base/, os/linux.hpp, partition/partition_mapper.hpp). The whole
+ * body is Linux-only.
+ *
+ * KvmPartition<Sys>: the KVM partition policy. It is given a VM file descriptor, which it never
+ * closes (it owns nothing it did not create), and maps each window the manager gives it as one
+ * memslot pointing at the VA mapper's range.
+ *
+ * - Memslots: KVM_SET_USER_MEMORY_REGION2 where the kernel has it (KVM_CAP_USER_MEMORY2), else
+ *   KVM_SET_USER_MEMORY_REGION. Slot numbers come from a free list and are reused; the limit is
+ *   KVM_CAP_NR_MEMSLOTS, and running out is errc::resource_exhausted, not an abort. Deleting a
+ *   slot is setting its size to 0.
+ * - Permissions: a read-only window is a KVM_MEM_READONLY slot (guest writes exit to the VMM as
+ *   MMIO). KVM cannot express "not executable": the executable flag is accepted and ignored.
+ * - Unmapping part of a slot is an error (errc::invalid_range), not an abort: KVM cannot shrink a
+ *   slot. Several whole slots can be unmapped at once, all or nothing.
+ * - Prefetch: KVM_PRE_FAULT_MEMORY (Linux 6.10+), which is a vCPU ioctl, so it needs a vCPU
+ *   (set_prefetch_vcpu). Where the kernel lacks it (KVM_CAP_PRE_FAULT_MEMORY is 0, e.g. without
+ *   TDP) or no vCPU is set, prefetch is errc::unsupported. OpenVMM does nothing here.
+ * - Pin: KVM itself never pins guest memory; devices that DMA pin through VFIO. Here "pinned"
+ *   means resident: pin_range mlock()s the host range behind the slot, so it cannot be swapped
+ *   out or reclaimed (it can still be migrated by compaction). A range with holes (PROT_NONE
+ *   parts in the VA) cannot be locked, and that is reported (EOPNOTSUPP from the kernel).
+ * - Dirty logging: a partition-wide mode: every slot, present and future, gets
+ *   KVM_MEM_LOG_DIRTY_PAGES; take_dirty_log reads and clears one window's bitmap with
+ *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page).
+ *
+ * Every ioctl goes through Sys (os/linux.hpp), so tests can lower the slot limit or fail the
+ * n-th memslot update. Every call leaves the partition as it was when it fails. Thread-safe.
+ */
+#pragma once
+
+#include <membacking/base/config.hpp>
+
+#if MEMBACKING_OS_LINUX
+
+#    include <membacking/base/align.hpp>
+#    include <membacking/base/memory_range.hpp>
+#    include <membacking/base/result.hpp>
+#    include <membacking/os/linux.hpp>
+#    include <membacking/partition/partition_mapper.hpp>
+
+#    include <cerrno>
+#    include <cstdint>
+#    include <iterator>
+#    include <linux/kvm.h>
+#    include <map>
+#    include <memory>
+#    include <mutex>
+#    include <optional>
+#    include <string>
+#    include <string_view>
+#    include <vector>
+
+namespace membacking {
+
+namespace detail::kvm_abi {
+// Newer than Debian 12's <linux/kvm.h> (6.1); the layouts are the kernel's uapi ABI.
+inline constexpr int cap_user_memory2 = 231;     // KVM_CAP_USER_MEMORY2
+inline constexpr int cap_pre_fault_memory = 236; // KVM_CAP_PRE_FAULT_MEMORY
+
+struct UserspaceMemoryRegion2 { // struct kvm_userspace_memory_region2
+    std::uint32_t slot;
+    std::uint32_t flags;
+    std::uint64_t guest_phys_addr;
+    std::uint64_t memory_size;
+    std::uint64_t userspace_addr;
+    std::uint64_t guest_memfd_offset;
+    std::uint32_t guest_memfd;
+    std::uint32_t pad1;
+    std::uint64_t pad2[14];
+};
+static_assert(sizeof(UserspaceMemoryRegion2) == 160);
+
+struct PreFaultMemory { // struct kvm_pre_fault_memory
+    std::uint64_t gpa;
+    std::uint64_t size;
+    std::uint64_t flags;
+    std::uint64_t padding[5];
+};
+static_assert(sizeof(PreFaultMemory) == 64);
+
+inline constexpr unsigned long set_user_memory_region2 =
+    _IOW(KVMIO, 0x49, UserspaceMemoryRegion2); // KVM_SET_USER_MEMORY_REGION2
+inline constexpr unsigned long pre_fault_memory =
+    _IOWR(KVMIO, 0xd5, PreFaultMemory); // KVM_PRE_FAULT_MEMORY
+} // namespace detail::kvm_abi
+
+template <class Sys = os::LinuxSyscalls>
+class KvmPartition {
+public:
+    static constexpr std::string_view name = "kvm";
+    static constexpr PartitionFeatures features =
+        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log;
+
+    /// What the kernel offers this VM.
+    struct Capabilities {
+        std::uint32_t max_slots = 0;
+        bool user_memory2 = false;
+        bool readonly_memory = false;
+        bool pre_fault_memory = false;
+    };
+
+    /// One memslot, as the partition sees it.
+    struct SlotInfo {
+        std::uint32_t slot = 0;
+        std::uint64_t gpa = 0;
+        std::uint64_t size = 0;
+        const void* host_va = nullptr;
+        bool readonly = false;
+        bool pinned = false;
+        friend bool operator==(const SlotInfo&, const SlotInfo&) noexcept = default;
+    };
+
+    /// A partition over the VM `vm_fd`, which the caller keeps open for the partition's life.
+    [[nodiscard]] static Result<std::shared_ptr<KvmPartition>> create(int vm_fd)
+    {
+        if (vm_fd < 0)
+            return make_error(errc::invalid_argument, "no KVM VM file descriptor");
+        Capabilities caps;
+        const int slots = Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS);
+        if (slots < 0)
+            return os::last_error([] { return std::string("KVM_CHECK_EXTENSION failed"); });
+        if (slots == 0)
+            return make_error(errc::unsupported, "KVM reports no memory slots");
+        caps.max_slots = static_cast<std::uint32_t>(slots);
+        caps.user_memory2 =
+            Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, detail::kvm_abi::cap_user_memory2) > 0;
+        caps.readonly_memory = Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
+        caps.pre_fault_memory =
+            Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, detail::kvm_abi::cap_pre_fault_memory) > 0;
+        return std::shared_ptr<KvmPartition>(new KvmPartition(vm_fd, caps));
+    }
+
+    KvmPartition(const KvmPartition&) = delete;
+    KvmPartition& operator=(const KvmPartition&) = delete;
+
+    Result<void> map_range(void* host_va, std::uint64_t gpa, std::uint64_t size, bool writable,
+                           bool /*executable: KVM has no such permission*/)
+    {
+        std::lock_guard lock(mutex_);
+        auto range = MemoryRange::from_size(gpa, size);
+        if (!range || range->empty() || !is_page_aligned(reinterpret_cast<std::uintptr_t>(host_va)))
+            return make_error(errc::invalid_range,
+                              "KVM: invalid window of " + MemoryRange::hex(size) + " bytes at " +
+                                  MemoryRange::hex(gpa) + " (page aligned, non-empty)");
+        if (const SlotInfo* other = first_overlap(*range))
+            return make_error(errc::overlap, "KVM: window " + range->to_string() +
+                                                 " overlaps memslot " +
+                                                 std::to_string(other->slot) + " (" +
+                                                 span_of(*other).to_string() + ")");
+        if (!writable && !caps_.readonly_memory)
+            return make_error(errc::unsupported,
+                              "KVM: read-only window " + range->to_string() +
+                                  " needs KVM_CAP_READONLY_MEM, which this kernel lacks");
+        const std::optional<std::uint32_t> slot = take_slot();
+        if (!slot)
+            return make_error(errc::resource_exhausted,
+                              "KVM memory slot limit of " + std::to_string(caps_.max_slots) +
+                                  " reached mapping " + range->to_string());
+        const SlotInfo info{*slot, gpa, size, host_va, !writable, false};
+        if (auto r = set_region(info, info.size); !r) {
+            give_back(*slot);
+            return r;
+        }
+        slots_.emplace(gpa, info);
+        return {};
+    }
+
+    /// Deletes every slot inside [gpa, gpa+size), which must not cut a slot in half.
+    Result<void> unmap_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        auto range = MemoryRange::from_size(gpa, size);
+        if (!range)
+            return std::move(range).error().context("KVM unmap");
+        std::vector<SlotInfo> doomed;
+        for (auto it = start_of_overlaps(*range); it != slots_.end() && it->first < range->end();
+             ++it) {
+            const SlotInfo& s = it->second;
+            if (!span_of(s).overlaps(*range))
+                continue;
+            if (!range->contains(span_of(s)))
+                return make_error(errc::invalid_range,
+                                  "KVM: unmapping " + range->to_string() + " would split memslot " +
+                                      std::to_string(s.slot) + " (" + span_of(s).to_string() + ")");
+            doomed.push_back(s);
+        }
+        std::vector<SlotInfo> deleted;
+        for (const SlotInfo& s : doomed) {
+            if (auto r = set_region(s, 0); !r) {
+                for (const SlotInfo& d : deleted) // all or nothing: put the others back
+                    if (!set_region(d, d.size))
+                        detail::fatal("KVM: could not restore memslot " + std::to_string(d.slot) +
+                                      " after a failed unmap");
+                return r;
+            }
+            deleted.push_back(s);
+        }
+        for (const SlotInfo& s : deleted) {
+            slots_.erase(s.gpa);
+            give_back(s.slot);
+        }
+        return {};
+    }
+
+    /// Populates the second-level page tables for one mapped window.
+    Result<void> prefetch_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        if (!caps_.pre_fault_memory)
+            return make_error(errc::unsupported,
+                              "KVM_PRE_FAULT_MEMORY is not supported by this kernel/host");
+        if (!prefetch_vcpu_)
+            return make_error(errc::unsupported,
+                              "KVM prefetch needs a vCPU (KvmPartition::set_prefetch_vcpu)");
+        detail::kvm_abi::PreFaultMemory pf{gpa, size, 0, {}};
+        while (pf.size != 0) { // the kernel advances gpa/size as it goes; EINTR resumes
+            if (Sys::ioctl(*prefetch_vcpu_, detail::kvm_abi::pre_fault_memory, &pf) < 0 &&
+                errno != EINTR && errno != EAGAIN)
+                return os::last_error([&] {
+                    return "KVM_PRE_FAULT_MEMORY of " + MemoryRange::hex(gpa) + "+" +
+                           MemoryRange::hex(size) + " failed";
+                });
+        }
+        return {};
+    }
+
+    /// Keeps the host pages behind one window resident (mlock).
+    Result<void> pin_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        SlotInfo* s = exact(gpa, size);
+        if (s == nullptr)
+            return no_window(gpa, size);
+        if (s->pinned)
+            return {};
+        if (Sys::mlock(s->host_va, size) != 0)
+            return os::last_error([&] {
+                return "could not pin (mlock) the memory of KVM memslot " +
+                       std::to_string(s->slot) + " (" + span_of(*s).to_string() + ")";
+            });
+        s->pinned = true;
+        return {};
+    }
+
+    Result<void> unpin_range(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        SlotInfo* s = exact(gpa, size);
+        if (s == nullptr)
+            return no_window(gpa, size);
+        if (!s->pinned)
+            return {};
+        if (Sys::munlock(s->host_va, size) != 0)
+            return os::last_error(
+                [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
+        s->pinned = false;
+        return {};
+    }
+
+    /// Turns dirty-page logging on or off for every slot, now and for slots mapped later.
+    Result<void> set_dirty_logging(bool enabled)
+    {
+        std::lock_guard lock(mutex_);
+        if (enabled == dirty_logging_)
+            return {};
+        const bool before = dirty_logging_;
+        dirty_logging_ = enabled;
+        std::vector<const SlotInfo*> done;
+        for (const auto& [gpa, s] : slots_) {
+            if (auto r = set_region(s, s.size); !r) {
+                dirty_logging_ = before;
+                for (const SlotInfo* d : done)
+                    if (!set_region(*d, d->size))
+                        detail::fatal("KVM: could not restore the flags of memslot " +
+                                      std::to_string(d->slot));
+                return r;
+            }
+            done.push_back(&s);
+        }
+        return {};
+    }
+
+    /// Reads and clears the dirty bitmap of one mapped window (bit i = page i of the window).
+    Result<std::vector<std::uint64_t>> take_dirty_log(std::uint64_t gpa, std::uint64_t size)
+    {
+        std::lock_guard lock(mutex_);
+        const SlotInfo* s = exact(gpa, size);
+        if (s == nullptr)
+            return no_window(gpa, size);
+        if (!dirty_logging_)
+            return make_error(errc::conflict, "KVM dirty logging is off");
+        std::vector<std::uint64_t> bitmap((size / page_size + 63) / 64, 0);
+        kvm_dirty_log log{};
+        log.slot = s->slot;
+        log.dirty_bitmap = bitmap.data();
+        if (Sys::ioctl(vm_fd_, KVM_GET_DIRTY_LOG, &log) != 0)
+            return os::last_error([&] {
+                return "KVM_GET_DIRTY_LOG of memslot " + std::to_string(s->slot) + " failed";
+            });
+        return bitmap;
+    }
+
+    /// The vCPU that KVM_PRE_FAULT_MEMORY runs on (the caller keeps it open).
+    void set_prefetch_vcpu(std::optional<int> vcpu_fd)
+    {
+        std::lock_guard lock(mutex_);
+        prefetch_vcpu_ = vcpu_fd;
+    }
+
+    [[nodiscard]] const Capabilities& capabilities() const noexcept { return caps_; }
+    [[nodiscard]] std::vector<SlotInfo> slots() const
+    {
+        std::lock_guard lock(mutex_);
+        std::vector<SlotInfo> out;
+        for (const auto& [gpa, s] : slots_)
+            out.push_back(s);
+        return out;
+    }
+    [[nodiscard]] int vm_fd() const noexcept { return vm_fd_; }
+
+private:
+    KvmPartition(int vm_fd, const Capabilities& caps) : vm_fd_(vm_fd), caps_(caps) {}
+
+    static MemoryRange span_of(const SlotInfo& s)
+    {
+        return MemoryRange::unchecked(s.gpa, s.gpa + s.size);
+    }
+
+    static Error no_window(std::uint64_t gpa, std::uint64_t size)
+    {
+        return make_error(errc::not_found, "KVM: no memslot maps exactly " + MemoryRange::hex(gpa) +
+                                               "+" + MemoryRange::hex(size));
+    }
+
+    std::optional<std::uint32_t> take_slot()
+    {
+        if (!free_.empty()) {
+            const std::uint32_t s = free_.back();
+            free_.pop_back();
+            return s;
+        }
+        if (next_ >= caps_.max_slots)
+            return std::nullopt;
+        return next_++;
+    }
+    void give_back(std::uint32_t slot) { free_.push_back(slot); }
+
+    /// Issues the memslot ioctl for `s` with `size` (0 deletes it).
+    Result<void> set_region(const SlotInfo& s, std::uint64_t size)
+    {
+        std::uint32_t flags = 0;
+        if (s.readonly)
+            flags |= KVM_MEM_READONLY;
+        if (dirty_logging_ && size != 0)
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        int rc = 0;
+        if (caps_.user_memory2) {
+            detail::kvm_abi::UserspaceMemoryRegion2 r{};
+            r.slot = s.slot;
+            r.flags = flags;
+            r.guest_phys_addr = s.gpa;
+            r.memory_size = size;
+            r.userspace_addr = reinterpret_cast<std::uint64_t>(s.host_va);
+            rc = Sys::ioctl(vm_fd_, detail::kvm_abi::set_user_memory_region2, &r);
+        } else {
+            kvm_userspace_memory_region r{};
+            r.slot = s.slot;
+            r.flags = flags;
+            r.guest_phys_addr = s.gpa;
+            r.memory_size = size;
+            r.userspace_addr = reinterpret_cast<std::uint64_t>(s.host_va);
+            rc = Sys::ioctl(vm_fd_, KVM_SET_USER_MEMORY_REGION, &r);
+        }
+        if (rc != 0)
+            return os::last_error([&] {
+                return std::string(size == 0 ? "deleting" : "setting") + " KVM memslot " +
+                       std::to_string(s.slot) + " (" + span_of(s).to_string() + ") failed";
+            });
+        return {};
+    }
+
+    std::map<std::uint64_t, SlotInfo>::iterator start_of_overlaps(const MemoryRange& r)
+    {
+        auto it = slots_.upper_bound(r.start());
+        if (it != slots_.begin() && span_of(std::prev(it)->second).overlaps(r))
+            --it;
+        return it;
+    }
+
+    const SlotInfo* first_overlap(const MemoryRange& r)
+    {
+        for (auto it = start_of_overlaps(r); it != slots_.end() && it->first < r.end(); ++it)
+            if (span_of(it->second).overlaps(r))
+                return &it->second;
+        return nullptr;
+    }
+
+    SlotInfo* exact(std::uint64_t gpa, std::uint64_t size)
+    {
+        auto it = slots_.find(gpa);
+        return it != slots_.end() && it->second.size == size ? &it->second : nullptr;
+    }
+
+    mutable std::mutex mutex_;
+    const int vm_fd_;
+    const Capabilities caps_;
+    std::map<std::uint64_t, SlotInfo> slots_; ///< by GPA
+    std::vector<std::uint32_t> free_;         ///< released slot numbers, reused first
+    std::uint32_t next_ = 0;                  ///< the lowest never-used slot number
+    bool dirty_logging_ = false;
+    std::optional<int> prefetch_vcpu_;
+};
+
+static_assert(PartitionMapper<KvmPartition<>>);
+
+} // namespace membacking
+
+#endif // MEMBACKING_OS_LINUX

@@ -1,0 +1,388 @@
+// KvmPartition with a real guest on a real vCPU (flat 32-bit protected mode). Every test runs a
+// guest program and checks what the guest saw against what the manager was told: values through
+// GuestMemory, overlays, RAM visibility (MMIO exits at the right GPA), device memory and its
+// moves, dirty logging, pinning, slot exhaustion and an ioctl failure in the middle of an
+// operation. Without a usable /dev/kvm the program reports itself skipped (77).
+#define DOCTEST_CONFIG_IMPLEMENT
+#define DOCTEST_CONFIG_NO_POSIX_SIGNALS
+#include <membacking/membacking.hpp>
+
+#include "injecting_kvm.hpp"
+#include "kvm_vcpu.hpp"
+#include "partition_conformance.hpp"
+#include "smaps.hpp"
+#include "test_support.hpp"
+#include "x86_asm.hpp"
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace membacking;
+using example::KvmVm;
+using example::X86Asm;
+using test::range;
+using Exit = KvmVm::Exit;
+
+namespace {
+
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+constexpr std::uint32_t code_gpa = 0x1000;
+constexpr std::uint32_t result_gpa = 0x2000;
+
+template <class T>
+T must(Result<T> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+void must(Result<void> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+}
+
+KvmVm make_vm()
+{
+    std::string why;
+    auto vm = KvmVm::create(why);
+    REQUIRE_MESSAGE(vm.has_value(), why);
+    return std::move(*vm);
+}
+
+/// A VM, a manager over 16 MiB of address space with x86 legacy RAM below 2 MiB, and the KVM
+/// partition attached. Sys is the partition's syscall seam.
+template <class Sys = os::LinuxSyscalls>
+struct Guest {
+    using Manager = LinuxGuestMemoryManager<KvmPartition<Sys>>;
+
+    KvmVm vm = make_vm();
+    Manager manager = must(Manager::builder()
+                               .x86_legacy_support(true)
+                               .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
+                               .build(16 * MiB));
+    std::shared_ptr<KvmPartition<Sys>> kvm = must(KvmPartition<Sys>::create(vm.vm_fd()));
+    PartitionId id = must(manager.attach_partition(Vtl::vtl0, kvm));
+    typename Manager::Memory memory = manager.guest_memory();
+
+    void load(const X86Asm& program)
+    {
+        const auto code = program.code();
+        REQUIRE(memory.write(code_gpa, std::as_bytes(std::span(code))).has_value());
+        REQUIRE(vm.start_at(code_gpa));
+    }
+    /// Runs the loaded program from the start until it halts; fails on any other exit.
+    void run_to_halt()
+    {
+        REQUIRE(vm.start_at(code_gpa));
+        const Exit e = vm.run();
+        REQUIRE_MESSAGE(e.kind == Exit::Kind::halt, "unexpected exit: kind "
+                                                        << static_cast<int>(e.kind) << " reason "
+                                                        << e.reason << " at "
+                                                        << MemoryRange::hex(e.address));
+    }
+    std::uint8_t result_byte()
+    {
+        return memory.template read_plain<std::uint8_t>(result_gpa).value();
+    }
+};
+
+/// A guest that copies the byte at `from` to the result slot.
+X86Asm copy_byte(std::uint32_t from)
+{
+    X86Asm a;
+    a.load_al(from).store_al(result_gpa).hlt();
+    return a;
+}
+
+Mappable filled_memfd(std::uint64_t size, std::uint8_t value)
+{
+    Mappable m = test::make_memfd(size);
+    std::vector<std::uint8_t> bytes(size, value);
+    REQUIRE(::pwrite(m.native_handle(), bytes.data(), size, 0) == static_cast<ssize_t>(size));
+    return m;
+}
+
+} // namespace
+
+TEST_CASE("the VMM writes a value, the guest computes with it, the VMM reads the result")
+{
+    Guest<> g;
+    REQUIRE(g.memory.write_plain<std::uint32_t>(result_gpa, 41).has_value());
+    X86Asm a;
+    a.load_eax(result_gpa).imul_eax(3).add_eax(7).store_eax(result_gpa + 4).hlt();
+    g.load(a);
+    g.run_to_halt();
+    CHECK(g.memory.read_plain<std::uint32_t>(result_gpa + 4).value() == 41 * 3 + 7);
+    CHECK(g.vm.eax() == 41 * 3 + 7);
+    // The partition holds one slot per visible region: the 16 x86 legacy regions.
+    CHECK(g.kvm->slots().size() == 16);
+}
+
+TEST_CASE("a higher-priority region over RAM is what the guest sees, and RAM comes back intact")
+{
+    Guest<> g;
+    const MemoryRange window = range(4 * MiB, 5 * MiB);
+    const RegionId low = must(g.manager.add_region("low", window, 100, MappingType::Ram));
+    must(g.manager.add_mapping(
+        low, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xaa), 0), true, {}}));
+    must(g.manager.map_region(low, {true, true, false}));
+    const RegionId high = must(g.manager.add_region("high", window, 200, MappingType::Ram));
+    must(g.manager.add_mapping(
+        high, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xbb), 0), true, {}}));
+    g.load(copy_byte(4 * MiB + 0x10));
+
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0xaa);
+    must(g.manager.map_region(high, {true, true, false}));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0xbb);
+    must(g.manager.unmap_region(high));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0xaa);
+}
+
+TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, writes exit")
+{
+    Guest<> g;
+    auto control = g.manager.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    REQUIRE(g.memory.write_plain<std::uint8_t>(0xc0010, 0x55).has_value());
+
+    X86Asm a;
+    a.load_al(0xc0010).store_al(result_gpa).store_al(0xc0010).hlt();
+    g.load(a);
+
+    // Unmapped: the read exits; the VMM answers; the guest uses the answer; the write exits too.
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    REQUIRE(g.vm.start_at(code_gpa));
+    Exit e = g.vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio);
+    CHECK(e.address == 0xc0010);
+    CHECK_FALSE(e.write);
+    CHECK(e.length == 1);
+    g.vm.answer_mmio(0x77);
+    e = g.vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio);
+    CHECK(e.write);
+    CHECK(e.address == 0xc0010);
+    CHECK(e.data == 0x77);
+    REQUIRE(g.vm.run().kind == Exit::Kind::halt);
+    CHECK(g.result_byte() == 0x77);
+
+    // Read-only: the read sees RAM without an exit; the write exits and does not land.
+    must(control.set_ram_visibility(pam, RamVisibility::read_only));
+    REQUIRE(g.vm.start_at(code_gpa));
+    e = g.vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio);
+    CHECK(e.write);
+    CHECK(e.address == 0xc0010);
+    CHECK(e.data == 0x55);
+    REQUIRE(g.vm.run().kind == Exit::Kind::halt);
+    CHECK(g.result_byte() == 0x55);
+    CHECK(g.memory.read_plain<std::uint8_t>(0xc0010).value() == 0x55);
+
+    // Read-write again: no exits at all.
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    g.run_to_halt();
+}
+
+TEST_CASE("a read-only window is a KVM_MEM_READONLY slot even over writable host memory")
+{
+    // The manager never maps a read-only window over writable VA, so this drives the partition
+    // directly: only KVM_MEM_READONLY can stop this write.
+    KvmVm vm = make_vm();
+    auto kvm = must(KvmPartition<>::create(vm.vm_fd()));
+    REQUIRE(kvm->capabilities().readonly_memory);
+    Mappable object = test::make_memfd(0x10000);
+    void* p =
+        ::mmap(nullptr, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, object.native_handle(), 0);
+    REQUIRE(p != MAP_FAILED);
+    auto* host = static_cast<std::uint8_t*>(p);
+    X86Asm a;
+    a.mov(X86Asm::eax, 0x99).store_al(0x20010).hlt();
+    const auto code = a.code();
+    std::memcpy(host + code_gpa, code.data(), code.size());
+    REQUIRE(kvm->map_range(host, 0, 0x10000, true, true).has_value());        // code
+    REQUIRE(kvm->map_range(host, 0x20000, 0x10000, false, true).has_value()); // read-only
+    REQUIRE(vm.start_at(code_gpa));
+    const Exit e = vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio);
+    CHECK(e.write);
+    CHECK(e.address == 0x20010);
+    CHECK(e.data == 0x99);
+    CHECK(host[0x10] == 0); // the write did not land
+    ::munmap(p, 0x10000);
+}
+
+TEST_CASE("device memory is visible to the guest at its GPA, and after it moves")
+{
+    Guest<> g;
+    auto dev = must(g.manager.device_memory_mapper().new_region(0x10000, "bar0"));
+    must(dev.map(0, filled_memfd(0x10000, 0xdd), 0, 0x10000, true));
+    must(dev.map_to_guest(8 * MiB, true));
+    g.load(copy_byte(8 * MiB + 0x10));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0xdd);
+
+    must(dev.map_to_guest(9 * MiB, true));
+    g.load(copy_byte(9 * MiB + 0x10));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0xdd);
+    // Where it was, there is nothing now: an MMIO exit.
+    g.load(copy_byte(8 * MiB + 0x10));
+    const Exit e = g.vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio);
+    CHECK(e.address == 8 * MiB + 0x10);
+}
+
+TEST_CASE("dirty logging reports the pages the guest wrote, per region")
+{
+    Guest<> g;
+    must(g.manager.set_dirty_logging(g.id, true));
+    const RegionId ram = g.manager.memory_map().regions.back().id; // the RAM above 1 MiB
+    X86Asm a;
+    a.mov(X86Asm::edi, MiB + 3 * page_size).store_byte_edi(1).hlt();
+    g.load(a);
+    must(g.manager.take_dirty_log(g.id, ram)); // clear what loading touched
+    g.run_to_halt();
+    const auto log = must(g.manager.take_dirty_log(g.id, ram));
+    REQUIRE(log.size() == 4); // 1 MiB = 256 pages = 4 words
+    CHECK(log[0] == std::uint64_t{1} << 3);
+    CHECK(log[1] == 0);
+    const auto again = must(g.manager.take_dirty_log(g.id, ram));
+    CHECK(again[0] == 0); // read and cleared
+}
+
+TEST_CASE("prefetch uses KVM_PRE_FAULT_MEMORY where the kernel has it, else says unsupported")
+{
+    Guest<> g;
+    auto r = g.kvm->prefetch_range(MiB, MiB);
+    REQUIRE_FALSE(r); // no vCPU given yet
+    CHECK(r.error().code() == errc::unsupported);
+    g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd());
+    auto with_vcpu = g.kvm->prefetch_range(MiB, MiB);
+    if (g.kvm->capabilities().pre_fault_memory) {
+        CHECK(with_vcpu.has_value());
+    } else {
+        REQUIRE_FALSE(with_vcpu);
+        CHECK(with_vcpu.error().code() == errc::unsupported);
+        CHECK(with_vcpu.error().message().find("KVM_PRE_FAULT_MEMORY") != std::string::npos);
+    }
+}
+
+TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
+{
+    KvmVm vm = make_vm();
+    using Manager = LinuxGuestMemoryManager<KvmPartition<>>;
+    Manager m = must(Manager::builder()
+                         .pin_mappings(true)
+                         .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
+                         .build(4 * MiB));
+    auto kvm = must(KvmPartition<>::create(vm.vm_fd()));
+    const PartitionId id = must(m.attach_partition(Vtl::vtl0, kvm));
+    REQUIRE(kvm->slots().size() == 1);
+    CHECK(kvm->slots()[0].pinned);
+    const auto smaps = test::smaps_for(m.guest_memory().mapper()->base());
+    REQUIRE(smaps.found);
+    CHECK(smaps.vm_flags.find(" lo") != std::string::npos); // VM_LOCKED
+    must(m.detach_partition(id));
+    CHECK(test::smaps_for(m.guest_memory().mapper()->base()).vm_flags.find(" lo") ==
+          std::string::npos);
+}
+
+TEST_CASE("slot exhaustion, with the limit lowered through the seam, is a clean error")
+{
+    test::InjectingKvm::reset();
+    test::InjectingKvm::memslot_limit = 16; // exactly the x86 legacy layout
+    Guest<test::InjectingKvm> g;
+    CHECK(g.kvm->capabilities().max_slots == 16);
+    const auto slots_before = g.kvm->slots();
+    const auto map_before = g.manager.memory_map().to_text();
+
+    auto dev = must(g.manager.device_memory_mapper().new_region(0x1000, "one-too-many"));
+    auto r = dev.map_to_guest(8 * MiB, true);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::resource_exhausted);
+    CHECK(r.error().full_message().find("KVM memory slot limit of 16 reached") !=
+          std::string::npos);
+    CHECK(g.kvm->slots() == slots_before);
+    CHECK(g.manager.memory_map().to_text() == map_before);
+    CHECK_FALSE(dev.placement().has_value());
+
+    // Attaching a partition that cannot hold the layout fails whole: it keeps no slot.
+    test::InjectingKvm::memslot_limit = 10;
+    auto small = must(KvmPartition<test::InjectingKvm>::create(g.vm.vm_fd()));
+    auto attach = g.manager.attach_partition(Vtl::vtl0, small);
+    REQUIRE_FALSE(attach);
+    CHECK(attach.error().code() == attach_errc::partition_mapper);
+    CHECK(small->slots().empty());
+    test::InjectingKvm::reset();
+}
+
+TEST_CASE("an ioctl failure in the middle of an operation leaves partition and manager unchanged")
+{
+    test::InjectingKvm::reset();
+    Guest<test::InjectingKvm> g;
+    // VGA device memory under the VGA window: unmapping the window deletes RAM's slot, then
+    // creates the device's. The second memslot call fails.
+    auto vram = must(g.manager.device_memory_mapper().new_region(0x20000, "vga-vram"));
+    must(vram.map(0, filled_memfd(0x20000, 0x3c), 0, 0x20000, true));
+    must(vram.map_to_guest(0xa0000, true));
+    REQUIRE(g.memory.write_plain<std::uint8_t>(0xa0010, 0x42).has_value()); // RAM's byte
+    const auto slots_before = g.kvm->slots();
+    const auto map_before = g.manager.memory_map().to_text();
+
+    test::InjectingKvm::memslot_plan = test::Plan{1, EINVAL}; // let 1 through, fail the 2nd
+    auto r = g.manager.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
+                                                                   RamVisibility::unmapped);
+    REQUIRE_FALSE(r);
+    CHECK(test::InjectingKvm::memslot_plan.fired);
+    CHECK(r.error().code() == std::errc::invalid_argument);
+    CHECK(g.kvm->slots() == slots_before);
+    CHECK(g.manager.memory_map().to_text() == map_before);
+    // And the guest still sees RAM there.
+    g.load(copy_byte(0xa0010));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0x42);
+
+    // Without the failure the same call works, and the guest sees the device.
+    test::InjectingKvm::reset();
+    must(g.manager.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
+                                                               RamVisibility::unmapped));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0x3c);
+}
+
+// The partition conformance suite, for KVM (a VM per case, host memory from a memfd).
+namespace {
+struct KvmFixture {
+    KvmVm vm = make_vm();
+    Mappable object = test::make_memfd(80 * page_size);
+    std::byte* memory = nullptr;
+    std::shared_ptr<KvmPartition<>> partition;
+    KvmFixture()
+    {
+        void* p = ::mmap(nullptr, 80 * page_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                         object.native_handle(), 0);
+        REQUIRE(p != MAP_FAILED);
+        memory = static_cast<std::byte*>(p);
+        partition = must(KvmPartition<>::create(vm.vm_fd()));
+    }
+    ~KvmFixture() { ::munmap(memory, 80 * page_size); }
+    std::byte* host(std::uint64_t offset) { return memory + offset; }
+};
+} // namespace
+
+TEST_CASE_TEMPLATE_INVOKE(partition_conformance, KvmFixture);
+
+int main(int argc, char** argv)
+{
+    std::string why;
+    if (!KvmVm::create(why)) {
+        std::printf("SKIPPED: KVM is not usable here: %s\n", why.c_str());
+        return 77;
+    }
+    doctest::Context context(argc, argv);
+    return context.run();
+}
