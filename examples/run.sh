@@ -7,4 +7,4 @@ source tests/deps.sh
 install_deps
 [ -d build-example ] || meson setup build-example --wrap-mode=nodownload -Dtests=disabled -Dbenchmarks=disabled >/dev/null
 meson compile -C build-example >/dev/null
-exec ./build-example/examples/region_layout
+exec ./build-example/examples/vmm

@@ -42,6 +42,7 @@ public:
     X86Asm& imul_eax(std::uint8_t imm) { return op(0x6b).op(0xc0).op(imm); } // imul eax, eax, imm8
     X86Asm& add_eax(std::uint32_t imm) { return op(0x05).imm32(imm); }       // add eax, imm32
     X86Asm& test_al() { return op(0x84).op(0xc0); }                          // test al, al
+    X86Asm& cmp_al(std::uint8_t imm) { return op(0x3c).op(imm); }            // cmp al, imm8
     X86Asm& inc_esi() { return op(0x46); }
     X86Asm& dec_ecx() { return op(0x49); }
     X86Asm& hlt() { return op(0xf4); }
