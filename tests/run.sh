@@ -27,11 +27,20 @@ run_config() { # $1 = build dir, rest = meson options
     shift
     echo "== configuring $dir ($*)"
     if [ ! -d "$dir" ]; then
-        meson setup "$dir" --wrap-mode=nodownload "$@" >"$dir.setup.log" 2>&1 ||
-            { cat "$dir.setup.log"; return 1; }
+        if ! meson setup "$dir" --wrap-mode=nodownload "$@" >"$dir.setup.log" 2>&1; then
+            cat "$dir.setup.log"
+            echo "   $dir: configuring failed (counted as one failure)"
+            total_fail=$((total_fail + 1))
+            return 1
+        fi
     fi
     echo "== building $dir"
-    meson compile -C "$dir" >"$dir.build.log" 2>&1 || { tail -50 "$dir.build.log"; return 1; }
+    if ! meson compile -C "$dir" >"$dir.build.log" 2>&1; then
+        grep -E "error|Error" "$dir.build.log" | head -20
+        echo "   $dir: the build failed (counted as one failure)"
+        total_fail=$((total_fail + 1))
+        return 1
+    fi
     echo "== testing $dir"
     meson test -C "$dir" --no-rebuild --print-errorlogs "${TEST_ARGS[@]}" || true
     summarise "$dir"

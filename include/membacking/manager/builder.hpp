@@ -78,12 +78,12 @@ public:
         for (const RamBackingRequest& req : backings_) {
             if (req.private_memory() && x86_legacy_)
                 return build_error(build_errc::private_memory_with_legacy);
-            if (req.private_memory() && req.existing_mappable())
+            if (req.private_memory() && !req.existing_mappable().empty())
                 return build_error(build_errc::private_memory_with_existing_backing);
             if (req.hugepages()) {
                 if (req.private_memory())
                     return build_error(build_errc::hugepages_with_private_memory);
-                if (req.existing_mappable())
+                if (!req.existing_mappable().empty())
                     return build_error(build_errc::hugepages_with_existing_backing);
                 if (x86_legacy_)
                     return build_error(build_errc::hugepages_with_legacy);
@@ -230,8 +230,8 @@ private:
     {
         if (req.private_memory())
             return Mappable();
-        if (req.existing_mappable())
-            return *req.existing_mappable();
+        if (!req.existing_mappable().empty())
+            return req.existing_mappable();
         std::uint64_t size = 0;
         for (const MemoryRange& r : req.ranges()) {
             const auto sum = checked_add(size, r.size());

@@ -74,10 +74,8 @@ public:
     {
         return hugepages_;
     }
-    [[nodiscard]] const std::optional<Mappable>& existing_mappable() const noexcept
-    {
-        return existing_;
-    }
+    /// The object to reuse; empty if none was given.
+    [[nodiscard]] const Mappable& existing_mappable() const noexcept { return existing_; }
     [[nodiscard]] const std::optional<std::uint32_t>& host_numa_node() const noexcept
     {
         return numa_node_;
@@ -89,7 +87,7 @@ private:
     bool private_memory_ = false;
     bool transparent_hugepages_ = false;
     std::optional<std::uint64_t> hugepages_;
-    std::optional<Mappable> existing_;
+    Mappable existing_; ///< empty: allocate a new object
     std::optional<std::uint32_t> numa_node_;
 };
 

@@ -45,8 +45,16 @@ struct LinuxSyscalls {
     {
         return ::madvise(addr, len, advice);
     }
-    static int mlock(const void* addr, std::size_t len) noexcept { return ::mlock(addr, len); }
-    static int munlock(const void* addr, std::size_t len) noexcept { return ::munlock(addr, len); }
+    /// mlock/munlock as raw system calls: sanitizer runtimes intercept the libc functions and
+    /// make them no-ops, and pinning must really pin.
+    static int mlock(const void* addr, std::size_t len) noexcept
+    {
+        return static_cast<int>(::syscall(SYS_mlock, addr, len));
+    }
+    static int munlock(const void* addr, std::size_t len) noexcept
+    {
+        return static_cast<int>(::syscall(SYS_munlock, addr, len));
+    }
     static int memfd_create(const char* name, unsigned flags) noexcept
     {
         return ::memfd_create(name, flags);
