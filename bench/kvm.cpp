@@ -221,13 +221,16 @@ const bool registered = [] {
         benchmark::RegisterBenchmark(name, fn)
             ->Arg(static_cast<std::int64_t>(2 * MiB))
             ->Arg(static_cast<std::int64_t>(GiB));
-    for (const auto& [name, mode] :
+    for (const auto& entry :
          {std::pair{"BM_KvmGuestTouch/no_prefetch", Touch::no_prefetch},
           std::pair{"BM_KvmGuestTouch/prefetch", Touch::prefetch},
-          std::pair{"BM_KvmGuestTouch/host_populated", Touch::host_populated}})
-        benchmark::RegisterBenchmark(name, [mode](benchmark::State& s) { guest_touch(s, mode); })
+          std::pair{"BM_KvmGuestTouch/host_populated", Touch::host_populated}}) {
+        const Touch mode = entry.second; // clang 14 cannot capture a structured binding
+        benchmark::RegisterBenchmark(entry.first,
+                                     [mode](benchmark::State& s) { guest_touch(s, mode); })
             ->Unit(benchmark::kMillisecond)
             ->Iterations(4);
+    }
     return true;
 }();
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what it needs (apt-get, as root),
 # then builds and runs every test in three configurations:
-#   build-ci        gcc, debugoptimized (unit, examples, lint, benchmark smoke runs)
-#   build-ci-asan   gcc, AddressSanitizer + UndefinedBehaviorSanitizer
+#   build-ci        gcc, debugoptimized (unit, KVM, examples, install, lint, benchmark smoke runs)
+#   build-ci-asan   clang, AddressSanitizer + UndefinedBehaviorSanitizer (so both compilers build
+#                   everything with warnings as errors)
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
 # and ends with one line: "N passed, N failed, N skipped".
 set -euo pipefail
@@ -22,12 +23,12 @@ summarise() { # $1 = build dir
     total_pass=$((total_pass + p)) total_fail=$((total_fail + f)) total_skip=$((total_skip + s))
 }
 
-run_config() { # $1 = build dir, rest = meson options
-    local dir=$1
-    shift
-    echo "== configuring $dir ($*)"
+run_config() { # $1 = build dir, $2 = C++ compiler, rest = meson options
+    local dir=$1 cxx=$2
+    shift 2
+    echo "== configuring $dir (CXX=$cxx $*)"
     if [ ! -d "$dir" ]; then
-        if ! meson setup "$dir" --wrap-mode=nodownload "$@" >"$dir.setup.log" 2>&1; then
+        if ! CXX=$cxx meson setup "$dir" --wrap-mode=nodownload "$@" >"$dir.setup.log" 2>&1; then
             cat "$dir.setup.log"
             echo "   $dir: configuring failed (counted as one failure)"
             total_fail=$((total_fail + 1))
@@ -52,10 +53,11 @@ export ASAN_OPTIONS=abort_on_error=0:detect_leaks=1
 
 status=0
 TEST_ARGS=()
-run_config build-ci || status=1
-TEST_ARGS=(--no-suite bench --no-suite lint)
-run_config build-ci-asan -Db_sanitize=address,undefined -Dbenchmarks=disabled || status=1
-run_config build-ci-tsan -Db_sanitize=thread -Dbenchmarks=disabled || status=1
+run_config build-ci g++ || status=1
+TEST_ARGS=(--no-suite bench --no-suite lint --no-suite install)
+run_config build-ci-asan clang++ -Db_sanitize=address,undefined -Db_lundef=false \
+    -Dbenchmarks=disabled || status=1
+run_config build-ci-tsan g++ -Db_sanitize=thread -Dbenchmarks=disabled || status=1
 
 echo
 echo "$total_pass passed, $total_fail failed, $total_skip skipped"

@@ -1,3 +1,4 @@
+#include <membacking/base/memory_size.hpp>
 #include <membacking/base/result.hpp>
 
 #include "test_support.hpp"
@@ -62,4 +63,14 @@ TEST_CASE("membacking errc values compare against error codes")
     const std::error_code ec = errc::overlap;
     CHECK(ec.category().name() == std::string("membacking"));
     CHECK(ec.message() == "overlapping ranges");
+}
+
+TEST_CASE("MemorySize prints the largest exact unit, as the builder's messages do")
+{
+    CHECK(MemorySize{257 * (std::uint64_t{1} << 20)}.to_string() == "257 MB");
+    CHECK(MemorySize{std::uint64_t{1} << 30}.to_string() == "1 GB");
+    CHECK(MemorySize{std::uint64_t{3} << 40}.to_string() == "3 TB");
+    CHECK(MemorySize{2048}.to_string() == "2 KB");
+    CHECK(MemorySize{4097}.to_string() == "4097 bytes");
+    CHECK(MemorySize{0}.to_string() == "0 bytes");
 }

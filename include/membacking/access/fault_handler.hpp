@@ -60,8 +60,11 @@ struct FixupEntry {
 
 extern "C" {
 // Provided by the linker for the section; weak so that a program with no primitive links.
-extern const FixupEntry __start_mb_fixups[] __attribute__((weak, visibility("hidden")));
-extern const FixupEntry __stop_mb_fixups[] __attribute__((weak, visibility("hidden")));
+// The names are the linker's (__start_/__stop_ + section name), hence reserved identifiers.
+extern const FixupEntry __start_mb_fixups[] // NOLINT(bugprone-reserved-identifier)
+    __attribute__((weak, visibility("hidden")));
+extern const FixupEntry __stop_mb_fixups[] // NOLINT(bugprone-reserved-identifier)
+    __attribute__((weak, visibility("hidden")));
 }
 
 inline std::uintptr_t fixup_target(const std::int32_t& field) noexcept
@@ -106,7 +109,7 @@ inline void chain_to_previous(int sig, siginfo_t* info, void* context) noexcept
         sigemptyset(&dfl.sa_mask);
         ::sigaction(sig, &dfl, nullptr);
         if (info == nullptr || info->si_code <= 0)
-            ::raise(sig);
+            (void)::raise(sig);
         return;
     }
     prev.sa_handler(sig);

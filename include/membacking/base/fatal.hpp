@@ -20,8 +20,10 @@ namespace membacking::detail {
 /// Prints "membacking: fatal: <what>" to stderr and aborts. Never returns, never throws.
 [[noreturn]] MEMBACKING_COLD inline void fatal(std::string_view what) noexcept
 {
-    std::fprintf(stderr, "membacking: fatal: %.*s\n", static_cast<int>(what.size()), what.data());
-    std::fflush(stderr);
+    // Nothing useful can be done if stderr is gone: we are about to abort anyway.
+    (void)std::fprintf(stderr, "membacking: fatal: %.*s\n", static_cast<int>(what.size()),
+                       what.data());
+    (void)std::fflush(stderr);
     std::abort();
 }
 

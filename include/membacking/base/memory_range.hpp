@@ -129,7 +129,7 @@ public:
     [[nodiscard]] static std::string hex(std::uint64_t v)
     {
         char buf[2 + 16 + 1];
-        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+        (void)std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
         return buf;
     }
 

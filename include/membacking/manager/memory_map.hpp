@@ -166,9 +166,9 @@ private:
     static std::string span(const MemoryRange& r)
     {
         char buf[48];
-        std::snprintf(buf, sizeof buf, "%016llx-%016llx",
-                      static_cast<unsigned long long>(r.start()),
-                      static_cast<unsigned long long>(r.end() - 1));
+        (void)std::snprintf(buf, sizeof buf, "%016llx-%016llx",
+                            static_cast<unsigned long long>(r.start()),
+                            static_cast<unsigned long long>(r.end() - 1));
         return buf;
     }
     static std::string params_text(const std::optional<MapParams>& p)
@@ -190,7 +190,7 @@ private:
                 out += c;
             } else if (static_cast<unsigned char>(c) < 0x20) {
                 char buf[8];
-                std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+                (void)std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
                 out += buf;
             } else {
                 out += c;

@@ -370,7 +370,7 @@ private:
         return (v + page_size - 1) & ~(page_size - 1);
     }
 
-    static void must(Result<void> r, const char* what)
+    static void must(const Result<void>& r, const char* what)
     {
         if (!r)
             fatal(std::string(what) + " failed during rollback: " + r.error().full_message());

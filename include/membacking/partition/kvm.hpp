@@ -382,7 +382,7 @@ private:
         return {};
     }
 
-    std::map<std::uint64_t, SlotInfo>::iterator start_of_overlaps(const MemoryRange& r)
+    typename std::map<std::uint64_t, SlotInfo>::iterator start_of_overlaps(const MemoryRange& r)
     {
         auto it = slots_.upper_bound(r.start());
         if (it != slots_.begin() && span_of(std::prev(it)->second).overlaps(r))

@@ -39,6 +39,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -72,27 +73,29 @@ public:
 
     /// Registers an unmapped region. errc::invalid_range for an empty range, errc::overlap if it
     /// breaks the resolver's overlap rules (the message names both regions).
-    Result<RegionId> add_region(std::string name, MemoryRange range, std::uint8_t priority,
+    Result<RegionId> add_region(std::string_view name, MemoryRange range, std::uint8_t priority,
                                 MappingType type)
     {
         if (range.empty())
-            return make_error(errc::invalid_range,
-                              "memory region '" + name + "' (" + range.to_string() + ") is empty");
+            return make_error(errc::invalid_range, "memory region '" + std::string(name) + "' (" +
+                                                       range.to_string() + ") is empty");
         const RegionId id{next_id_};
         const ResolverEntry entry{id, range, priority};
         if (auto clash = resolver_.find_conflict(entry))
-            return make_error(errc::overlap, "memory region '" + name + "' (" + range.to_string() +
+            return make_error(errc::overlap, "memory region '" + std::string(name) + "' (" +
+                                                 range.to_string() +
                                                  ") overlaps with existing region " +
                                                  regions_.at(*clash).describe());
         resolver_.insert(entry);
         ++next_id_;
-        Region r;
-        r.id = id;
-        r.name = std::move(name);
-        r.range = range;
-        r.priority = priority;
-        r.type = type;
-        regions_.emplace(id, std::move(r));
+        regions_.emplace(id, Region{.id = id,
+                                    .name = std::string(name),
+                                    .range = range,
+                                    .priority = priority,
+                                    .type = type,
+                                    .map_params = std::nullopt,
+                                    .visible = {},
+                                    .mappings = {}});
         return id;
     }
 

@@ -97,7 +97,9 @@ public:
             Sys::munmap(p, aligned - raw);
         const std::uintptr_t end = aligned + *reserved;
         if (raw + *alloc > end)
-            Sys::munmap(reinterpret_cast<void*>(end), raw + *alloc - end);
+            Sys::munmap(reinterpret_cast<void*>(end), // NOLINT(performance-no-int-to-ptr)
+                        raw + *alloc - end);
+        // NOLINTNEXTLINE(performance-no-int-to-ptr): aligning an address is integer arithmetic
         LinuxMmap v(reinterpret_cast<std::byte*>(aligned), *usable, *reserved);
         (void)v.set_name(0, *reserved, "guest-memory"); // cosmetic; kernels without it refuse
         return v;
