@@ -55,7 +55,7 @@ status=0
 TEST_ARGS=()
 run_config build-ci g++ || status=1
 TEST_ARGS=(--no-suite bench --no-suite lint --no-suite install)
-run_config build-ci-asan clang++ -Db_sanitize=address,undefined -Db_lundef=false \
+run_config build-ci-asan clang++-14 -Db_sanitize=address,undefined -Db_lundef=false \
     -Dbenchmarks=disabled || status=1
 run_config build-ci-tsan g++ -Db_sanitize=thread -Dbenchmarks=disabled || status=1
 
