@@ -194,8 +194,18 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
                        .build(4 * MiB);
     REQUIRE_FALSE(overlap);
     CHECK(overlap.error().code() == build_errc::invalid_ram_layout);
-    CHECK(overlap.error().full_message().find("overlaps with existing region") !=
-          std::string::npos);
+    CHECK(overlap.error().message() ==
+          "RAM range 0x100000-0x300000 overlaps RAM range 0x0-0x200000");
+    // Identical ranges too (equal priorities allow identical regions; RAM must not stack).
+    auto twice = Manager::builder()
+                     .add_backing(ram({range(0, 2 * MiB)}))
+                     .add_backing(ram({range(0, 2 * MiB)}))
+                     .build(4 * MiB);
+    REQUIRE_FALSE(twice);
+    CHECK(twice.error().code() == build_errc::invalid_ram_layout);
+    CHECK(test::error_of(
+              Manager::builder().add_backing(ram({range(0, MiB), range(0, MiB)})).build(4 * MiB)) ==
+          build_errc::invalid_ram_layout);
     auto beyond = Manager::builder().add_backing(ram({range(0, 2 * MiB)})).build(MiB);
     REQUIRE_FALSE(beyond);
     CHECK(beyond.error().code() == build_errc::invalid_ram_layout);

@@ -548,3 +548,66 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
         }
     CHECK(p->windows().size() == active);
 }
+
+// ---- regressions from review ----
+
+TEST_CASE("a replacement that fails after its mmap (NUMA binding) gives the old memory back")
+{
+    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(MiB));
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint32_t>(0x3000, 0xcafef00d).has_value());
+    const auto before = m.memory_map().to_text();
+    MemoryPolicy impossible;
+    impossible.numa_node = 1000; // no such node: mbind fails after the MAP_FIXED succeeded
+    auto r = m.add_mapping(m.memory_map().regions.at(0).id,
+                           {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0),
+                            true, impossible});
+    REQUIRE_FALSE(r);
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0x3000)) == 0xcafef00d);
+    CHECK(m.memory_map().to_text() == before);
+}
+
+TEST_CASE("undoing private memory placed over a file mapping is an error, not an abort")
+{
+    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Mappable file = test::make_memfd(0x10000);
+    REQUIRE(::pwrite(file.native_handle(), "file", 4, 0) == 4);
+    const RegionId id = must(m.add_region("r", range(2 * MiB, 2 * MiB + 0x10000), 1, MappingType::Ram));
+    must(m.add_mapping(id, {range(0, 0x10000), MappingBacking::file(file, 0), false, {}}));
+    must(m.map_region(id, {true, false, false}));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    CHECK_FALSE(p->lookup(2 * MiB)->writable); // a read-only mapping keeps the window read-only
+    // Replacing it with (writable) private memory relaxes the window last; make that fail.
+    p->fail_nth_call(2, make_error(errc::resource_exhausted, "injected"));
+    auto r = m.add_mapping(id, {range(0, 0x10000), MappingBacking::private_memory(), true, {}});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::resource_exhausted);
+    std::array<char, 4> seen{};
+    REQUIRE(m.guest_memory().read(2 * MiB, std::as_writable_bytes(std::span(seen))).has_value());
+    CHECK(std::string(seen.data(), 4) == "file");
+    CHECK_FALSE(p->lookup(2 * MiB)->writable);
+}
+
+TEST_CASE("removing private memory that regions under it would replace is refused, not lossy")
+{
+    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    const MemoryRange w = range(2 * MiB, 2 * MiB + 0x10000);
+    const RegionId low = must(m.add_region("low", w, 0, MappingType::Device));
+    must(m.add_mapping(low, {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0),
+                             true, {}}));
+    must(m.map_region(low, {true, false, false}));
+    const RegionId hi = must(m.add_region("hi", w, 1, MappingType::Ram));
+    must(m.add_mapping(hi, {range(0, 0x10000), MappingBacking::private_memory(), true, {}}));
+    must(m.map_region(hi, {true, false, false}));
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint64_t>(2 * MiB, 0x1122334455667788).has_value());
+    auto r = m.remove_region(hi);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::conflict);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(2 * MiB)) == 0x1122334455667788);
+    // With nothing to reappear under it, the removal is the last step and goes through.
+    must(m.unmap_region(low));
+    must(m.remove_region(hi));
+    CHECK(test::error_of(mem.read_plain<std::uint64_t>(2 * MiB)) == errc::unmapped);
+}

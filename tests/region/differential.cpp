@@ -251,10 +251,21 @@ struct Harness {
         } else if (kind < 60) {
             const RegionId id = random_id();
             what << "remove " << id;
-            if (!model.regions.contains(id))
+            if (!model.regions.contains(id)) {
                 expect_error = errc::not_found;
-            else
-                model.regions.erase(id);
+            } else {
+                // Private memory may only go last: refused if regions under it would reappear.
+                const auto vis_before = model.visible_set();
+                Model after = model;
+                after.regions.erase(id);
+                bool reappear = false;
+                for (RegionId v : after.visible_set())
+                    reappear = reappear || !vis_before.contains(v);
+                if (vis_before.contains(id) && model.regions.at(id).holds_private() && reappear)
+                    expect_error = errc::conflict;
+                else
+                    model = after;
+            }
             result = rm.remove_region(id);
         } else if (kind < 85) {
             const RegionId id = random_id();

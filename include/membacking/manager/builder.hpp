@@ -96,6 +96,17 @@ public:
                 });
             }))
             return build_error(build_errc::invalid_ram_for_x86);
+        // Not in the reference (it panics, or silently shadows identical ranges): RAM ranges may
+        // not overlap one another, within a backing or across backings.
+        std::vector<MemoryRange> all;
+        for (const RamBackingRequest& req : backings_)
+            all.insert(all.end(), req.ranges().begin(), req.ranges().end());
+        std::sort(all.begin(), all.end());
+        for (std::size_t i = 1; i < all.size(); ++i)
+            if (all[i - 1].overlaps(all[i]))
+                return build_error(build_errc::invalid_ram_layout,
+                                   "RAM range " + all[i].to_string() + " overlaps RAM range " +
+                                       all[i - 1].to_string());
         // 3. The largest hugetlb page size is the VA alignment every mapper needs.
         std::uint64_t min_alignment = page_size;
         for (const RamBackingRequest& req : backings_)

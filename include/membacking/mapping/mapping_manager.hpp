@@ -146,6 +146,9 @@ public:
             if (!s.eager)
                 continue;
             if (auto r = map_into(*s.mapper, m); !r) {
+                // The failing mapper too: its MAP_FIXED may have replaced the old pages before
+                // a later step (the NUMA binding) failed.
+                must(restore(*s.mapper, m.gpa, old), "restoring the failing mapper");
                 for (Slot* t : took)
                     must(restore(*t->mapper, m.gpa, old), "restoring an eager mapper");
                 return std::move(r).error();
@@ -195,6 +198,10 @@ public:
                 for (Slot* d : done)
                     must(restore(*d->mapper, extent, held_pieces(d->id, extent)),
                          "re-mapping after a failed invalidation");
+                // Its unmap failed, so its private memory (if any) is most likely intact:
+                // re-committing it would zero it. File pieces are put back either way.
+                must(restore(*s.mapper, extent, held_pieces(s.id, extent), Private::leave),
+                     "re-mapping the mapper whose invalidation failed");
                 return std::move(r).error();
             }
             done.push_back(&s);
@@ -496,16 +503,22 @@ private:
         return {};
     }
 
+    /// What restore() does with private pieces: re-commit them (their contents are gone anyway),
+    /// or leave whatever is there (an operation that failed did not touch them).
+    enum class Private : std::uint8_t { recommit, leave };
+
     /// Puts `pieces` back into `mapper` over `range`, clearing the parts of `range` they do not
     /// cover. Used only to roll back.
     Result<void> restore(VaMapper<V>& mapper, const MemoryRange& range,
-                         const std::vector<ActiveMapping>& pieces)
+                         const std::vector<ActiveMapping>& pieces,
+                         Private private_pieces = Private::recommit)
     {
         std::uint64_t cursor = range.start();
         for (const ActiveMapping& p : pieces) {
             if (p.gpa.start() > cursor)
                 MEMBACKING_TRY(mapper.va_.unmap(cursor, p.gpa.start() - cursor));
-            MEMBACKING_TRY(map_into(mapper, p));
+            if (!p.backing.is_private() || private_pieces == Private::recommit)
+                MEMBACKING_TRY(map_into(mapper, p));
             cursor = p.gpa.end();
         }
         if (cursor < range.end())

@@ -160,6 +160,14 @@ public:
         if (r->active()) {
             Transition t;
             resolver_.plan_unmap(id, t);
+            // Discarding private memory cannot be undone, so it must be the last step. If other
+            // regions have to reappear after it, their failure would leave the region removable
+            // only with its memory already gone: refuse instead.
+            if (!t.activate.empty() && holds_private(*r, r->range))
+                return make_error(errc::conflict,
+                                  "removing region " + r->describe() +
+                                      " discards its private memory, and the regions under it "
+                                      "would have to reappear after that; unmap them first");
             MEMBACKING_TRY_CONTEXT(apply(t, std::nullopt, id),
                                    "failed to remove region " + r->describe());
         }
@@ -210,7 +218,12 @@ public:
                 MEMBACKING_TRY_CONTEXT(sink_.add_mapping(to_active(*r, m, params).slice(clip)),
                                        "failed to add mapping " + clip.to_string() + " to region " +
                                            r->describe());
-                undo.push([this, clip, before = std::move(before)]() -> Result<void> {
+                // Undoing a private mapping drops it first: the VA side refuses to replace private
+                // memory implicitly, and here discarding it is the point.
+                undo.push([this, clip, before = std::move(before),
+                           drop = m.backing.is_private()]() -> Result<void> {
+                    if (drop)
+                        MEMBACKING_TRY(sink_.remove_mappings(clip));
                     return restore(clip, before);
                 });
             }
