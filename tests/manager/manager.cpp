@@ -502,6 +502,11 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
     std::latch started(workers + 1);
     std::atomic<int> finished{0};
     std::atomic<int> bad{0};
+    // The workers keep going until the reader has done enough reads, so reads overlap
+    // topology changes however the threads get scheduled.
+    constexpr std::uint64_t min_reads = 200;
+    std::atomic<std::uint64_t> reads{0};
+    const auto keep_going = [&](int i) { return i < 200 || reads.load() < min_reads; };
     std::vector<std::thread> threads;
     // Two threads toggle different PAM segments; one moves a device region around.
     for (int t = 0; t < 2; ++t)
@@ -509,7 +514,7 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
             const auto shift = static_cast<std::uint64_t>(t) * 0x4000;
             const MemoryRange pam = range(0xc0000 + shift, 0xc4000 + shift);
             started.arrive_and_wait();
-            for (int i = 0; i < 200; ++i)
+            for (int i = 0; keep_going(i); ++i)
                 if (!control.set_ram_visibility(pam, static_cast<RamVisibility>(i % 3)))
                     bad.fetch_add(1);
             finished.fetch_add(1);
@@ -517,14 +522,13 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
     threads.emplace_back([&] {
         auto dev = must(m.device_memory_mapper().new_region(0x1000, "wanderer"));
         started.arrive_and_wait();
-        for (int i = 0; i < 200; ++i)
+        for (int i = 0; keep_going(i); ++i)
             if (!dev.map_to_guest(8 * MiB + static_cast<std::uint64_t>(i % 4) * 0x1000, true))
                 bad.fetch_add(1);
         finished.fetch_add(1);
     });
     // Meanwhile this thread reads a PAM segment nobody toggles: always there, always 0x5a.
     started.arrive_and_wait();
-    std::uint64_t reads = 0;
     while (finished.load() < workers) {
         std::array<std::byte, 64> buf{};
         if (!mem.read(0xc8000, buf))
@@ -532,12 +536,12 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
         for (std::byte b : buf)
             if (b != std::byte{0x5a})
                 bad.fetch_add(1);
-        ++reads;
+        reads.fetch_add(1);
     }
     for (auto& t : threads)
         t.join();
     CHECK(bad.load() == 0);
-    CHECK(reads > 0);
+    CHECK(reads.load() >= min_reads);
     // Whatever each segment ended as, the partition and the books agree.
     const auto map = m.memory_map();
     std::size_t active = 0;
@@ -559,9 +563,9 @@ TEST_CASE("a replacement that fails after its mmap (NUMA binding) gives the old 
     const auto before = m.memory_map().to_text();
     MemoryPolicy impossible;
     impossible.numa_node = 1000; // no such node: mbind fails after the MAP_FIXED succeeded
-    auto r = m.add_mapping(m.memory_map().regions.at(0).id,
-                           {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0),
-                            true, impossible});
+    auto r = m.add_mapping(
+        m.memory_map().regions.at(0).id,
+        {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0), true, impossible});
     REQUIRE_FALSE(r);
     CHECK(test::value_of(mem.read_plain<std::uint32_t>(0x3000)) == 0xcafef00d);
     CHECK(m.memory_map().to_text() == before);
@@ -569,10 +573,12 @@ TEST_CASE("a replacement that fails after its mmap (NUMA binding) gives the old 
 
 TEST_CASE("undoing private memory placed over a file mapping is an error, not an abort")
 {
-    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
     Mappable file = test::make_memfd(0x10000);
     REQUIRE(::pwrite(file.native_handle(), "file", 4, 0) == 4);
-    const RegionId id = must(m.add_region("r", range(2 * MiB, 2 * MiB + 0x10000), 1, MappingType::Ram));
+    const RegionId id =
+        must(m.add_region("r", range(2 * MiB, 2 * MiB + 0x10000), 1, MappingType::Ram));
     must(m.add_mapping(id, {range(0, 0x10000), MappingBacking::file(file, 0), false, {}}));
     must(m.map_region(id, {true, false, false}));
     auto p = std::make_shared<MockPartition>();
@@ -591,11 +597,12 @@ TEST_CASE("undoing private memory placed over a file mapping is an error, not an
 
 TEST_CASE("removing private memory that regions under it would replace is refused, not lossy")
 {
-    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
     const MemoryRange w = range(2 * MiB, 2 * MiB + 0x10000);
     const RegionId low = must(m.add_region("low", w, 0, MappingType::Device));
-    must(m.add_mapping(low, {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0),
-                             true, {}}));
+    must(m.add_mapping(
+        low, {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), 0), true, {}}));
     must(m.map_region(low, {true, false, false}));
     const RegionId hi = must(m.add_region("hi", w, 1, MappingType::Ram));
     must(m.add_mapping(hi, {range(0, 0x10000), MappingBacking::private_memory(), true, {}}));
@@ -610,4 +617,51 @@ TEST_CASE("removing private memory that regions under it would replace is refuse
     must(m.unmap_region(low));
     must(m.remove_region(hi));
     CHECK(test::error_of(mem.read_plain<std::uint64_t>(2 * MiB)) == errc::unmapped);
+}
+
+TEST_CASE("permission changes have no unmapped window: reads racing RW/RO toggles never fail")
+{
+    Manager m = legacy_guest();
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint32_t>(0xc0000, 0x5a5a5a5a).has_value());
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    std::latch started(2);
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint64_t> reads{0}, failures{0};
+    std::thread reader([&, view = mem.view()] {
+        started.arrive_and_wait();
+        while (!stop.load()) {
+            auto v = view.read_plain<std::uint32_t>(0xc0000);
+            if (!v || v.value() != 0x5a5a5a5a)
+                failures.fetch_add(1);
+            reads.fetch_add(1);
+        }
+    });
+    started.arrive_and_wait();
+    int toggles = 0;
+    while (toggles < 2000 || reads.load() < 100000) {
+        must(control.set_ram_visibility(pam, toggles % 2 == 0 ? RamVisibility::read_only
+                                                              : RamVisibility::read_write));
+        ++toggles;
+    }
+    stop = true;
+    reader.join();
+    CHECK(failures.load() == 0);
+}
+
+TEST_CASE("private memory keeps its contents through permission changes")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(RamBackingRequest({range(0, MiB)}).private_memory(true))
+                         .build(MiB));
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint64_t>(0x8000, 0x0123456789abcdef).has_value());
+    const RegionId ram = m.memory_map().regions.at(0).id;
+    must(m.map_region(ram, {false, true, false}));
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x8000)) == 0x0123456789abcdef);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(0x8000, 0)) == errc::read_only);
+    must(m.map_region(ram, {true, true, false}));
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x8000)) == 0x0123456789abcdef);
+    REQUIRE(mem.write_plain<std::uint64_t>(0x8000, 1).has_value());
 }

@@ -219,20 +219,17 @@ struct Harness {
             if (it == model.regions.end()) {
                 expect_error = errc::not_found;
             } else if (it->second.params != params) {
+                // A visible region changes permissions in place; a region becoming visible
+                // transiently disables the ones under it, which must not discard private memory.
                 const auto vis_before = model.visible_set();
-                const bool was_visible = vis_before.contains(id);
-                if (was_visible && it->second.params && it->second.holds_private()) {
-                    expect_error = errc::conflict; // remap cycle would discard private memory
-                } else {
-                    Model after = model;
-                    after.regions[id].params = params;
-                    for (RegionId lost : vis_before)
-                        if (!after.visible_set().contains(lost) &&
-                            model.regions.at(lost).holds_private())
-                            expect_error = errc::conflict;
-                    if (!expect_error)
-                        model = after;
-                }
+                Model after = model;
+                after.regions[id].params = params;
+                for (RegionId lost : vis_before)
+                    if (!after.visible_set().contains(lost) &&
+                        model.regions.at(lost).holds_private())
+                        expect_error = errc::conflict;
+                if (!expect_error)
+                    model = after;
             }
             result = rm.map_region(id, params);
         } else if (kind < 52) {

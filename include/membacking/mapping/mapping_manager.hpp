@@ -14,7 +14,9 @@
  * - Removing a mapping invalidates it in every mapper that holds it, eager or lazy, before the
  *   call returns; afterwards an access there faults and is reported, never served stale memory.
  * - add_mapping replaces whatever overlaps it (MAP_FIXED, no unmapped window on Linux); lazy
- *   mappers that held the old memory there drop it and fault the new one in on demand.
+ *   mappers that held the old memory there drop it and fault the new one in on demand. Adding
+ *   the same memory over exactly the same range with another permission is an in-place
+ *   mprotect in every mapper that holds it (a region's params changing).
  * - Every failure path rolls back: adding a mapper (its reservation simply goes away), adding or
  *   replacing a mapping (mappers that took it get the old pieces back), removing mappings, and
  *   upgrading (the mapper stays lazy, keeping what it mapped so far, which is still correct).
@@ -128,6 +130,8 @@ public:
             return make_error(errc::out_of_range, "mapping " + m.gpa.to_string() +
                                                       " lies outside the guest address space of " +
                                                       MemoryRange::hex(max_addr_) + " bytes");
+        if (Entry* same = exact_entry(m.gpa); same != nullptr && same->mapping.backing == m.backing)
+            return change_permission(*same, m);
         if (m.backing.is_private() && mappers_.size() > 1)
             return make_error(errc::conflict,
                               "cannot map private memory at " + m.gpa.to_string() + " while " +
@@ -407,6 +411,37 @@ private:
             return nullptr;
         --it;
         return it->second.mapping.gpa.contains(gpa) ? &it->second : nullptr;
+    }
+
+    /// The entry that covers exactly r, if there is one.
+    Entry* exact_entry(const MemoryRange& r)
+    {
+        auto it = entries_.find(r.start());
+        return it != entries_.end() && it->second.mapping.gpa == r ? &it->second : nullptr;
+    }
+
+    /// The same memory at the same place with other permissions: mprotect it where it is, in
+    /// every mapper that holds it. No window in which it is unmapped, and private memory keeps
+    /// its contents (a replacement would drop them).
+    Result<void> change_permission(Entry& e, const ActiveMapping& m)
+    {
+        const bool was_writable = e.mapping.writable;
+        if (was_writable != m.writable) {
+            std::vector<Slot*> done;
+            for (Slot& s : mappers_) {
+                if (!holds(e, s.id))
+                    continue;
+                if (auto r = s.mapper->va_.protect(m.gpa.start(), m.gpa.size(), m.writable); !r) {
+                    for (Slot* d : done)
+                        must(d->mapper->va_.protect(m.gpa.start(), m.gpa.size(), was_writable),
+                             "restoring a permission");
+                    return std::move(r).error();
+                }
+                done.push_back(&s);
+            }
+        }
+        e.mapping = m;
+        return {};
     }
 
     /// Iterates the entries overlapping r, in address order.

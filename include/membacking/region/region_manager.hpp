@@ -109,12 +109,7 @@ public:
         if (r->map_params == params)
             return {};
         if (r->active()) {
-            Transition t;
-            for (const MemoryRange& seg : r->visible) {
-                t.deactivate.push_back({id, seg});
-                t.activate.push_back({id, seg});
-            }
-            MEMBACKING_TRY_CONTEXT(apply(t, Override{id, params}, std::nullopt),
+            MEMBACKING_TRY_CONTEXT(change_params(*r, params),
                                    "failed to remap region " + r->describe());
             r->map_params = params;
             return {};
@@ -208,7 +203,7 @@ public:
             const bool was_writable = partition_writable(*r, params, counts_of(*r));
             const bool now_writable = partition_writable(*r, params, after);
             if (was_writable && !now_writable)
-                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+                MEMBACKING_TRY(repartition(*r, {params, counts_of(*r)}, {params, after}, undo));
             const MemoryRange abs = absolute(*r, m.range);
             for (const MemoryRange& seg : r->visible) {
                 const MemoryRange clip = abs.intersection(seg);
@@ -228,7 +223,7 @@ public:
                 });
             }
             if (!was_writable && now_writable)
-                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+                MEMBACKING_TRY(repartition(*r, {params, counts_of(*r)}, {params, after}, undo));
             undo.commit();
         }
         r->mappings.apply(edit);
@@ -271,7 +266,7 @@ public:
             // Removing can only make partitions more permissive, so that happens last.
             if (!partition_writable(*r, params, counts_of(*r)) &&
                 partition_writable(*r, params, after))
-                MEMBACKING_TRY(repartition(*r, params, counts_of(*r), after, undo));
+                MEMBACKING_TRY(repartition(*r, {params, counts_of(*r)}, {params, after}, undo));
             undo.commit();
         }
         r->mappings.apply(edit);
@@ -448,14 +443,55 @@ private:
         return {};
     }
 
-    /// Re-maps every visible segment of r in the partitions with permissions derived from
-    /// `after` instead of `before`.
-    Result<void> repartition(const Region& r, const MapParams& params, const Counts& before,
-                             const Counts& after, detail::UndoLog& undo)
+    /// A visible region's params change in place: its mappings' permissions change where they
+    /// are (the VA side replaces or re-protects them with no unmapped window, and private memory
+    /// keeps its contents), and partitions are re-mapped only if what they see changes.
+    /// Stricter partitions come before the VA change, more permissive ones after it.
+    Result<void> change_params(const Region& r, const MapParams& params)
+    {
+        const MapParams old_params = *r.map_params;
+        const Counts c = counts_of(r);
+        const PartitionView before{old_params, c};
+        const PartitionView after{params, c};
+        const bool was_writable = partition_writable(r, old_params, c);
+        const bool now_writable = partition_writable(r, params, c);
+        const bool partitions_change =
+            was_writable != now_writable || old_params.executable != params.executable;
+        detail::UndoLog undo;
+        if (partitions_change && !now_writable)
+            MEMBACKING_TRY(repartition(r, before, after, undo));
+        if (old_params.writable != params.writable) {
+            for (const MemoryRange& seg : r.visible) {
+                const std::vector<ActiveMapping> old_view = active_in(r, seg, old_params);
+                const std::vector<ActiveMapping> new_view = active_in(r, seg, params);
+                for (std::size_t i = 0; i < new_view.size(); ++i) {
+                    if (new_view[i].writable == old_view[i].writable)
+                        continue; // read-only either way
+                    MEMBACKING_TRY(sink_.add_mapping(new_view[i]));
+                    undo.push([this, old = old_view[i]] { return sink_.add_mapping(old); });
+                }
+            }
+        }
+        if (partitions_change && now_writable)
+            MEMBACKING_TRY(repartition(r, before, after, undo));
+        undo.commit();
+        return {};
+    }
+
+    /// What partitions see of a region in one state.
+    struct PartitionView {
+        MapParams params;
+        Counts counts;
+    };
+
+    /// Re-maps every visible segment of r in the partitions, from what `before` gives them to
+    /// what `after` gives them (KVM cannot change a memslot's permissions in place).
+    Result<void> repartition(const Region& r, const PartitionView& before,
+                             const PartitionView& after, detail::UndoLog& undo)
     {
         for (const MemoryRange& seg : r.visible) {
-            const RegionActivation old_act = activation(r, seg, params, before);
-            const RegionActivation new_act = activation(r, seg, params, after);
+            const RegionActivation old_act = activation(r, seg, before.params, before.counts);
+            const RegionActivation new_act = activation(r, seg, after.params, after.counts);
             MEMBACKING_TRY(sink_.unmap_region(old_act));
             undo.push([this, old_act] { return sink_.map_region(old_act); });
             MEMBACKING_TRY(sink_.map_region(new_act));
