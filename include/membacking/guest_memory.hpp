@@ -39,6 +39,7 @@
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 
+#    include <algorithm>
 #    include <concepts>
 #    include <cstddef>
 #    include <cstdint>
@@ -314,24 +315,30 @@ private:
     bulk_fault(View v, std::uint64_t gpa, std::uint64_t len, AccessKind kind, Op op) noexcept
     {
         const auto start = reinterpret_cast<std::uintptr_t>(v.base + gpa);
-        std::uint64_t done = 0;
+        std::uint64_t done = 0; // where the attempt that just faulted started
         std::uintptr_t previous = 0;
         int repeats = 0;
         for (;;) {
-            const auto at = fault_offset(start + done, len - done, 0);
+            // The completed prefix comes from RCX, not from the fault address: the CPU may
+            // fault ahead of its architectural progress (see FaultRecord::remaining).
+            const std::uint64_t left = len - done;
+            const std::uint64_t progress =
+                done + (left - std::min<std::uint64_t>(access::last_fault().remaining, left));
+            // A fault reported without an address (#GP) is blamed on the progress point.
+            const auto at = fault_offset(start + done, left, progress - done);
             if (!at) // the fault was in the caller's own buffer, not in guest memory
-                return v.error_at(errc::invalid_argument, gpa + done, done, kind);
-            const std::uint64_t off = done + *at;
+                return v.error_at(errc::invalid_argument, gpa + progress, progress, kind);
+            const std::uint64_t off = done + *at; // the guest byte that faulted
             const std::uintptr_t addr = start + off;
             repeats = addr == previous ? repeats + 1 : 0;
             previous = addr;
             if (repeats > max_retries_per_address)
-                return v.error_at(errc::unmapped, gpa + off, off, kind);
+                return v.error_at(errc::unmapped, gpa + off, progress, kind);
             if (auto code =
                     v.mapper->resolve_fault(v.gpa_base + gpa + off, kind == AccessKind::write))
-                return v.error_at(*code, gpa + off, off, kind);
-            done = off;
-            if (op(off, len - off))
+                return v.error_at(*code, gpa + off, progress, kind);
+            done = progress;
+            if (op(done, len - done))
                 return {};
         }
     }

@@ -42,7 +42,7 @@ template <class T>
 void check_sized_ops()
 {
     Pages p;
-    access::detail::last_fault = FaultRecord{~std::uintptr_t{0}, 0, 0};
+    access::detail::last_fault = FaultRecord{~std::uintptr_t{0}, 0, 0, 0};
     T value{};
     std::memset(&value, 0x5a, sizeof(T));
     REQUIRE(try_store(p.base, value));
@@ -137,6 +137,13 @@ TEST_CASE("a copy from mapped into unmapped memory stops exactly at the boundary
     const std::size_t done =
         last_fault().address - reinterpret_cast<std::uintptr_t>(p.base + start);
     CHECK(done == pg - start);
+    // RCX is the architectural progress: never past the fault, and everything before it copied.
+    const std::size_t n = 2 * pg - start;
+    const std::size_t progress = n - last_fault().remaining;
+    CHECK(last_fault().remaining <= n);
+    CHECK(progress <= done);
+    for (std::size_t i = 0; i < progress; ++i)
+        REQUIRE(dst[i] == std::byte{0xab});
     for (std::size_t i = 0; i < done; ++i)
         REQUIRE(dst[i] == std::byte{0xab});
 
@@ -148,6 +155,8 @@ TEST_CASE("a copy from mapped into unmapped memory stops exactly at the boundary
     REQUIRE_FALSE(try_fill(p.hole() - 8, 0x22, 64));
     CHECK(last_fault().address == p.hole_addr());
     CHECK(p.hole()[-1] == std::byte{0x22});
+    CHECK(last_fault().remaining >= 64 - 8);
+    CHECK(last_fault().remaining <= 64);
 }
 
 TEST_CASE("a write to read-only memory is recovered as an access fault")

@@ -254,6 +254,36 @@ TEST_CASE("dirty logging reports the pages the guest wrote, per region")
     CHECK(again[0] == 0); // read and cleared
 }
 
+TEST_CASE("dirty pages survive their slot being deleted and re-created")
+{
+    Guest<> g;
+    must(g.manager.set_dirty_logging(g.id, true));
+    const RegionId ram = g.manager.memory_map().regions.back().id; // the RAM above 1 MiB
+    X86Asm a;
+    a.mov(X86Asm::edi, MiB + 5 * page_size).store_byte_edi(1).hlt();
+    g.load(a);
+    must(g.manager.take_dirty_log(g.id, ram));
+    g.run_to_halt();
+    // A permission change re-creates the slot (KVM cannot change KVM_MEM_READONLY in place),
+    // twice; the page the guest wrote before is still reported.
+    must(g.manager.map_region(ram, {false, true, false}));
+    CHECK(g.kvm->slots().back().readonly);    // a new slot...
+    CHECK(g.kvm->pending_dirty_pages() == 1); // ...and the old one's log kept
+    must(g.manager.map_region(ram, {true, true, false}));
+    CHECK(g.kvm->pending_dirty_pages() == 1);
+    const auto log = must(g.manager.take_dirty_log(g.id, ram));
+    CHECK(log[0] == std::uint64_t{1} << 5);
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+    CHECK(must(g.manager.take_dirty_log(g.id, ram))[0] == 0);
+
+    // Turning logging off discards what is pending.
+    g.run_to_halt();
+    must(g.manager.map_region(ram, {false, true, false}));
+    CHECK(g.kvm->pending_dirty_pages() == 1);
+    must(g.manager.set_dirty_logging(g.id, false));
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+}
+
 TEST_CASE("prefetch uses KVM_PRE_FAULT_MEMORY where the kernel has it, else says unsupported")
 {
     Guest<> g;
@@ -289,6 +319,32 @@ TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
     must(m.detach_partition(id));
     CHECK(test::smaps_for(m.guest_memory().mapper()->base()).vm_flags.find(" lo") ==
           std::string::npos);
+}
+
+TEST_CASE("a pin the kernel refuses part-way leaves nothing locked")
+{
+    // Host memory with a hole in the middle: mlock locks the first page, then fails at the
+    // hole. KVM accepts the slot (it checks the range only when the guest touches it).
+    KvmVm vm = make_vm();
+    auto kvm = must(KvmPartition<>::create(vm.vm_fd()));
+    void* p =
+        ::mmap(nullptr, 3 * page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(p != MAP_FAILED);
+    auto* host = static_cast<std::byte*>(p);
+    REQUIRE(::munmap(host + page_size, page_size) == 0);
+    must(kvm->map_range(host, 8 * MiB, 3 * page_size, true, false));
+
+    auto r = kvm->pin_range(8 * MiB, 3 * page_size);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == std::errc::not_enough_memory); // ENOMEM: the hole
+    CHECK(r.error().message().find("could not pin") != std::string::npos);
+    CHECK_FALSE(kvm->slots().at(0).pinned);
+    const auto first = test::smaps_for(host);
+    REQUIRE(first.found);
+    CHECK(first.vm_flags.find(" lo") == std::string::npos); // the part mlock did lock is undone
+    must(kvm->unmap_range(8 * MiB, 3 * page_size));
+    ::munmap(host, page_size);
+    ::munmap(host + 2 * page_size, page_size);
 }
 
 TEST_CASE("slot exhaustion, with the limit lowered through the seam, is a clean error")

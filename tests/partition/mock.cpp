@@ -75,6 +75,17 @@ TEST_CASE("MockPartition optional capabilities: pin and dirty logging")
     CHECK((*log)[0] == 0b100);
     auto again = p.take_dirty_log(0x0, 0x4000);
     CHECK((*again)[0] == 0); // cleared as read
+    // The log belongs to the pages: a window unmapped and mapped again still reports them.
+    p.mark_dirty(0x3000);
+    REQUIRE(p.unpin_range(0x0, 0x4000).has_value());
+    REQUIRE(p.unmap_range(0x0, 0x4000).has_value());
+    REQUIRE(p.map_range(va(0x1000), 0x0, 0x4000, false, false).has_value());
+    CHECK((*p.take_dirty_log(0x0, 0x4000))[0] == 0b1000);
+    // Turning logging off discards it.
+    p.mark_dirty(0x1000);
+    REQUIRE(p.set_dirty_logging(false).has_value());
+    REQUIRE(p.set_dirty_logging(true).has_value());
+    CHECK((*p.take_dirty_log(0x0, 0x4000))[0] == 0);
 }
 
 // The conformance suite, for the mock.

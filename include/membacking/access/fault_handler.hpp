@@ -8,8 +8,8 @@
  * and the asm also emits a FixupEntry {start, end, recover} (three self-relative 32-bit offsets)
  * into the section `mb_fixups`. On a fault, the handler looks the interrupted instruction pointer
  * up in [__start_mb_fixups, __stop_mb_fixups); if it lies inside an entry, it records the fault
- * (address, signal, si_code) in a thread-local and resumes at the entry's recovery label, where
- * the primitive returns false. No setjmp, no unwinding.
+ * (address, signal, si_code, RCX) in a thread-local and resumes at the entry's recovery label,
+ * where the primitive returns false. No setjmp, no unwinding.
  *
  * Header-only and COMDAT: each inlined copy of a primitive carries its own entry. The section is
  * SHF_LINK_ORDER ("ao") linked to the instruction's text section, so when the linker discards a
@@ -44,6 +44,11 @@ struct FaultRecord {
     std::uintptr_t address = 0; ///< si_addr: the first byte that could not be accessed
     int signal = 0;             ///< SIGSEGV or SIGBUS
     int code = 0;               ///< si_code (SEGV_MAPERR, SEGV_ACCERR, BUS_ADRERR, ...)
+    /// RCX at the fault. For the bulk primitives (rep movsb/stosb) this is the architectural
+    /// progress: the bytes not yet done. It is what a retry resumes from, not `address`: with
+    /// fast strings the CPU may fault on a later line while earlier bytes are still undone, and
+    /// only RCX/RSI/RDI say where the completed prefix ends. Meaningless for other primitives.
+    std::uint64_t remaining = 0;
 };
 
 namespace detail {
@@ -123,7 +128,8 @@ inline void on_fault(int sig, siginfo_t* info, void* context) noexcept
         const auto ip = static_cast<std::uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
         if (const std::uintptr_t recover = find_recovery(ip); recover != 0) {
             last_fault =
-                FaultRecord{reinterpret_cast<std::uintptr_t>(info->si_addr), sig, info->si_code};
+                FaultRecord{reinterpret_cast<std::uintptr_t>(info->si_addr), sig, info->si_code,
+                            static_cast<std::uint64_t>(uc->uc_mcontext.gregs[REG_RCX])};
             uc->uc_mcontext.gregs[REG_RIP] = static_cast<greg_t>(recover);
             uc->uc_mcontext.gregs[REG_EFL] &= ~greg_t{0x400}; // DF clear, as the ABI expects
             return;

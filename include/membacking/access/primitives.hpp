@@ -62,8 +62,9 @@ concept AtomicSized = std::is_trivially_copyable_v<T> &&
 template <class U>
 concept AtomicUnsigned = std::is_unsigned_v<U> && AtomicSized<U>;
 
-/// Copies n bytes from src to dst. On a fault, the bytes before last_fault().address (in
-/// whichever buffer faulted) have been copied.
+/// Copies n bytes from src to dst. On a fault, the first n - last_fault().remaining bytes
+/// have been copied (bytes after them may or may not have been); last_fault().address is the
+/// byte, in whichever buffer, that could not be accessed.
 MEMBACKING_ALWAYS_INLINE bool try_copy(void* dst, const void* src, std::size_t n) noexcept
 {
     asm volatile goto(".Lmb_start%=:\n\t"
@@ -78,7 +79,7 @@ fault:
     return false;
 }
 
-/// Sets n bytes at dst to value.
+/// Sets n bytes at dst to value. On a fault, the first n - last_fault().remaining bytes are set.
 MEMBACKING_ALWAYS_INLINE bool try_fill(void* dst, std::uint8_t value, std::size_t n) noexcept
 {
     asm volatile goto(".Lmb_start%=:\n\t"

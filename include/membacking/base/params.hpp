@@ -32,8 +32,10 @@ enum class MappingType : std::uint8_t { Ram, Device };
     return t == MappingType::Ram ? "ram" : "device";
 }
 
-/// Host-side placement hints for one mapping. Hints only: failing to apply one is logged by the
-/// VA policy, never an error for the guest (as in the reference), except where a test asks.
+/// Host-side placement for one mapping. Transparent huge pages are advice: a kernel that
+/// refuses it (THP "never") is counted in MappingStats::hint_failures, not an error. A NUMA node
+/// is a requirement: memory silently placed on another node is a performance bug nobody would
+/// find, so a binding the kernel refuses fails the map, which then changes nothing.
 struct MemoryPolicy {
     std::optional<std::uint32_t> numa_node; ///< mbind the pages to this host node
     bool transparent_hugepages = false;     ///< madvise(MADV_HUGEPAGE)

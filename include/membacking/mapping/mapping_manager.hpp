@@ -93,7 +93,9 @@ public:
     /// should be retried (a lazy mapper fetched the mapping, or it was replaced concurrently), or
     /// the error to report: errc::unmapped (no mapping there), errc::read_only (a write to
     /// read-only memory), errc::conflict (the fault came from inside a control call on this
-    /// thread). Takes the mapping manager's lock; may map memory.
+    /// thread). Takes the mapping manager's lock; may map memory. This is the cold path after a
+    /// fault, not the access path: it may allocate (bookkeeping, error text), and being noexcept
+    /// an allocation failure here ends the process rather than corrupting the books.
     [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept;
 
 private:

@@ -20,11 +20,17 @@
  *   TDP) or no vCPU is set, prefetch is errc::unsupported. OpenVMM does nothing here.
  * - Pin: KVM itself never pins guest memory; devices that DMA pin through VFIO. Here "pinned"
  *   means resident: pin_range mlock()s the host range behind the slot, so it cannot be swapped
- *   out or reclaimed (it can still be migrated by compaction). A range with holes (PROT_NONE
- *   parts in the VA) cannot be locked, and that is reported (EOPNOTSUPP from the kernel).
+ *   out or reclaimed (it can still be migrated by compaction). When the kernel refuses (a hole
+ *   in the range, RLIMIT_MEMLOCK) the error is returned and whatever part it had already locked
+ *   is unlocked again. The lock belongs to the host mappings present at pin time: a mapping
+ *   later replaced inside a pinned window (a new object placed into an active region) is a new
+ *   host mapping and is not locked; unpin and pin the window again to cover it.
  * - Dirty logging: a partition-wide mode: every slot, present and future, gets
  *   KVM_MEM_LOG_DIRTY_PAGES; take_dirty_log reads and clears one window's bitmap with
- *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page).
+ *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page). KVM keeps the bitmap in the slot, so deleting
+ *   a slot would lose it: before a logged slot is deleted its bitmap is read into a pending log
+ *   (by GPA), which the next take_dirty_log over those pages merges and clears. Only guest
+ *   writes are logged; the VMM's own writes through GuestMemory are not.
  *
  * Every ioctl goes through Sys (os/linux.hpp), so tests can lower the slot limit or fail the
  * n-th memslot update. Every call leaves the partition as it was when it fails. Thread-safe.
@@ -41,6 +47,8 @@
 #    include <membacking/os/linux.hpp>
 #    include <membacking/partition/partition_mapper.hpp>
 
+#    include <algorithm>
+#    include <bit>
 #    include <cerrno>
 #    include <cstdint>
 #    include <iterator>
@@ -189,7 +197,12 @@ public:
         }
         std::vector<SlotInfo> deleted;
         for (const SlotInfo& s : doomed) {
-            if (auto r = set_region(s, 0); !r) {
+            // Deleting a slot drops its dirty bitmap: keep it first. If anything below fails
+            // the slot comes back with a clean bitmap, and the bits wait in the pending log.
+            Result<void> r = save_dirty_log(s);
+            if (r)
+                r = set_region(s, 0);
+            if (!r) {
                 for (const SlotInfo& d : deleted) // all or nothing: put the others back
                     if (!set_region(d, d.size))
                         detail::fatal("KVM: could not restore memslot " + std::to_string(d.slot) +
@@ -236,11 +249,16 @@ public:
             return no_window(gpa, size);
         if (s->pinned)
             return {};
-        if (Sys::mlock(s->host_va, size) != 0)
-            return os::last_error([&] {
+        if (Sys::mlock(s->host_va, size) != 0) {
+            Error e = os::last_error([&] {
                 return "could not pin (mlock) the memory of KVM memslot " +
                        std::to_string(s->slot) + " (" + span_of(*s).to_string() + ")";
             });
+            // mlock works front to back and stops at the first VMA it cannot lock, leaving the
+            // ones before it locked: unlock them so a failed pin holds nothing.
+            (void)Sys::munlock(s->host_va, size);
+            return e;
+        }
         s->pinned = true;
         return {};
     }
@@ -268,6 +286,8 @@ public:
             return {};
         const bool before = dirty_logging_;
         dirty_logging_ = enabled;
+        if (!enabled)
+            pending_dirty_.clear(); // KVM drops the slots' bitmaps too
         std::vector<const SlotInfo*> done;
         for (const auto& [gpa, s] : slots_) {
             if (auto r = set_region(s, s.size); !r) {
@@ -292,14 +312,28 @@ public:
             return no_window(gpa, size);
         if (!dirty_logging_)
             return make_error(errc::conflict, "KVM dirty logging is off");
-        std::vector<std::uint64_t> bitmap((size / page_size + 63) / 64, 0);
-        kvm_dirty_log log{};
-        log.slot = s->slot;
-        log.dirty_bitmap = bitmap.data();
-        if (Sys::ioctl(vm_fd_, KVM_GET_DIRTY_LOG, &log) != 0)
-            return os::last_error([&] {
-                return "KVM_GET_DIRTY_LOG of memslot " + std::to_string(s->slot) + " failed";
-            });
+        auto bitmap = read_dirty_bitmap(*s);
+        if (!bitmap)
+            return bitmap;
+        // Merge what earlier incarnations of these pages' slots logged before being deleted.
+        const MemoryRange window = span_of(*s);
+        for (auto it = pending_dirty_.begin(); it != pending_dirty_.end();) {
+            PendingDirty& p = *it;
+            const MemoryRange span = MemoryRange::unchecked(p.gpa, p.gpa + p.pages * page_size);
+            const MemoryRange common = span.intersection(window);
+            for (std::uint64_t page = common.start(); page < common.end(); page += page_size) {
+                const std::uint64_t from = (page - p.gpa) / page_size;
+                const std::uint64_t to = (page - window.start()) / page_size;
+                if (test_bit(p.bits, from)) {
+                    (*bitmap)[to / 64] |= std::uint64_t{1} << (to % 64);
+                    p.bits[from / 64] &= ~(std::uint64_t{1} << (from % 64));
+                }
+            }
+            if (std::all_of(p.bits.begin(), p.bits.end(), [](std::uint64_t w) { return w == 0; }))
+                it = pending_dirty_.erase(it);
+            else
+                ++it;
+        }
         return bitmap;
     }
 
@@ -320,8 +354,58 @@ public:
         return out;
     }
     [[nodiscard]] int vm_fd() const noexcept { return vm_fd_; }
+    /// Pages logged in slots since deleted and not yet taken (for tests and dumps).
+    [[nodiscard]] std::uint64_t pending_dirty_pages() const
+    {
+        std::lock_guard lock(mutex_);
+        std::uint64_t n = 0;
+        for (const PendingDirty& p : pending_dirty_)
+            for (std::uint64_t w : p.bits)
+                n += static_cast<std::uint64_t>(std::popcount(w));
+        return n;
+    }
 
 private:
+    /// The dirty bitmap of a deleted slot: bit i is the page at gpa + i * page_size.
+    struct PendingDirty {
+        std::uint64_t gpa = 0;
+        std::uint64_t pages = 0;
+        std::vector<std::uint64_t> bits;
+    };
+
+    static bool test_bit(const std::vector<std::uint64_t>& bits, std::uint64_t i)
+    {
+        return (bits[i / 64] >> (i % 64)) & 1U;
+    }
+
+    /// KVM_GET_DIRTY_LOG of one slot: reads and clears its bitmap.
+    Result<std::vector<std::uint64_t>> read_dirty_bitmap(const SlotInfo& s)
+    {
+        std::vector<std::uint64_t> bitmap((s.size / page_size + 63) / 64, 0);
+        kvm_dirty_log log{};
+        log.slot = s.slot;
+        log.dirty_bitmap = bitmap.data();
+        if (Sys::ioctl(vm_fd_, KVM_GET_DIRTY_LOG, &log) != 0)
+            return os::last_error([&] {
+                return "KVM_GET_DIRTY_LOG of memslot " + std::to_string(s.slot) + " (" +
+                       span_of(s).to_string() + ") failed";
+            });
+        return bitmap;
+    }
+
+    /// Moves a logged slot's bitmap into the pending log, ahead of deleting the slot.
+    Result<void> save_dirty_log(const SlotInfo& s)
+    {
+        if (!dirty_logging_)
+            return {};
+        auto bitmap = read_dirty_bitmap(s);
+        if (!bitmap)
+            return std::move(bitmap).error().context("saving the dirty log before deleting it");
+        if (std::any_of(bitmap->begin(), bitmap->end(), [](std::uint64_t w) { return w != 0; }))
+            pending_dirty_.push_back(PendingDirty{s.gpa, s.size / page_size, std::move(*bitmap)});
+        return {};
+    }
+
     KvmPartition(int vm_fd, const Capabilities& caps) : vm_fd_(vm_fd), caps_(caps) {}
 
     static MemoryRange span_of(const SlotInfo& s)
@@ -411,6 +495,7 @@ private:
     std::vector<std::uint32_t> free_;         ///< released slot numbers, reused first
     std::uint32_t next_ = 0;                  ///< the lowest never-used slot number
     bool dirty_logging_ = false;
+    std::vector<PendingDirty> pending_dirty_; ///< bitmaps of logged slots deleted since
     std::optional<int> prefetch_vcpu_;
 };
 

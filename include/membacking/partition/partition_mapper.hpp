@@ -9,9 +9,11 @@
  * Required:
  *   static constexpr PartitionFeatures features;
  *   static constexpr std::string_view name;      // "kvm", "whp", "mock": for dumps
- *   Result<void> map_range(void* host_va, uint64_t gpa, uint64_t size, bool writable, bool
- * executable); Result<void> unmap_range(uint64_t gpa, uint64_t size); unmap_range is given whole
- * earlier maps only, never part of one. Both must leave the partition unchanged when they fail.
+ *   Result<void> map_range(void* host_va, uint64_t gpa, uint64_t size,
+ *                          bool writable, bool executable);
+ *   Result<void> unmap_range(uint64_t gpa, uint64_t size);
+ *   unmap_range is given whole earlier maps only, never part of one. Both must leave the
+ *   partition unchanged when they fail.
  *
  * Optional capabilities, claimed in `features` (snmalloc's "claims F => provides F" pattern):
  *   prefetch:   Result<void> prefetch_range(uint64_t gpa, uint64_t size);
@@ -22,7 +24,10 @@
  *               Logging is a partition-wide mode: it applies to every window, including those
  *               mapped later (a region re-mapped by a visibility change keeps being logged).
  *               take_dirty_log reads and clears the log of one mapped window: one bit per 4 KiB
- *               page, bit i of word i/64.
+ *               page, bit i of word i/64. The log belongs to guest physical pages, not to
+ *               windows: a page written before its window was unmapped and mapped again (a
+ *               visibility or permission change re-creates windows) is still reported by the
+ *               next take_dirty_log that covers it. Turning logging off discards the log.
  */
 #pragma once
 
