@@ -1,26 +1,24 @@
-// The access path against its baselines, in one binary:
+// The access path against its baselines, in one binary.
 //
-//   BM_ReadU64/raw, BM_ReadU64/guest      8-byte load at a fixed hot GPA (target: guest <= 1.25x
-//   raw) BM_WriteU64/raw, BM_WriteU64/guest    8-byte store, same
-//   .../guest_handle                      the same through the owning GuestMemory handle kept as a
-//                                         local instead of its GuestMemoryView (see
-//                                         guest_memory.hpp)
-//   BM_Copy/memcpy/<n>                    memcpy out of the guest's VA into a host buffer
-//   BM_Copy/guest_read/<n>                GuestMemory::read of the same bytes (target >= 0.95x)
-//   BM_Copy/guest_write/<n>               GuestMemory::write of the same size
-//   BM_RandomRW/raw                       read u64, write it back + 1, at pseudo-random offsets of
-//                                         a plain 16 MiB buffer
-//   BM_RandomRW/<regions>                 the same stream through GuestMemory, over 16 MiB of RAM
-//                                         split into <regions> regions with gaps between them
-//                                         (target: <= 1.3x raw, flat in the region count)
-//   BM_RandomRW/raw_layout/<regions>      the same GPAs through a plain pointer into the guest's
-//   own
-//                                         VA: the memory system's cost of that layout (TLB reach),
-//                                         without the library. guest / raw_layout is what the
-//                                         library adds.
+// BM_ReadU64/raw, BM_ReadU64/guest: an 8-byte load at a fixed hot GPA (target: guest <= 1.25x raw).
+// BM_WriteU64/raw, BM_WriteU64/guest: an 8-byte store, same target.
+// .../guest_handle: the same through the owning GuestMemory handle kept as a local instead of its
+//   GuestMemoryView (see guest_memory.hpp).
+// BM_Copy/memcpy/<n>: memcpy out of the guest's VA into a host buffer.
+// BM_Copy/guest_read/<n>: GuestMemory::read of the same bytes (target: >= 0.95x memcpy).
+// BM_Copy/guest_write/<n>: GuestMemory::write of the same size.
+// BM_RandomRW/raw: read a u64 and write it back + 1, at pseudo-random offsets of a plain 16 MiB
+//   buffer.
+// BM_RandomRW/<regions>: the same stream through GuestMemory, over 16 MiB of RAM split into
+//   <regions> regions with gaps between them (target: <= 1.3x raw, flat in the region count).
+// BM_RandomRW/raw_layout/<regions>: the same GPAs through a plain pointer into the guest's own VA:
+//   what that layout costs the memory system (TLB reach) without the library. guest / raw_layout
+//   is what the library adds.
 //
 // Guest memory is real: regions in a RegionManager, mapped by a MappingManager into a Linux VA
-// mapper, accessed through GuestMemory. Raw baselines use the same pages through a plain pointer.
+// mapper, accessed through GuestMemory. The raw baselines of the hot-GPA, copy and raw_layout
+// benchmarks use the guest's own pages through a plain pointer; BM_RandomRW/raw uses a plain
+// buffer of its own, as the issue defines it.
 #include <membacking/guest_memory.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
 #include <membacking/region/nested_priority.hpp>
