@@ -14,6 +14,8 @@
 // BM_RandomRW/raw_layout/<regions>: the same GPAs through a plain pointer into the guest's own VA:
 //   what that layout costs the memory system (TLB reach) without the library. guest / raw_layout
 //   is what the library adds.
+// BM_RandomRW/raw_gapped/<regions>: the same GPAs in a plain private buffer (no library, no shared
+//   memory): what the gaps alone cost against BM_RandomRW/raw.
 //
 // Guest memory is real: regions in a RegionManager, mapped by a MappingManager into a Linux VA
 // mapper, accessed through GuestMemory. The raw baselines of the hot-GPA, copy and raw_layout
@@ -227,6 +229,17 @@ void copy_guest_write(benchmark::State& state)
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * state.range(0));
 }
 
+/// The issue's GPA of a RAM offset, (offset / size) * 2 * size + offset % size, for a power-of-two
+/// region size: with q * size = offset & ~(size - 1), that is offset + q * size. Two instructions,
+/// shared by every layout benchmark, so the baselines and the guest pay the same arithmetic.
+struct Layout {
+    std::uint64_t region_mask; // ~(size - 1)
+    [[nodiscard]] std::uint64_t gpa_of(std::uint64_t offset) const
+    {
+        return offset + (offset & region_mask);
+    }
+};
+
 /// The stream of the issue: xorshift64 from 0x9E3779B97F4A7C15, offset = x mod 16 MiB, 8-aligned.
 struct Stream {
     std::uint64_t x = 0x9E3779B97F4A7C15;
@@ -260,13 +273,11 @@ void random_rw_guest(benchmark::State& state)
 {
     const Guest& g = guest(static_cast<std::uint64_t>(state.range(0)));
     View m = g.memory().view();
-    // gpa = (offset / size) * 2 * size + offset % size, with size a power of two.
-    const std::uint64_t shift = g.size_log2();
-    const std::uint64_t mask = (std::uint64_t{1} << shift) - 1;
+    const Layout layout{~((std::uint64_t{1} << g.size_log2()) - 1)};
     Stream s;
     for (auto _ : state) {
         const std::uint64_t off = s.next();
-        const std::uint64_t gpa = ((off >> shift) << (shift + 1)) | (off & mask);
+        const std::uint64_t gpa = layout.gpa_of(off);
         auto v = m.read_plain<std::uint64_t>(gpa);
         if (!v) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");
@@ -285,12 +296,11 @@ void random_rw_raw_layout(benchmark::State& state)
 {
     const Guest& g = guest(static_cast<std::uint64_t>(state.range(0)));
     std::byte* base = g.memory().mapper()->base();
-    const std::uint64_t shift = g.size_log2();
-    const std::uint64_t mask = (std::uint64_t{1} << shift) - 1;
+    const Layout layout{~((std::uint64_t{1} << g.size_log2()) - 1)};
     Stream s;
     for (auto _ : state) {
         const std::uint64_t off = s.next();
-        const std::uint64_t gpa = ((off >> shift) << (shift + 1)) | (off & mask);
+        const std::uint64_t gpa = layout.gpa_of(off);
         std::uint64_t v;
         std::memcpy(&v, base + gpa, sizeof v);
         ++v;
@@ -299,23 +309,69 @@ void random_rw_raw_layout(benchmark::State& state)
     }
 }
 
+/// The guest's GPA layout (regions with gaps) in a plain private buffer: no library, no shared
+/// memory. Against BM_RandomRW/raw it shows what the gaps alone cost the TLB and page walks.
+void random_rw_raw_gapped(benchmark::State& state)
+{
+    const auto regions = static_cast<std::uint64_t>(state.range(0));
+    const std::uint64_t size = ram_bytes / regions;
+    void* p = std::aligned_alloc(page_size, 2 * ram_bytes);
+    auto* base = static_cast<std::byte*>(p);
+    const Layout layout{~(size - 1)};
+    for (std::uint64_t off = 0; off < ram_bytes; off += page_size) // touch the same pages only
+        std::memset(base + layout.gpa_of(off), 0, page_size);
+    Stream s;
+    for (auto _ : state) {
+        const std::uint64_t off = s.next();
+        const std::uint64_t gpa = layout.gpa_of(off);
+        std::uint64_t v;
+        std::memcpy(&v, base + gpa, sizeof v);
+        ++v;
+        opaque(v);
+        std::memcpy(base + gpa, &v, sizeof v);
+    }
+    std::free(p);
+}
+
+/// MEMBACKING_BENCH_ITERATIONS=N runs every benchmark for exactly N iterations. Under callgrind,
+/// two runs with different N give the exact instruction count of one iteration (the difference of
+/// the totals over the difference of N), a figure the machine's noise cannot move.
+void fix_iterations(const std::vector<benchmark::internal::Benchmark*>& all)
+{
+    const char* env = std::getenv("MEMBACKING_BENCH_ITERATIONS");
+    if (env == nullptr)
+        return;
+    const long long n = std::atoll(env);
+    if (n <= 0) {
+        std::fprintf(stderr, "MEMBACKING_BENCH_ITERATIONS must be a positive count, not '%s'\n",
+                     env);
+        std::exit(1);
+    }
+    for (auto* b : all)
+        b->Iterations(static_cast<benchmark::IterationCount>(n));
+}
+
 const bool registered = [] {
-    benchmark::RegisterBenchmark("BM_ReadU64/raw", read_u64_raw);
-    benchmark::RegisterBenchmark("BM_ReadU64/guest", read_u64_guest<View>);
-    benchmark::RegisterBenchmark("BM_ReadU64/guest_handle", read_u64_guest<Memory>);
-    benchmark::RegisterBenchmark("BM_WriteU64/raw", write_u64_raw);
-    benchmark::RegisterBenchmark("BM_WriteU64/guest", write_u64_guest<View>);
-    benchmark::RegisterBenchmark("BM_WriteU64/guest_handle", write_u64_guest<Memory>);
-    for (auto* b : {benchmark::RegisterBenchmark("BM_Copy/memcpy", copy_memcpy),
-                    benchmark::RegisterBenchmark("BM_Copy/guest_read", copy_guest_read),
-                    benchmark::RegisterBenchmark("BM_Copy/guest_write", copy_guest_write)})
-        b->Arg(4096)->Arg(65536)->Arg(1048576);
-    benchmark::RegisterBenchmark("BM_RandomRW/raw", random_rw_raw);
-    benchmark::RegisterBenchmark("BM_RandomRW", random_rw_guest)->Arg(1)->Arg(64)->Arg(1024);
-    benchmark::RegisterBenchmark("BM_RandomRW/raw_layout", random_rw_raw_layout)
-        ->Arg(1)
-        ->Arg(64)
-        ->Arg(1024);
+    std::vector<benchmark::internal::Benchmark*> all{
+        benchmark::RegisterBenchmark("BM_ReadU64/raw", read_u64_raw),
+        benchmark::RegisterBenchmark("BM_ReadU64/guest", read_u64_guest<View>),
+        benchmark::RegisterBenchmark("BM_ReadU64/guest_handle", read_u64_guest<Memory>),
+        benchmark::RegisterBenchmark("BM_WriteU64/raw", write_u64_raw),
+        benchmark::RegisterBenchmark("BM_WriteU64/guest", write_u64_guest<View>),
+        benchmark::RegisterBenchmark("BM_WriteU64/guest_handle", write_u64_guest<Memory>),
+        benchmark::RegisterBenchmark("BM_Copy/memcpy", copy_memcpy),
+        benchmark::RegisterBenchmark("BM_Copy/guest_read", copy_guest_read),
+        benchmark::RegisterBenchmark("BM_Copy/guest_write", copy_guest_write),
+        benchmark::RegisterBenchmark("BM_RandomRW/raw", random_rw_raw),
+        benchmark::RegisterBenchmark("BM_RandomRW", random_rw_guest),
+        benchmark::RegisterBenchmark("BM_RandomRW/raw_layout", random_rw_raw_layout),
+        benchmark::RegisterBenchmark("BM_RandomRW/raw_gapped", random_rw_raw_gapped),
+    };
+    for (std::size_t i = 6; i < 9; ++i) // the copies
+        all[i]->Arg(4096)->Arg(65536)->Arg(1048576);
+    for (std::size_t i = 10; i < 13; ++i) // the region counts
+        all[i]->Arg(1)->Arg(64)->Arg(1024);
+    fix_iterations(all);
     return true;
 }();
 
