@@ -27,6 +27,8 @@
 #include <membacking/region/region_manager.hpp>
 #include <membacking/va/linux_mmap.hpp>
 
+#include "fixed_iterations.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <bit>
@@ -34,6 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
@@ -333,26 +336,8 @@ void random_rw_raw_gapped(benchmark::State& state)
     std::free(p);
 }
 
-/// MEMBACKING_BENCH_ITERATIONS=N runs every benchmark for exactly N iterations. Under callgrind,
-/// two runs with different N give the exact instruction count of one iteration (the difference of
-/// the totals over the difference of N), a figure the machine's noise cannot move.
-void fix_iterations(const std::vector<benchmark::internal::Benchmark*>& all)
-{
-    const char* env = std::getenv("MEMBACKING_BENCH_ITERATIONS");
-    if (env == nullptr)
-        return;
-    const long long n = std::atoll(env);
-    if (n <= 0) {
-        std::fprintf(stderr, "MEMBACKING_BENCH_ITERATIONS must be a positive count, not '%s'\n",
-                     env);
-        std::exit(1);
-    }
-    for (auto* b : all)
-        b->Iterations(static_cast<benchmark::IterationCount>(n));
-}
-
 const bool registered = [] {
-    std::vector<benchmark::internal::Benchmark*> all{
+    const std::initializer_list<benchmark::internal::Benchmark*> all{
         benchmark::RegisterBenchmark("BM_ReadU64/raw", read_u64_raw),
         benchmark::RegisterBenchmark("BM_ReadU64/guest", read_u64_guest<View>),
         benchmark::RegisterBenchmark("BM_ReadU64/guest_handle", read_u64_guest<Memory>),
@@ -368,10 +353,10 @@ const bool registered = [] {
         benchmark::RegisterBenchmark("BM_RandomRW/raw_gapped", random_rw_raw_gapped),
     };
     for (std::size_t i = 6; i < 9; ++i) // the copies
-        all[i]->Arg(4096)->Arg(65536)->Arg(1048576);
+        all.begin()[i]->Arg(4096)->Arg(65536)->Arg(1048576);
     for (std::size_t i = 10; i < 13; ++i) // the region counts
-        all[i]->Arg(1)->Arg(64)->Arg(1024);
-    fix_iterations(all);
+        all.begin()[i]->Arg(1)->Arg(64)->Arg(1024);
+    bench::fix_iterations(all);
     return true;
 }();
 

@@ -6,6 +6,8 @@
 #include <membacking/region/nested_priority.hpp>
 #include <membacking/region/region_manager.hpp>
 
+#include "fixed_iterations.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -89,6 +91,15 @@ void BM_RegionRemapBaseline(benchmark::State& state)
 
 } // namespace
 
-BENCHMARK(BM_RegionRemap)->Arg(100)->Arg(1000)->Arg(10000);
-BENCHMARK(BM_RegionRemapBaseline)->Arg(100)->Arg(1000)->Arg(10000);
+namespace {
+const bool registered = [] {
+    auto* remap = benchmark::RegisterBenchmark("BM_RegionRemap", BM_RegionRemap);
+    auto* baseline = benchmark::RegisterBenchmark("BM_RegionRemapBaseline", BM_RegionRemapBaseline);
+    for (auto* b : {remap, baseline})
+        b->Arg(100)->Arg(1000)->Arg(10000);
+    bench::fix_iterations({remap, baseline});
+    return true;
+}();
+} // namespace
+
 BENCHMARK_MAIN();
