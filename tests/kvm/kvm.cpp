@@ -301,6 +301,77 @@ TEST_CASE("prefetch uses KVM_PRE_FAULT_MEMORY where the kernel has it, else says
     }
 }
 
+TEST_CASE("prefetch drives KVM_PRE_FAULT_MEMORY to the end of the range (scripted kernel)")
+{
+    // This project's kernels lack the ioctl, so a scripted one stands in: partial progress, a
+    // signal (EINTR) and a race (EAGAIN) before the rest.
+    test::InjectingKvm::reset();
+    test::InjectingKvm::fake_pre_fault = true;
+    test::InjectingKvm::pre_fault_script = {{0x10000, 0}, {0, EINTR}, {0, EAGAIN}, {0x1000, 0}};
+    Guest<test::InjectingKvm> g;
+    REQUIRE(g.kvm->capabilities().pre_fault_memory);
+    g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd());
+
+    must(g.kvm->prefetch_range(MiB, MiB));
+    const auto& calls = test::InjectingKvm::pre_fault_calls;
+    REQUIRE(calls.size() == 5); // the last call, unscripted, finishes the range
+    CHECK((calls[0].gpa == MiB && calls[0].size == MiB));
+    for (std::size_t i = 1; i <= 3; ++i) // retries resume where the kernel left off
+        CHECK((calls[i].gpa == MiB + 0x10000 && calls[i].size == MiB - 0x10000));
+    CHECK((calls[4].gpa == MiB + 0x11000 && calls[4].size == MiB - 0x11000));
+
+    SUBCASE("a kernel error part-way is returned, naming where it stopped")
+    {
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script = {{0x1000, 0}, {0, ENOENT}};
+        auto r = g.kvm->prefetch_range(MiB, MiB);
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code() == std::errc::no_such_file_or_directory);
+        CHECK(r.error().message().find("failed at 0x101000") != std::string::npos);
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == 2);
+    }
+    SUBCASE("a success without progress is an error, not an endless loop")
+    {
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script = {{0, 0}};
+        auto r = g.kvm->prefetch_range(MiB, MiB);
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code() == std::errc::io_error);
+        CHECK(r.error().message().find("without progress") != std::string::npos);
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == 1);
+    }
+    SUBCASE("the manager prefetches a region mapped with prefetch, and only that one")
+    {
+        auto object = filled_memfd(MiB, 0x5a);
+        const RegionId plain =
+            must(g.manager.add_region("plain", range(4 * MiB, 5 * MiB), 100, MappingType::Ram));
+        must(g.manager.add_mapping(plain,
+                                   {range(0, MiB), MappingBacking::file(object, 0), true, {}}));
+        const RegionId eager =
+            must(g.manager.add_region("eager", range(6 * MiB, 7 * MiB), 100, MappingType::Ram));
+        must(g.manager.add_mapping(eager,
+                                   {range(0, MiB), MappingBacking::file(object, 0), true, {}}));
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script.clear(); // each call does the whole range
+        must(g.manager.map_region(plain, {true, true, false}));
+        CHECK(test::InjectingKvm::pre_fault_calls.empty());
+        must(g.manager.map_region(eager, {true, true, true}));
+        REQUIRE(test::InjectingKvm::pre_fault_calls.size() == 1);
+        CHECK((test::InjectingKvm::pre_fault_calls[0].gpa == 6 * MiB &&
+               test::InjectingKvm::pre_fault_calls[0].size == MiB));
+        // Prefetch is advice: a kernel that refuses it does not fail the mapping.
+        must(g.manager.unmap_region(eager));
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script = {{0, ENOENT}};
+        must(g.manager.map_region(eager, {true, true, true}));
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == 1);
+        g.load(copy_byte(6 * MiB + 0x10));
+        g.run_to_halt();
+        CHECK(g.result_byte() == 0x5a);
+    }
+    test::InjectingKvm::reset();
+}
+
 TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
 {
     KvmVm vm = make_vm();

@@ -1,7 +1,9 @@
 /**
  * InjectingKvm: the Linux syscall seam with KVM failures on demand: a lowered memslot limit
  * (what KVM_CHECK_EXTENSION(KVM_CAP_NR_MEMSLOTS) reports) and the n-th memslot update
- * (KVM_SET_USER_MEMORY_REGION or ...REGION2) failing with a chosen errno, doing nothing.
+ * (KVM_SET_USER_MEMORY_REGION or ...REGION2) failing with a chosen errno, doing nothing; and a
+ * scripted KVM_PRE_FAULT_MEMORY for hosts whose kernel lacks it (this project's do), so the
+ * partition's use of it (progress, retries, errors) is tested somewhere.
  */
 #pragma once
 
@@ -10,21 +12,45 @@
 
 #include "injecting_syscalls.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <linux/kvm.h>
+#include <vector>
 
 namespace membacking::test {
+
+/// One scripted answer of the fake KVM_PRE_FAULT_MEMORY: advance by `progress` bytes and succeed,
+/// or (progress 0) fail with `error`, or (both 0) succeed without doing anything (a broken kernel).
+struct PreFaultStep {
+    std::uint64_t progress = 0;
+    int error = 0;
+};
+
+/// What the partition asked of the fake KVM_PRE_FAULT_MEMORY: the range left, per call.
+struct PreFaultCall {
+    std::uint64_t gpa;
+    std::uint64_t size;
+};
 
 struct InjectingKvm : os::LinuxSyscalls {
     static inline long memslot_limit = -1; ///< < 0: the kernel's own limit
     static inline Plan memslot_plan;       ///< failures of memslot updates
     static inline std::size_t memslot_calls = 0;
+    /// Claim KVM_CAP_PRE_FAULT_MEMORY and answer the ioctl from pre_fault_script (then, once it
+    /// runs out, by finishing the range).
+    static inline bool fake_pre_fault = false;
+    static inline std::vector<PreFaultStep> pre_fault_script;
+    static inline std::vector<PreFaultCall> pre_fault_calls;
 
     static void reset()
     {
         memslot_limit = -1;
         memslot_plan = {};
         memslot_calls = 0;
+        fake_pre_fault = false;
+        pre_fault_script.clear();
+        pre_fault_calls.clear();
     }
 
     static int ioctl(int fd, unsigned long request, void* arg) noexcept
@@ -37,13 +63,35 @@ struct InjectingKvm : os::LinuxSyscalls {
                 return -1;
             }
         }
+        if (request == detail::kvm_abi::pre_fault_memory && fake_pre_fault)
+            return pre_fault(*static_cast<detail::kvm_abi::PreFaultMemory*>(arg));
         return os::LinuxSyscalls::ioctl(fd, request, arg);
     }
     static int ioctl(int fd, unsigned long request, unsigned long arg) noexcept
     {
         if (request == KVM_CHECK_EXTENSION && arg == KVM_CAP_NR_MEMSLOTS && memslot_limit >= 0)
             return static_cast<int>(memslot_limit);
+        if (request == KVM_CHECK_EXTENSION && arg == detail::kvm_abi::cap_pre_fault_memory &&
+            fake_pre_fault)
+            return 1;
         return os::LinuxSyscalls::ioctl(fd, request, arg);
+    }
+
+private:
+    static int pre_fault(detail::kvm_abi::PreFaultMemory& pf) noexcept
+    {
+        pre_fault_calls.push_back({pf.gpa, pf.size});
+        PreFaultStep step{pf.size, 0};
+        if (pre_fault_calls.size() <= pre_fault_script.size())
+            step = pre_fault_script[pre_fault_calls.size() - 1];
+        if (step.progress == 0 && step.error != 0) {
+            errno = step.error;
+            return -1;
+        }
+        const std::uint64_t done = std::min(step.progress, pf.size);
+        pf.gpa += done;
+        pf.size -= done;
+        return 0;
     }
 };
 

@@ -228,14 +228,23 @@ public:
         if (!prefetch_vcpu_)
             return make_error(errc::unsupported,
                               "KVM prefetch needs a vCPU (KvmPartition::set_prefetch_vcpu)");
+        // The kernel advances gpa/size as it goes and returns 0 once it has done at least one
+        // page; EINTR (a signal before any progress) and EAGAIN (a race) ask for a retry. A
+        // success that did nothing would loop forever: it is reported instead.
         detail::kvm_abi::PreFaultMemory pf{gpa, size, 0, {}};
-        while (pf.size != 0) { // the kernel advances gpa/size as it goes; EINTR resumes
-            if (Sys::ioctl(*prefetch_vcpu_, detail::kvm_abi::pre_fault_memory, &pf) < 0 &&
-                errno != EINTR && errno != EAGAIN)
-                return os::last_error([&] {
-                    return "KVM_PRE_FAULT_MEMORY of " + MemoryRange::hex(gpa) + "+" +
-                           MemoryRange::hex(size) + " failed";
-                });
+        const auto what = [&] {
+            return "KVM_PRE_FAULT_MEMORY of " + MemoryRange::hex(gpa) + "+" +
+                   MemoryRange::hex(size) + " failed at " + MemoryRange::hex(pf.gpa);
+        };
+        while (pf.size != 0) {
+            const std::uint64_t before = pf.size;
+            if (Sys::ioctl(*prefetch_vcpu_, detail::kvm_abi::pre_fault_memory, &pf) < 0) {
+                if (errno == EINTR || errno == EAGAIN)
+                    continue;
+                return os::last_error(what);
+            }
+            if (pf.size >= before)
+                return os_error(EIO, what() + ": the kernel reported success without progress");
         }
         return {};
     }
