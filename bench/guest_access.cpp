@@ -31,7 +31,6 @@
 
 #include <benchmark/benchmark.h>
 
-#include <bit>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -69,6 +68,17 @@ void must(Result<void> r)
     }
 }
 
+/// The issue's GPA of a RAM offset, (offset / size) * 2 * size + offset % size, for a power-of-two
+/// region size: with q * size = offset & ~(size - 1), that is offset + q * size. Two instructions,
+/// shared by every layout benchmark, so the baselines and the guest pay the same arithmetic.
+struct Layout {
+    std::uint64_t region_mask; // ~(size - 1)
+    [[nodiscard]] std::uint64_t gpa_of(std::uint64_t offset) const
+    {
+        return offset + (offset & region_mask);
+    }
+};
+
 /// A guest with `regions` equal RAM regions over 16 MiB, region i at GPA i * 2 * size.
 class Guest {
 public:
@@ -88,19 +98,12 @@ public:
         }
         memory_ = Memory(must(va_.new_mapper(MapperMode::eager)));
         for (std::uint64_t off = 0; off < ram_bytes; off += page_size) // touch every page
-            if (!memory_.write_plain<std::uint64_t>(gpa_of(off), 0))
+            if (!memory_.write_plain<std::uint64_t>(layout().gpa_of(off), 0))
                 std::abort();
     }
 
     [[nodiscard]] const Memory& memory() const { return memory_; }
-    [[nodiscard]] std::uint64_t size_log2() const
-    {
-        return static_cast<std::uint64_t>(std::countr_zero(size_));
-    }
-    [[nodiscard]] std::uint64_t gpa_of(std::uint64_t offset) const
-    {
-        return (offset / size_) * 2 * size_ + offset % size_;
-    }
+    [[nodiscard]] Layout layout() const { return Layout{~(size_ - 1)}; }
 
 private:
     struct Sink { // VA side only: partitions are not what this measures
@@ -232,17 +235,6 @@ void copy_guest_write(benchmark::State& state)
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * state.range(0));
 }
 
-/// The issue's GPA of a RAM offset, (offset / size) * 2 * size + offset % size, for a power-of-two
-/// region size: with q * size = offset & ~(size - 1), that is offset + q * size. Two instructions,
-/// shared by every layout benchmark, so the baselines and the guest pay the same arithmetic.
-struct Layout {
-    std::uint64_t region_mask; // ~(size - 1)
-    [[nodiscard]] std::uint64_t gpa_of(std::uint64_t offset) const
-    {
-        return offset + (offset & region_mask);
-    }
-};
-
 /// The stream of the issue: xorshift64 from 0x9E3779B97F4A7C15, offset = x mod 16 MiB, 8-aligned.
 struct Stream {
     std::uint64_t x = 0x9E3779B97F4A7C15;
@@ -255,20 +247,27 @@ struct Stream {
     }
 };
 
+/// The read-modify-write stream through a plain pointer: base + place(offset).
+template <class Place>
+void raw_rw(benchmark::State& state, std::byte* base, Place place)
+{
+    Stream s;
+    for (auto _ : state) {
+        const std::uint64_t at = place(s.next());
+        std::uint64_t v;
+        std::memcpy(&v, base + at, sizeof v);
+        ++v;
+        opaque(v);
+        std::memcpy(base + at, &v, sizeof v);
+    }
+}
+
 void random_rw_raw(benchmark::State& state)
 {
     void* p = std::aligned_alloc(page_size, ram_bytes);
     auto* buf = static_cast<std::byte*>(p);
     std::memset(buf, 0, ram_bytes);
-    Stream s;
-    for (auto _ : state) {
-        const std::uint64_t off = s.next();
-        std::uint64_t v;
-        std::memcpy(&v, buf + off, sizeof v);
-        ++v;
-        opaque(v);
-        std::memcpy(buf + off, &v, sizeof v);
-    }
+    raw_rw(state, buf, [](std::uint64_t offset) { return offset; });
     std::free(p);
 }
 
@@ -276,7 +275,7 @@ void random_rw_guest(benchmark::State& state)
 {
     const Guest& g = guest(static_cast<std::uint64_t>(state.range(0)));
     View m = g.memory().view();
-    const Layout layout{~((std::uint64_t{1} << g.size_log2()) - 1)};
+    const Layout layout = g.layout();
     Stream s;
     for (auto _ : state) {
         const std::uint64_t off = s.next();
@@ -298,18 +297,9 @@ void random_rw_guest(benchmark::State& state)
 void random_rw_raw_layout(benchmark::State& state)
 {
     const Guest& g = guest(static_cast<std::uint64_t>(state.range(0)));
-    std::byte* base = g.memory().mapper()->base();
-    const Layout layout{~((std::uint64_t{1} << g.size_log2()) - 1)};
-    Stream s;
-    for (auto _ : state) {
-        const std::uint64_t off = s.next();
-        const std::uint64_t gpa = layout.gpa_of(off);
-        std::uint64_t v;
-        std::memcpy(&v, base + gpa, sizeof v);
-        ++v;
-        opaque(v);
-        std::memcpy(base + gpa, &v, sizeof v);
-    }
+    const Layout layout = g.layout();
+    raw_rw(state, g.memory().mapper()->base(),
+           [layout](std::uint64_t offset) { return layout.gpa_of(offset); });
 }
 
 /// The guest's GPA layout (regions with gaps) in a plain private buffer: no library, no shared
@@ -323,16 +313,7 @@ void random_rw_raw_gapped(benchmark::State& state)
     const Layout layout{~(size - 1)};
     for (std::uint64_t off = 0; off < ram_bytes; off += page_size) // touch the same pages only
         std::memset(base + layout.gpa_of(off), 0, page_size);
-    Stream s;
-    for (auto _ : state) {
-        const std::uint64_t off = s.next();
-        const std::uint64_t gpa = layout.gpa_of(off);
-        std::uint64_t v;
-        std::memcpy(&v, base + gpa, sizeof v);
-        ++v;
-        opaque(v);
-        std::memcpy(base + gpa, &v, sizeof v);
-    }
+    raw_rw(state, base, [layout](std::uint64_t offset) { return layout.gpa_of(offset); });
     std::free(p);
 }
 

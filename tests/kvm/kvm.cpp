@@ -22,6 +22,7 @@
 using namespace membacking;
 using example::KvmVm;
 using example::X86Asm;
+using test::must;
 using test::range;
 using Exit = KvmVm::Exit;
 
@@ -30,17 +31,6 @@ namespace {
 constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
 constexpr std::uint32_t code_gpa = 0x1000;
 constexpr std::uint32_t result_gpa = 0x2000;
-
-template <class T>
-T must(Result<T> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-    return std::move(r).value();
-}
-void must(Result<void> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-}
 
 KvmVm make_vm()
 {

@@ -11,6 +11,7 @@
 #include <vector>
 
 using namespace membacking;
+using test::must;
 using test::range;
 
 namespace {
@@ -27,13 +28,6 @@ using Builder = Manager::Builder;
 RamBackingRequest ram(std::vector<MemoryRange> ranges)
 {
     return RamBackingRequest(std::move(ranges));
-}
-
-template <class M>
-M must(Result<M> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-    return std::move(r).value();
 }
 
 /// The build error's code and message, or a failing check if the build succeeded.

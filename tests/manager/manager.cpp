@@ -16,6 +16,7 @@
 #include <vector>
 
 using namespace membacking;
+using test::must;
 using test::range;
 
 namespace {
@@ -23,17 +24,6 @@ namespace {
 constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
 using Manager = MockGuestMemoryManager;
 using Window = MockPartition::Window;
-
-template <class M>
-M must(Result<M> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-    return std::move(r).value();
-}
-void must(Result<void> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-}
 
 /// A PC-like guest: x86 legacy RAM over 0..4 MiB.
 Manager legacy_guest(std::uint64_t max_addr = 16 * MiB)

@@ -13,6 +13,7 @@
 
 using namespace membacking;
 using test::InjectingSyscalls;
+using test::must;
 using test::range;
 using Va = LinuxMmap<InjectingSyscalls>;
 using Mapper = VaMapper<Va>;
@@ -20,17 +21,6 @@ using Memory = GuestMemory<Mapper>;
 using Ids = std::vector<std::uint64_t>;
 
 namespace {
-
-template <class T>
-T must(Result<T> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-    return std::move(r).value();
-}
-void must(Result<void> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-}
 
 struct Fixture {
     Fixture() { InjectingSyscalls::reset(); }

@@ -13,9 +13,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <sys/mman.h>
 #include <system_error>
 #include <unistd.h>
+#include <utility>
 
 namespace membacking::test {
 
@@ -48,6 +50,19 @@ template <class T>
 std::optional<T> value_of(const AccessResult<T>& r)
 {
     return r ? std::optional<T>(r.value()) : std::nullopt;
+}
+
+/// The value of a Result that the test needs to go on; a failure stops the test case with the
+/// error's full message.
+template <class T>
+T must(Result<T> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
+    return std::move(r).value();
+}
+inline void must(Result<void> r)
+{
+    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
 }
 
 /// A range known to be valid; a test typo is reported as a test failure.

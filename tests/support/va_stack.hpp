@@ -42,13 +42,6 @@ struct VaStack {
           primary(must(va.new_mapper(MapperMode::eager))), memory(primary)
     {}
 
-    template <class T>
-    static T must(Result<T> r)
-    {
-        REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-        return std::move(r).value();
-    }
-
     /// A region at [start, end) of priority prio, with `object` mapped over all of it from
     /// file_offset, then mapped with the given params.
     RegionId add_ram(std::string name, std::uint64_t start, std::uint64_t end,

@@ -12,20 +12,11 @@
 #include <sys/stat.h>
 
 using namespace membacking;
+using test::must;
 using Va = LinuxMmap<>;
 using InjectedVa = LinuxMmap<test::InjectingSyscalls>;
 
 namespace {
-template <class T>
-T must(Result<T> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-    return std::move(r).value();
-}
-void must(Result<void> r)
-{
-    REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().full_message()));
-}
 std::uintptr_t addr(const std::byte* p)
 {
     return reinterpret_cast<std::uintptr_t>(p);
