@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The Windows half of the test suite, on a Linux machine: cross-compiles the tests with MinGW and
+# runs them under Wine 10, inside a Debian 13 (trixie) chroot that this script builds with
+# debootstrap and keeps between runs. Needs root (debootstrap, chroot, mounts).
+#
+#   bash tests/windows/run.sh            # build (or reuse) the chroot, build, run; last line:
+#                                        # "N passed, N failed, N skipped"
+#   MEMBACKING_WINE_CACHE=DIR            # where the chroot lives (default below)
+#   MEMBACKING_WINE_BENCH=1              # also run the Windows benchmark and print its ratios
+#
+# The chroot (about 1.5 GiB) is cached in $MEMBACKING_WINE_CACHE, default
+# /var/cache/membacking/wine-trixie, and rebuilt when the package list below changes (its hash is
+# stored beside it). A run leaves no mount, no process and no build directory behind: a trap
+# kills the run's wineserver, unmounts /proc and the source bind mount, and removes the build.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+root=$PWD
+
+cache=${MEMBACKING_WINE_CACHE:-/var/cache/membacking/wine-trixie}
+mirror=http://deb.debian.org/debian
+# What the chroot holds: Wine 10 (wine64), MinGW-w64 with POSIX threads (GCC 14), the build tools,
+# and the header-only test dependencies (copied out of their Debian paths for MinGW, below).
+chroot_packages=(wine64 wine g++-mingw-w64-x86-64-posix meson ninja-build pkgconf python3
+                 doctest-dev librange-v3-dev)
+env_version="1 ${chroot_packages[*]}" # bump the number to force a rebuild
+env_hash=$(printf '%s' "$env_version" | sha256sum | cut -c1-16)
+
+log() { echo "== windows: $*"; }
+
+# ---- cleanup: everything this run mounted or started inside the chroot ----
+mounted=()
+build_dir=
+cleanup() {
+    local rc=$? pids=() p
+    # Processes whose root is our chroot were started by this run (wine, wineserver, compilers).
+    if [ -d "${chroot_dir:-}" ]; then
+        for p in /proc/[0-9]*; do
+            [ "$(readlink "$p/root" 2>/dev/null)" = "$chroot_dir" ] && pids+=("${p#/proc/}")
+        done
+        [ ${#pids[@]} -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null
+    fi
+    local i
+    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
+        umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}" 2>/dev/null || true
+    done
+    [ -n "$build_dir" ] && rm -rf "$build_dir"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mount_in() { # $1 = chroot dir; mounts /proc (and /dev/shm) inside it, recorded for cleanup
+    mount -t proc proc "$1/proc" && mounted+=("$1/proc")
+    mkdir -p "$1/dev/shm"
+    mount -t tmpfs -o size=1g tmpfs "$1/dev/shm" && mounted+=("$1/dev/shm")
+}
+unmount_all() {
+    local i
+    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}"; done
+    mounted=()
+}
+in_chroot() { # $1 = chroot dir, rest = command (run with a clean environment)
+    local dir=$1
+    shift
+    chroot "$dir" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
+        LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+# ---- the environment: Debian 13 + Wine 10 + MinGW, cached ----
+build_env() {
+    local new=$cache/root.new
+    log "building the Wine environment in $cache (debootstrap trixie; a few minutes)"
+    if ! command -v debootstrap >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap \
+            >/dev/null
+    fi
+    rm -rf "$new"
+    mkdir -p "$new"
+    chroot_dir=$new
+    debootstrap --variant=minbase trixie "$new" "$mirror" >"$cache/debootstrap.log" 2>&1 || {
+        tail -20 "$cache/debootstrap.log"
+        return 1
+    }
+    mount_in "$new"
+    cat >"$new/etc/apt/sources.list" <<SOURCES
+deb $mirror trixie main
+deb-src $mirror trixie main
+SOURCES
+    in_chroot "$new" apt-get update -qq
+    in_chroot "$new" apt-get install -y -qq --no-install-recommends "${chroot_packages[@]}" \
+        >"$cache/apt.log" 2>&1 || {
+        tail -20 "$cache/apt.log"
+        return 1
+    }
+    cp "$root/tests/windows/prepare_deps.sh" "$new/tmp/prepare_deps.sh"
+    in_chroot "$new" bash /tmp/prepare_deps.sh >"$cache/deps.log" 2>&1 || {
+        tail -30 "$cache/deps.log"
+        return 1
+    }
+    in_chroot "$new" apt-get clean
+    rm -rf "$new/tmp/"* "$new/var/lib/apt/lists/"*
+    unmount_all
+    rm -rf "$cache/root"
+    mv "$new" "$cache/root"
+    echo "$env_hash" >"$cache/env.hash"
+}
+
+mkdir -p "$cache"
+if [ "$(cat "$cache/env.hash" 2>/dev/null)" != "$env_hash" ] || [ ! -x "$cache/root/usr/lib/wine/wine64" ]; then
+    SECONDS=0
+    build_env
+    log "environment ready in ${SECONDS}s"
+else
+    log "reusing the Wine environment in $cache"
+fi
+chroot_dir=$cache/root
