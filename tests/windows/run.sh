@@ -115,3 +115,53 @@ else
     log "reusing the Wine environment in $cache"
 fi
 chroot_dir=$cache/root
+
+# ---- cross-build the Windows test set and run it under Wine ----
+mount_in "$chroot_dir"
+mkdir -p "$chroot_dir/src"
+mount --bind "$root" "$chroot_dir/src" && mounted+=("$chroot_dir/src")
+mount -o remount,bind,ro "$chroot_dir/src"
+build_dir=$chroot_dir/build
+rm -rf "$build_dir" "$chroot_dir/wineprefix"
+wine_env=(WINEPREFIX=/wineprefix WINEDEBUG=-all WINEDLLOVERRIDES=mscoree,mshtml=
+          XDG_RUNTIME_DIR=/tmp)
+
+log "cross-compiling the tests with MinGW-w64"
+SECONDS=0
+bench_option=-Dbenchmarks=disabled
+[ "${MEMBACKING_WINE_BENCH:-0}" = 1 ] && bench_option=-Dbenchmarks=enabled
+if ! in_chroot "$chroot_dir" meson setup /build /src --cross-file /src/tests/windows/mingw-w64.ini \
+        --wrap-mode=nodownload -Dexamples=false "$bench_option" -Dbench_smoke=false \
+        >"$cache/setup.log" 2>&1; then
+    cat "$cache/setup.log"
+    echo "0 passed, 1 failed, 0 skipped"
+    exit 1
+fi
+if ! in_chroot "$chroot_dir" ninja -C /build >"$cache/build.log" 2>&1; then
+    grep -E "error|Error" "$cache/build.log" | head -30
+    echo "0 passed, 1 failed, 0 skipped"
+    exit 1
+fi
+log "built in ${SECONDS}s"
+
+# A fresh Wine prefix for this run, created once before the tests start in parallel.
+SECONDS=0
+in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wine64 wineboot --init >/dev/null 2>&1 || true
+in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wineserver -w || true
+log "Wine prefix ready in ${SECONDS}s"
+
+SECONDS=0
+in_chroot "$chroot_dir" env "${wine_env[@]}" meson test -C /build --no-rebuild --print-errorlogs \
+    --num-processes 2 || true
+log "tests ran in ${SECONDS}s"
+read -r passed failed skipped <<<"$(python3 "$root/tests/lint/summarise.py" \
+    "$build_dir/meson-logs/testlog.json")"
+
+if [ "${MEMBACKING_WINE_BENCH:-0}" = 1 ]; then
+    log "benchmark (ratios only: Wine timings are not Windows timings)"
+    in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wine64 /build/bench/bench_windows_va.exe \
+        --benchmark_repetitions=5 --benchmark_report_aggregates_only=true || failed=$((failed + 1))
+fi
+
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]

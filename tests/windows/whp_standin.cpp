@@ -76,7 +76,7 @@ __declspec(dllexport) HRESULT WINAPI
                    std::uint32_t flags)
 {
     std::lock_guard lock(mutex);
-    StandinCall c{standin_map, partition, source, gpa, size, flags, 0, 0, 0};
+    StandinCall c{standin_map, partition, source, gpa, size, flags, 0, 0, 0, S_OK};
     if (should_fail(c))
         return fail_with;
     if (size == 0 || (gpa | size) % 4096 != 0 || overlaps(gpa, size))
@@ -89,7 +89,7 @@ __declspec(dllexport) HRESULT WINAPI
     WHvUnmapGpaRange(void* partition, std::uint64_t gpa, std::uint64_t size)
 {
     std::lock_guard lock(mutex);
-    StandinCall c{standin_unmap, partition, nullptr, gpa, size, 0, 0, 0, 0};
+    StandinCall c{standin_unmap, partition, nullptr, gpa, size, 0, 0, 0, 0, S_OK};
     if (should_fail(c))
         return fail_with;
     auto it = mapped.find(gpa);
@@ -104,7 +104,7 @@ __declspec(dllexport) HRESULT WINAPI
                       std::uint32_t advice, const void* buffer, std::uint32_t size)
 {
     std::lock_guard lock(mutex);
-    StandinCall c{standin_advise, partition, nullptr, 0, 0, 0, advice, 0, 0};
+    StandinCall c{standin_advise, partition, nullptr, 0, 0, 0, advice, 0, 0, S_OK};
     if (count == 1) {
         c.gpa = ranges[0].guest_address;
         c.size = ranges[0].size_in_bytes;
