@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# Runs inside the Debian 13 chroot (tests/windows/run.sh, once per environment build): puts the
-# test dependencies where the MinGW cross build finds them, under /opt/win-deps, with pkg-config
-# files. Debian's own copies live in /usr/include next to glibc's headers, which a MinGW build
-# must never see, so the header-only ones are copied; Google Benchmark has no MinGW package and
-# is built from Debian's source package with the cross compiler.
+# Runs inside the Debian 13 chroot (tests/windows/run.sh): puts the test dependencies where the
+# MinGW cross build finds them, under /opt/win-deps, with pkg-config files.
+#   prepare_deps.sh headers     doctest and range-v3 (once per environment build). Debian's own
+#                               copies live in /usr/include next to glibc's headers, which a MinGW
+#                               build must never see, so they are copied.
+#   prepare_deps.sh benchmark   Google Benchmark, which has no MinGW package: built from Debian's
+#                               source package with the cross compiler (only for the benchmark run).
 set -euo pipefail
 deps=/opt/win-deps
 mkdir -p "$deps/include" "$deps/lib/pkgconfig"
-cp -r /usr/include/doctest "$deps/include/"
-cp -r /usr/include/range /usr/include/meta /usr/include/concepts /usr/include/std "$deps/include/" 2>/dev/null || true
 cxx=x86_64-w64-mingw32-g++-posix
 ar=x86_64-w64-mingw32-ar
+
+if [ "${1:-}" = headers ]; then
+    cp -r /usr/include/doctest "$deps/include/"
+    cp -r /usr/include/range /usr/include/meta /usr/include/concepts /usr/include/std "$deps/include/"
+    cat >"$deps/lib/pkgconfig/doctest.pc" <<PC
+Name: doctest
+Description: doctest headers (copied for MinGW)
+Version: $(dpkg-query -W -f='${Version}' doctest-dev | cut -d- -f1)
+Cflags: -I$deps/include
+PC
+    cat >"$deps/lib/pkgconfig/range-v3.pc" <<PC
+Name: range-v3
+Description: range-v3 headers (copied for MinGW)
+Version: $(dpkg-query -W -f='${Version}' librange-v3-dev | cut -d- -f1)
+Cflags: -I$deps/include
+PC
+    echo "win-deps headers ready"
+    exit 0
+fi
+[ "${1:-}" = benchmark ] || { echo "usage: prepare_deps.sh headers|benchmark" >&2; exit 2; }
 
 cd /tmp
 apt-get source --download-only benchmark
@@ -29,18 +49,6 @@ rm -f obj/benchmark_main.o
 cp -r include/benchmark "$deps/include/"
 version=$(sed -n 's/^Version: *//p' ../benchmark_*.dsc | head -1)
 
-cat >"$deps/lib/pkgconfig/doctest.pc" <<PC
-Name: doctest
-Description: doctest headers (copied for MinGW)
-Version: $(dpkg-query -W -f='${Version}' doctest-dev | cut -d- -f1)
-Cflags: -I$deps/include
-PC
-cat >"$deps/lib/pkgconfig/range-v3.pc" <<PC
-Name: range-v3
-Description: range-v3 headers (copied for MinGW)
-Version: $(dpkg-query -W -f='${Version}' librange-v3-dev | cut -d- -f1)
-Cflags: -I$deps/include
-PC
 cat >"$deps/lib/pkgconfig/benchmark.pc" <<PC
 Name: benchmark
 Description: Google Benchmark built with MinGW from Debian's source package

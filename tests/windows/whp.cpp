@@ -240,3 +240,35 @@ TEST_CASE("without WinHvPlatform.dll a VMM gets a clear error")
     CHECK(api.error().code() == std::error_code(ERROR_MOD_NOT_FOUND, std::system_category()));
     CHECK(error_of(WhpPartition::create(nullptr)) == errc::invalid_argument);
 }
+
+#include <membacking/membacking.hpp>
+
+TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition in sync")
+{
+    Standin standin;
+    constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+    auto m = must(WhpGuestMemoryManager::builder()
+                      .add_backing(RamBackingRequest({test::range(0, 2 * MiB)}))
+                      .build(8 * MiB));
+    auto whp = must(WhpPartition::create(handle));
+    must(m.attach_partition(Vtl::vtl0, whp));
+    const auto mapped = standin.mapped();
+    REQUIRE(mapped.size() == 1);
+    CHECK(mapped[0].gpa == 0);
+    CHECK(mapped[0].size == 2 * MiB);
+    CHECK(mapped[0].flags == (R | W | X));
+    CHECK(standin.calls()[0].source == m.guest_memory().mapper()->base());
+    // The guest's memory is the VMM's: a write through GuestMemory lands in the mapped range.
+    REQUIRE(m.guest_memory().write_plain<std::uint32_t>(0x1000, 0xfeedf00d).has_value());
+    std::uint32_t seen = 0;
+    std::memcpy(&seen, m.guest_memory().mapper()->base() + 0x1000, sizeof(seen));
+    CHECK(seen == 0xfeedf00d);
+    // Read-only visibility is an unmap and a read-only map of that window.
+    must(m.ram_visibility_control().set_ram_visibility(test::range(0, 2 * MiB),
+                                                       RamVisibility::read_only));
+    const auto after = standin.mapped();
+    REQUIRE(after.size() == 1);
+    CHECK(after[0].flags == (R | X));
+    CHECK(test::error_of(m.guest_memory().write_plain<std::uint32_t>(0x1000, 1)) ==
+          errc::read_only);
+}
