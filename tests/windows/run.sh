@@ -23,7 +23,7 @@ mirror=http://deb.debian.org/debian
 # and the header-only test dependencies (copied out of their Debian paths for MinGW, below).
 chroot_packages=(wine64 wine g++-mingw-w64-x86-64-posix meson ninja-build pkgconf python3
                  doctest-dev librange-v3-dev)
-env_version="1 ${chroot_packages[*]}" # bump the number to force a rebuild
+env_version="2 ${chroot_packages[*]}" # bump the number to force a rebuild
 env_hash=$(printf '%s' "$env_version" | sha256sum | cut -c1-16)
 
 log() { echo "== windows: $*"; }

@@ -7,7 +7,14 @@
  * one handle (like the reference's Arc<OwnedFd>); the handle is closed when the last copy goes.
  * An empty Mappable stands for "no object" (private anonymous memory).
  *
- * Creating objects is the VA policies' business (see va/linux_mmap.hpp); this header only owns.
+ * On Linux the handle is a file descriptor, closed with close(). On Windows it is a section
+ * handle (a HANDLE from CreateFileMapping: WindowsPlaceholder::create_shared_memory makes
+ * pagefile-backed ones), mapped with MapViewOfFile3 and closed with CloseHandle; a section stays
+ * alive while a view of it is mapped, but the placeholder policy keeps a copy of the Mappable for
+ * every view anyway, because re-mapping the head and tail of a partially unmapped view needs it.
+ *
+ * Creating objects is the VA policies' business (see va/linux_mmap.hpp and
+ * va/windows_placeholder.hpp); this header only owns.
  */
 #pragma once
 
