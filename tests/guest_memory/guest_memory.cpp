@@ -324,6 +324,10 @@ TEST_CASE("concurrent accesses while the topology changes see old or new memory,
     REQUIRE(s.regions.map_region(r, {true, true, false}).has_value());
 
     constexpr int readers = 2;
+    // Wine maps a view in two steps (anonymous memory, then the file), so under Wine a reader can
+    // briefly see zero-filled pages; raw MapViewOfFile3/UnmapViewOfFile2 calls show the same.
+    // Windows replaces a placeholder in one step. Zeros are accepted under Wine only.
+    const std::byte transient = test::under_wine() ? std::byte{0} : std::byte{0x11};
     std::latch started(readers);
     std::atomic<bool> stop{false};
     std::atomic<std::uint64_t> ok{0}, failed{0}, torn{0};
@@ -344,7 +348,7 @@ TEST_CASE("concurrent accesses while the topology changes see old or new memory,
                 // A successful read sees one region's bytes (a remap may land mid-copy, so
                 // each byte is checked on its own).
                 for (std::byte b : buf)
-                    if (b != std::byte{0x11} && b != std::byte{0x22})
+                    if (b != std::byte{0x11} && b != std::byte{0x22} && b != transient)
                         torn.fetch_add(1);
                 ok.fetch_add(1);
             }

@@ -84,3 +84,18 @@ private:
 };
 
 } // namespace membacking::test
+
+namespace membacking::test {
+
+/// True when a Windows test program runs under Wine (ntdll exports wine_get_version there).
+inline bool under_wine()
+{
+#if MEMBACKING_OS_WINDOWS
+    HMODULE ntdll = ::GetModuleHandleW(L"ntdll.dll");
+    return ntdll != nullptr && ::GetProcAddress(ntdll, "wine_get_version") != nullptr;
+#else
+    return false;
+#endif
+}
+
+} // namespace membacking::test

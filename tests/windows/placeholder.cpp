@@ -290,13 +290,15 @@ void standard_layout(Model<InjectedVa>& m)
 /// Runs `op` with the n-th Win32 call failing, for n = 1, 2, ... until an attempt makes no call
 /// fail; each failed attempt must leave the model's state exactly (private pages whose release
 /// the failure followed come back zero-filled: accepted, and only there).
-template <class Op>
-void every_call_fails(Op&& op)
+template <class Op, class Setup = void (*)(Model<InjectedVa>&)>
+void every_call_fails(
+    Op&& op, Setup&& setup = [](Model<InjectedVa>&) {})
 {
     for (std::int64_t n = 1;; ++n) {
         CAPTURE(n);
         Model<InjectedVa> m(16, 2);
         standard_layout(m);
+        setup(m);
         const std::vector<Page> before = m.pages;
         test::InjectingWindows::reset();
         test::InjectingWindows::fail_nth(n, ERROR_COMMITMENT_LIMIT);
@@ -339,6 +341,16 @@ TEST_CASE("every Win32 call of a commit or a protection change can fail, and not
     every_call_fails([](Model<InjectedVa>& m) { return m.commit(3, 6); });
     every_call_fails([](Model<InjectedVa>& m) { return m.protect(1, 4, false); });
     every_call_fails([](Model<InjectedVa>& m) { return m.protect(9, 2, true); });
+    // Whole views: in place within the mapped protection, re-mapped beyond it.
+    every_call_fails([](Model<InjectedVa>& m) { return m.protect(0, 4, false); });
+    every_call_fails([](Model<InjectedVa>& m) { return m.protect(8, 4, true); });
+    // A view mapped writable, made read-only in place, then partly unmapped: its head and tail
+    // come back read-only, and become writable again in place.
+    every_call_fails([](Model<InjectedVa>& m) { return m.protect(0, 1, true); },
+                     [](Model<InjectedVa>& m) {
+                         REQUIRE(m.protect(0, 4, false).has_value());
+                         REQUIRE(m.unmap(1, 2).has_value());
+                     });
 }
 
 TEST_CASE("a partial unmap of a view re-maps its head and tail from the same section")

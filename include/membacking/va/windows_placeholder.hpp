@@ -30,11 +30,15 @@
  *   (VirtualFree(MEM_RELEASE | MEM_PRESERVE_PLACEHOLDER)). Then the placeholders between the
  *   neighbouring pieces are coalesced into one (VirtualFree(MEM_RELEASE |
  *   MEM_COALESCE_PLACEHOLDERS)): the invariant holds again.
- * - protect(off, len, writable): private memory is VirtualProtect()ed in place (its contents
- *   stay). A view's protection is bounded by the protection it was mapped with (VirtualProtect
- *   cannot make a read-only view writable), so a view changes protection by being mapped again,
- *   from the same section at the same file offset, with the new one: the bytes are the section's,
- *   so nothing is lost. A range that is not wholly mapped is refused.
+ * - protect(off, len, writable): private memory, and whole views within the protection they
+ *   were mapped with, are VirtualProtect()ed in place: no moment without memory, so a region
+ *   toggled between read-write and read-only (PAM, RAM visibility) never faults a reader. A
+ *   view's protection is bounded by the protection it was mapped with (VirtualProtect cannot
+ *   make a view mapped read-only writable), so such a view, or part of a view, changes
+ *   protection by being mapped again, from the same section at the same file offset, with the
+ *   new one: the bytes are the section's, so nothing is lost. The books remember each view's
+ *   mapped protection; an undo, or the re-map of a head or tail, restores it. A range that is
+ *   not wholly mapped is refused.
  * - hints: Windows has no transparent huge pages and binds NUMA nodes only when memory is mapped,
  *   so advise_hugepages and bind_numa report errc::unsupported (the mapping manager counts THP
  *   advice that was refused and fails an explicit NUMA request, as it should); set_name has no
@@ -106,6 +110,9 @@ public:
         Mappable object; ///< the section; empty for private memory
         std::uint64_t file_offset = 0;
         bool writable = false;
+        /// A view's protection when it was mapped, the most VirtualProtect can give it back
+        /// (unused for private memory, which VirtualProtect changes either way).
+        bool mapped_writable = false;
 
         [[nodiscard]] bool is_private() const noexcept { return object.empty(); }
         [[nodiscard]] std::uint64_t size() const noexcept { return end - offset; }
@@ -209,8 +216,8 @@ public:
                               "file offset " + MemoryRange::hex(file_offset) + " for " +
                                   describe(off, len) + " is not a page-aligned file offset");
         return transaction([&](detail::UndoLog& undo) {
-            return replace(off, off + len, Piece{off, off + len, object, file_offset, writable},
-                           undo);
+            return replace(off, off + len,
+                           Piece{off, off + len, object, file_offset, writable, writable}, undo);
         });
     }
 
@@ -219,7 +226,7 @@ public:
     {
         MEMBACKING_TRY(check(off, len));
         return transaction([&](detail::UndoLog& undo) {
-            return replace(off, off + len, Piece{off, off + len, {}, 0, true}, undo);
+            return replace(off, off + len, Piece{off, off + len, {}, 0, true, true}, undo);
         });
     }
 
@@ -247,16 +254,21 @@ public:
                 return make_error(errc::unmapped, "cannot change the protection of " +
                                                       describe(off, len) +
                                                       ": it is not wholly mapped");
-            std::vector<Piece> parts;
+            std::vector<std::pair<Piece, bool>> parts; // the part; whether it is a whole piece
             for (const Piece* p : overlapping(off, end))
                 if (p->writable != writable)
-                    parts.push_back(p->slice(std::max(off, p->offset), std::min(end, p->end)));
-            for (Piece& part : parts) {
+                    parts.emplace_back(p->slice(std::max(off, p->offset), std::min(end, p->end)),
+                                       off <= p->offset && p->end <= end);
+            for (auto& [part, whole] : parts) {
                 part.writable = writable;
-                if (part.is_private())
-                    MEMBACKING_TRY(protect_private(part, undo));
-                else
+                if (part.is_private() || (whole && (part.mapped_writable || !writable))) {
+                    // In place: no moment without memory.
+                    MEMBACKING_TRY(protect_in_place(part, undo));
+                } else {
+                    // Part of a view, or more than it was mapped with: map it again.
+                    part.mapped_writable = writable;
                     MEMBACKING_TRY(replace(part.offset, part.end, part, undo));
+                }
             }
             return {};
         });
@@ -479,9 +491,10 @@ private:
                                           os::windows_abi::mem_replace_placeholder,
                                       protection(p.writable));
         else
-            got = Sys::map_view_of_file3(
-                p.object.native_handle(), want, p.file_offset, static_cast<SIZE_T>(p.size()),
-                os::windows_abi::mem_replace_placeholder, protection(p.writable));
+            got = Sys::map_view_of_file3(p.object.native_handle(), want, p.file_offset,
+                                         static_cast<SIZE_T>(p.size()),
+                                         os::windows_abi::mem_replace_placeholder,
+                                         protection(p.mapped_writable || p.writable));
         if (got == nullptr)
             return os::last_error([&] {
                 return std::string(what) +
@@ -491,6 +504,20 @@ private:
                        describe(p.offset, p.size());
             });
         MEMBACKING_CHECK(got == want, "a placeholder was replaced at another address");
+        if (!p.is_private() && p.mapped_writable && !p.writable) {
+            // A view mapped writable and protected read-only since (undo and re-maps of its
+            // parts bring it back that way, so a later protect stays in place).
+            DWORD old = 0;
+            if (!Sys::virtual_protect(want, static_cast<SIZE_T>(p.size()), PAGE_READONLY, &old)) {
+                Error e = os::last_error([&] {
+                    return std::string(what) + " protect the view at " +
+                           describe(p.offset, p.size());
+                });
+                if (!Sys::unmap_view_of_file2(want, os::windows_abi::mem_preserve_placeholder))
+                    detail::fatal("could not unmap a view whose protection failed");
+                return e;
+            }
+        }
         return {};
     }
 
@@ -509,8 +536,9 @@ private:
         return {};
     }
 
-    /// Private memory changes protection in place; the books split around it.
-    Result<void> protect_private(const Piece& part, detail::UndoLog& undo)
+    /// VirtualProtect of private memory (any part) or of a whole view within the protection it
+    /// was mapped with; the books split around the part.
+    Result<void> protect_in_place(const Piece& part, detail::UndoLog& undo)
     {
         DWORD old = 0;
         if (!Sys::virtual_protect(at(part.offset), static_cast<SIZE_T>(part.size()),
