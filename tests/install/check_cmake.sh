@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Consumer 2 of 3: a CMake project, find_package(membacking CONFIG REQUIRED) and
-# target_link_libraries(... membacking::membacking), against the installed tree (meson install
-# --destdir), configured and built by cmake with the project's compiler.
+# target_link_libraries(... membacking::membacking), against the installed tree (the README's
+# recipe, meson install --destdir), configured and built by cmake with the project's compiler.
 # Proves: the installed membackingConfig.cmake is found under the prefix and is relocatable (the
 # stage is not the configured prefix); the target alone carries the include path, C++20 and
 # Threads::Threads (the consumer sets none of them, and CMake's default for g++ 12 is C++17, where

@@ -6,10 +6,10 @@
 # dependency('membacking') (forced to the subproject, so an installed membacking cannot stand in);
 # the subproject configures without looking up the test-only dependencies (range-v3, doctest,
 # benchmark: the setup log names none of them); the generated version.hpp is on the dependency's
-# include path; our headers (plain -I, not system) compile warning-free under -Wpedantic -Werror.
+# include path; the subproject adds no target; our headers (plain -I, not system) compile
+# warning-free under -Wpedantic -Werror.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-source_root=$(cd "$here/../.." && pwd)
 
 mkdir -p "$work/consumer/subprojects"
 cp "$here/meson/meson.build" "$here/consumer.cpp" "$work/consumer/"
@@ -31,6 +31,13 @@ grep -E 'Dependency membacking|range-v3|doctest|benchmark' "$work/setup.log" || 
 if grep -qE 'range-v3|doctest|benchmark' "$work/setup.log"; then
     fail "the subproject looked up a test-only dependency"
 fi
+# The subproject brings only the dependency: the consumer is the one target, and our include
+# directory reaches it as a plain -I (as -isystem, -Werror would not see our headers' warnings).
+targets=$(meson introspect --targets build | python3 -c 'import json, sys; print(*[t["name"] for t in json.load(sys.stdin)])')
+[ "$targets" = consumer ] || fail "the subproject added targets: $targets"
+grep -qF -- '-I../subprojects/membacking/include' build/compile_commands.json ||
+    fail "the subproject's include directory is not a plain -I"
+! grep -qF -- '-isystem' build/compile_commands.json || fail "the consumer compiles with -isystem"
 meson compile -C build
 run_consumer build/consumer
 echo "Meson consumer: dependency('membacking') from the subproject, warnings as errors"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Consumer 1 of 3: a plain compiler line with `pkg-config --cflags --libs membacking` against the
-# installed tree (meson install --destdir), as a user without any build system would write it.
+# Consumer 1 of 3: a plain compiler line with `pkg-config --cflags` / `--libs membacking` against
+# the installed tree (the README's recipe, meson install --destdir), as a user without any build
+# system would write it.
 # Proves: the headers and membacking.pc are all a consumer needs (include path, -std=c++20,
 # -pthread), with our headers under -Wall -Wextra -Wpedantic -Werror; and that the compile reads no
 # header but the staged ones and the toolchain's, libc's and the kernel's: range-v3 is installed
@@ -21,6 +22,7 @@ has() { # $1 = flag, rest = flags
 }
 has -std=c++20 "${cflags[@]}"
 has "-I$prefix/include" "${cflags[@]}"
+has -pthread "${cflags[@]}"
 has -pthread "${libs[@]}"
 
 mkdir "$work/consumer"

@@ -1,11 +1,11 @@
 # Sourced by the consumer tests in tests/install: a scratch folder removed on exit, the expected
-# output of consumer.cpp, and (for the installed-tree consumers) a DESTDIR install checked for what
-# every consumer relies on.
-#   $1 = build dir, $2 = C++ compiler, $3 = project version
-build_dir=$1
-cxx=$2
-version=$3
+# output of consumer.cpp, and (for the installed-tree consumers) the README's install recipe into a
+# DESTDIR, checked for what every consumer relies on.
+#   $1 = C++ compiler, $2 = project version
+cxx=$1
+version=$2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source_root=$(cd "$here/../.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 expected_output="membacking $version ($version): read back 0x1234abcd"
@@ -23,10 +23,16 @@ run_consumer() { # $1 = program
     echo "$out"
 }
 
+# The README's install recipe (a build dir of its own, tests, benchmarks and examples off), then
 # meson install --destdir into $work/stage; sets $prefix (the staged prefix) and checks the tree.
 stage_install() {
-    local stage=$work/stage pc
-    meson install -C "$build_dir" --no-rebuild --destdir "$stage" >/dev/null
+    local stage=$work/stage build=$work/build-install pc
+    # From $work: Meson runs `cmake --system-information`, which works in the current directory.
+    (cd "$work" && CXX=$cxx meson setup "$build" "$source_root" --wrap-mode=nodownload \
+        -Dtests=disabled -Dbenchmarks=disabled -Dexamples=false >"$work/install-setup.log") ||
+        { cat "$work/install-setup.log"; fail "meson setup for the install failed"; }
+    [ "$(meson introspect --targets "$build")" = "[]" ] || fail "installing the headers builds targets"
+    meson install -C "$build" --destdir "$stage" >/dev/null
     pc=$(find "$stage" -name membacking.pc) && [ -n "$pc" ] || fail "membacking.pc was not installed"
     prefix=${pc%/share/pkgconfig/membacking.pc}
     [ "$prefix" != "$pc" ] || fail "membacking.pc is not in <prefix>/share/pkgconfig: $pc"
