@@ -9,6 +9,7 @@
 #include <membacking/region/nested_priority.hpp>
 #include <membacking/region/region_manager.hpp>
 
+#include "pages.hpp"
 #include "recording_sink.hpp"
 #include "test_support.hpp"
 
@@ -169,7 +170,7 @@ struct Harness {
             CHECK(r->active() == vis.contains(id));
             std::map<std::uint64_t, ModelPage> pages;
             for (const auto& [off, rmap] : r->mappings)
-                for (std::uint64_t o = rmap.range.start(); o < rmap.range.end(); o += page_size)
+                for (const std::uint64_t o : test::pages_of(rmap.range))
                     pages[o] = ModelPage{rmap.backing.object.identity(),
                                          rmap.backing.is_private()
                                              ? 0
@@ -294,7 +295,7 @@ struct Harness {
             } else {
                 ModelRegion after = it->second;
                 bool covers_private = false;
-                for (std::uint64_t o = rel.start(); o < rel.end(); o += page_size) {
+                for (const std::uint64_t o : test::pages_of(rel)) {
                     auto old = after.pages.find(o);
                     covers_private =
                         covers_private || (old != after.pages.end() && old->second.object == 0);
@@ -323,7 +324,7 @@ struct Harness {
             else if (!rel.empty() && rel.end() > it->second.range.size())
                 expect_error = errc::out_of_range;
             else
-                for (std::uint64_t o = rel.start(); o < rel.end(); o += page_size)
+                for (const std::uint64_t o : test::pages_of(rel))
                     it->second.pages.erase(o);
             result = rm.remove_mappings(id, rel);
         }

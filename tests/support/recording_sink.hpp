@@ -15,6 +15,8 @@
 #include <membacking/region/event_sink.hpp>
 #include <membacking/region/mapping.hpp>
 
+#include "pages.hpp"
+
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -41,7 +43,7 @@ public:
         log_.push_back("va+ " + m.gpa.to_string() + (m.writable ? " rw" : " ro"));
         if (auto e = maybe_fail())
             return *e;
-        for (std::uint64_t gpa = m.gpa.start(); gpa < m.gpa.end(); gpa += page_size)
+        for (const std::uint64_t gpa : pages_of(m.gpa))
             pages_[gpa] =
                 Page{m.backing.object.identity(),
                      m.backing.is_private() ? 0 : m.backing.file_offset + (gpa - m.gpa.start()),
@@ -54,7 +56,7 @@ public:
         log_.push_back("va- " + r.to_string());
         if (auto e = maybe_fail())
             return *e;
-        for (std::uint64_t gpa = r.start(); gpa < r.end(); gpa += page_size)
+        for (const std::uint64_t gpa : pages_of(r))
             pages_.erase(gpa);
         return {};
     }

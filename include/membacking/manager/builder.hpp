@@ -25,9 +25,6 @@
 #include <membacking/manager/ram_backing_request.hpp>
 #include <membacking/region/mapping.hpp>
 
-#include <range/v3/view/drop.hpp>
-#include <range/v3/view/zip.hpp>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -215,7 +212,9 @@ private:
             0x0,     0xa0000, 0xc0000, 0xc4000, 0xc8000, 0xcc000, 0xd0000,  0xd4000,    0xd8000,
             0xdc000, 0xe0000, 0xe4000, 0xe8000, 0xec000, 0xf0000, 0x100000, range.end()};
         std::vector<Piece> out;
-        for (const auto [lo, hi] : ranges::views::zip(bounds, bounds | ranges::views::drop(1))) {
+        for (std::size_t i = 1; i < bounds.size(); ++i) {
+            const std::uint64_t lo = bounds[i - 1];
+            const std::uint64_t hi = bounds[i];
             if (lo == hi)
                 continue; // RAM ending exactly at 1 MiB: no empty region (reference quirk)
             out.push_back({MemoryRange::unchecked(lo, hi), legacy_name(lo, plain)});

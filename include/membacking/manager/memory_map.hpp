@@ -17,8 +17,7 @@
 #include <membacking/manager/types.hpp>
 #include <membacking/region/region_id.hpp>
 
-#include <range/v3/action/sort.hpp>
-
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -64,7 +63,7 @@ struct MemoryMap {
     /// Orders regions by start address, enclosing (larger, then higher-priority) ones first.
     void sort()
     {
-        regions |= ranges::actions::sort(std::less<>{}, [](const Region& r) {
+        std::ranges::sort(regions, std::less<>{}, [](const Region& r) {
             return std::tuple(r.range.start(), ~r.range.end(), 255 - r.priority, r.id);
         });
     }
