@@ -9,7 +9,9 @@ medians = {}
 with open(sys.argv[1]) as f:
     for b in json.load(f)['benchmarks']:
         if b.get('aggregate_name') == 'median':
-            medians[b['run_name']] = b['real_time'], b['time_unit']
+            # run_name carries the options too: BM_RawMapUnmap/2/min_time:0.200/real_time
+            name = '/'.join(b['run_name'].split('/')[:2])
+            medians[name] = b['real_time'], b['time_unit']
 for size in ('2', '1024'):
     raw = medians.get(f'BM_RawMapUnmap/{size}')
     if raw is None:

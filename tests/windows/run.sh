@@ -180,7 +180,8 @@ read -r passed failed skipped <<<"$(python3 "$root/tests/lint/summarise.py" \
 if [ "$bench" = 1 ]; then
     log "benchmark (ratios only: Wine timings are not Windows timings)"
     if in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wine64 \
-        /build/bench/bench_windows_va.exe --benchmark_repetitions=5 \
+        /build/bench/bench_windows_va.exe --benchmark_repetitions=10 \
+        --benchmark_enable_random_interleaving=true \
         --benchmark_report_aggregates_only=true --benchmark_out=/build/bench.json \
         --benchmark_out_format=json >"$cache/bench.log" 2>&1; then
         python3 "$root/tests/windows/bench_ratios.py" "$build_dir/bench.json" || failed=$((failed + 1))
