@@ -12,7 +12,8 @@
 // - The VMM prints the memory map, the guest's output and what the guest computed, and checks
 //   them: the exit status says whether everything happened as it should.
 //
-// Without /dev/kvm it says so, then runs the same memory-manager steps with the mock partition.
+// Without /dev/kvm it says so, then runs the same memory-manager steps with the mock partition
+// (MEMBACKING_NO_KVM=1 forces that path; MEMBACKING_REQUIRE_KVM=1 makes it an error instead).
 #include <membacking/membacking.hpp>
 
 #include "kvm_vcpu.hpp"
@@ -251,6 +252,8 @@ int main()
     if (const char* force = std::getenv("MEMBACKING_NO_KVM"); force && *force)
         return run_without_kvm("MEMBACKING_NO_KVM is set");
     std::optional<KvmVm> vm = KvmVm::create(why);
+    if (const char* require = std::getenv("MEMBACKING_REQUIRE_KVM"); !vm && require && *require)
+        die("MEMBACKING_REQUIRE_KVM is set, but KVM is not usable: " + why);
     if (!vm)
         return run_without_kvm(why);
     return run_with_kvm(*vm);

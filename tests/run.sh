@@ -7,6 +7,11 @@
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
 # then the Windows test set under Wine (tests/windows/run.sh), and ends with one line:
 # "N passed, N failed, N skipped".
+#
+# The KVM tests (and the example VMM, and bench_kvm's smoke run) get a real /dev/kvm in every
+# configuration: the host's where it is usable, otherwise one inside a software-emulated x86 VM
+# (tests/kvm/run-in-vm.sh, which meson runs them through). A test that still skips is listed, with
+# the reason, just before the last line.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -15,13 +20,22 @@ root=$PWD
 source tests/deps.sh
 install_deps
 
+# QEMU, the VM's kernel and busybox: installed and fetched (and cached) now, once, rather than
+# inside the first KVM test's time limit. Where this fails, the KVM tests say why they skip.
+echo "== KVM: where the KVM tests run"
+bash tests/kvm/run-in-vm.sh --prepare || true
+
 total_pass=0 total_fail=0 total_skip=0
+skip_notes=()
 summarise() { # $1 = build dir
-    local counts
+    local counts note
     counts=$(python3 tests/lint/summarise.py "$1/meson-logs/testlog.json")
     read -r p f s <<<"$counts"
     echo "   $1: $p passed, $f failed, $s skipped"
     total_pass=$((total_pass + p)) total_fail=$((total_fail + f)) total_skip=$((total_skip + s))
+    while IFS= read -r note; do
+        skip_notes+=("$1 $note")
+    done < <(python3 tests/lint/summarise.py --skipped "$1/meson-logs/testlog.json")
 }
 
 run_config() { # $1 = build dir, $2 = C++ compiler, rest = meson options
@@ -76,6 +90,10 @@ else
 fi
 
 echo
+if [ ${#skip_notes[@]} -gt 0 ]; then
+    echo "skipped, and why:"
+    printf '   %s\n' "${skip_notes[@]}"
+fi
 echo "$total_pass passed, $total_fail failed, $total_skip skipped"
 if [ "$status" -ne 0 ] || [ "$total_fail" -ne 0 ]; then
     exit 1
