@@ -16,11 +16,11 @@ cat >"$stage/consumer.cpp" <<'CPP'
 int main()
 {
     auto m = membacking::MockGuestMemoryManager::builder()
-                 .add_backing(membacking::RamBackingRequest({membacking::MemoryRange::unchecked(0, 0x10000)}))
-                 .build(0x10000);
+                 .add_backing(membacking::RamBackingRequest({membacking::MemoryRange::constant(0, 0x10000)}))
+                 .build(membacking::Length{0x10000});
     if (!m)
         return 1;
-    return m->guest_memory().write_plain<std::uint32_t>(0x100, 7) ? 0 : 1;
+    return m->guest_memory().write_plain<std::uint32_t>(membacking::Gpa{0x100}, 7) ? 0 : 1;
 }
 CPP
 export PKG_CONFIG_PATH=$(dirname "$pc")

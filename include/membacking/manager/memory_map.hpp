@@ -14,6 +14,7 @@
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/params.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/manager/types.hpp>
 #include <membacking/region/region_id.hpp>
 
@@ -56,7 +57,7 @@ struct MemoryMap {
         bool pin = false;
     };
 
-    std::uint64_t max_address = 0;
+    Gpa max_address;
     std::vector<Region> regions; ///< by start, then outer before inner
     std::vector<Partition> partitions;
     std::size_t va_mappers = 0;
@@ -73,7 +74,7 @@ struct MemoryMap {
     [[nodiscard]] std::string to_text() const
     {
         ObjectNames names;
-        std::string out = "guest memory (max address " + MemoryRange::hex(max_address) + ", " +
+        std::string out = "guest memory (max address " + to_string(max_address) + ", " +
                           std::to_string(va_mappers) + " VA mapper" + (va_mappers == 1 ? "" : "s") +
                           ")\n";
         std::vector<MemoryRange> open; // the chain of regions containing the current one
@@ -104,7 +105,7 @@ struct MemoryMap {
     [[nodiscard]] std::string to_json() const
     {
         ObjectNames names;
-        std::string out = "{\"max_address\":" + std::to_string(max_address) +
+        std::string out = "{\"max_address\":" + std::to_string(max_address.value()) +
                           ",\"va_mappers\":" + std::to_string(va_mappers) + ",\"regions\":[";
         for (std::size_t i = 0; i < regions.size(); ++i) {
             const Region& r = regions[i];

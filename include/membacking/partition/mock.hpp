@@ -83,7 +83,7 @@ public:
         Call call{Op::map, gpa, size, host_va, writable, executable};
         if (auto e = next_failure(call))
             return *e;
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range || range->empty())
             return reject(call, errc::invalid_range,
                           "mock partition: invalid map of " + MemoryRange::hex(size) +
@@ -103,7 +103,7 @@ public:
         Call call{Op::unmap, gpa, size};
         if (auto e = next_failure(call))
             return *e;
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return reject(call, errc::invalid_range, "mock partition: invalid unmap range");
         // Whole windows only: a window cut in half is an error, as in KVM.
@@ -242,7 +242,7 @@ private:
 
     static MemoryRange window_range(const Window& w)
     {
-        return MemoryRange::unchecked(w.gpa, w.gpa + w.size);
+        return MemoryRange::valid_or_abort(w.gpa, w.gpa + w.size);
     }
 
     /// Counts the call; returns the injected error if this is the one to fail.
