@@ -210,7 +210,7 @@ TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is ref
     CHECK(p->lookup(0)->pinned);
     // A pin failure undoes that map.
     auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x1000}));
-    p->fail_nth_call(2, make_error(errc::resource_exhausted, "pin limit"));
+    p->fail_next(MockPartition::Op::pin, make_error(errc::resource_exhausted, "pin limit"));
     CHECK_FALSE(dev.map_to_guest(Gpa{2 * MiB}, Protection::read_write));
     CHECK_FALSE(p->lookup(2 * MiB).has_value());
     CHECK_FALSE(dev.placement().has_value());
@@ -632,7 +632,7 @@ TEST_CASE("undoing private memory placed over a file mapping is an error, not an
     must(m.attach_partition(Vtl::vtl0, p));
     CHECK_FALSE(p->lookup(2 * MiB)->writable); // a read-only mapping keeps the window read-only
     // Replacing it with (writable) private memory relaxes the window last; make that fail.
-    p->fail_nth_call(2, make_error(errc::resource_exhausted, "injected"));
+    p->fail_next(MockPartition::Op::map, make_error(errc::resource_exhausted, "injected"));
     auto r = m.add_mapping(id, {range(0, 0x10000), MappingBacking::private_memory(), true, {}});
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == errc::resource_exhausted);
