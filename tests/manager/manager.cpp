@@ -457,6 +457,69 @@ TEST_CASE("guest_memory() is the primary mapper's memory; the client makes lazy 
     CHECK(m.memory_map().va_mappers == 2);
 }
 
+// Lookups return pointers into the map: on a temporary they would dangle, so they do not compile.
+template <class M>
+constexpr bool finds_by_name = requires(M&& m)
+{
+    std::forward<M>(m).find_region("ram");
+};
+template <class M>
+constexpr bool finds_by_gpa = requires(M&& m)
+{
+    std::forward<M>(m).region_at(Gpa{0});
+};
+template <class M>
+constexpr bool finds_mapping = requires(M&& m)
+{
+    std::forward<M>(m).mapping_at(Gpa{0});
+};
+static_assert(finds_by_name<MemoryMap&> && finds_by_name<const MemoryMap&>);
+static_assert(finds_by_gpa<const MemoryMap&> && finds_mapping<const MemoryMap&>);
+static_assert(!finds_by_name<MemoryMap> && !finds_by_name<MemoryMap&&>);
+static_assert(!finds_by_gpa<MemoryMap> && !finds_mapping<MemoryMap&&>);
+
+TEST_CASE("memory map lookups: a region by name, the region and the mapping the guest sees")
+{
+    Manager m = legacy_guest();
+    Mappable vram = test::make_memfd(0x20000);
+    auto dev = must(m.device_memory_mapper().new_region("vga-vram", Length{0x20000}));
+    must(dev.map({.offset = Offset{0x10000},
+                  .length = Length{0x10000},
+                  .object = vram,
+                  .object_offset = Offset{0x4000},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{0xa0000}, Protection::read_write));
+
+    MemoryMap map = m.memory_map();
+    CHECK(map.max_address == Gpa{16 * MiB});
+    const MemoryMap::Region* vga = map.find_region("ram-vga");
+    REQUIRE(vga != nullptr);
+    CHECK(vga->range == range(0xa0000, 0xc0000));
+    CHECK(map.find_region("no such region") == nullptr);
+    // RAM hides the device region: the guest sees RAM at 0xb0000.
+    CHECK(map.region_at(Gpa{0xb0000}) == vga);
+    CHECK(map.region_at(Gpa{0x100000})->name == "ram");
+    CHECK(map.region_at(Gpa{4 * MiB}) == nullptr); // past RAM
+    REQUIRE(map.mapping_at(Gpa{0xb0000}) != nullptr);
+    CHECK(map.mapping_at(Gpa{0xb0000})->gpa.contains(0xb0000));
+
+    // With the VGA RAM unmapped, the device region shows, and its one mapping.
+    must(m.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
+                                                       RamVisibility::unmapped));
+    map = m.memory_map();
+    const MemoryMap::Region* seen = map.region_at(Gpa{0xb0000});
+    REQUIRE(seen != nullptr);
+    CHECK(seen->name == "vga-vram");
+    CHECK(seen == map.find_region("vga-vram"));
+    const MemoryMap::Mapping* piece = map.mapping_at(Gpa{0xb8000});
+    REQUIRE(piece != nullptr);
+    CHECK(piece->gpa == range(0xb0000, 0xc0000));
+    CHECK(piece->file_offset == 0x4000);
+    CHECK(piece->object == vram.identity());
+    CHECK(map.mapping_at(Gpa{0xa0000}) == nullptr); // the hole in the device region
+    CHECK(map.region_at(Gpa{0xa0000}) == seen);
+}
+
 TEST_CASE("the memory map dump, as text and as JSON")
 {
     Manager m = legacy_guest();

@@ -9,6 +9,11 @@
  *
  * Mappable objects are named "object#N" in order of first appearance, so two regions over the
  * same memfd show the same name.
+ *
+ * Lookups (find_region by name, region_at and mapping_at by GPA) return pointers into the map,
+ * so they exist only on an lvalue: `manager.memory_map().find_region("ram")` does not compile,
+ * because the temporary, and the pointer into it, would be gone at the end of the statement.
+ * Keep the map in a variable: `const MemoryMap map = manager.memory_map();`.
  */
 #pragma once
 
@@ -61,6 +66,39 @@ struct MemoryMap {
     std::vector<Region> regions; ///< by start, then outer before inner
     std::vector<Partition> partitions;
     std::size_t va_mappers = 0;
+
+    /// The region named `name` (the first in map order if several share it), or nullptr.
+    [[nodiscard]] const Region* find_region(std::string_view name) const&
+    {
+        for (const Region& r : regions)
+            if (r.name == name)
+                return &r;
+        return nullptr;
+    }
+    const Region* find_region(std::string_view name) const&& = delete;
+
+    /// The region the guest sees at gpa (the active region containing it), or nullptr.
+    [[nodiscard]] const Region* region_at(Gpa gpa) const&
+    {
+        for (const Region& r : regions)
+            if (r.active && r.range.contains(gpa.value()))
+                return &r;
+        return nullptr;
+    }
+    const Region* region_at(Gpa gpa) const&& = delete;
+
+    /// The mapping the guest sees at gpa, or nullptr (no visible region there, or a hole in it).
+    [[nodiscard]] const Mapping* mapping_at(Gpa gpa) const&
+    {
+        const Region* r = region_at(gpa);
+        if (r == nullptr)
+            return nullptr;
+        for (const Mapping& m : r->mappings)
+            if (m.gpa.contains(gpa.value()))
+                return &m;
+        return nullptr;
+    }
+    const Mapping* mapping_at(Gpa gpa) const&& = delete;
 
     /// Orders regions by start address, enclosing (larger, then higher-priority) ones first.
     void sort()
