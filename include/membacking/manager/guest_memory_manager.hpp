@@ -4,9 +4,11 @@
  *
  * GuestMemoryManager<Resolver, Va, Partitions...>: the one type a VMM uses. It is composed at
  * compile time from a region resolver (NestedPriority), a VA policy (LinuxMmap) and any number of
- * partition policies (KvmPartition, MockPartition, ...); each template parameter is checked by
- * its concept where the type is formed, so a policy missing a member fails with the name of the
- * sub-concept it misses.
+ * partition policies (KvmPartition, MockPartition, ...). Each policy is checked, one sub-concept
+ * at a time, by static_asserts whose messages name the missing member and its declaration
+ * (detail::check_partition_mapper and friends): the template parameters are plain `class`
+ * parameters on purpose, because a constrained parameter makes GCC 12 report only that the whole
+ * concept "evaluated to false".
  *
  * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only; destroying it takes guest memory
  * out of every partition and invalidates every VA mapper, so GuestMemory handles that outlive it
@@ -51,8 +53,13 @@ namespace membacking {
 template <class Manager>
 class GuestMemoryBuilder;
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+template <class Resolver, class Va, class... Partitions>
 class GuestMemoryManager {
+    // First in the class, so that a bad policy's message is the first error the compiler prints.
+    static_assert(detail::check_region_resolver<Resolver>());
+    static_assert(detail::check_va_policy<Va>());
+    static_assert((detail::check_partition_mapper<Partitions>() && ...));
+
 public:
     using Core = detail::ManagerCore<Resolver, Va, Partitions...>;
     using VaPolicyType = Va;

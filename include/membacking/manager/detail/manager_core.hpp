@@ -59,7 +59,8 @@ struct DeviceRegionState {
     bool writable = false;
 };
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+// Plain `class` parameters: GuestMemoryManager checks the policies with readable messages first.
+template <class Resolver, class Va, class... Partitions>
 class ManagerCore {
     static_assert((occurs_once<Partitions, Partitions...> && ...),
                   "each partition policy may be listed once in a GuestMemoryManager");
