@@ -29,7 +29,9 @@
 
 namespace membacking {
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+// Plain `class` parameters: the manager checks each policy with static_asserts that name what is
+// missing (see manager/guest_memory_manager.hpp).
+template <class Resolver, class Va, class... Partitions>
 class GuestMemoryManager;
 
 template <class Manager>
@@ -40,7 +42,7 @@ class GuestMemoryBuilder;
 using DefaultVaPolicy = LinuxMmap<os::LinuxSyscalls>;
 
 /// NestedPriority regions, Linux VA mappers, and the given partition policies.
-template <PartitionMapper... Partitions>
+template <class... Partitions>
 using LinuxGuestMemoryManager = GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
 
 /// Linux VA mappers with the mock partition: for tests, and for running without a hypervisor.

@@ -7,7 +7,8 @@
  * one handle (like the reference's Arc<OwnedFd>); the handle is closed when the last copy goes.
  * An empty Mappable stands for "no object" (private anonymous memory).
  *
- * Creating objects is the VA policies' business (see va/linux_mmap.hpp); this header only owns.
+ * Creating objects: create_memfd(name, size) (va/linux_mmap.hpp) makes the shared memory a device
+ * maps; the VA policies make the RAM objects. This header only owns.
  */
 #pragma once
 
