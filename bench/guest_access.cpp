@@ -88,17 +88,17 @@ public:
     {
         const Mappable ram = must(Va::create_shared_memory(ram_bytes, "bench-ram"));
         for (std::uint64_t i = 0; i < regions; ++i) {
-            const auto gpa = MemoryRange::unchecked(i * 2 * size_, i * 2 * size_ + size_);
+            const auto gpa = MemoryRange::valid_or_abort(i * 2 * size_, i * 2 * size_ + size_);
             const RegionId id = must(rm_.add_region("ram", gpa, 255, MappingType::Ram));
-            must(rm_.add_mapping(id, {MemoryRange::unchecked(0, size_),
-                                      MappingBacking::file(ram, i * size_),
+            must(rm_.add_mapping(id, {MemoryRange::valid_or_abort(0, size_),
+                                      MappingBacking::file(ram, Offset{i * size_}),
                                       true,
                                       {}}));
             must(rm_.map_region(id, {true, true, false}));
         }
         memory_ = Memory(must(va_.new_mapper(MapperMode::eager)));
         for (std::uint64_t off = 0; off < ram_bytes; off += page_size) // touch every page
-            if (!memory_.write_plain<std::uint64_t>(layout().gpa_of(off), 0))
+            if (!memory_.write_plain<std::uint64_t>(Gpa{layout().gpa_of(off)}, 0))
                 std::abort();
     }
 
@@ -159,7 +159,7 @@ void read_u64_guest(benchmark::State& state)
     std::uint64_t gpa = hot_gpa;
     for (auto _ : state) {
         opaque(gpa);
-        auto v = m.template read_plain<std::uint64_t>(gpa);
+        auto v = m.template read_plain<std::uint64_t>(Gpa{gpa});
         if (!v) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");
             return;
@@ -188,7 +188,7 @@ void write_u64_guest(benchmark::State& state)
     for (auto _ : state) {
         opaque(gpa);
         opaque(v);
-        if (!m.template write_plain<std::uint64_t>(gpa, v)) [[unlikely]] {
+        if (!m.template write_plain<std::uint64_t>(Gpa{gpa}, v)) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");
             return;
         }
@@ -212,7 +212,7 @@ void copy_guest_read(benchmark::State& state)
     View m = guest(1).memory().view();
     std::vector<std::byte> buf(n);
     for (auto _ : state) {
-        if (!m.read(MiB, buf)) [[unlikely]] {
+        if (!m.read(Gpa{MiB}, buf)) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");
             return;
         }
@@ -226,7 +226,7 @@ void copy_guest_write(benchmark::State& state)
     View m = guest(1).memory().view();
     std::vector<std::byte> buf(n, std::byte{1});
     for (auto _ : state) {
-        if (!m.write(MiB, buf)) [[unlikely]] {
+        if (!m.write(Gpa{MiB}, buf)) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");
             return;
         }
@@ -279,7 +279,7 @@ void random_rw_guest(benchmark::State& state)
     Stream s;
     for (auto _ : state) {
         const std::uint64_t off = s.next();
-        const std::uint64_t gpa = layout.gpa_of(off);
+        const Gpa gpa{layout.gpa_of(off)};
         auto v = m.read_plain<std::uint64_t>(gpa);
         if (!v) [[unlikely]] {
             state.SkipWithError("unexpected guest memory error");

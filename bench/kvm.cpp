@@ -123,8 +123,8 @@ void map_region_manager(benchmark::State& state)
     if (!vm)
         return;
     auto m = Manager::builder()
-                 .add_backing(RamBackingRequest({MemoryRange::unchecked(0, MiB)}))
-                 .build(2 * GiB + size);
+                 .add_backing(RamBackingRequest({MemoryRange::valid_or_abort(0, MiB)}))
+                 .build(Length{2 * GiB + size});
     auto kvm = KvmPartition<>::create(vm->vm_fd());
     auto object = LinuxMmap<>::create_shared_memory(size, "bench-kvm-region");
     if (!m || !kvm || !object || !m->attach_partition(Vtl::vtl0, *kvm)) {
@@ -132,10 +132,11 @@ void map_region_manager(benchmark::State& state)
         return;
     }
     const auto id =
-        m->add_region("bench", MemoryRange::unchecked(GiB, GiB + size), 10, MappingType::Ram);
-    if (!id ||
-        !m->add_mapping(
-            *id, {MemoryRange::unchecked(0, size), MappingBacking::file(*object, 0), true, {}})) {
+        m->add_region("bench", MemoryRange::valid_or_abort(GiB, GiB + size), 10, MappingType::Ram);
+    if (!id || !m->add_mapping(*id, {MemoryRange::valid_or_abort(0, size),
+                                     MappingBacking::file(*object, Offset{0}),
+                                     true,
+                                     {}})) {
         state.SkipWithError("region setup failed");
         return;
     }
@@ -155,8 +156,8 @@ void guest_touch(benchmark::State& state, Touch mode)
     if (!vm)
         return;
     auto m = Manager::builder()
-                 .add_backing(RamBackingRequest({MemoryRange::unchecked(0, MiB)}))
-                 .build(touch_gpa + touch_size);
+                 .add_backing(RamBackingRequest({MemoryRange::valid_or_abort(0, MiB)}))
+                 .build(Length{touch_gpa + touch_size});
     auto kvm = KvmPartition<>::create(vm->vm_fd());
     if (!m || !kvm || !m->attach_partition(Vtl::vtl0, *kvm)) {
         state.SkipWithError("setup failed");
@@ -178,19 +179,19 @@ void guest_touch(benchmark::State& state, Touch mode)
         .hlt();
     const auto code = a.code();
     auto memory = m->guest_memory();
-    if (!memory.write(0x1000, std::as_bytes(std::span(code)))) {
+    if (!memory.write(Gpa{0x1000}, code)) {
         state.SkipWithError("loading the guest failed");
         return;
     }
-    const auto window = MemoryRange::unchecked(touch_gpa, touch_gpa + touch_size);
+    const auto window = MemoryRange::valid_or_abort(touch_gpa, touch_gpa + touch_size);
     for (auto _ : state) {
         state.PauseTiming();
         // A fresh region: new, never-touched pages every iteration.
         auto object = LinuxMmap<>::create_shared_memory(touch_size, "bench-touch");
         auto id = m->add_region("touch", window, 10, MappingType::Ram);
         if (!object || !id ||
-            !m->add_mapping(*id, {MemoryRange::unchecked(0, touch_size),
-                                  MappingBacking::file(*object, 0),
+            !m->add_mapping(*id, {MemoryRange::valid_or_abort(0, touch_size),
+                                  MappingBacking::file(*object, Offset{0}),
                                   true,
                                   {}}) ||
             !m->map_region(*id, {true, true, mode == Touch::prefetch})) {

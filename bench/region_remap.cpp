@@ -52,12 +52,13 @@ void BM_RegionRemap(benchmark::State& state)
     const MapParams rw{true, true, false};
     RegionId target;
     for (std::uint64_t i = 0; i < n; ++i) {
-        const auto r = MemoryRange::unchecked(i * stride, i * stride + 0x1000);
+        const auto r = MemoryRange::valid_or_abort(i * stride, i * stride + 0x1000);
         auto id = rm.add_region("dev", r, 0, MappingType::Device);
         if (!id ||
-            !rm.add_mapping(
-                *id,
-                {MemoryRange::unchecked(0, 0x1000), MappingBacking::file(object, 0), true, {}}) ||
+            !rm.add_mapping(*id, {MemoryRange::valid_or_abort(0, 0x1000),
+                                  MappingBacking::file(object, Offset{0}),
+                                  true,
+                                  {}}) ||
             !rm.map_region(*id, rw)) {
             state.SkipWithError("setup failed");
             return;

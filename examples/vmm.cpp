@@ -31,6 +31,7 @@
 #include <vector>
 
 using namespace membacking;
+using namespace membacking::literals;
 using example::KvmVm;
 using example::X86Asm;
 
@@ -43,7 +44,7 @@ constexpr std::uint32_t data_gpa = 0x10000;
 constexpr std::uint32_t result_gpa = 0x20000;
 constexpr std::uint32_t serial_gpa = 0xfed00000; // nothing maps it: every access is MMIO
 constexpr std::uint32_t pam_gpa = 0xc0000;
-const MemoryRange pam = MemoryRange::unchecked(pam_gpa, pam_gpa + 0x4000);
+constexpr MemoryRange pam = MemoryRange::constant(pam_gpa, pam_gpa + 0x4000);
 
 constexpr const char greeting[] = "hello from the guest\n";
 constexpr const char rom_text[] = "ROM: option ROM visible through the PAM segment\n";
@@ -109,31 +110,34 @@ struct Layout {
 
 Layout build_layout()
 {
-    Manager manager =
-        must(Manager::builder()
-                 .x86_legacy_support(true)
-                 .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 16 * MiB)}))
-                 .build(std::uint64_t{1} << 32),
-             "building guest memory");
+    Manager manager = must(Manager::builder()
+                               .x86_legacy_support(true)
+                               .add_backing(RamBackingRequest({MemoryRange::constant(0, 16 * MiB)}))
+                               .build(4_GiB),
+                           "building guest memory");
     auto memory = manager.guest_memory();
     // The option ROM: its image goes into its own object, which is then placed in the guest as
     // device memory at device priority, under the PAM segment (RAM hides it for now).
-    auto rom_object = must(LinuxMmap<>::create_shared_memory(0x4000, "option-rom"), "ROM memory");
+    const Mappable rom_object = must(create_memfd("option-rom", 16_KiB), "ROM memory");
     if (::pwrite(rom_object.native_handle(), rom_text, sizeof rom_text, 0) !=
         static_cast<ssize_t>(sizeof rom_text))
         die("loading the ROM image");
-    auto rom = must(manager.device_memory_mapper().new_region(0x4000, "option-rom"), "ROM region");
-    must(rom.map(0, rom_object, 0, 0x4000, false), "mapping the ROM");
-    must(rom.map_to_guest(pam_gpa, false), "placing the ROM");
+    auto rom = must(manager.device_memory_mapper().new_region("option-rom", 16_KiB), "ROM region");
+    must(rom.map({.offset = Offset{0},
+                  .length = 16_KiB,
+                  .object = rom_object,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_only}),
+         "mapping the ROM");
+    must(rom.map_to_guest(Gpa{pam_gpa}, Protection::read_only), "placing the ROM");
     // Guest RAM contents: the PAM segment's shadow RAM text, the greeting, the numbers to add.
-    if (!memory.write(pam_gpa, std::as_bytes(std::span(ram_text))) ||
-        !memory.write(strings_gpa, std::as_bytes(std::span(greeting))))
+    if (!memory.write(Gpa{pam_gpa}, ram_text) || !memory.write(Gpa{strings_gpa}, greeting))
         die("writing guest strings");
     for (std::uint32_t i = 0; i < numbers; ++i)
-        if (!memory.write_plain<std::uint32_t>(data_gpa + 4 * i, i + 1))
+        if (!memory.write_plain<std::uint32_t>(Gpa{data_gpa + 4 * i}, i + 1))
             die("writing the numbers");
     const auto code = guest_program().code();
-    if (!memory.write(code_gpa, std::as_bytes(std::span(code))))
+    if (!memory.write(Gpa{code_gpa}, code))
         die("loading the guest");
     Layout layout{std::move(manager), std::make_shared<MockPartition>(), std::move(rom)};
     must(layout.manager.attach_partition(Vtl::vtl0, layout.observer), "attaching the observer");
@@ -202,8 +206,10 @@ int run_with_kvm(KvmVm& vm)
         }
         break;
     }
-    const std::uint32_t sum =
-        l.manager.guest_memory().read_plain<std::uint32_t>(result_gpa).value();
+    const auto result = l.manager.guest_memory().read_plain<std::uint32_t>(Gpa{result_gpa});
+    if (!result)
+        die(result.error().message());
+    const std::uint32_t sum = *result;
     std::printf("\nguest computed sum(1..%u) = %u; open-bus reads during the switch: %llu\n",
                 numbers, sum, static_cast<unsigned long long>(open_bus_reads));
     const std::string want = std::string(greeting) + rom_text + ram_text;
@@ -223,15 +229,18 @@ int run_without_kvm(const std::string& why)
     print_map(l.manager, "boot");
     auto memory = l.manager.guest_memory();
     std::uint32_t sum = 0;
-    for (std::uint32_t i = 0; i < numbers; ++i)
-        sum += memory.read_plain<std::uint32_t>(data_gpa + 4 * i).value();
-    if (!memory.write_plain<std::uint32_t>(result_gpa, sum))
+    for (std::uint32_t i = 0; i < numbers; ++i) {
+        const auto n = memory.read_plain<std::uint32_t>(Gpa{data_gpa + 4 * i});
+        if (!n)
+            die(n.error().message());
+        sum += *n;
+    }
+    if (!memory.write_plain<std::uint32_t>(Gpa{result_gpa}, sum))
         die("storing the sum");
     auto control = l.manager.ram_visibility_control();
     must(control.set_ram_visibility(pam, RamVisibility::unmapped), "PAM unmap");
     char seen[sizeof rom_text] = {};
-    if (!memory.read(pam_gpa, std::as_writable_bytes(std::span(seen))) ||
-        std::strcmp(seen, rom_text) != 0)
+    if (!memory.read(Gpa{pam_gpa}, seen) || std::strcmp(seen, rom_text) != 0)
         die("the ROM does not show through the unmapped PAM segment");
     print_map(l.manager, "PAM 0xc0000 unmapped: the ROM shows");
     must(control.set_ram_visibility(pam, RamVisibility::read_write), "PAM back");

@@ -41,7 +41,9 @@
 
 namespace membacking {
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+// Plain `class` parameters: the manager checks each policy with static_asserts that name what is
+// missing (see manager/guest_memory_manager.hpp).
+template <class Resolver, class Va, class... Partitions>
 class GuestMemoryManager;
 
 template <class Manager>
@@ -52,7 +54,7 @@ class GuestMemoryBuilder;
 using DefaultVaPolicy = LinuxMmap<os::LinuxSyscalls>;
 
 /// NestedPriority regions, Linux VA mappers, and the given partition policies.
-template <PartitionMapper... Partitions>
+template <class... Partitions>
 using LinuxGuestMemoryManager = GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
 
 /// Linux VA mappers with the mock partition: for tests, and for running without a hypervisor.
@@ -68,7 +70,7 @@ using KvmGuestMemoryManager = LinuxGuestMemoryManager<DefaultKvmPartition, MockP
 using DefaultVaPolicy = WindowsPlaceholder<os::WindowsSyscalls>;
 
 /// NestedPriority regions, placeholder VA mappers, and the given partition policies.
-template <PartitionMapper... Partitions>
+template <class... Partitions>
 using WindowsGuestMemoryManager =
     GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
 
@@ -80,7 +82,7 @@ using WhpGuestMemoryManager = WindowsGuestMemoryManager<WhpPartition, MockPartit
 #endif
 
 /// This platform's VA policy with NestedPriority regions and the given partitions.
-template <PartitionMapper... Partitions>
+template <class... Partitions>
 using DefaultGuestMemoryManager =
     GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
 

@@ -11,6 +11,15 @@
  * Both run accesses at the same speed. (For hot loops: keep the handle or view in a non-const
  * local. GCC 12's scalar replacement refuses const local aggregates, and then reloads base and
  * size from the stack after every store; bench/guest_access.cpp measured 1.5x from that alone.)
+ *
+ * Addresses are strong types (base/units.hpp). The handles over the whole guest take a Gpa. A
+ * window made by subrange() is addressed by Offset from the window's start (its second template
+ * argument is Offset), so a GPA cannot be passed to a window by mistake, nor a window offset to
+ * the whole guest; errors always name the absolute GPA.
+ *
+ * read() and write() take any contiguous range of trivially copyable elements (std::span of any
+ * such T, std::vector, std::array, a C array, std::string; for write also std::string_view and
+ * string literals, whose terminating NUL is part of the array): the bytes it spans are copied.
 
  * The journey of an access, e.g. read(gpa, dst):
  *   1. bounds check against the handle's size (an out-of-range access is an error, not a fault);
@@ -38,6 +47,7 @@
 #    include <membacking/access/primitives.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
+#    include <membacking/base/units.hpp>
 
 #    include <algorithm>
 #    include <concepts>
@@ -45,6 +55,7 @@
 #    include <cstdint>
 #    include <memory>
 #    include <optional>
+#    include <ranges>
 #    include <span>
 #    include <type_traits>
 #    include <utility>
@@ -76,16 +87,31 @@ concept GuestValue = std::is_trivially_copyable_v<T>;
 /// An integer that atomic operations work on: 1, 2, 4 or 8 bytes.
 template <class T>
 concept GuestInteger = std::integral<T> && access::AtomicSized<T>;
+
+/// What read() fills: a contiguous range of trivially copyable, writable elements.
+template <class R>
+concept GuestReadBuffer = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
+    GuestValue<std::ranges::range_value_t<R>> &&
+    !std::is_const_v<std::remove_reference_t<std::ranges::range_reference_t<R>>>;
+
+/// What write() copies from: a contiguous range of trivially copyable elements.
+template <class R>
+concept GuestWriteBuffer = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
+    GuestValue<std::ranges::range_value_t<R>>;
+
+/// How a view is addressed: Gpa over the whole guest, Offset inside a window (subrange).
+template <class A>
+concept GuestAddress = std::same_as<A, Gpa> || std::same_as<A, Offset>;
 // clang-format on
 
-template <GuestMemoryBacking Mapper>
+template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa>
 class GuestMemoryView {
 public:
     /// An empty view: every access is out of range.
     GuestMemoryView() noexcept = default;
 
     /// A view of the mapper's whole guest address space; the caller keeps the mapper alive.
-    explicit GuestMemoryView(Mapper& mapper) noexcept
+    explicit GuestMemoryView(Mapper& mapper) noexcept requires std::same_as<Address, Gpa>
         : base_(mapper.base()), size_(mapper.size()), mapper_(&mapper)
     {
         static_assert(std::is_trivially_copyable_v<GuestMemoryView>);
@@ -94,52 +120,61 @@ public:
         access::install_fault_handler();
     }
 
-    /// The number of bytes this view spans (GPAs 0 to size() - 1, relative to gpa_base()).
-    [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
-    /// The absolute GPA of this view's offset 0 (non-zero for subranges).
-    [[nodiscard]] std::uint64_t gpa_base() const noexcept { return gpa_base_; }
+    /// The number of bytes this view spans: addresses Address{0} to Address{size() - 1}.
+    [[nodiscard]] Length size() const noexcept { return Length(size_); }
+    /// The absolute GPA of this view's first byte (0 for the whole guest; a window's start).
+    [[nodiscard]] Gpa gpa_base() const noexcept { return Gpa(gpa_base_); }
     [[nodiscard]] Mapper* mapper() const noexcept { return mapper_; }
 
-    /// Copies guest memory at gpa into dst.
-    AccessResult<> read(std::uint64_t gpa, std::span<std::byte> dst) const noexcept
+    /// Copies guest memory at `at` into dst (every byte of it).
+    template <GuestReadBuffer Buffer>
+    AccessResult<> read(Address at, Buffer&& dst) const noexcept
     {
-        std::byte* out = dst.data();
-        return bulk(gpa, dst.size(), AccessKind::read,
+        const std::span<std::byte> bytes = std::as_writable_bytes(std::span(dst));
+        std::byte* out = bytes.data();
+        const std::uint64_t gpa = at.value();
+        return bulk(gpa, bytes.size(), AccessKind::read,
                     [out, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
                         return access::try_copy(out + off, p + gpa + off, n);
                     });
     }
 
-    /// Copies src into guest memory at gpa.
-    AccessResult<> write(std::uint64_t gpa, std::span<const std::byte> src) const noexcept
+    /// Copies src (every byte of it) into guest memory at `at`.
+    template <GuestWriteBuffer Buffer>
+    AccessResult<> write(Address at, const Buffer& src) const noexcept
     {
-        const std::byte* in = src.data();
-        return bulk(gpa, src.size(), AccessKind::write,
+        const std::span<const std::byte> bytes = std::as_bytes(std::span(src));
+        const std::byte* in = bytes.data();
+        const std::uint64_t gpa = at.value();
+        return bulk(gpa, bytes.size(), AccessKind::write,
                     [in, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
                         return access::try_copy(p + gpa + off, in + off, n);
                     });
     }
 
-    /// Sets len bytes of guest memory at gpa to value.
-    AccessResult<> fill(std::uint64_t gpa, std::uint8_t value, std::uint64_t len) const noexcept
+    /// Sets len bytes of guest memory at `at` to value.
+    AccessResult<> fill(Address at, std::uint8_t value, Length len) const noexcept
     {
-        return bulk(gpa, len, AccessKind::write,
+        const std::uint64_t gpa = at.value();
+        return bulk(gpa, len.value(), AccessKind::write,
                     [value, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
                         return access::try_fill(p + gpa + off, value, n);
                     });
     }
 
     /// Reads a T. Sizes 1, 2, 4 and 8 are one load (no tearing when aligned); others a copy.
+    /// The address usually comes from the guest: handle the error (value_or, if), because
+    /// operator* and value() on an error abort the VMM.
     template <GuestValue T>
-    AccessResult<T> read_plain(std::uint64_t gpa) const noexcept
+    AccessResult<T> read_plain(Address at) const noexcept
     {
         if constexpr (access::AtomicSized<T>) {
-            return single<T>(gpa, sizeof(T), AccessKind::read, [](std::byte* at, T& out) noexcept {
-                return access::try_load(at, out);
-            });
+            return single<T>(
+                at.value(), sizeof(T), AccessKind::read,
+                [](std::byte* p, T& out) noexcept { return access::try_load(p, out); });
         } else {
             T value;
-            auto r = read(gpa, std::as_writable_bytes(std::span<T, 1>(&value, 1)));
+            auto r = read(at, std::span<T, 1>(&value, 1));
             if (!r) [[unlikely]]
                 return r.error();
             return value;
@@ -148,33 +183,34 @@ public:
 
     /// Writes a T. Sizes 1, 2, 4 and 8 are one store; others a copy.
     template <GuestValue T>
-    AccessResult<> write_plain(std::uint64_t gpa, const T& value) const noexcept
+    AccessResult<> write_plain(Address at, const T& value) const noexcept
     {
         if constexpr (access::AtomicSized<T>) {
             auto r = single<Done>(
-                gpa, sizeof(T), AccessKind::write,
-                [value](std::byte* at, Done&) noexcept { return access::try_store(at, value); });
+                at.value(), sizeof(T), AccessKind::write,
+                [value](std::byte* p, Done&) noexcept { return access::try_store(p, value); });
             if (!r) [[unlikely]]
                 return r.error();
             return {};
         } else {
-            return write(gpa, std::as_bytes(std::span<const T, 1>(&value, 1)));
+            return write(at, std::span<const T, 1>(&value, 1));
         }
     }
 
     /// Sequentially consistent compare-exchange of a naturally aligned 1/2/4/8-byte T.
     template <access::AtomicSized T>
-    AccessResult<CompareExchangeOutcome<T>> compare_exchange(std::uint64_t gpa, T expected,
+    AccessResult<CompareExchangeOutcome<T>> compare_exchange(Address at, T expected,
                                                              T desired) const noexcept
     {
+        const std::uint64_t gpa = at.value();
         if (!is_aligned_for<T>(gpa)) [[unlikely]]
             return misaligned(view(), gpa);
         return single<CompareExchangeOutcome<T>>(
             gpa, sizeof(T), AccessKind::write,
-            [expected, desired](std::byte* at, CompareExchangeOutcome<T>& out) noexcept {
+            [expected, desired](std::byte* p, CompareExchangeOutcome<T>& out) noexcept {
                 T seen = expected;
                 bool swapped = false;
-                if (!access::try_compare_exchange(at, seen, desired, swapped))
+                if (!access::try_compare_exchange(p, seen, desired, swapped))
                     return false;
                 out = {swapped, seen};
                 return true;
@@ -184,59 +220,65 @@ public:
     /// Atomic read-modify-write operations on a naturally aligned integer; each returns the old
     /// value. fetch_add is one `lock xadd`; the bitwise ones are a compare-exchange loop.
     template <GuestInteger T>
-    AccessResult<T> fetch_add(std::uint64_t gpa, T addend) const noexcept
+    AccessResult<T> fetch_add(Address at, T addend) const noexcept
     {
         using U = std::make_unsigned_t<T>;
+        const std::uint64_t gpa = at.value();
         if (!is_aligned_for<T>(gpa)) [[unlikely]]
             return misaligned(view(), gpa);
         return single<T>(gpa, sizeof(T), AccessKind::write,
-                         [addend](std::byte* at, T& out) noexcept {
+                         [addend](std::byte* p, T& out) noexcept {
                              U old{};
-                             if (!access::try_fetch_add(at, static_cast<U>(addend), old))
+                             if (!access::try_fetch_add(p, static_cast<U>(addend), old))
                                  return false;
                              out = static_cast<T>(old);
                              return true;
                          });
     }
     template <GuestInteger T>
-    AccessResult<T> fetch_sub(std::uint64_t gpa, T value) const noexcept
+    AccessResult<T> fetch_sub(Address at, T value) const noexcept
     {
         using U = std::make_unsigned_t<T>;
-        return fetch_add<T>(gpa, static_cast<T>(U{0} - static_cast<U>(value)));
+        return fetch_add<T>(at, static_cast<T>(U{0} - static_cast<U>(value)));
     }
     template <GuestInteger T>
-    AccessResult<T> fetch_or(std::uint64_t gpa, T bits) const noexcept
+    AccessResult<T> fetch_or(Address at, T bits) const noexcept
     {
-        return fetch_update<T>(gpa, [bits](T v) { return static_cast<T>(v | bits); });
+        return fetch_update<T>(at.value(), [bits](T v) { return static_cast<T>(v | bits); });
     }
     template <GuestInteger T>
-    AccessResult<T> fetch_and(std::uint64_t gpa, T bits) const noexcept
+    AccessResult<T> fetch_and(Address at, T bits) const noexcept
     {
-        return fetch_update<T>(gpa, [bits](T v) { return static_cast<T>(v & bits); });
+        return fetch_update<T>(at.value(), [bits](T v) { return static_cast<T>(v & bits); });
     }
     template <GuestInteger T>
-    AccessResult<T> fetch_xor(std::uint64_t gpa, T bits) const noexcept
+    AccessResult<T> fetch_xor(Address at, T bits) const noexcept
     {
-        return fetch_update<T>(gpa, [bits](T v) { return static_cast<T>(v ^ bits); });
+        return fetch_update<T>(at.value(), [bits](T v) { return static_cast<T>(v ^ bits); });
     }
 
-    /// A view of [gpa, gpa + len) of this one; its offset 0 is this view's gpa.
-    [[nodiscard]] Result<GuestMemoryView> subrange(std::uint64_t gpa, std::uint64_t len) const
+    /// A window over [at, at + len) of this view, addressed by Offset from `at`.
+    [[nodiscard]] Result<GuestMemoryView<Mapper, Offset>> subrange(Address at, Length len) const
     {
-        if (!in_bounds(gpa, len))
-            return make_error(errc::out_of_range,
-                              "subrange of " + MemoryRange::hex(len) + " bytes at " +
-                                  MemoryRange::hex(gpa_base_ + gpa) +
-                                  " lies outside guest memory " + MemoryRange::hex(gpa_base_) +
-                                  "+" + MemoryRange::hex(size_));
-        GuestMemoryView sub = *this;
-        sub.base_ = base_ + gpa;
-        sub.size_ = len;
-        sub.gpa_base_ = gpa_base_ + gpa;
-        return sub;
+        const std::uint64_t start = at.value();
+        if (!in_bounds(start, len.value()))
+            return make_error(errc::out_of_range, "subrange of " + to_string(len) + " bytes at " +
+                                                      MemoryRange::hex(gpa_base_ + start) +
+                                                      " lies outside guest memory " +
+                                                      MemoryRange::hex(gpa_base_) + "+" +
+                                                      MemoryRange::hex(size_));
+        GuestMemoryView<Mapper, Offset> window;
+        window.base_ = base_ + start;
+        window.size_ = len.value();
+        window.gpa_base_ = gpa_base_ + start;
+        window.mapper_ = mapper_;
+        return window;
     }
 
 private:
+    template <GuestMemoryBacking, GuestAddress>
+    friend class GuestMemoryView;
+
     /// The result type of single-instruction operations that produce no value.
     struct Done {};
 
@@ -260,7 +302,7 @@ private:
         [[nodiscard]] AccessError error_at(errc code, std::uint64_t gpa, std::uint64_t done,
                                            AccessKind kind) const noexcept
         {
-            return {code, kind, gpa_base + gpa, done};
+            return {code, kind, Gpa(gpa_base + gpa), Length(done)};
         }
     };
     [[nodiscard]] View view() const noexcept { return {base_, gpa_base_, mapper_}; }
@@ -412,16 +454,17 @@ private:
 
 /// The owning handle: a GuestMemoryView that also keeps its mapper alive. All access methods
 /// are the view's. For hot loops, take view() once and access through it.
-template <GuestMemoryBacking Mapper>
-class GuestMemory : public GuestMemoryView<Mapper> {
-    using View = GuestMemoryView<Mapper>;
+template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa>
+class GuestMemory : public GuestMemoryView<Mapper, Address> {
+    using View = GuestMemoryView<Mapper, Address>;
 
 public:
     /// An empty handle: every access is out of range.
     GuestMemory() noexcept = default;
 
     /// A handle over the mapper's whole guest address space.
-    explicit GuestMemory(std::shared_ptr<Mapper> mapper) noexcept
+    explicit GuestMemory(
+        std::shared_ptr<Mapper> mapper) noexcept requires std::same_as<Address, Gpa>
         : View(*mapper), owner_(std::move(mapper))
     {
         static_assert(!std::is_polymorphic_v<GuestMemory>, "the access path has no virtual calls");
@@ -433,19 +476,22 @@ public:
     /// The mapper, shared.
     [[nodiscard]] const std::shared_ptr<Mapper>& owner() const noexcept { return owner_; }
 
-    /// An owning handle over [gpa, gpa + len) of this one.
-    [[nodiscard]] Result<GuestMemory> subrange(std::uint64_t gpa, std::uint64_t len) const
+    /// An owning window over [at, at + len) of this handle, addressed by Offset from `at`.
+    [[nodiscard]] Result<GuestMemory<Mapper, Offset>> subrange(Address at, Length len) const
     {
-        auto sub = View::subrange(gpa, len);
+        auto sub = View::subrange(at, len);
         if (!sub)
             return std::move(sub).error();
-        GuestMemory out;
-        static_cast<View&>(out) = *sub;
+        GuestMemory<Mapper, Offset> out;
+        static_cast<GuestMemoryView<Mapper, Offset>&>(out) = *sub;
         out.owner_ = owner_;
         return out;
     }
 
 private:
+    template <GuestMemoryBacking, GuestAddress>
+    friend class GuestMemory;
+
     std::shared_ptr<Mapper> owner_;
 };
 

@@ -5,8 +5,12 @@
 #include <sstream>
 
 using membacking::errc;
+using membacking::Gpa;
+using membacking::Length;
 using membacking::MemoryRange;
+using membacking::Offset;
 using membacking::test::range;
+using namespace membacking::literals;
 
 TEST_CASE("MemoryRange: the checked factory rejects unaligned and reversed bounds")
 {
@@ -24,14 +28,39 @@ TEST_CASE("MemoryRange: the checked factory rejects unaligned and reversed bound
     CHECK(membacking::test::error_of(reversed) == errc::invalid_range);
 }
 
-TEST_CASE("MemoryRange: from_size rejects overflow instead of wrapping")
+TEST_CASE("MemoryRange: from(start, size) rejects overflow instead of wrapping")
 {
-    auto wraps = MemoryRange::from_size(0xffff'ffff'ffff'f000, 0x2000);
+    auto wraps = MemoryRange::from(Gpa{0xffff'ffff'ffff'f000}, 8_KiB);
     REQUIRE_FALSE(wraps.has_value());
     CHECK(membacking::test::error_of(wraps) == errc::invalid_range);
-    auto ok = MemoryRange::from_size(0x10000, 0x3000);
+    auto ok = MemoryRange::from(0x10000_gpa, Length{0x3000});
     REQUIRE(ok.has_value());
     CHECK(*ok == range(0x10000, 0x13000));
+    CHECK(ok->length() == 12_KiB);
+    auto relative = MemoryRange::from(Offset{0x2000}, 4_KiB);
+    REQUIRE(relative.has_value());
+    CHECK(*relative == range(0x2000, 0x3000));
+    CHECK(membacking::test::error_of(MemoryRange::from(Offset{0x10}, 4_KiB)) ==
+          errc::invalid_range);
+}
+
+// A swapped start and size does not compile: from takes (Gpa or Offset, Length).
+template <class A, class B>
+constexpr bool from_accepts = requires(A a, B b)
+{
+    MemoryRange::from(a, b);
+};
+static_assert(from_accepts<Gpa, Length> && from_accepts<Offset, Length>);
+static_assert(!from_accepts<Length, Gpa> && !from_accepts<Length, Offset>);
+static_assert(!from_accepts<std::uint64_t, std::uint64_t>);
+
+TEST_CASE("MemoryRange: constant is evaluated at compile time; valid_or_abort at run time")
+{
+    constexpr MemoryRange pam = MemoryRange::constant(0xc0000, 0xc4000);
+    static_assert(pam.size() == 0x4000);
+    CHECK(pam == range(0xc0000, 0xc4000));
+    // (An unaligned or reversed constant is a compile error: tests/compile_fail checks that.)
+    CHECK(MemoryRange::valid_or_abort(0x1000, 0x3000) == range(0x1000, 0x3000));
 }
 
 TEST_CASE("MemoryRange: overlaps, contains and intersection")

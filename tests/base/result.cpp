@@ -4,6 +4,8 @@
 #include "test_support.hpp"
 
 #include <cerrno>
+#include <memory>
+#include <string>
 
 using namespace membacking;
 
@@ -63,6 +65,50 @@ TEST_CASE("membacking errc values compare against error codes")
     const std::error_code ec = errc::overlap;
     CHECK(ec.category().name() == std::string("membacking"));
     CHECK(ec.message() == "overlapping ranges");
+}
+
+TEST_CASE("Result has std::expected's verbs")
+{
+    CHECK(half(8).value_or(-1) == 4);
+    CHECK(half(3).value_or(-1) == -1);
+    CHECK(half(8).error_or(make_error(errc::conflict, "none")).code() == errc::conflict);
+    CHECK(half(3).error_or(make_error(errc::conflict, "none")).code() == errc::invalid_argument);
+
+    // and_then: the next step on the value, or the error passed through.
+    CHECK(*half(8).and_then(half) == 2);
+    auto odd = half(6).and_then(half);
+    REQUIRE_FALSE(odd);
+    CHECK(odd.error().message() == "odd value 3");
+    // transform: a plain function of the value; a void one gives Result<void>.
+    Result<std::string> text = half(8).transform([](int v) { return std::to_string(v); });
+    CHECK(*text == "4");
+    int seen = 0;
+    Result<void> done = half(8).transform([&](int v) { seen = v; });
+    CHECK(done.has_value());
+    CHECK(seen == 4);
+    CHECK(membacking::test::error_of(half(1).transform([](int v) { return v; })) ==
+          errc::invalid_argument);
+    // or_else: recover from an error; transform_error: add context, keeping the root code.
+    CHECK(*half(3).or_else([](const Error&) -> Result<int> { return 0; }) == 0);
+    CHECK(*half(4).or_else([](const Error&) -> Result<int> { return 0; }) == 2);
+    auto wrapped = half(3).transform_error([](Error e) { return std::move(e).context("outer"); });
+    REQUIRE_FALSE(wrapped);
+    CHECK(wrapped.error().full_message() == "outer: odd value 3");
+    CHECK(membacking::test::error_of(wrapped) == errc::invalid_argument);
+
+    // Result<void> and move-only values.
+    const Result<void> ok;
+    CHECK(*ok.and_then([] { return half(6); }) == 3);
+    CHECK(*ok.transform([] { return 5; }) == 5);
+    const Result<void> bad = make_error(errc::not_found, "gone");
+    CHECK(membacking::test::error_of(bad.and_then([] { return half(6); })) == errc::not_found);
+    CHECK(bad.or_else([](const Error&) -> Result<void> { return {}; }).has_value());
+    CHECK(bad.transform_error([](const Error& e) { return e.context("while testing"); })
+              .error()
+              .full_message() == "while testing: gone");
+    Result<std::unique_ptr<int>> owned = std::make_unique<int>(7);
+    auto moved = std::move(owned).transform([](std::unique_ptr<int> p) { return *p + 1; });
+    CHECK(*moved == 8);
 }
 
 TEST_CASE("MemorySize prints the largest exact unit, as the builder's messages do")

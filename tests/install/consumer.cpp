@@ -11,19 +11,19 @@ int main()
 {
     using namespace membacking;
     auto manager = MockGuestMemoryManager::builder()
-                       .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 0x10000)}))
-                       .build(0x10000);
+                       .add_backing(RamBackingRequest({MemoryRange::constant(0, 0x10000)}))
+                       .build(Length{0x10000});
     if (!manager) {
         std::fprintf(stderr, "build failed: %s\n", manager.error().full_message().c_str());
         return 1;
     }
     auto memory = manager->guest_memory();
     constexpr std::uint32_t value = 0x1234abcd;
-    if (!memory.write_plain<std::uint32_t>(0x100, value)) {
+    if (!memory.write_plain<std::uint32_t>(Gpa{0x100}, value)) {
         std::fputs("write_plain failed\n", stderr);
         return 1;
     }
-    const auto back = memory.read_plain<std::uint32_t>(0x100);
+    const auto back = memory.read_plain<std::uint32_t>(Gpa{0x100});
     if (!back || *back != value) {
         std::fputs("read_plain did not return what was written\n", stderr);
         return 1;

@@ -50,7 +50,7 @@ struct Guest {
     Manager manager = must(Manager::builder()
                                .x86_legacy_support(true)
                                .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
-                               .build(16 * MiB));
+                               .build(Length{16 * MiB}));
     std::shared_ptr<KvmPartition<Sys>> kvm = must(KvmPartition<Sys>::create(vm.vm_fd()));
     PartitionId id = must(manager.attach_partition(Vtl::vtl0, kvm));
     typename Manager::Memory memory = manager.guest_memory();
@@ -58,7 +58,7 @@ struct Guest {
     void load(const X86Asm& program)
     {
         const auto code = program.code();
-        REQUIRE(memory.write(code_gpa, std::as_bytes(std::span(code))).has_value());
+        REQUIRE(memory.write(Gpa{code_gpa}, code).has_value());
         REQUIRE(vm.start_at(code_gpa));
     }
     /// Runs the loaded program from the start until it halts; fails on any other exit.
@@ -73,7 +73,7 @@ struct Guest {
     }
     std::uint8_t result_byte()
     {
-        return memory.template read_plain<std::uint8_t>(result_gpa).value();
+        return memory.template read_plain<std::uint8_t>(Gpa{result_gpa}).value();
     }
 };
 
@@ -98,12 +98,12 @@ Mappable filled_memfd(std::uint64_t size, std::uint8_t value)
 TEST_CASE("the VMM writes a value, the guest computes with it, the VMM reads the result")
 {
     Guest<> g;
-    REQUIRE(g.memory.write_plain<std::uint32_t>(result_gpa, 41).has_value());
+    REQUIRE(g.memory.write_plain<std::uint32_t>(Gpa{result_gpa}, 41).has_value());
     X86Asm a;
     a.load_eax(result_gpa).imul_eax(3).add_eax(7).store_eax(result_gpa + 4).hlt();
     g.load(a);
     g.run_to_halt();
-    CHECK(g.memory.read_plain<std::uint32_t>(result_gpa + 4).value() == 41 * 3 + 7);
+    CHECK(g.memory.read_plain<std::uint32_t>(Gpa{result_gpa + 4}).value() == 41 * 3 + 7);
     CHECK(g.vm.eax() == 41 * 3 + 7);
     // The partition holds one slot per visible region: the 16 x86 legacy regions.
     CHECK(g.kvm->slots().size() == 16);
@@ -115,11 +115,11 @@ TEST_CASE("a higher-priority region over RAM is what the guest sees, and RAM com
     const MemoryRange window = range(4 * MiB, 5 * MiB);
     const RegionId low = must(g.manager.add_region("low", window, 100, MappingType::Ram));
     must(g.manager.add_mapping(
-        low, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xaa), 0), true, {}}));
+        low, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xaa), Offset{0}), true, {}}));
     must(g.manager.map_region(low, {true, true, false}));
     const RegionId high = must(g.manager.add_region("high", window, 200, MappingType::Ram));
     must(g.manager.add_mapping(
-        high, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xbb), 0), true, {}}));
+        high, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0xbb), Offset{0}), true, {}}));
     g.load(copy_byte(4 * MiB + 0x10));
 
     g.run_to_halt();
@@ -137,7 +137,7 @@ TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, w
     Guest<> g;
     auto control = g.manager.ram_visibility_control();
     const MemoryRange pam = range(0xc0000, 0xc4000);
-    REQUIRE(g.memory.write_plain<std::uint8_t>(0xc0010, 0x55).has_value());
+    REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{0xc0010}, 0x55).has_value());
 
     X86Asm a;
     a.load_al(0xc0010).store_al(result_gpa).store_al(0xc0010).hlt();
@@ -170,7 +170,7 @@ TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, w
     CHECK(e.data == 0x55);
     REQUIRE(g.vm.run().kind == Exit::Kind::halt);
     CHECK(g.result_byte() == 0x55);
-    CHECK(g.memory.read_plain<std::uint8_t>(0xc0010).value() == 0x55);
+    CHECK(g.memory.read_plain<std::uint8_t>(Gpa{0xc0010}).value() == 0x55);
 
     // Read-write again: no exits at all.
     must(control.set_ram_visibility(pam, RamVisibility::read_write));
@@ -208,14 +208,18 @@ TEST_CASE("a read-only window is a KVM_MEM_READONLY slot even over writable host
 TEST_CASE("device memory is visible to the guest at its GPA, and after it moves")
 {
     Guest<> g;
-    auto dev = must(g.manager.device_memory_mapper().new_region(0x10000, "bar0"));
-    must(dev.map(0, filled_memfd(0x10000, 0xdd), 0, 0x10000, true));
-    must(dev.map_to_guest(8 * MiB, true));
+    auto dev = must(g.manager.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(dev.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = filled_memfd(0x10000, 0xdd),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
     g.load(copy_byte(8 * MiB + 0x10));
     g.run_to_halt();
     CHECK(g.result_byte() == 0xdd);
 
-    must(dev.map_to_guest(9 * MiB, true));
+    must(dev.map_to_guest(Gpa{9 * MiB}, Protection::read_write));
     g.load(copy_byte(9 * MiB + 0x10));
     g.run_to_halt();
     CHECK(g.result_byte() == 0xdd);
@@ -335,12 +339,12 @@ TEST_CASE("prefetch drives KVM_PRE_FAULT_MEMORY to the end of the range (scripte
         auto object = filled_memfd(MiB, 0x5a);
         const RegionId plain =
             must(g.manager.add_region("plain", range(4 * MiB, 5 * MiB), 100, MappingType::Ram));
-        must(g.manager.add_mapping(plain,
-                                   {range(0, MiB), MappingBacking::file(object, 0), true, {}}));
+        must(g.manager.add_mapping(
+            plain, {range(0, MiB), MappingBacking::file(object, Offset{0}), true, {}}));
         const RegionId eager =
             must(g.manager.add_region("eager", range(6 * MiB, 7 * MiB), 100, MappingType::Ram));
-        must(g.manager.add_mapping(eager,
-                                   {range(0, MiB), MappingBacking::file(object, 0), true, {}}));
+        must(g.manager.add_mapping(
+            eager, {range(0, MiB), MappingBacking::file(object, Offset{0}), true, {}}));
         test::InjectingKvm::pre_fault_calls.clear();
         test::InjectingKvm::pre_fault_script.clear(); // each call does the whole range
         must(g.manager.map_region(plain, {true, true, false}));
@@ -369,7 +373,7 @@ TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
     Manager m = must(Manager::builder()
                          .pin_mappings(true)
                          .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
-                         .build(4 * MiB));
+                         .build(Length{4 * MiB}));
     auto kvm = must(KvmPartition<>::create(vm.vm_fd()));
     const PartitionId id = must(m.attach_partition(Vtl::vtl0, kvm));
     REQUIRE(kvm->slots().size() == 1);
@@ -417,8 +421,8 @@ TEST_CASE("slot exhaustion, with the limit lowered through the seam, is a clean 
     const auto slots_before = g.kvm->slots();
     const auto map_before = g.manager.memory_map().to_text();
 
-    auto dev = must(g.manager.device_memory_mapper().new_region(0x1000, "one-too-many"));
-    auto r = dev.map_to_guest(8 * MiB, true);
+    auto dev = must(g.manager.device_memory_mapper().new_region("one-too-many", Length{0x1000}));
+    auto r = dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write);
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == errc::resource_exhausted);
     CHECK(r.error().full_message().find("KVM memory slot limit of 16 reached") !=
@@ -443,10 +447,14 @@ TEST_CASE("an ioctl failure in the middle of an operation leaves partition and m
     Guest<test::InjectingKvm> g;
     // VGA device memory under the VGA window: unmapping the window deletes RAM's slot, then
     // creates the device's. The second memslot call fails.
-    auto vram = must(g.manager.device_memory_mapper().new_region(0x20000, "vga-vram"));
-    must(vram.map(0, filled_memfd(0x20000, 0x3c), 0, 0x20000, true));
-    must(vram.map_to_guest(0xa0000, true));
-    REQUIRE(g.memory.write_plain<std::uint8_t>(0xa0010, 0x42).has_value()); // RAM's byte
+    auto vram = must(g.manager.device_memory_mapper().new_region("vga-vram", Length{0x20000}));
+    must(vram.map({.offset = Offset{0},
+                   .length = Length{0x20000},
+                   .object = filled_memfd(0x20000, 0x3c),
+                   .object_offset = Offset{0},
+                   .protection = Protection::read_write}));
+    must(vram.map_to_guest(Gpa{0xa0000}, Protection::read_write));
+    REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{0xa0010}, 0x42).has_value()); // RAM's byte
     const auto slots_before = g.kvm->slots();
     const auto map_before = g.manager.memory_map().to_text();
 

@@ -2,7 +2,9 @@
 // that clang-tidy can check the whole library in a single pass (the 'clang-tidy' lint test).
 #include <membacking/membacking.hpp>
 
+#include <array>
 #include <cstdint>
+#include <string_view>
 
 namespace membacking {
 template class detail::ManagerCore<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
@@ -19,10 +21,17 @@ template class KvmPartition<os::LinuxSyscalls>;
 bool tidy_probe_access(
     const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>>& m)
 {
-    auto a = m.read_plain<std::uint64_t>(0);
-    auto b = m.write_plain<std::uint32_t>(8, 1);
-    auto c = m.compare_exchange<std::uint64_t>(16, 0, 1);
-    auto d = m.fetch_or<std::uint16_t>(24, 1);
-    auto e = m.fetch_add<std::int64_t>(32, -1);
-    return a && b && c && d && e;
+    using membacking::Gpa;
+    auto a = m.read_plain<std::uint64_t>(Gpa{0});
+    auto b = m.write_plain<std::uint32_t>(Gpa{8}, 1);
+    auto c = m.compare_exchange<std::uint64_t>(Gpa{16}, 0, 1);
+    auto d = m.fetch_or<std::uint16_t>(Gpa{24}, 1);
+    auto e = m.fetch_add<std::int64_t>(Gpa{32}, -1);
+    std::array<std::uint8_t, 4> buf{};
+    auto f = m.read(Gpa{40}, buf);
+    auto g = m.write(Gpa{44}, std::string_view("abc"));
+    const std::uint64_t h = m.read_plain<std::uint64_t>(Gpa{48}).value_or(0);
+    auto window = m.subrange(Gpa{0}, membacking::Length{0x1000});
+    const bool i = window && window->read_plain<std::uint8_t>(membacking::Offset{1}).has_value();
+    return a && b && c && d && e && f && g && h != 0 && i;
 }

@@ -29,7 +29,6 @@ using Manager = MockGuestMemoryManager;
 using InjectedManager =
     GuestMemoryManager<NestedPriority, LinuxMmap<test::InjectingSyscalls>, MockPartition>;
 #endif
-using Builder = Manager::Builder;
 
 RamBackingRequest ram(std::vector<MemoryRange> ranges)
 {
@@ -52,7 +51,7 @@ TEST_CASE("build validation: private memory and x86 legacy support")
     check_build_error(Manager::builder()
                           .x86_legacy_support(true)
                           .add_backing(ram({range(0, 2 * MiB)}).private_memory(true))
-                          .build(4 * MiB),
+                          .build(Length{4 * MiB}),
                       build_errc::private_memory_with_legacy,
                       "private memory is incompatible with x86 legacy support");
 }
@@ -63,7 +62,7 @@ TEST_CASE("build validation: private memory and an existing backing")
     check_build_error(
         Manager::builder()
             .add_backing(ram({range(0, MiB)}).private_memory(true).existing_mappable(existing))
-            .build(MiB),
+            .build(Length{MiB}),
         build_errc::private_memory_with_existing_backing,
         "private memory is incompatible with an existing memory backing");
 }
@@ -73,20 +72,20 @@ TEST_CASE(
 {
     check_build_error(Manager::builder()
                           .add_backing(ram({range(0, 2 * MiB)}).hugepages().private_memory(true))
-                          .build(2 * MiB),
+                          .build(Length{2 * MiB}),
                       build_errc::hugepages_with_private_memory,
                       "hugepages require shared memory mode");
     check_build_error(
         Manager::builder()
             .add_backing(
                 ram({range(0, 2 * MiB)}).hugepages().existing_mappable(test::make_object(2 * MiB)))
-            .build(2 * MiB),
+            .build(Length{2 * MiB}),
         build_errc::hugepages_with_existing_backing,
         "hugepages are incompatible with existing memory backing");
     check_build_error(Manager::builder()
                           .x86_legacy_support(true)
                           .add_backing(ram({range(0, 2 * MiB)}).hugepages())
-                          .build(2 * MiB),
+                          .build(Length{2 * MiB}),
                       build_errc::hugepages_with_legacy,
                       "hugepages are incompatible with x86 legacy RAM splitting");
 }
@@ -97,44 +96,45 @@ TEST_CASE("build validation: x86 legacy support needs RAM from 0 to at least 1 M
     check_build_error(Manager::builder()
                           .x86_legacy_support(true)
                           .add_backing(ram({range(0, 512 * 1024)}))
-                          .build(MiB),
+                          .build(Length{MiB}),
                       build_errc::invalid_ram_for_x86, message);
     check_build_error(Manager::builder()
                           .x86_legacy_support(true)
                           .add_backing(ram({range(pg, 2 * MiB)}))
-                          .build(2 * MiB),
+                          .build(Length{2 * MiB}),
                       build_errc::invalid_ram_for_x86, message);
 }
 
 TEST_CASE("reference 40: hugepage size validation")
 {
-    CHECK(Builder::validate_hugepage_size(pg).has_value());
-    CHECK(test::error_of(Builder::validate_hugepage_size(pg / 2)) ==
+    CHECK(detail::validate_hugepage_size(pg).has_value());
+    CHECK(test::error_of(detail::validate_hugepage_size(pg / 2)) ==
           build_errc::invalid_hugepage_size);
-    auto three = Builder::validate_hugepage_size(3 * MiB);
+    auto three = detail::validate_hugepage_size(3 * MiB);
     REQUIRE_FALSE(three);
     CHECK(three.error().code() == build_errc::invalid_hugepage_size);
     CHECK(three.error().message() ==
           "hugepage size 3 MB must be a power of two and at least the host page size");
     // And through build(), before anything is allocated.
-    check_build_error(
-        Manager::builder().add_backing(ram({range(0, 6 * MiB)}).hugepages(3 * MiB)).build(6 * MiB),
-        build_errc::invalid_hugepage_size,
-        "hugepage size 3 MB must be a power of two and at least the host page size");
+    check_build_error(Manager::builder()
+                          .add_backing(ram({range(0, 6 * MiB)}).hugepages(Length{3 * MiB}))
+                          .build(Length{6 * MiB}),
+                      build_errc::invalid_hugepage_size,
+                      "hugepage size 3 MB must be a power of two and at least the host page size");
 }
 
 TEST_CASE("reference 41-43: hugepage RAM alignment and its exact messages")
 {
-    CHECK(Builder::validate_hugepage_ram_alignment(
+    CHECK(detail::validate_hugepage_ram_alignment(
               4 * MiB, {range(0, 2 * MiB), range(4 * MiB, 6 * MiB)}, 2 * MiB)
               .has_value());
-    auto size = Builder::validate_hugepage_ram_alignment(257 * MiB, {range(0, 257 * MiB)}, 2 * MiB);
+    auto size = detail::validate_hugepage_ram_alignment(257 * MiB, {range(0, 257 * MiB)}, 2 * MiB);
     REQUIRE_FALSE(size);
     CHECK(size.error().code() == build_errc::hugepage_ram_size_unaligned);
     CHECK(size.error().message() ==
           "RAM size 257 MB is not aligned to 2 MB hugepages; choose a memory size that is a "
           "multiple of the hugepage size");
-    auto r = Builder::validate_hugepage_ram_alignment(
+    auto r = detail::validate_hugepage_ram_alignment(
         2 * MiB, {range(0, MiB), range(2 * MiB, 3 * MiB)}, 2 * MiB);
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == build_errc::hugepage_ram_range_unaligned);
@@ -148,8 +148,9 @@ TEST_CASE("reference 44: the hugetlb allocation failure message, from a failing 
 {
     test::InjectingSyscalls::reset();
     test::InjectingSyscalls::fallocate_plan = test::Plan{0, ENOMEM};
-    auto r =
-        InjectedManager::builder().add_backing(ram({range(0, GiB)}).hugepages(2 * MiB)).build(GiB);
+    auto r = InjectedManager::builder()
+                 .add_backing(ram({range(0, GiB)}).hugepages(Length{2 * MiB}))
+                 .build(Length{GiB});
     test::InjectingSyscalls::reset();
     check_build_error(r, build_errc::hugepage_allocation_failed,
                       "failed to reserve 512 hugetlb pages of 2 MB each (1 GB total); increase "
@@ -161,25 +162,27 @@ TEST_CASE("reference 44: the hugetlb allocation failure message, from a failing 
 
 TEST_CASE("build validation: the VTL0 alias map must fit")
 {
-    check_build_error(
-        Manager::builder().vtl0_alias_map(MiB).add_backing(ram({range(0, MiB)})).build(2 * MiB),
-        build_errc::alias_map_wont_fit,
-        "not enough guest address space available for the vtl0 alias map");
+    check_build_error(Manager::builder()
+                          .vtl0_alias_map(Length{MiB})
+                          .add_backing(ram({range(0, MiB)}))
+                          .build(Length{2 * MiB}),
+                      build_errc::alias_map_wont_fit,
+                      "not enough guest address space available for the vtl0 alias map");
     CHECK(Manager::builder()
-              .vtl0_alias_map(2 * MiB)
+              .vtl0_alias_map(Length{2 * MiB})
               .add_backing(ram({range(0, MiB)}))
-              .build(2 * MiB));
+              .build(Length{2 * MiB}));
 }
 
 TEST_CASE("build failures: no address space, allocation, RAM too large, bad layout, enable")
 {
-    check_build_error(Manager::builder().add_backing(ram({range(0, MiB)})).build(0),
+    check_build_error(Manager::builder().add_backing(ram({range(0, MiB)})).build(Length{0}),
                       build_errc::va_mapper, "failed to create VA mapper");
 
 #if MEMBACKING_OS_LINUX // memfd failure injection
     test::InjectingSyscalls::reset();
     test::InjectingSyscalls::memfd_plan = test::Plan{0, EMFILE};
-    auto alloc = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(MiB);
+    auto alloc = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(Length{MiB});
     check_build_error(alloc, build_errc::allocation_failed, "failed to allocate memory");
     CHECK(alloc.error().code() == build_errc::allocation_failed);
     CHECK(alloc.error().full_message().find("Too many open files") != std::string::npos);
@@ -188,14 +191,14 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     const std::uint64_t half = std::uint64_t{1} << 63;
     auto big = Manager::builder()
                    .add_backing(ram({range(0, half), range(half, ~(page_size - 1))}))
-                   .build(MiB);
+                   .build(Length{MiB});
     REQUIRE_FALSE(big);
     CHECK(big.error().code() == build_errc::ram_too_large);
 
     auto overlap = Manager::builder()
                        .add_backing(ram({range(0, 2 * MiB)}))
                        .add_backing(ram({range(MiB, 3 * MiB)}))
-                       .build(4 * MiB);
+                       .build(Length{4 * MiB});
     REQUIRE_FALSE(overlap);
     CHECK(overlap.error().code() == build_errc::invalid_ram_layout);
     CHECK(overlap.error().message() ==
@@ -204,13 +207,13 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     auto twice = Manager::builder()
                      .add_backing(ram({range(0, 2 * MiB)}))
                      .add_backing(ram({range(0, 2 * MiB)}))
-                     .build(4 * MiB);
+                     .build(Length{4 * MiB});
     REQUIRE_FALSE(twice);
     CHECK(twice.error().code() == build_errc::invalid_ram_layout);
-    CHECK(test::error_of(
-              Manager::builder().add_backing(ram({range(0, MiB), range(0, MiB)})).build(4 * MiB)) ==
-          build_errc::invalid_ram_layout);
-    auto beyond = Manager::builder().add_backing(ram({range(0, 2 * MiB)})).build(MiB);
+    CHECK(test::error_of(Manager::builder()
+                             .add_backing(ram({range(0, MiB), range(0, MiB)}))
+                             .build(Length{4 * MiB})) == build_errc::invalid_ram_layout);
+    auto beyond = Manager::builder().add_backing(ram({range(0, 2 * MiB)})).build(Length{MiB});
     REQUIRE_FALSE(beyond);
     CHECK(beyond.error().code() == build_errc::invalid_ram_layout);
 
@@ -218,7 +221,7 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     // Mapping RAM into the primary VA mapper fails: the RAM region cannot be enabled.
     test::InjectingSyscalls::reset();
     test::InjectingSyscalls::fail_mmap(2); // 1: the primary's reservation, 2: mapping the RAM
-    auto enable = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(MiB);
+    auto enable = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(Length{MiB});
     test::InjectingSyscalls::reset();
     check_build_error(enable, build_errc::ram_region_enable,
                       "failed to enable RAM region 0x0-0x100000");
@@ -228,11 +231,11 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
 
 TEST_CASE("reference 45: a single backing")
 {
-    Manager m = must(Manager::builder().add_backing(ram({range(0, 4 * pg)})).build(4 * pg));
+    Manager m = must(Manager::builder().add_backing(ram({range(0, 4 * pg)})).build(Length{4 * pg}));
     auto mem = m.guest_memory();
-    REQUIRE(mem.fill(0, 0xab, pg).has_value());
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg - 1)) == 0xab);
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 0);
+    REQUIRE(mem.fill(Gpa{0}, 0xab, Length{pg}).has_value());
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{pg - 1})) == 0xab);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{pg})) == 0);
 }
 
 TEST_CASE("reference 46-48: two backings, different sizes, and a gap")
@@ -241,40 +244,40 @@ TEST_CASE("reference 46-48: two backings, different sizes, and a gap")
         Manager m = must(Manager::builder()
                              .add_backing(ram({range(0, 2 * pg)}))
                              .add_backing(ram({range(2 * pg, 4 * pg)}))
-                             .build(4 * pg));
+                             .build(Length{4 * pg}));
         auto mem = m.guest_memory();
-        REQUIRE(mem.fill(0, 0x11, pg).has_value());
-        REQUIRE(mem.fill(2 * pg, 0x22, pg).has_value());
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(0)) == 0x11);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(2 * pg)) == 0x22);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 0);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(3 * pg)) == 0);
+        REQUIRE(mem.fill(Gpa{0}, 0x11, Length{pg}).has_value());
+        REQUIRE(mem.fill(Gpa{2 * pg}, 0x22, Length{pg}).has_value());
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{0})) == 0x11);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{2 * pg})) == 0x22);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{pg})) == 0);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{3 * pg})) == 0);
         CHECK_FALSE(m.shared_memory_backing().has_value()); // two backings: no restart
     }
     {
         Manager m = must(Manager::builder()
                              .add_backing(ram({range(0, pg)}))
                              .add_backing(ram({range(pg, 4 * pg)}))
-                             .build(4 * pg));
+                             .build(Length{4 * pg}));
         auto mem = m.guest_memory();
         for (std::uint64_t p : {0ULL, 1ULL, 3ULL})
-            REQUIRE(mem.write_plain<std::uint8_t>(p * pg, static_cast<std::uint8_t>(p + 1))
+            REQUIRE(mem.write_plain<std::uint8_t>(Gpa{p * pg}, static_cast<std::uint8_t>(p + 1))
                         .has_value());
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(0)) == 1);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(pg)) == 2);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(2 * pg)) == 0);
-        CHECK(test::value_of(mem.read_plain<std::uint8_t>(3 * pg)) == 4);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{0})) == 1);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{pg})) == 2);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{2 * pg})) == 0);
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{3 * pg})) == 4);
     }
     {
         Manager m = must(Manager::builder()
                              .add_backing(ram({range(0, 2 * pg)}))
                              .add_backing(ram({range(4 * pg, 6 * pg)}))
-                             .build(6 * pg));
+                             .build(Length{6 * pg}));
         auto mem = m.guest_memory();
-        CHECK(mem.write_plain<std::uint64_t>(pg, 7).has_value());
-        CHECK(mem.write_plain<std::uint64_t>(5 * pg, 9).has_value());
-        CHECK(test::value_of(mem.read_plain<std::uint64_t>(5 * pg)) == 9);
-        CHECK(test::error_of(mem.read_plain<std::uint8_t>(3 * pg)) == errc::unmapped);
+        CHECK(mem.write_plain<std::uint64_t>(Gpa{pg}, 7).has_value());
+        CHECK(mem.write_plain<std::uint64_t>(Gpa{5 * pg}, 9).has_value());
+        CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{5 * pg})) == 9);
+        CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{3 * pg})) == errc::unmapped);
     }
 }
 
@@ -282,7 +285,7 @@ TEST_CASE("ranges of one backing are laid out back to back in its object")
 {
     Manager m = must(Manager::builder()
                          .add_backing(ram({range(0x10000, 0x12000), range(0x40000, 0x41000)}))
-                         .build(0x100000));
+                         .build(Length{0x100000}));
     auto backing = m.shared_memory_backing();
     REQUIRE(backing.has_value());
     const MemoryMap map = m.memory_map();
@@ -296,7 +299,7 @@ TEST_CASE("x86 legacy support splits low RAM into 16 controllable regions")
     Manager m = must(Manager::builder()
                          .x86_legacy_support(true)
                          .add_backing(ram({range(0, 4 * MiB)}))
-                         .build(4 * MiB));
+                         .build(Length{4 * MiB}));
     const MemoryMap map = m.memory_map();
     REQUIRE(map.regions.size() == 16);
     CHECK(map.regions[0].name == "ram-low");
@@ -318,8 +321,10 @@ TEST_CASE("x86 legacy support splits low RAM into 16 controllable regions")
 
 TEST_CASE("x86 legacy RAM that ends exactly at 1 MiB creates no empty region (reference quirk)")
 {
-    Manager m = must(
-        Manager::builder().x86_legacy_support(true).add_backing(ram({range(0, MiB)})).build(MiB));
+    Manager m = must(Manager::builder()
+                         .x86_legacy_support(true)
+                         .add_backing(ram({range(0, MiB)}))
+                         .build(Length{MiB}));
     CHECK(m.memory_map().regions.size() == 15);
 }
 
@@ -328,12 +333,13 @@ TEST_CASE("transparent huge pages are advised on the RAM's VA (smaps shows the h
 {
     Manager thp = must(Manager::builder()
                            .add_backing(ram({range(0, 4 * MiB)}).transparent_hugepages(true))
-                           .build(4 * MiB));
+                           .build(Length{4 * MiB}));
     const auto with = test::smaps_for(thp.guest_memory().mapper()->base());
     REQUIRE(with.found);
     CHECK(with.vm_flags.find(" hg") != std::string::npos);
 
-    Manager plain = must(Manager::builder().add_backing(ram({range(0, 4 * MiB)})).build(4 * MiB));
+    Manager plain =
+        must(Manager::builder().add_backing(ram({range(0, 4 * MiB)})).build(Length{4 * MiB}));
     const auto without = test::smaps_for(plain.guest_memory().mapper()->base());
     REQUIRE(without.found);
     CHECK(without.vm_flags.find(" hg") == std::string::npos);
@@ -343,8 +349,9 @@ TEST_CASE("transparent huge pages are advised on the RAM's VA (smaps shows the h
 #if MEMBACKING_OS_LINUX // mbind
 TEST_CASE("a host NUMA node binds the RAM (get_mempolicy reports MPOL_BIND to node 0)")
 {
-    Manager m = must(
-        Manager::builder().add_backing(ram({range(0, 2 * MiB)}).host_numa_node(0)).build(2 * MiB));
+    Manager m = must(Manager::builder()
+                         .add_backing(ram({range(0, 2 * MiB)}).host_numa_node(0))
+                         .build(Length{2 * MiB}));
     std::byte* base = m.guest_memory().mapper()->base();
     int mode = -1;
     unsigned long mask = 0;
@@ -357,19 +364,20 @@ TEST_CASE("a host NUMA node binds the RAM (get_mempolicy reports MPOL_BIND to no
 
 TEST_CASE("private memory backs RAM in the primary mapper only")
 {
-    Manager m =
-        must(Manager::builder().add_backing(ram({range(0, MiB)}).private_memory(true)).build(MiB));
+    Manager m = must(Manager::builder()
+                         .add_backing(ram({range(0, MiB)}).private_memory(true))
+                         .build(Length{MiB}));
     auto mem = m.guest_memory();
-    REQUIRE(mem.write_plain<std::uint32_t>(0x100, 0x12345678).has_value());
-    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0x100)) == 0x12345678);
+    REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0x100}, 0x12345678).has_value());
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0x100})) == 0x12345678);
     CHECK_FALSE(m.shared_memory_backing().has_value());
     CHECK(test::error_of(m.client().lazy_guest_memory()) == errc::conflict); // one mapper only
 }
 
 TEST_CASE("prefetch is passed to partitions when RAM is mapped")
 {
-    Manager m =
-        must(Manager::builder().add_backing(ram({range(0, MiB)}).prefetch(true)).build(MiB));
+    Manager m = must(
+        Manager::builder().add_backing(ram({range(0, MiB)}).prefetch(true)).build(Length{MiB}));
     auto part = std::make_shared<MockPartition>();
     REQUIRE(m.attach_partition(Vtl::vtl0, part).has_value());
     const auto calls = part->calls();

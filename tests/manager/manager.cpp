@@ -32,7 +32,7 @@ Manager legacy_guest(std::uint64_t max_addr = 16 * MiB)
     return must(Manager::builder()
                     .x86_legacy_support(true)
                     .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
-                    .build(max_addr));
+                    .build(Length{max_addr}));
 }
 
 // ---- composition: concepts name what is missing ----
@@ -117,9 +117,13 @@ TEST_CASE("attaching a partition replays what is visible and keeps it in sync")
     CHECK(w->executable);
 
     // A new region appears in it too.
-    auto dev = must(m.device_memory_mapper().new_region(0x10000, "bar0"));
-    must(dev.map(0, test::make_object(0x10000), 0, 0x10000, true));
-    must(dev.map_to_guest(8 * MiB, true));
+    auto dev = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(dev.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_object(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
     CHECK(p->lookup(8 * MiB).has_value());
 
     must(m.detach_partition(id));
@@ -129,8 +133,9 @@ TEST_CASE("attaching a partition replays what is visible and keeps it in sync")
 
 TEST_CASE("partitions of several policies are all kept in sync")
 {
-    TwoPolicyManager m = must(
-        TwoPolicyManager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    TwoPolicyManager m = must(TwoPolicyManager::builder()
+                                  .add_backing(RamBackingRequest({range(0, MiB)}))
+                                  .build(Length{4 * MiB}));
     auto a = std::make_shared<MockPartition>();
     auto b = std::make_shared<OtherPartition>();
     must(m.attach_partition(Vtl::vtl0, a));
@@ -160,9 +165,9 @@ TEST_CASE("partitions of several policies are all kept in sync")
 TEST_CASE("a VTL2 partition also gets the VTL0 alias map")
 {
     Manager m = must(Manager::builder()
-                         .vtl0_alias_map(std::uint64_t{1} << 40)
+                         .vtl0_alias_map(Length{std::uint64_t{1} << 40})
                          .add_backing(RamBackingRequest({range(0, MiB)}))
-                         .build(4 * MiB));
+                         .build(Length{4 * MiB}));
     auto vtl0 = std::make_shared<MockPartition>();
     auto vtl2 = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, vtl0));
@@ -180,9 +185,9 @@ TEST_CASE("a VTL2 partition also gets the VTL0 alias map")
 TEST_CASE("a failed attach leaves the partition with nothing mapped (the alias map included)")
 {
     Manager m = must(Manager::builder()
-                         .vtl0_alias_map(std::uint64_t{1} << 40)
+                         .vtl0_alias_map(Length{std::uint64_t{1} << 40})
                          .add_backing(RamBackingRequest({range(0, MiB), range(2 * MiB, 3 * MiB)}))
-                         .build(4 * MiB));
+                         .build(Length{4 * MiB}));
     auto p = std::make_shared<MockPartition>();
     // Alias map: 2 regions, then the plain map: the 2nd region fails.
     p->fail_nth_call(4, make_error(errc::resource_exhausted, "no slots"));
@@ -200,14 +205,14 @@ TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is ref
     Manager m = must(Manager::builder()
                          .pin_mappings(true)
                          .add_backing(RamBackingRequest({range(0, MiB)}))
-                         .build(4 * MiB));
+                         .build(Length{4 * MiB}));
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     CHECK(p->lookup(0)->pinned);
     // A pin failure undoes that map.
-    auto dev = must(m.device_memory_mapper().new_region(0x1000, "dev"));
-    p->fail_nth_call(2, make_error(errc::resource_exhausted, "pin limit"));
-    CHECK_FALSE(dev.map_to_guest(2 * MiB, true));
+    auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x1000}));
+    p->fail_next(MockPartition::Op::pin, make_error(errc::resource_exhausted, "pin limit"));
+    CHECK_FALSE(dev.map_to_guest(Gpa{2 * MiB}, Protection::read_write));
     CHECK_FALSE(p->lookup(2 * MiB).has_value());
     CHECK_FALSE(dev.placement().has_value());
 
@@ -215,7 +220,7 @@ TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is ref
     CannotPinManager c = must(CannotPinManager::builder()
                                   .pin_mappings(true)
                                   .add_backing(RamBackingRequest({range(0, MiB)}))
-                                  .build(MiB));
+                                  .build(Length{MiB}));
     auto refused = c.attach_partition(Vtl::vtl0, std::make_shared<CannotPin>());
     REQUIRE_FALSE(refused);
     CHECK(refused.error().code() == attach_errc::partition_mapper);
@@ -245,25 +250,29 @@ TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing 
 
     // An option ROM device under the PAM segment, at device priority.
     Mappable rom_object = test::make_object(0x4000);
-    auto rom = must(m.device_memory_mapper().new_region(0x4000, "option-rom"));
-    must(rom.map(0, rom_object, 0, 0x4000, true));
-    must(rom.map_to_guest(0xc0000, true));
-    REQUIRE(mem.write_plain<std::uint32_t>(0xc0010, 0xaaaa5555).has_value()); // into RAM
+    auto rom = must(m.device_memory_mapper().new_region("option-rom", Length{0x4000}));
+    must(rom.map({.offset = Offset{0},
+                  .length = Length{0x4000},
+                  .object = rom_object,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(rom.map_to_guest(Gpa{0xc0000}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0xc0010}, 0xaaaa5555).has_value()); // into RAM
 
     // RW: RAM, writable.
     CHECK(p->lookup(0xc0000)->writable);
     // RO: RAM reads, writes refused (and the partition maps it read-only, so guest writes exit).
     must(control.set_ram_visibility(pam, RamVisibility::read_only));
-    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0xaaaa5555);
-    CHECK(test::error_of(mem.write_plain<std::uint32_t>(0xc0010, 1)) == errc::read_only);
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0xc0010})) == 0xaaaa5555);
+    CHECK(test::error_of(mem.write_plain<std::uint32_t>(Gpa{0xc0010}, 1)) == errc::read_only);
     const auto ro = p->lookup(0xc0000);
     REQUIRE(ro.has_value());
     CHECK_FALSE(ro->writable);
     CHECK(ro->size == 0x4000);
     // Unmapped: the device shows through, in GuestMemory and in the partition.
     must(control.set_ram_visibility(pam, RamVisibility::unmapped));
-    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0);
-    REQUIRE(mem.write_plain<std::uint32_t>(0xc0010, 0x0000beef).has_value()); // into the ROM
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0xc0010})) == 0);
+    REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0xc0010}, 0x0000beef).has_value()); // into the ROM
     const auto dev_window = p->lookup(0xc0000);
     REQUIRE(dev_window.has_value());
     CHECK(dev_window->writable);
@@ -274,50 +283,74 @@ TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing 
     CHECK(dev_region->active);
     // Back to RW: RAM's contents again.
     must(control.set_ram_visibility(pam, RamVisibility::read_write));
-    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0xc0010)) == 0xaaaa5555);
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0xc0010})) == 0xaaaa5555);
     CHECK(p->lookup(0xc0000)->writable);
     CHECK(p->windows().size() == 16);
 }
 
 TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
 {
-    Manager m =
-        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(16 * MiB));
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{16 * MiB}));
     auto mem = m.guest_memory();
     Mappable a = test::make_object(0x10000);
     Mappable b = test::make_object(0x10000);
-    auto dax = must(m.device_memory_mapper().new_region(0x8000, "dax"));
-    must(dax.map(0, a, 0, 0x8000, true));
-    must(dax.map_to_guest(4 * MiB, true));
-    REQUIRE(mem.fill(4 * MiB, 0xaa, 0x8000).has_value());
-    must(dax.map(0x2000, b, 0, 0x1000, true)); // replaces the middle of a
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x2000)) == 0);
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x3000)) == 0xaa);
-    CHECK(test::error_of(dax.map(0x7000, a, 0, 0x2000, true)) == errc::out_of_range);
-    CHECK(test::error_of(dax.map(0x123, a, 0, 0x1000, true)) == errc::invalid_range);
-    must(dax.unmap(0x1000, 0x2000));
-    CHECK(test::error_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x1000)) == errc::unmapped);
-    CHECK(test::error_of(mem.read_plain<std::uint8_t>(4 * MiB + 0x2000)) == errc::unmapped);
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(4 * MiB)) == 0xaa);
+    auto dax = must(m.device_memory_mapper().new_region("dax", Length{0x8000}));
+    must(dax.map({.offset = Offset{0},
+                  .length = Length{0x8000},
+                  .object = a,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dax.map_to_guest(Gpa{4 * MiB}, Protection::read_write));
+    REQUIRE(mem.fill(Gpa{4 * MiB}, 0xaa, Length{0x8000}).has_value());
+    must(dax.map({.offset = Offset{0x2000},
+                  .length = Length{0x1000},
+                  .object = b,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write})); // replaces the middle of a
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x2000})) == 0);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x3000})) == 0xaa);
+    CHECK(test::error_of(dax.map({.offset = Offset{0x7000},
+                                  .length = Length{0x2000},
+                                  .object = a,
+                                  .object_offset = Offset{0},
+                                  .protection = Protection::read_write})) == errc::out_of_range);
+    CHECK(test::error_of(dax.map({.offset = Offset{0x123},
+                                  .length = Length{0x1000},
+                                  .object = a,
+                                  .object_offset = Offset{0},
+                                  .protection = Protection::read_write})) == errc::invalid_range);
+    must(dax.unmap(Offset{0x1000}, Length{0x2000}));
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x1000})) == errc::unmapped);
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x2000})) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB})) == 0xaa);
 }
 
 TEST_CASE("device memory: unmap then move replays the right mappings (reference bookkeeping bug)")
 {
-    Manager m =
-        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(16 * MiB));
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{16 * MiB}));
     auto mem = m.guest_memory();
     Mappable a = test::make_object(0x1000);
     Mappable b = test::make_object(0x1000);
-    auto dev = must(m.device_memory_mapper().new_region(0x2000, "dev"));
-    must(dev.map(0, a, 0, 0x1000, true));
-    must(dev.map(0x1000, b, 0, 0x1000, true));
-    must(dev.map_to_guest(2 * MiB, true));
-    REQUIRE(mem.write_plain<std::uint8_t>(2 * MiB + 0x1000, 0xbb).has_value());
-    must(dev.unmap(0, 0x1000)); // drop a
+    auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x2000}));
+    must(dev.map({.offset = Offset{0},
+                  .length = Length{0x1000},
+                  .object = a,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dev.map({.offset = Offset{0x1000},
+                  .length = Length{0x1000},
+                  .object = b,
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{2 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint8_t>(Gpa{2 * MiB + 0x1000}, 0xbb).has_value());
+    must(dev.unmap(Offset{0}, Length{0x1000})); // drop a
     // Moving replays the local list: the reference would replay a (and not b) here.
-    must(dev.map_to_guest(6 * MiB, true));
-    CHECK(test::error_of(mem.read_plain<std::uint8_t>(6 * MiB)) == errc::unmapped);
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(6 * MiB + 0x1000)) == 0xbb);
+    must(dev.map_to_guest(Gpa{6 * MiB}, Protection::read_write));
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{6 * MiB})) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{6 * MiB + 0x1000})) == 0xbb);
 }
 
 TEST_CASE("end to end: device memory moved between GPAs, in memory and in the partition")
@@ -326,30 +359,35 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     auto mem = m.guest_memory();
-    auto bar = must(m.device_memory_mapper().new_region(0x10000, "bar0"));
-    must(bar.map(0, test::make_object(0x10000), 0, 0x10000, true));
-    must(bar.map_to_guest(8 * MiB, true));
-    REQUIRE(mem.write_plain<std::uint64_t>(8 * MiB + 8, 0x1122334455667788).has_value());
+    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(bar.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_object(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB + 8}, 0x1122334455667788).has_value());
     CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
 
-    must(bar.map_to_guest(12 * MiB, false));
-    CHECK(test::error_of(mem.read_plain<std::uint64_t>(8 * MiB + 8)) == errc::unmapped);
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(12 * MiB + 8)) == 0x1122334455667788);
-    CHECK(test::error_of(mem.write_plain<std::uint64_t>(12 * MiB + 8, 0)) == errc::read_only);
+    must(bar.map_to_guest(Gpa{12 * MiB}, Protection::read_only));
+    CHECK(test::error_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB + 8})) == errc::unmapped);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{12 * MiB + 8})) == 0x1122334455667788);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{12 * MiB + 8}, 0)) == errc::read_only);
     CHECK_FALSE(p->lookup(8 * MiB).has_value());
     REQUIRE(p->lookup(12 * MiB).has_value());
     CHECK_FALSE(p->lookup(12 * MiB)->writable);
 
     // A move that cannot happen (over RAM it would have to be contained by, here it sticks out)
     // leaves it where it was.
-    auto clash = bar.map_to_guest(4 * MiB - 0x8000, true);
+    auto clash = bar.map_to_guest(Gpa{4 * MiB - 0x8000}, Protection::read_write);
     REQUIRE_FALSE(clash);
     CHECK(clash.error().code() == errc::overlap);
     CHECK(bar.placement() == range(12 * MiB, 12 * MiB + 0x10000));
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(12 * MiB + 8)) == 0x1122334455667788);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{12 * MiB + 8})) == 0x1122334455667788);
     CHECK(p->lookup(12 * MiB).has_value());
     // Beyond the address space: an error, nothing moves.
-    CHECK(test::error_of(bar.map_to_guest(16 * MiB, true)) == errc::out_of_range);
+    CHECK(test::error_of(bar.map_to_guest(Gpa{16 * MiB}, Protection::read_write)) ==
+          errc::out_of_range);
 
     must(bar.unmap_from_guest());
     CHECK_FALSE(bar.placement().has_value());
@@ -358,13 +396,13 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
 
 TEST_CASE("dropping a device region removes it from the guest")
 {
-    Manager m =
-        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{4 * MiB}));
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     {
-        auto dev = must(m.device_memory_mapper().new_region(0x1000, "dev"));
-        must(dev.map_to_guest(2 * MiB, true));
+        auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x1000}));
+        must(dev.map_to_guest(Gpa{2 * MiB}, Protection::read_write));
         CHECK(p->lookup(2 * MiB).has_value());
     }
     CHECK_FALSE(p->lookup(2 * MiB).has_value());
@@ -377,9 +415,9 @@ TEST_CASE("end to end: a manager rebuilt from the shared backing sees the same m
     {
         Manager first = legacy_guest();
         REQUIRE(first.guest_memory()
-                    .write_plain<std::uint64_t>(0x200000, 0xfeedfacecafebeef)
+                    .write_plain<std::uint64_t>(Gpa{0x200000}, 0xfeedfacecafebeef)
                     .has_value());
-        REQUIRE(first.guest_memory().write_plain<std::uint8_t>(0xc0000, 0x42).has_value());
+        REQUIRE(first.guest_memory().write_plain<std::uint8_t>(Gpa{0xc0000}, 0x42).has_value());
         backing = first.shared_memory_backing();
         REQUIRE(backing.has_value());
     }
@@ -388,33 +426,112 @@ TEST_CASE("end to end: a manager rebuilt from the shared backing sees the same m
                  .x86_legacy_support(true)
                  .add_backing(
                      RamBackingRequest({range(0, 4 * MiB)}).existing_mappable(backing->mappable()))
-                 .build(16 * MiB));
+                 .build(Length{16 * MiB}));
     auto mem = second.guest_memory();
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x200000)) == 0xfeedfacecafebeef);
-    CHECK(test::value_of(mem.read_plain<std::uint8_t>(0xc0000)) == 0x42);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0x200000})) == 0xfeedfacecafebeef);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{0xc0000})) == 0x42);
     CHECK(second.shared_memory_backing()->mappable() == backing->mappable());
 }
 
-TEST_CASE("the client hands out the primary mapper's memory, and lazy mappers on request")
+// One spelling of the primary GuestMemory: the manager's guest_memory(); the client only makes
+// further (lazy) mappers.
+template <class C>
+constexpr bool client_has_guest_memory = requires(const C& c)
+{
+    c.guest_memory();
+};
+static_assert(!client_has_guest_memory<Manager::Client>);
+static_assert(
+    std::is_same_v<decltype(std::declval<const Manager&>().guest_memory()), Manager::Memory>);
+
+TEST_CASE("guest_memory() is the primary mapper's memory; the client makes lazy mappers")
 {
     Manager m = legacy_guest();
     auto client = m.client();
-    auto primary = must(client.guest_memory());
+    auto primary = m.guest_memory();
     CHECK(primary.mapper() == m.guest_memory().mapper());
+    CHECK(primary.mapper() == m.core().primary().get());
     auto lazy = must(client.lazy_guest_memory());
-    REQUIRE(primary.write_plain<std::uint32_t>(0x1000, 77).has_value());
-    CHECK(test::value_of(lazy.read_plain<std::uint32_t>(0x1000)) == 77);
+    REQUIRE(primary.write_plain<std::uint32_t>(Gpa{0x1000}, 77).has_value());
+    CHECK(test::value_of(lazy.read_plain<std::uint32_t>(Gpa{0x1000})) == 77);
     CHECK(lazy.mapper() != primary.mapper());
     CHECK(m.memory_map().va_mappers == 2);
+}
+
+// Lookups return pointers into the map: on a temporary they would dangle, so they do not compile.
+template <class M>
+constexpr bool finds_by_name = requires(M&& m)
+{
+    std::forward<M>(m).find_region("ram");
+};
+template <class M>
+constexpr bool finds_by_gpa = requires(M&& m)
+{
+    std::forward<M>(m).region_at(Gpa{0});
+};
+template <class M>
+constexpr bool finds_mapping = requires(M&& m)
+{
+    std::forward<M>(m).mapping_at(Gpa{0});
+};
+static_assert(finds_by_name<MemoryMap&> && finds_by_name<const MemoryMap&>);
+static_assert(finds_by_gpa<const MemoryMap&> && finds_mapping<const MemoryMap&>);
+static_assert(!finds_by_name<MemoryMap> && !finds_by_name<MemoryMap&&>);
+static_assert(!finds_by_gpa<MemoryMap> && !finds_mapping<MemoryMap&&>);
+
+TEST_CASE("memory map lookups: a region by name, the region and the mapping the guest sees")
+{
+    Manager m = legacy_guest();
+    Mappable vram = test::make_object(0x20000);
+    auto dev = must(m.device_memory_mapper().new_region("vga-vram", Length{0x20000}));
+    must(dev.map({.offset = Offset{0x10000},
+                  .length = Length{0x10000},
+                  .object = vram,
+                  .object_offset = Offset{0x4000},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{0xa0000}, Protection::read_write));
+
+    MemoryMap map = m.memory_map();
+    CHECK(map.max_address == Gpa{16 * MiB});
+    const MemoryMap::Region* vga = map.find_region("ram-vga");
+    REQUIRE(vga != nullptr);
+    CHECK(vga->range == range(0xa0000, 0xc0000));
+    CHECK(map.find_region("no such region") == nullptr);
+    // RAM hides the device region: the guest sees RAM at 0xb0000.
+    CHECK(map.region_at(Gpa{0xb0000}) == vga);
+    CHECK(map.region_at(Gpa{0x100000})->name == "ram");
+    CHECK(map.region_at(Gpa{4 * MiB}) == nullptr); // past RAM
+    REQUIRE(map.mapping_at(Gpa{0xb0000}) != nullptr);
+    CHECK(map.mapping_at(Gpa{0xb0000})->gpa.contains(0xb0000));
+
+    // With the VGA RAM unmapped, the device region shows, and its one mapping.
+    must(m.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
+                                                       RamVisibility::unmapped));
+    map = m.memory_map();
+    const MemoryMap::Region* seen = map.region_at(Gpa{0xb0000});
+    REQUIRE(seen != nullptr);
+    CHECK(seen->name == "vga-vram");
+    CHECK(seen == map.find_region("vga-vram"));
+    const MemoryMap::Mapping* piece = map.mapping_at(Gpa{0xb8000});
+    REQUIRE(piece != nullptr);
+    CHECK(piece->gpa == range(0xb0000, 0xc0000));
+    CHECK(piece->file_offset == 0x4000);
+    CHECK(piece->object == vram.identity());
+    CHECK(map.mapping_at(Gpa{0xa0000}) == nullptr); // the hole in the device region
+    CHECK(map.region_at(Gpa{0xa0000}) == seen);
 }
 
 TEST_CASE("the memory map dump, as text and as JSON")
 {
     Manager m = legacy_guest();
     must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
-    auto dev = must(m.device_memory_mapper().new_region(0x20000, "vga \"vram\""));
-    must(dev.map(0, test::make_object(0x20000), 0, 0x20000, true));
-    must(dev.map_to_guest(0xa0000, true));
+    auto dev = must(m.device_memory_mapper().new_region("vga \"vram\"", Length{0x20000}));
+    must(dev.map({.offset = Offset{0},
+                  .length = Length{0x20000},
+                  .object = test::make_object(0x20000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{0xa0000}, Protection::read_write));
     must(m.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
                                                        RamVisibility::unmapped));
     const MemoryMap map = m.memory_map();
@@ -460,11 +577,11 @@ TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles
         Manager m = legacy_guest();
         must(m.attach_partition(Vtl::vtl0, p));
         survivor = m.guest_memory();
-        REQUIRE(survivor.write_plain<std::uint8_t>(0, 1).has_value());
+        REQUIRE(survivor.write_plain<std::uint8_t>(Gpa{0}, 1).has_value());
         CHECK_FALSE(p->windows().empty());
     }
     CHECK(p->windows().empty());
-    CHECK(test::error_of(survivor.read_plain<std::uint8_t>(0)) == errc::unmapped);
+    CHECK(test::error_of(survivor.read_plain<std::uint8_t>(Gpa{0})) == errc::unmapped);
 }
 
 TEST_CASE("controls outliving the manager report that it is gone")
@@ -478,7 +595,7 @@ TEST_CASE("controls outliving the manager report that it is gone")
     }
     CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
                                                      RamVisibility::unmapped)) == errc::not_found);
-    CHECK(test::error_of(client->guest_memory()) == errc::not_found);
+    CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
 }
 
 TEST_CASE("concurrent control calls and accesses stay consistent")
@@ -489,7 +606,7 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
     must(m.attach_partition(Vtl::vtl0, p));
     auto mem = m.guest_memory();
     auto control = m.ram_visibility_control();
-    REQUIRE(mem.fill(0xc0000, 0x5a, 0x30000).has_value());
+    REQUIRE(mem.fill(Gpa{0xc0000}, 0x5a, Length{0x30000}).has_value());
 
     constexpr int workers = 3;
     std::latch started(workers + 1);
@@ -513,10 +630,11 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
             finished.fetch_add(1);
         });
     threads.emplace_back([&] {
-        auto dev = must(m.device_memory_mapper().new_region(0x1000, "wanderer"));
+        auto dev = must(m.device_memory_mapper().new_region("wanderer", Length{0x1000}));
         started.arrive_and_wait();
         for (int i = 0; keep_going(i); ++i)
-            if (!dev.map_to_guest(8 * MiB + static_cast<std::uint64_t>(i % 4) * 0x1000, true))
+            if (!dev.map_to_guest(Gpa{8 * MiB + static_cast<std::uint64_t>(i % 4) * 0x1000},
+                                  Protection::read_write))
                 bad.fetch_add(1);
         finished.fetch_add(1);
     });
@@ -524,7 +642,7 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
     started.arrive_and_wait();
     while (finished.load() < workers) {
         std::array<std::byte, 64> buf{};
-        if (!mem.read(0xc8000, buf))
+        if (!mem.read(Gpa{0xc8000}, buf))
             bad.fetch_add(1);
         for (std::byte b : buf)
             if (b != std::byte{0x5a})
@@ -550,73 +668,77 @@ TEST_CASE("concurrent control calls and accesses stay consistent")
 
 TEST_CASE("a replacement that fails after its mmap (NUMA binding) gives the old memory back")
 {
-    Manager m = must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(MiB));
+    Manager m =
+        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{MiB}));
     auto mem = m.guest_memory();
-    REQUIRE(mem.write_plain<std::uint32_t>(0x3000, 0xcafef00d).has_value());
+    REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0x3000}, 0xcafef00d).has_value());
     const auto before = m.memory_map().to_text();
     MemoryPolicy impossible;
     impossible.numa_node = 1000; // no such node: mbind fails after the MAP_FIXED succeeded
-    auto r = m.add_mapping(
-        m.memory_map().regions.at(0).id,
-        {range(0, 0x10000), MappingBacking::file(test::make_object(0x10000), 0), true, impossible});
+    auto r = m.add_mapping(m.memory_map().regions.at(0).id,
+                           {range(0, 0x10000),
+                            MappingBacking::file(test::make_object(0x10000), Offset{0}), true,
+                            impossible});
     REQUIRE_FALSE(r);
-    CHECK(test::value_of(mem.read_plain<std::uint32_t>(0x3000)) == 0xcafef00d);
+    CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0x3000})) == 0xcafef00d);
     CHECK(m.memory_map().to_text() == before);
 }
 
 TEST_CASE("undoing private memory placed over a file mapping is an error, not an abort")
 {
-    Manager m =
-        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{4 * MiB}));
     Mappable file = test::make_object(0x10000);
     test::write_object(file, 0, "file", 4);
     const RegionId id =
         must(m.add_region("r", range(2 * MiB, 2 * MiB + 0x10000), 1, MappingType::Ram));
-    must(m.add_mapping(id, {range(0, 0x10000), MappingBacking::file(file, 0), false, {}}));
+    must(m.add_mapping(id, {range(0, 0x10000), MappingBacking::file(file, Offset{0}), false, {}}));
     must(m.map_region(id, {true, false, false}));
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     CHECK_FALSE(p->lookup(2 * MiB)->writable); // a read-only mapping keeps the window read-only
     // Replacing it with (writable) private memory relaxes the window last; make that fail.
-    p->fail_nth_call(2, make_error(errc::resource_exhausted, "injected"));
+    p->fail_next(MockPartition::Op::map, make_error(errc::resource_exhausted, "injected"));
     auto r = m.add_mapping(id, {range(0, 0x10000), MappingBacking::private_memory(), true, {}});
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == errc::resource_exhausted);
     std::array<char, 4> seen{};
-    REQUIRE(m.guest_memory().read(2 * MiB, std::as_writable_bytes(std::span(seen))).has_value());
+    REQUIRE(m.guest_memory().read(Gpa{2 * MiB}, seen).has_value());
     CHECK(std::string(seen.data(), 4) == "file");
     CHECK_FALSE(p->lookup(2 * MiB)->writable);
 }
 
 TEST_CASE("removing private memory that regions under it would replace is refused, not lossy")
 {
-    Manager m =
-        must(Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(4 * MiB));
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{4 * MiB}));
     const MemoryRange w = range(2 * MiB, 2 * MiB + 0x10000);
     const RegionId low = must(m.add_region("low", w, 0, MappingType::Device));
-    must(m.add_mapping(
-        low, {range(0, 0x10000), MappingBacking::file(test::make_object(0x10000), 0), true, {}}));
+    must(m.add_mapping(low, {range(0, 0x10000),
+                             MappingBacking::file(test::make_object(0x10000), Offset{0}),
+                             true,
+                             {}}));
     must(m.map_region(low, {true, false, false}));
     const RegionId hi = must(m.add_region("hi", w, 1, MappingType::Ram));
     must(m.add_mapping(hi, {range(0, 0x10000), MappingBacking::private_memory(), true, {}}));
     must(m.map_region(hi, {true, false, false}));
     auto mem = m.guest_memory();
-    REQUIRE(mem.write_plain<std::uint64_t>(2 * MiB, 0x1122334455667788).has_value());
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{2 * MiB}, 0x1122334455667788).has_value());
     auto r = m.remove_region(hi);
     REQUIRE_FALSE(r);
     CHECK(r.error().code() == errc::conflict);
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(2 * MiB)) == 0x1122334455667788);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{2 * MiB})) == 0x1122334455667788);
     // With nothing to reappear under it, the removal is the last step and goes through.
     must(m.unmap_region(low));
     must(m.remove_region(hi));
-    CHECK(test::error_of(mem.read_plain<std::uint64_t>(2 * MiB)) == errc::unmapped);
+    CHECK(test::error_of(mem.read_plain<std::uint64_t>(Gpa{2 * MiB})) == errc::unmapped);
 }
 
 TEST_CASE("permission changes have no unmapped window: reads racing RW/RO toggles never fail")
 {
     Manager m = legacy_guest();
     auto mem = m.guest_memory();
-    REQUIRE(mem.write_plain<std::uint32_t>(0xc0000, 0x5a5a5a5a).has_value());
+    REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0xc0000}, 0x5a5a5a5a).has_value());
     auto control = m.ram_visibility_control();
     const MemoryRange pam = range(0xc0000, 0xc4000);
     std::latch started(2);
@@ -625,7 +747,7 @@ TEST_CASE("permission changes have no unmapped window: reads racing RW/RO toggle
     std::thread reader([&, view = mem.view()] {
         started.arrive_and_wait();
         while (!stop.load()) {
-            auto v = view.read_plain<std::uint32_t>(0xc0000);
+            auto v = view.read_plain<std::uint32_t>(Gpa{0xc0000});
             if (!v || v.value() != 0x5a5a5a5a)
                 failures.fetch_add(1);
             reads.fetch_add(1);
@@ -647,14 +769,14 @@ TEST_CASE("private memory keeps its contents through permission changes")
 {
     Manager m = must(Manager::builder()
                          .add_backing(RamBackingRequest({range(0, MiB)}).private_memory(true))
-                         .build(MiB));
+                         .build(Length{MiB}));
     auto mem = m.guest_memory();
-    REQUIRE(mem.write_plain<std::uint64_t>(0x8000, 0x0123456789abcdef).has_value());
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0x8000}, 0x0123456789abcdef).has_value());
     const RegionId ram = m.memory_map().regions.at(0).id;
     must(m.map_region(ram, {false, true, false}));
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x8000)) == 0x0123456789abcdef);
-    CHECK(test::error_of(mem.write_plain<std::uint64_t>(0x8000, 0)) == errc::read_only);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0x8000})) == 0x0123456789abcdef);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{0x8000}, 0)) == errc::read_only);
     must(m.map_region(ram, {true, true, false}));
-    CHECK(test::value_of(mem.read_plain<std::uint64_t>(0x8000)) == 0x0123456789abcdef);
-    REQUIRE(mem.write_plain<std::uint64_t>(0x8000, 1).has_value());
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0x8000})) == 0x0123456789abcdef);
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0x8000}, 1).has_value());
 }

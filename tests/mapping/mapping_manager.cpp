@@ -33,7 +33,7 @@ struct Fixture {
                        bool writable = true)
     {
         return {range(start, end),
-                MappingBacking::file(shm, file_offset),
+                MappingBacking::file(shm, Offset{file_offset}),
                 writable,
                 MappingType::Ram,
                 {},
@@ -83,14 +83,14 @@ TEST_CASE("reference 21/29: a lazy fault fetches the mapping and the access is r
     must(f.mm.add_mapping(f.file(0, 0x10000)));
     auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
     auto eager = must(f.mm.new_mapper(MapperMode::eager));
-    REQUIRE(Memory(eager).write_plain<std::uint32_t>(0x1000, 0xfeedf00d).has_value());
-    auto v = Memory(lazy).read_plain<std::uint32_t>(0x1000);
+    REQUIRE(Memory(eager).write_plain<std::uint32_t>(Gpa{0x1000}, 0xfeedf00d).has_value());
+    auto v = Memory(lazy).read_plain<std::uint32_t>(Gpa{0x1000});
     REQUIRE(v.has_value());
     CHECK(*v == 0xfeedf00d);
     CHECK(Fixture::resident(lazy, 0x1000));
     CHECK(f.mm.stats().lazy_faults == 1);
     // The whole mapping came in (as in the reference), so the next page costs no fault.
-    CHECK(Memory(lazy).read_plain<std::uint8_t>(0xf000).has_value());
+    CHECK(Memory(lazy).read_plain<std::uint8_t>(Gpa{0xf000}).has_value());
     CHECK(f.mm.stats().lazy_faults == 1);
 }
 
@@ -102,10 +102,10 @@ TEST_CASE("reference 22/27: a gap is no mapping, for lazy and eager mappers alik
     auto eager = must(f.mm.new_mapper(MapperMode::eager));
     CHECK(lazy->resolve_fault(0x10000, false) == errc::unmapped);
     CHECK(eager->resolve_fault(0x10000, false) == errc::unmapped);
-    auto r = Memory(lazy).read_plain<std::uint8_t>(0x18000);
+    auto r = Memory(lazy).read_plain<std::uint8_t>(Gpa{0x18000});
     REQUIRE_FALSE(r);
     CHECK(membacking::test::error_of(r) == errc::unmapped);
-    CHECK(r.error().gpa == 0x18000);
+    CHECK(r.error().gpa == Gpa{0x18000});
 }
 
 TEST_CASE("reference 18/19/20: upgrading a lazy mapper replays, then it gets every change")
@@ -127,12 +127,14 @@ TEST_CASE("reference 23: removing a mapping invalidates it in eager and lazy map
     must(f.mm.add_mapping(f.file(0, 0x10000)));
     auto eager = must(f.mm.new_mapper(MapperMode::eager));
     auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
-    REQUIRE(Memory(lazy).read_plain<std::uint8_t>(0).has_value()); // fault it in
+    REQUIRE(Memory(lazy).read_plain<std::uint8_t>(Gpa{0}).has_value()); // fault it in
     must(f.mm.remove_mappings(range(0, 0x10000)));
     CHECK_FALSE(Fixture::resident(eager, 0));
     CHECK_FALSE(Fixture::resident(lazy, 0));
-    CHECK(membacking::test::error_of(Memory(lazy).read_plain<std::uint8_t>(0)) == errc::unmapped);
-    CHECK(membacking::test::error_of(Memory(eager).read_plain<std::uint8_t>(0)) == errc::unmapped);
+    CHECK(membacking::test::error_of(Memory(lazy).read_plain<std::uint8_t>(Gpa{0})) ==
+          errc::unmapped);
+    CHECK(membacking::test::error_of(Memory(eager).read_plain<std::uint8_t>(Gpa{0})) ==
+          errc::unmapped);
 }
 
 TEST_CASE("removing part of a mapping splits it and keeps the rest mapped with its offsets")
@@ -185,27 +187,27 @@ TEST_CASE("a failed replacement gives the first mapper its old memory back")
     auto a = must(f.mm.new_mapper(MapperMode::eager));
     auto b = must(f.mm.new_mapper(MapperMode::eager));
     must(f.mm.add_mapping(f.file(0, 0x3000, 0)));
-    REQUIRE(Memory(a).write_plain<std::uint8_t>(0x1000, 0x11).has_value());
+    REQUIRE(Memory(a).write_plain<std::uint8_t>(Gpa{0x1000}, 0x11).has_value());
     Mappable other = must(Va::create_shared_memory(0x1000, "other"));
     InjectingSyscalls::fail_mmap(2);
     auto r = f.mm.add_mapping({range(0x1000, 0x2000),
-                               MappingBacking::file(other, 0),
+                               MappingBacking::file(other, Offset{0}),
                                true,
                                MappingType::Ram,
                                {},
                                RegionId{1}});
     REQUIRE_FALSE(r);
-    CHECK(test::value_of(Memory(a).read_plain<std::uint8_t>(0x1000)) == 0x11);
-    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(0x1000)) == 0x11);
+    CHECK(test::value_of(Memory(a).read_plain<std::uint8_t>(Gpa{0x1000})) == 0x11);
+    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(Gpa{0x1000})) == 0x11);
     REQUIRE(f.mm.mappings().size() == 1);
     // Without the failure the replacement lands in both, atomically.
     must(f.mm.add_mapping({range(0x1000, 0x2000),
-                           MappingBacking::file(other, 0),
+                           MappingBacking::file(other, Offset{0}),
                            true,
                            MappingType::Ram,
                            {},
                            RegionId{1}}));
-    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(0x1000)) == 0);
+    CHECK(test::value_of(Memory(b).read_plain<std::uint8_t>(Gpa{0x1000})) == 0);
     CHECK(f.mm.mappings().size() == 3);
 }
 
@@ -266,8 +268,8 @@ TEST_CASE("private memory lives in exactly one mapper")
     auto second = f.mm.new_mapper(MapperMode::lazy);
     REQUIRE_FALSE(second);
     CHECK(membacking::test::error_of(second) == errc::conflict);
-    REQUIRE(Memory(a).write_plain<std::uint64_t>(0x1000, 5).has_value());
-    CHECK(test::value_of(Memory(a).read_plain<std::uint64_t>(0x1000)) == 5);
+    REQUIRE(Memory(a).write_plain<std::uint64_t>(Gpa{0x1000}, 5).has_value());
+    CHECK(test::value_of(Memory(a).read_plain<std::uint64_t>(Gpa{0x1000})) == 5);
     must(f.mm.remove_mappings(range(0, 0x2000)));
     auto b = must(f.mm.new_mapper(MapperMode::lazy)); // no private memory any more
     auto priv = f.mm.add_mapping(Fixture::private_memory(0, 0x1000));
@@ -293,7 +295,7 @@ TEST_CASE("a mapper outliving its manager sees nothing: shutdown unmaps everythi
         CHECK(Fixture::resident(survivor, 0));
     }
     CHECK_FALSE(Fixture::resident(survivor, 0));
-    auto r = Memory(survivor).read_plain<std::uint8_t>(0);
+    auto r = Memory(survivor).read_plain<std::uint8_t>(Gpa{0});
     REQUIRE_FALSE(r);
     CHECK(membacking::test::error_of(r) == errc::unmapped);
 }

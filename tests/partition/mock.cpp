@@ -1,5 +1,6 @@
 // MockPartition: it records calls, keeps a hypervisor-like view, is strict about overlaps and
-// partial unmaps, and fails the N-th call on request without changing anything.
+// partial unmaps, and fails the N-th call, or the next call of one kind, on request without
+// changing anything.
 #include <membacking/partition/mock.hpp>
 
 #include "test_support.hpp"
@@ -44,6 +45,33 @@ TEST_CASE("MockPartition rejects overlapping maps and partial unmaps, changing n
     REQUIRE(p.map_range(va(0x50000), 0x8000, 0x1000, true, false).has_value());
     REQUIRE(p.unmap_range(0x0, 0x10000).has_value());
     CHECK(p.windows().empty());
+}
+
+TEST_CASE("MockPartition fails the next call of one kind, whatever comes before it")
+{
+    MockPartition p;
+    REQUIRE(p.map_range(va(0x1000), 0x0, 0x1000, true, false).has_value());
+    p.fail_next(Op::unmap, make_error(errc::resource_exhausted, "busy"));
+    // Calls of other kinds go through, however many.
+    REQUIRE(p.map_range(va(0x2000), 0x1000, 0x1000, true, false).has_value());
+    REQUIRE(p.pin_range(0x1000, 0x1000).has_value());
+    auto unmap = p.unmap_range(0x0, 0x1000);
+    REQUIRE_FALSE(unmap);
+    CHECK(unmap.error().message() == "busy");
+    CHECK(p.lookup(0x0).has_value()); // changed nothing
+    CHECK(p.calls().back() ==
+          MockPartition::Call{Op::unmap, 0x0, 0x1000, nullptr, false, false, true});
+    CHECK(p.unmap_range(0x0, 0x1000).has_value()); // only once
+
+    // The default error names the kind; clear_failure disarms.
+    p.fail_next(Op::map);
+    auto map = p.map_range(va(0x3000), 0x3000, 0x1000, true, false);
+    REQUIRE_FALSE(map);
+    CHECK(membacking::test::error_of(map) == errc::resource_exhausted);
+    CHECK(map.error().message() == "mock partition: injected map failure");
+    p.fail_next(Op::map);
+    p.clear_failure();
+    CHECK(p.map_range(va(0x3000), 0x3000, 0x1000, true, false).has_value());
 }
 
 TEST_CASE("MockPartition fails the N-th call with the given error")

@@ -120,7 +120,7 @@ struct Harness {
         const std::uint64_t len = std::min<std::uint64_t>(std::uint64_t{1} << pick(6), limit_pages);
         const std::uint64_t start = pick(limit_pages) & ~(len - 1); // aligned: nests often
         const std::uint64_t end = std::min(start + len, limit_pages);
-        return MemoryRange::unchecked(start * page_size, end * page_size);
+        return MemoryRange::valid_or_abort(start * page_size, end * page_size);
     }
 
     RegionId random_id()
@@ -195,7 +195,7 @@ struct Harness {
         const std::uint64_t kind = pick(100);
         if (kind < 20) {
             const MemoryRange r =
-                chance(3) ? MemoryRange::unchecked(0x3000, 0x3000) : random_range(space_pages);
+                chance(3) ? MemoryRange::valid_or_abort(0x3000, 0x3000) : random_range(space_pages);
             const auto prio = static_cast<std::uint8_t>(pick(4));
             what << "add_region " << r << " prio " << int(prio);
             if (r.empty())
@@ -281,7 +281,7 @@ struct Harness {
                  << (writable ? " rw" : " ro");
             RegionMapping m{rel,
                             priv ? MappingBacking::private_memory()
-                                 : MappingBacking::file(objects[obj], file_off),
+                                 : MappingBacking::file(objects[obj], Offset{file_off}),
                             writable,
                             {}};
             if (it == model.regions.end()) {

@@ -45,7 +45,8 @@ struct Fixture {
     RegionMapping file_mapping(std::uint64_t off, std::uint64_t end, std::uint64_t file_off = 0,
                                bool writable = true)
     {
-        return RegionMapping{range(off, end), MappingBacking::file(fd, file_off), writable, {}};
+        return RegionMapping{
+            range(off, end), MappingBacking::file(fd, Offset{file_off}), writable, {}};
     }
 
     bool active(RegionId id) const { return rm.find(id)->active(); }
@@ -275,11 +276,11 @@ TEST_CASE("overlapping mappings are an atomic replacement that splits the old on
     f.sink.clear_log();
 
     // Replace the middle: one VA event, no unmap window in between.
-    REQUIRE(
-        f.rm.add_mapping(
-                r,
-                RegionMapping{range(0x2000, 0x4000), MappingBacking::file(other, 0x1000), true, {}})
-            .has_value());
+    REQUIRE(f.rm.add_mapping(r, RegionMapping{range(0x2000, 0x4000),
+                                              MappingBacking::file(other, Offset{0x1000}),
+                                              true,
+                                              {}})
+                .has_value());
     CHECK(f.sink.log() == Log{"va+ 0x102000-0x104000 rw"});
     const auto& maps = f.rm.find(r)->mappings;
     REQUIRE(maps.size() == 3);

@@ -50,12 +50,12 @@ struct VaStack {
     {
         const RegionId id =
             must(regions.add_region(std::move(name), range(start, end), prio, MappingType::Ram));
-        REQUIRE(
-            regions
-                .add_mapping(
-                    id,
-                    {range(0, end - start), MappingBacking::file(object, file_offset), true, {}})
-                .has_value());
+        REQUIRE(regions
+                    .add_mapping(id, {range(0, end - start),
+                                      MappingBacking::file(object, Offset{file_offset}),
+                                      true,
+                                      {}})
+                    .has_value());
         REQUIRE(regions.map_region(id, params).has_value());
         return id;
     }

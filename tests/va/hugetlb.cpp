@@ -64,13 +64,13 @@ TEST_CASE("a guest memory manager with hugetlb RAM (2 MiB pages)")
 {
     using Manager = MockGuestMemoryManager;
     auto m = Manager::builder()
-                 .add_backing(
-                     RamBackingRequest({MemoryRange::unchecked(0, 2 * two_mib)}).hugepages(two_mib))
-                 .build(4 * two_mib);
+                 .add_backing(RamBackingRequest({MemoryRange::valid_or_abort(0, 2 * two_mib)})
+                                  .hugepages(Length{two_mib}))
+                 .build(Length{4 * two_mib});
     REQUIRE_MESSAGE(m.has_value(), (m ? "" : m.error().full_message()));
     auto mem = m->guest_memory();
-    REQUIRE(mem.write_plain<std::uint64_t>(two_mib + 8, 0x1234).has_value());
-    CHECK(mem.read_plain<std::uint64_t>(two_mib + 8).value() == 0x1234);
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{two_mib + 8}, 0x1234).has_value());
+    CHECK(mem.read_plain<std::uint64_t>(Gpa{two_mib + 8}).value() == 0x1234);
     CHECK(reinterpret_cast<std::uintptr_t>(mem.mapper()->base()) % two_mib == 0);
     CHECK(kernel_page_kb(mem.mapper()->base()) == 2048);
 }

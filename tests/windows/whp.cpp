@@ -249,7 +249,7 @@ TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition 
     constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
     auto m = must(WhpGuestMemoryManager::builder()
                       .add_backing(RamBackingRequest({test::range(0, 2 * MiB)}))
-                      .build(8 * MiB));
+                      .build(Length{8 * MiB}));
     auto whp = must(WhpPartition::create(handle));
     must(m.attach_partition(Vtl::vtl0, whp));
     const auto mapped = standin.mapped();
@@ -259,7 +259,7 @@ TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition 
     CHECK(mapped[0].flags == (R | W | X));
     CHECK(standin.calls()[0].source == m.guest_memory().mapper()->base());
     // The guest's memory is the VMM's: a write through GuestMemory lands in the mapped range.
-    REQUIRE(m.guest_memory().write_plain<std::uint32_t>(0x1000, 0xfeedf00d).has_value());
+    REQUIRE(m.guest_memory().write_plain<std::uint32_t>(Gpa{0x1000}, 0xfeedf00d).has_value());
     std::uint32_t seen = 0;
     std::memcpy(&seen, m.guest_memory().mapper()->base() + 0x1000, sizeof(seen));
     CHECK(seen == 0xfeedf00d);
@@ -269,6 +269,6 @@ TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition 
     const auto after = standin.mapped();
     REQUIRE(after.size() == 1);
     CHECK(after[0].flags == (R | X));
-    CHECK(test::error_of(m.guest_memory().write_plain<std::uint32_t>(0x1000, 1)) ==
+    CHECK(test::error_of(m.guest_memory().write_plain<std::uint32_t>(Gpa{0x1000}, 1)) ==
           errc::read_only);
 }

@@ -6,22 +6,36 @@
  * numbers are the checked factories, which return an error for unaligned, reversed or overflowing
  * bounds; a MemoryRange object therefore always satisfies its invariant. It prints as
  * "0x0-0x100000", the form every error message uses.
+ *
+ * A MemoryRange is either absolute (GPAs: a region's range) or relative (offsets inside a region:
+ * a mapping's range), so its bounds are plain std::uint64_t. The factories that take a start and
+ * a size take strong types (Gpa or Offset, and Length), so start and size cannot be swapped:
+ *     MemoryRange::from(Gpa{0xfe000000}, 64_KiB)        checked: Result<MemoryRange>
+ *     MemoryRange::create(start, end)                    checked: Result<MemoryRange>
+ *     MemoryRange::constant(0xc0000, 0xc4000)            consteval: a bad constant does not compile
+ *     MemoryRange::valid_or_abort(start, end)            fatal on bad bounds: for bounds already
+ *                                                        proven valid, never for input
  */
 #pragma once
 
 #include <membacking/base/align.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
 
 #include <algorithm>
 #include <compare>
 #include <cstdint>
-#include <cstdio>
 #include <optional>
 #include <ostream>
 #include <string>
 #include <utility>
 
 namespace membacking {
+
+namespace detail {
+// Not constexpr on purpose: a MemoryRange::constant that reaches it is a compile error naming it.
+inline void memory_range_constant_is_unaligned_or_reversed() {}
+} // namespace detail
 
 class MemoryRange {
 public:
@@ -38,28 +52,41 @@ public:
         return MemoryRange(start, end);
     }
 
-    /// [start, start + size), or errc::invalid_range if unaligned or it overflows.
-    [[nodiscard]] static Result<MemoryRange> from_size(std::uint64_t start, std::uint64_t size)
+    /// The GPAs [start, start + size), or errc::invalid_range if unaligned or it overflows.
+    [[nodiscard]] static Result<MemoryRange> from(Gpa start, Length size)
     {
-        const auto end = checked_add(start, size);
-        if (!end)
-            return make_error(errc::invalid_range, "invalid memory range at " + hex(start) +
-                                                       " of size " + hex(size) +
-                                                       " (overflows the address space)");
-        return create(start, *end);
+        return from_start_and_size(start.value(), size.value());
+    }
+    /// The offsets [start, start + size) inside a region or object; errors as above.
+    [[nodiscard]] static Result<MemoryRange> from(Offset start, Length size)
+    {
+        return from_start_and_size(start.value(), size.value());
     }
 
-    /// For bounds the caller has already proven valid; a violation is a library bug (fatal).
-    [[nodiscard]] static constexpr MemoryRange unchecked(std::uint64_t start, std::uint64_t end)
+    /// A compile-time constant [start, end): unaligned or reversed bounds do not compile (the
+    /// error names detail::memory_range_constant_is_unaligned_or_reversed).
+    [[nodiscard]] static consteval MemoryRange constant(std::uint64_t start, std::uint64_t end)
+    {
+        if (!is_page_aligned(start) || !is_page_aligned(end) || start > end)
+            detail::memory_range_constant_is_unaligned_or_reversed();
+        return MemoryRange(start, end);
+    }
+
+    /// [start, end) for bounds the caller has already proven valid: invalid bounds abort the
+    /// process (the library's fatal path), so never pass input through here; use create/from.
+    [[nodiscard]] static constexpr MemoryRange valid_or_abort(std::uint64_t start,
+                                                              std::uint64_t end)
     {
         MEMBACKING_CHECK(is_page_aligned(start) && is_page_aligned(end) && start <= end,
-                         "MemoryRange::unchecked given an invalid range");
+                         "MemoryRange::valid_or_abort given an invalid range");
         return MemoryRange(start, end);
     }
 
     [[nodiscard]] constexpr std::uint64_t start() const noexcept { return start_; }
     [[nodiscard]] constexpr std::uint64_t end() const noexcept { return end_; }
     [[nodiscard]] constexpr std::uint64_t size() const noexcept { return end_ - start_; }
+    /// size() as a Length, for the APIs that take one.
+    [[nodiscard]] constexpr Length length() const noexcept { return Length(end_ - start_); }
     [[nodiscard]] constexpr bool empty() const noexcept { return start_ == end_; }
 
     /// True if the ranges share at least one byte (an empty range overlaps nothing).
@@ -111,7 +138,7 @@ public:
     [[nodiscard]] constexpr MemoryRange shifted_down(std::uint64_t delta) const
     {
         MEMBACKING_CHECK(delta <= start_, "MemoryRange::shifted_down below zero");
-        return unchecked(start_ - delta, end_ - delta);
+        return valid_or_abort(start_ - delta, end_ - delta);
     }
 
     /// "0x1000-0x3000".
@@ -126,14 +153,20 @@ public:
     }
 
     /// "0x1f" style formatting shared by every message that names an address.
-    [[nodiscard]] static std::string hex(std::uint64_t v)
-    {
-        char buf[2 + 16 + 1];
-        (void)std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-        return buf;
-    }
+    [[nodiscard]] static std::string hex(std::uint64_t v) { return detail::hex_string(v); }
 
 private:
+    [[nodiscard]] static Result<MemoryRange> from_start_and_size(std::uint64_t start,
+                                                                 std::uint64_t size)
+    {
+        const auto end = checked_add(start, size);
+        if (!end)
+            return make_error(errc::invalid_range, "invalid memory range at " + hex(start) +
+                                                       " of size " + hex(size) +
+                                                       " (overflows the address space)");
+        return create(start, *end);
+    }
+
     constexpr MemoryRange(std::uint64_t start, std::uint64_t end) noexcept
         : start_(start), end_(end)
     {}

@@ -2,8 +2,11 @@
  * @file base/params.hpp
  * Layer: base.
  *
- * Small value types shared by every layer: how a region is mapped (MapParams), what kind of memory
- * it is (MappingType) and host-side placement hints for a mapping (MemoryPolicy).
+ * Small value types shared by every layer: how a region is mapped (MapParams, Protection), what
+ * kind of memory it is (MappingType) and host-side placement hints for a mapping (MemoryPolicy).
+ *
+ * The structs are meant for designated initializers (`MapParams{.writable = true, .executable =
+ * true}`): three positional bools are as easy to swap as three integers.
  */
 #pragma once
 
@@ -12,6 +15,16 @@
 #include <string_view>
 
 namespace membacking {
+
+/// Whether the guest may write a mapping: what a positional argument says instead of a bare
+/// `bool writable` (`map_to_guest(gpa, Protection::read_only)`, not `map_to_guest(gpa, false)`).
+/// The zero value is the stricter one, so an omitted field is read-only.
+enum class Protection : std::uint8_t { read_only, read_write };
+
+[[nodiscard]] constexpr bool is_writable(Protection p) noexcept
+{
+    return p == Protection::read_write;
+}
 
 /// How a region is exposed while it is mapped.
 struct MapParams {

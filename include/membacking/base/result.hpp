@@ -13,11 +13,16 @@
  *   however deep the failure was.
  * - value() on an error, or error() on a value, is a caller bug and goes to detail::fatal.
  * - Nothing here throws.
+ *
+ * Result has std::expected's verbs, with its names and semantics: value_or, and_then, transform,
+ * or_else, transform_error and error_or (the error type is always Error, so transform_error
+ * maps an Error to an Error, typically adding context).
  */
 #pragma once
 
 #include <membacking/base/fatal.hpp>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -145,18 +150,46 @@ private:
     return {code, std::move(message), Error(code, code.message())};
 }
 
+template <class T>
+class [[nodiscard]] Result;
+
+namespace detail {
+template <class R>
+inline constexpr bool is_result = false;
+template <class T>
+inline constexpr bool is_result<Result<T>> = true;
+
+/// *p as an lvalue or an xvalue, following Self (std::forward_like, which C++20 lacks).
+template <class Self, class V>
+constexpr decltype(auto) forward_stored(V* p) noexcept
+{
+    if constexpr (std::is_lvalue_reference_v<Self>)
+        return *p;
+    else
+        return std::move(*p);
+}
+} // namespace detail
+
 /// A value of T or an Error. Implicitly constructible from either.
+///
+/// value() and operator* on an error are a caller bug: the process aborts with the error's
+/// message (the library's fatal path). Test first (`if (r)`, `if (!r) return ...`), or use
+/// value_or or the other verbs.
 template <class T>
 class [[nodiscard]] Result {
     static_assert(!std::is_same_v<std::remove_cv_t<T>, Error>, "Result<Error> is meaningless");
 
 public:
+    using value_type = T;
+    using error_type = Error;
+
     Result(T value) : state_(std::in_place_index<0>, std::move(value)) {}     // NOLINT: implicit
     Result(Error error) : state_(std::in_place_index<1>, std::move(error)) {} // NOLINT: implicit
 
     [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
     explicit operator bool() const noexcept { return has_value(); }
 
+    /// The value; on an error the process aborts (see the class comment).
     [[nodiscard]] T& value() &
     {
         check_value();
@@ -174,6 +207,7 @@ public:
     }
     T& operator*() & { return value(); }
     const T& operator*() const& { return value(); }
+    T&& operator*() && { return std::move(*this).value(); }
     T* operator->() { return &value(); }
     const T* operator->() const { return &value(); }
 
@@ -188,7 +222,132 @@ public:
         return std::move(*std::get_if<1>(&state_));
     }
 
+    /// The value, or `fallback` converted to T if this is an error.
+    template <class U>
+    [[nodiscard]] T value_or(U&& fallback) const&
+    {
+        return has_value() ? *std::get_if<0>(&state_) : static_cast<T>(std::forward<U>(fallback));
+    }
+    template <class U>
+    [[nodiscard]] T value_or(U&& fallback) &&
+    {
+        return has_value() ? std::move(*std::get_if<0>(&state_))
+                           : static_cast<T>(std::forward<U>(fallback));
+    }
+    /// The error, or `fallback` if this holds a value.
+    template <class G>
+    [[nodiscard]] Error error_or(G&& fallback) const&
+    {
+        return has_value() ? static_cast<Error>(std::forward<G>(fallback)) : error();
+    }
+
+    /// f(value), which returns a Result<U>, or this error as a Result<U>.
+    template <class F>
+    auto and_then(F&& f) &
+    {
+        return and_then_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    auto and_then(F&& f) const&
+    {
+        return and_then_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    auto and_then(F&& f) &&
+    {
+        return and_then_impl(std::move(*this), std::forward<F>(f));
+    }
+    /// Result<U>(f(value)) (Result<void> if f returns nothing), or this error.
+    template <class F>
+    auto transform(F&& f) &
+    {
+        return transform_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    auto transform(F&& f) const&
+    {
+        return transform_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    auto transform(F&& f) &&
+    {
+        return transform_impl(std::move(*this), std::forward<F>(f));
+    }
+    /// This value, or f(error), which returns a Result<T>.
+    template <class F>
+    Result or_else(F&& f) const&
+    {
+        return or_else_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    Result or_else(F&& f) &&
+    {
+        return or_else_impl(std::move(*this), std::forward<F>(f));
+    }
+    /// This value, or the Error f(error) returns (e.g. the error with context).
+    template <class F>
+    Result transform_error(F&& f) const&
+    {
+        return transform_error_impl(*this, std::forward<F>(f));
+    }
+    template <class F>
+    Result transform_error(F&& f) &&
+    {
+        return transform_error_impl(std::move(*this), std::forward<F>(f));
+    }
+
 private:
+    template <class Self, class F>
+    static auto and_then_impl(Self&& self, F&& f)
+    {
+        using R = std::remove_cvref_t<decltype(std::invoke(
+            std::forward<F>(f), detail::forward_stored<Self>(std::get_if<0>(&self.state_))))>;
+        static_assert(detail::is_result<R>, "and_then: the function must return a Result");
+        if (self.has_value())
+            return std::invoke(std::forward<F>(f),
+                               detail::forward_stored<Self>(std::get_if<0>(&self.state_)));
+        return R(detail::forward_stored<Self>(std::get_if<1>(&self.state_)));
+    }
+    template <class Self, class F>
+    static auto transform_impl(Self&& self, F&& f)
+    {
+        using U = std::remove_cv_t<decltype(std::invoke(
+            std::forward<F>(f), detail::forward_stored<Self>(std::get_if<0>(&self.state_))))>;
+        if (!self.has_value())
+            return Result<U>(detail::forward_stored<Self>(std::get_if<1>(&self.state_)));
+        if constexpr (std::is_void_v<U>) {
+            std::invoke(std::forward<F>(f),
+                        detail::forward_stored<Self>(std::get_if<0>(&self.state_)));
+            return Result<U>();
+        } else {
+            return Result<U>(std::invoke(
+                std::forward<F>(f), detail::forward_stored<Self>(std::get_if<0>(&self.state_))));
+        }
+    }
+    template <class Self, class F>
+    static Result or_else_impl(Self&& self, F&& f)
+    {
+        using R = std::remove_cvref_t<decltype(std::invoke(
+            std::forward<F>(f), detail::forward_stored<Self>(std::get_if<1>(&self.state_))))>;
+        static_assert(std::is_same_v<R, Result>, "or_else: the function must return a Result<T>");
+        if (self.has_value())
+            return Result(detail::forward_stored<Self>(std::get_if<0>(&self.state_)));
+        return std::invoke(std::forward<F>(f),
+                           detail::forward_stored<Self>(std::get_if<1>(&self.state_)));
+    }
+    template <class Self, class F>
+    static Result transform_error_impl(Self&& self, F&& f)
+    {
+        using G = std::remove_cvref_t<decltype(std::invoke(
+            std::forward<F>(f), detail::forward_stored<Self>(std::get_if<1>(&self.state_))))>;
+        static_assert(std::is_same_v<G, Error>,
+                      "transform_error: the function must return an Error");
+        if (self.has_value())
+            return Result(detail::forward_stored<Self>(std::get_if<0>(&self.state_)));
+        return Result(std::invoke(std::forward<F>(f),
+                                  detail::forward_stored<Self>(std::get_if<1>(&self.state_))));
+    }
+
     void check_value() const
     {
         if (!has_value()) [[unlikely]]
@@ -199,17 +358,20 @@ private:
     std::variant<T, Error> state_;
 };
 
-/// Success or an Error.
+/// Success or an Error. value() on an error aborts (see Result<T>).
 template <>
 class [[nodiscard]] Result<void> {
 public:
+    using value_type = void;
+    using error_type = Error;
+
     Result() = default;
     Result(Error error) : error_(std::move(error)) {} // NOLINT: implicit by design
 
     [[nodiscard]] bool has_value() const noexcept { return !error_.has_value(); }
     explicit operator bool() const noexcept { return has_value(); }
 
-    /// Checks success; calling it on an error is a caller bug.
+    /// Checks success; calling it on an error is a caller bug (the process aborts).
     void value() const
     {
         if (error_) [[unlikely]]
@@ -227,7 +389,91 @@ public:
         return std::move(*error_);
     }
 
+    /// The error, or `fallback` on success.
+    template <class G>
+    [[nodiscard]] Error error_or(G&& fallback) const&
+    {
+        return has_value() ? static_cast<Error>(std::forward<G>(fallback)) : *error_;
+    }
+
+    /// f(), which returns a Result<U>, or this error as a Result<U>.
+    template <class F>
+    auto and_then(F&& f) const&
+    {
+        using R = std::remove_cvref_t<std::invoke_result_t<F>>;
+        static_assert(detail::is_result<R>, "and_then: the function must return a Result");
+        if (has_value())
+            return std::invoke(std::forward<F>(f));
+        return R(*error_);
+    }
+    template <class F>
+    auto and_then(F&& f) &&
+    {
+        using R = std::remove_cvref_t<std::invoke_result_t<F>>;
+        static_assert(detail::is_result<R>, "and_then: the function must return a Result");
+        if (has_value())
+            return std::invoke(std::forward<F>(f));
+        return R(std::move(*error_));
+    }
+    /// Result<U>(f()) (Result<void> if f returns nothing), or this error.
+    template <class F>
+    auto transform(F&& f) const&
+    {
+        return Result(*this).transform_owned(std::forward<F>(f));
+    }
+    template <class F>
+    auto transform(F&& f) &&
+    {
+        return std::move(*this).transform_owned(std::forward<F>(f));
+    }
+    /// Success, or f(error), which returns a Result<void>.
+    template <class F>
+    Result or_else(F&& f) const&
+    {
+        return Result(*this).or_else(std::forward<F>(f));
+    }
+    template <class F>
+    Result or_else(F&& f) &&
+    {
+        using R = std::remove_cvref_t<std::invoke_result_t<F, Error&&>>;
+        static_assert(std::is_same_v<R, Result>,
+                      "or_else: the function must return a Result<void>");
+        if (has_value())
+            return {};
+        return std::invoke(std::forward<F>(f), std::move(*error_));
+    }
+    /// Success, or the Error f(error) returns (e.g. the error with context).
+    template <class F>
+    Result transform_error(F&& f) const&
+    {
+        return Result(*this).transform_error(std::forward<F>(f));
+    }
+    template <class F>
+    Result transform_error(F&& f) &&
+    {
+        using G = std::remove_cvref_t<std::invoke_result_t<F, Error&&>>;
+        static_assert(std::is_same_v<G, Error>,
+                      "transform_error: the function must return an Error");
+        if (has_value())
+            return {};
+        return Result(std::invoke(std::forward<F>(f), std::move(*error_)));
+    }
+
 private:
+    template <class F>
+    auto transform_owned(F&& f) &&
+    {
+        using U = std::remove_cv_t<std::invoke_result_t<F>>;
+        if (!has_value())
+            return Result<U>(std::move(*error_));
+        if constexpr (std::is_void_v<U>) {
+            std::invoke(std::forward<F>(f));
+            return Result<U>();
+        } else {
+            return Result<U>(std::invoke(std::forward<F>(f)));
+        }
+    }
+
     std::optional<Error> error_;
 };
 

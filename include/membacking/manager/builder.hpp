@@ -6,8 +6,8 @@
  * primary VA mapper and creates the RAM regions. Validation order and error messages are the
  * reference's (inventory §2.4), so that tools matching on them keep working; errors carry
  * build_errc codes. Fixed from the reference:
- * - overlapping RAM ranges, or RAM past max_addr, are an error (build_errc::invalid_ram_layout),
- *   not a panic;
+ * - overlapping RAM ranges, or RAM past the address space, are an error
+ * (build_errc::invalid_ram_layout), not a panic;
  * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
  * - a failure part way leaves nothing behind (the half-built manager is destroyed).
  *
@@ -21,6 +21,7 @@
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/memory_size.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/ram_backing_request.hpp>
 #include <membacking/region/mapping.hpp>
@@ -36,6 +37,59 @@
 
 namespace membacking {
 
+namespace detail {
+// The reference's validation helpers and its allocation error, as the builder uses them (tests
+// check their messages directly).
+
+/// The reference's validate_hugepage_size.
+[[nodiscard]] inline Result<std::uint64_t> validate_hugepage_size(std::uint64_t size)
+{
+    if (!is_power_of_two(size) || size < page_size)
+        return build_error(build_errc::invalid_hugepage_size,
+                           "hugepage size " + MemorySize{size}.to_string() +
+                               " must be a power of two and at least the host page size");
+    if (size > std::numeric_limits<std::size_t>::max())
+        return build_error(build_errc::hugepage_size_too_large,
+                           "hugepage size " + MemorySize{size}.to_string() + " is too large");
+    return size;
+}
+
+/// The reference's validate_hugepage_ram_alignment.
+[[nodiscard]] inline Result<void>
+validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRange>& ranges,
+                                std::uint64_t hugepage)
+{
+    if (total % hugepage != 0)
+        return build_error(build_errc::hugepage_ram_size_unaligned,
+                           "RAM size " + MemorySize{total}.to_string() + " is not aligned to " +
+                               MemorySize{hugepage}.to_string() +
+                               " hugepages; choose a memory size that is a multiple of the "
+                               "hugepage size");
+    for (const MemoryRange& r : ranges)
+        if (r.start() % hugepage != 0 || r.size() % hugepage != 0)
+            return build_error(build_errc::hugepage_ram_range_unaligned,
+                               "RAM range " + r.to_string() + " (" +
+                                   MemorySize{r.size()}.to_string() + ") is not aligned to " +
+                                   MemorySize{hugepage}.to_string() +
+                                   " hugepages; range start and size must both be multiples "
+                                   "of the hugepage size");
+    return {};
+}
+
+/// The reference's HugepageAllocationFailed, wrapping the OS error.
+[[nodiscard]] inline Error hugepage_allocation_failed(std::uint64_t size, std::uint64_t hugepage,
+                                                      const std::error_code& os_code)
+{
+    return build_error(build_errc::hugepage_allocation_failed,
+                       "failed to reserve " + std::to_string(size / hugepage) +
+                           " hugetlb pages of " + MemorySize{hugepage}.to_string() + " each (" +
+                           MemorySize{size}.to_string() +
+                           " total); increase the hugetlb pool or reduce guest memory size",
+                       Error(os_code, os_code.message()));
+}
+
+} // namespace detail
+
 template <class Manager>
 class GuestMemoryBuilder {
     using Core = typename Manager::Core;
@@ -44,10 +98,10 @@ class GuestMemoryBuilder {
 public:
     static constexpr std::uint64_t legacy_low_ram_end = 0x100000;
 
-    /// VTL2 partitions also get all of memory at gpa + offset.
-    GuestMemoryBuilder& vtl0_alias_map(std::optional<std::uint64_t> offset)
+    /// VTL2 partitions also get all of memory at gpa + offset (std::nullopt: no alias map).
+    GuestMemoryBuilder& vtl0_alias_map(std::optional<Length> offset)
     {
-        vtl0_alias_map_ = offset;
+        vtl0_alias_map_ = offset ? std::optional<std::uint64_t>(offset->value()) : std::nullopt;
         return *this;
     }
     /// Pin each range in every partition after mapping it (device assignment).
@@ -68,9 +122,11 @@ public:
         return *this;
     }
 
-    /// Builds a manager for a guest address space of max_addr bytes.
-    [[nodiscard]] Result<Manager> build(std::uint64_t max_addr) const
+    /// Builds a manager for a guest physical address space of `address_space` bytes: GPAs
+    /// [0, address_space), which is what manager.max_address() then returns.
+    [[nodiscard]] Result<Manager> build(Length address_space) const
     {
+        const std::uint64_t max_addr = address_space.value();
         // 1. Each request on its own.
         for (const RamBackingRequest& req : backings_) {
             if (req.private_memory() && x86_legacy_)
@@ -108,7 +164,7 @@ public:
         std::uint64_t min_alignment = page_size;
         for (const RamBackingRequest& req : backings_)
             if (req.hugepages()) {
-                auto hp = validate_hugepage_size(*req.hugepages());
+                auto hp = detail::validate_hugepage_size(req.hugepages()->value());
                 if (!hp)
                     return std::move(hp).error();
                 min_alignment = std::max(min_alignment, *hp);
@@ -148,54 +204,6 @@ public:
         return Manager(std::move(*core));
     }
 
-    /// The reference's validate_hugepage_size.
-    [[nodiscard]] static Result<std::uint64_t> validate_hugepage_size(std::uint64_t size)
-    {
-        if (!is_power_of_two(size) || size < page_size)
-            return build_error(build_errc::invalid_hugepage_size,
-                               "hugepage size " + MemorySize{size}.to_string() +
-                                   " must be a power of two and at least the host page size");
-        if (size > std::numeric_limits<std::size_t>::max())
-            return build_error(build_errc::hugepage_size_too_large,
-                               "hugepage size " + MemorySize{size}.to_string() + " is too large");
-        return size;
-    }
-
-    /// The reference's validate_hugepage_ram_alignment.
-    [[nodiscard]] static Result<void>
-    validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRange>& ranges,
-                                    std::uint64_t hugepage)
-    {
-        if (total % hugepage != 0)
-            return build_error(build_errc::hugepage_ram_size_unaligned,
-                               "RAM size " + MemorySize{total}.to_string() + " is not aligned to " +
-                                   MemorySize{hugepage}.to_string() +
-                                   " hugepages; choose a memory size that is a multiple of the "
-                                   "hugepage size");
-        for (const MemoryRange& r : ranges)
-            if (r.start() % hugepage != 0 || r.size() % hugepage != 0)
-                return build_error(build_errc::hugepage_ram_range_unaligned,
-                                   "RAM range " + r.to_string() + " (" +
-                                       MemorySize{r.size()}.to_string() + ") is not aligned to " +
-                                       MemorySize{hugepage}.to_string() +
-                                       " hugepages; range start and size must both be multiples "
-                                       "of the hugepage size");
-        return {};
-    }
-
-    /// The reference's HugepageAllocationFailed, wrapping the OS error.
-    [[nodiscard]] static Error hugepage_allocation_failed(std::uint64_t size,
-                                                          std::uint64_t hugepage,
-                                                          const std::error_code& os_code)
-    {
-        return build_error(build_errc::hugepage_allocation_failed,
-                           "failed to reserve " + std::to_string(size / hugepage) +
-                               " hugetlb pages of " + MemorySize{hugepage}.to_string() + " each (" +
-                               MemorySize{size}.to_string() +
-                               " total); increase the hugetlb pool or reduce guest memory size",
-                           Error(os_code, os_code.message()));
-    }
-
 private:
     struct Piece {
         MemoryRange range;
@@ -217,7 +225,7 @@ private:
             const std::uint64_t hi = bounds[i];
             if (lo == hi)
                 continue; // RAM ending exactly at 1 MiB: no empty region (reference quirk)
-            out.push_back({MemoryRange::unchecked(lo, hi), legacy_name(lo, plain)});
+            out.push_back({MemoryRange::valid_or_abort(lo, hi), legacy_name(lo, plain)});
         }
         return out;
     }
@@ -253,12 +261,12 @@ private:
         }
         const std::string name = i == 0 ? "guest-ram" : "guest-ram-" + std::to_string(i);
         if (req.hugepages()) {
-            const std::uint64_t hp = *req.hugepages();
-            MEMBACKING_TRY(validate_hugepage_size(hp));
-            MEMBACKING_TRY(validate_hugepage_ram_alignment(size, req.ranges(), hp));
+            const std::uint64_t hp = req.hugepages()->value();
+            MEMBACKING_TRY(detail::validate_hugepage_size(hp));
+            MEMBACKING_TRY(detail::validate_hugepage_ram_alignment(size, req.ranges(), hp));
             auto object = Va::create_hugetlb_memory(size, name.c_str(), hp);
             if (!object)
-                return hugepage_allocation_failed(size, hp, object.error().code());
+                return detail::hugepage_allocation_failed(size, hp, object.error().code());
             return object;
         }
         auto object = Va::create_shared_memory(size, name.c_str());
@@ -280,9 +288,9 @@ private:
                                   req.transparent_hugepages() && !req.hugepages(), req.prefetch()};
         const MappingBacking backing = req.private_memory()
                                            ? MappingBacking::private_memory()
-                                           : MappingBacking::file(object, file_offset);
+                                           : MappingBacking::file(object, Offset{file_offset});
         if (auto r = core.add_mapping(
-                *id, {MemoryRange::unchecked(0, range.size()), backing, true, policy});
+                *id, {MemoryRange::valid_or_abort(0, range.size()), backing, true, policy});
             !r)
             return build_error(build_errc::ram_mapping,
                                "failed to map RAM range " + range.to_string(),

@@ -2,11 +2,15 @@
  * @file manager/client.hpp
  * Layer: manager.
  *
- * GuestMemoryClient: how code that only needs to access guest memory gets a GuestMemory. In the
- * owning process, guest_memory() is bound to the primary (eager) VA mapper, the one partitions
- * map from. lazy_guest_memory() makes a separate lazy mapper that faults mappings in on first
- * access (what the reference does for other processes; useful here for isolating a device's
- * view). Both fail with errc::not_found once the manager is gone.
+ * GuestMemoryClient: a handle that can make further guest-memory mappers after the manager has
+ * been handed out (it holds the manager weakly). lazy_guest_memory() makes a separate lazy
+ * mapper that faults mappings in on first access (what the reference does for other processes;
+ * useful here for isolating a device's view); it fails with errc::not_found once the manager is
+ * gone.
+ *
+ * The primary GuestMemory (the eager mapper partitions map from) has one spelling:
+ * GuestMemoryManager::guest_memory(). Give a device that GuestMemory handle (a copy keeps the
+ * mapper alive, and accesses after the manager is gone are errors), not the client.
  */
 #pragma once
 
@@ -25,14 +29,6 @@ public:
     using Memory = GuestMemory<typename Core::Mapper>;
 
     explicit GuestMemoryClient(std::weak_ptr<Core> core) : core_(std::move(core)) {}
-
-    [[nodiscard]] Result<Memory> guest_memory() const
-    {
-        auto core = core_.lock();
-        if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return Memory(core->primary());
-    }
 
     [[nodiscard]] Result<Memory> lazy_guest_memory() const
     {

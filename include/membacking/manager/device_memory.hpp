@@ -14,11 +14,19 @@
  *
  * DeviceRegion is the handle of one such region. Dropping it removes the region from the guest.
  * Every call is thread-safe and returns after the guest's view reflects it.
+ *
+ *     auto vram = create_memfd("vram", 64_KiB);                       // Result<Mappable>
+ *     auto bar = manager.device_memory_mapper().new_region("bar0", 64_KiB);
+ *     bar->map({.offset = Offset{0}, .length = 64_KiB, .object = *vram,
+ *               .protection = Protection::read_write});
+ *     bar->map_to_guest(0xfe000000_gpa, Protection::read_write);
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
+#include <membacking/base/params.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/manager/detail/manager_core.hpp>
 #include <membacking/va/mappable.hpp>
 
@@ -30,6 +38,17 @@
 #include <utility>
 
 namespace membacking {
+
+/// One mapping of a device region: [offset, offset + length) of the region shows
+/// [object_offset, object_offset + length) of object. Fill it with designated initializers, so
+/// that the two offsets and the length are named where they are written.
+struct DeviceMapping {
+    Offset offset;        ///< where the mapping starts in the device region (page aligned)
+    Length length;        ///< page aligned, non-zero
+    Mappable object;      ///< what is mapped (e.g. create_memfd's)
+    Offset object_offset; ///< where in the object (page aligned; default 0)
+    Protection protection = Protection::read_only;
+};
 
 template <class Core>
 class DeviceRegion {
@@ -48,26 +67,30 @@ public:
     DeviceRegion& operator=(const DeviceRegion&) = delete;
     ~DeviceRegion() { remove(); }
 
-    /// Maps [offset, offset+len) of the region to `object` at `file_offset`, replacing and
-    /// splitting whatever mappings were there. Visible to the guest at once if placed.
-    Result<void> map(std::uint64_t offset, const Mappable& object, std::uint64_t file_offset,
-                     std::uint64_t len, bool writable)
+    /// Maps m.object into the region (see DeviceMapping), replacing and splitting whatever
+    /// mappings were there (mmap semantics). Visible to the guest at once if placed.
+    Result<void> map(const DeviceMapping& m)
     {
         return with_core([&](Core& c) {
-            return c.device_map(*state_, offset, object, file_offset, len, writable);
+            return c.device_map(*state_, m.offset.value(), m.object, m.object_offset.value(),
+                                m.length.value(), is_writable(m.protection));
         });
     }
 
-    /// Removes whatever is mapped in [offset, offset+len), splitting mappings at the edges.
-    Result<void> unmap(std::uint64_t offset, std::uint64_t len)
+    /// Removes whatever is mapped in [offset, offset + length), splitting mappings at the edges.
+    Result<void> unmap(Offset offset, Length length)
     {
-        return with_core([&](Core& c) { return c.device_unmap(*state_, offset, len); });
+        return with_core(
+            [&](Core& c) { return c.device_unmap(*state_, offset.value(), length.value()); });
     }
 
-    /// Places the region at gpa (moving it if it is placed elsewhere).
-    Result<void> map_to_guest(std::uint64_t gpa, bool writable)
+    /// Places the region at gpa (moving it if it is placed elsewhere). A mapping is writable by
+    /// the guest only if it and the placement both are.
+    Result<void> map_to_guest(Gpa gpa, Protection protection)
     {
-        return with_core([&](Core& c) { return c.device_map_to_guest(*state_, gpa, writable); });
+        return with_core([&](Core& c) {
+            return c.device_map_to_guest(*state_, gpa.value(), is_writable(protection));
+        });
     }
 
     /// Takes the region out of the guest; its mappings are kept for the next placement.
@@ -76,7 +99,7 @@ public:
         return with_core([&](Core& c) { return c.device_unmap_from_guest(*state_); });
     }
 
-    [[nodiscard]] std::uint64_t size() const noexcept { return state_->size; }
+    [[nodiscard]] Length size() const noexcept { return Length(state_->size); }
     [[nodiscard]] const std::string& name() const noexcept { return state_->name; }
     /// Where the region is in the guest, if it is.
     [[nodiscard]] std::optional<MemoryRange> placement() const
@@ -129,16 +152,16 @@ public:
     explicit DeviceMemoryMapper(std::weak_ptr<Core> core) : core_(std::move(core)) {}
 
     /// A new, unplaced device region of `size` bytes (page aligned, non-zero).
-    Result<DeviceRegion<Core>> new_region(std::uint64_t size, std::string name,
+    Result<DeviceRegion<Core>> new_region(std::string name, Length size,
                                           std::uint8_t priority = device_priority) const
     {
-        if (size == 0 || !is_page_aligned(size))
+        if (size == Length{0} || !is_page_aligned(size.value()))
             return make_error(errc::invalid_range, "device region '" + name + "' size " +
-                                                       MemoryRange::hex(size) +
+                                                       to_string(size) +
                                                        " is zero or not page aligned");
         auto state = std::make_shared<detail::DeviceRegionState>();
         state->name = std::move(name);
-        state->size = size;
+        state->size = size.value();
         state->priority = priority;
         return DeviceRegion<Core>(core_, std::move(state));
     }

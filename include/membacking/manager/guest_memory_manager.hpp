@@ -4,28 +4,31 @@
  *
  * GuestMemoryManager<Resolver, Va, Partitions...>: the one type a VMM uses. It is composed at
  * compile time from a region resolver (NestedPriority), a VA policy (LinuxMmap) and any number of
- * partition policies (KvmPartition, MockPartition, ...); each template parameter is checked by
- * its concept where the type is formed, so a policy missing a member fails with the name of the
- * sub-concept it misses.
+ * partition policies (KvmPartition, MockPartition, ...). Each policy is checked, one sub-concept
+ * at a time, by static_asserts whose messages name the missing member and its declaration
+ * (detail::check_partition_mapper and friends): the template parameters are plain `class`
+ * parameters on purpose, because a constrained parameter makes GCC 12 report only that the whole
+ * concept "evaluated to false".
  *
  * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only; destroying it takes guest memory
  * out of every partition and invalidates every VA mapper, so GuestMemory handles that outlive it
  * get errors, never stale memory. Every method is thread-safe, and every control operation
  * returns only after every VA mapper and partition reflects it.
  *
- * Example:
+ * Example (README.md has the whole of it, compiled as a test):
  *     using Manager = GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>>;
  *     auto manager = Manager::builder()
  *                        .x86_legacy_support(true)
- *                        .add_backing(RamBackingRequest({MemoryRange::unchecked(0, 256 << 20)}))
- *                        .build(std::uint64_t{1} << 32);
- *     manager->attach_partition(Vtl::vtl0, kvm);
+ *                        .add_backing(RamBackingRequest({MemoryRange::constant(0, 256 << 20)}))
+ *                        .build(4_GiB);
+ *     MEMBACKING_TRY(manager->attach_partition(Vtl::vtl0, kvm));
  *     auto memory = manager->guest_memory();
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/guest_memory.hpp>
 #include <membacking/manager/client.hpp>
 #include <membacking/manager/detail/manager_core.hpp>
@@ -50,8 +53,13 @@ namespace membacking {
 template <class Manager>
 class GuestMemoryBuilder;
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+template <class Resolver, class Va, class... Partitions>
 class GuestMemoryManager {
+    // First in the class, so that a bad policy's message is the first error the compiler prints.
+    static_assert(detail::check_region_resolver<Resolver>());
+    static_assert(detail::check_va_policy<Va>());
+    static_assert((detail::check_partition_mapper<Partitions>() && ...));
+
 public:
     using Core = detail::ManagerCore<Resolver, Va, Partitions...>;
     using VaPolicyType = Va;
@@ -75,8 +83,10 @@ public:
     GuestMemoryManager& operator=(const GuestMemoryManager&) = delete;
     ~GuestMemoryManager() = default;
 
-    /// The access API over the primary VA mapper (the one partitions map from).
+    /// The access API over the primary VA mapper (the one partitions map from): the one
+    /// spelling of the primary GuestMemory. Copies share the mapper; hand one to each device.
     [[nodiscard]] Memory guest_memory() const { return Memory(core_->primary()); }
+    /// Makes further (lazy) mappers: client().lazy_guest_memory().
     [[nodiscard]] Client client() const { return Client(core_); }
 
     /// Maps every visible region into `partition` and keeps it in sync from now on. A VTL2
@@ -123,9 +133,12 @@ public:
     /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).
     [[nodiscard]] MemoryMap memory_map() const { return core_->memory_map(); }
 
-    [[nodiscard]] std::uint64_t max_address() const noexcept { return core_->max_address(); }
+    /// The end of the guest address space: every GPA is below it (build's address_space).
+    [[nodiscard]] Gpa max_address() const noexcept { return Gpa(core_->max_address()); }
 
     // ---- the region API underneath (for VMMs that manage regions themselves) ----
+    // Ranges are MemoryRanges (MemoryRange::from(Gpa, Length), or ::constant); mappings are
+    // RegionMappings at region-relative ranges; the name comes first, as in new_region.
 
     Result<RegionId> add_region(std::string name, MemoryRange range, std::uint8_t priority,
                                 MappingType type)

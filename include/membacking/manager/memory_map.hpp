@@ -9,11 +9,17 @@
  *
  * Mappable objects are named "object#N" in order of first appearance, so two regions over the
  * same memfd show the same name.
+ *
+ * Lookups (find_region by name, region_at and mapping_at by GPA) return pointers into the map,
+ * so they exist only on an lvalue: `manager.memory_map().find_region("ram")` does not compile,
+ * because the temporary, and the pointer into it, would be gone at the end of the statement.
+ * Keep the map in a variable: `const MemoryMap map = manager.memory_map();`.
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/params.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/manager/types.hpp>
 #include <membacking/region/region_id.hpp>
 
@@ -55,10 +61,43 @@ struct MemoryMap {
         bool pin = false;
     };
 
-    std::uint64_t max_address = 0;
+    Gpa max_address;
     std::vector<Region> regions; ///< by start, then outer before inner
     std::vector<Partition> partitions;
     std::size_t va_mappers = 0;
+
+    /// The region named `name` (the first in map order if several share it), or nullptr.
+    [[nodiscard]] const Region* find_region(std::string_view name) const&
+    {
+        for (const Region& r : regions)
+            if (r.name == name)
+                return &r;
+        return nullptr;
+    }
+    const Region* find_region(std::string_view name) const&& = delete;
+
+    /// The region the guest sees at gpa (the active region containing it), or nullptr.
+    [[nodiscard]] const Region* region_at(Gpa gpa) const&
+    {
+        for (const Region& r : regions)
+            if (r.active && r.range.contains(gpa.value()))
+                return &r;
+        return nullptr;
+    }
+    const Region* region_at(Gpa gpa) const&& = delete;
+
+    /// The mapping the guest sees at gpa, or nullptr (no visible region there, or a hole in it).
+    [[nodiscard]] const Mapping* mapping_at(Gpa gpa) const&
+    {
+        const Region* r = region_at(gpa);
+        if (r == nullptr)
+            return nullptr;
+        for (const Mapping& m : r->mappings)
+            if (m.gpa.contains(gpa.value()))
+                return &m;
+        return nullptr;
+    }
+    const Mapping* mapping_at(Gpa gpa) const&& = delete;
 
     /// Orders regions by start address, enclosing (larger, then higher-priority) ones first.
     void sort()
@@ -72,7 +111,7 @@ struct MemoryMap {
     [[nodiscard]] std::string to_text() const
     {
         ObjectNames names;
-        std::string out = "guest memory (max address " + MemoryRange::hex(max_address) + ", " +
+        std::string out = "guest memory (max address " + to_string(max_address) + ", " +
                           std::to_string(va_mappers) + " VA mapper" + (va_mappers == 1 ? "" : "s") +
                           ")\n";
         std::vector<MemoryRange> open; // the chain of regions containing the current one
@@ -103,7 +142,7 @@ struct MemoryMap {
     [[nodiscard]] std::string to_json() const
     {
         ObjectNames names;
-        std::string out = "{\"max_address\":" + std::to_string(max_address) +
+        std::string out = "{\"max_address\":" + std::to_string(max_address.value()) +
                           ",\"va_mappers\":" + std::to_string(va_mappers) + ",\"regions\":[";
         for (std::size_t i = 0; i < regions.size(); ++i) {
             const Region& r = regions[i];

@@ -7,12 +7,13 @@
  * one per host NUMA node, or one in total. Reference inventory §2.3.
  *
  * Example:
- *     RamBackingRequest ram({MemoryRange::unchecked(0, 2 << 30)});
+ *     RamBackingRequest ram({MemoryRange::constant(0, std::uint64_t{2} << 30)});
  *     ram.transparent_hugepages(true).host_numa_node(0);
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <cstdint>
@@ -25,7 +26,7 @@ namespace membacking {
 class RamBackingRequest {
 public:
     /// The default hugetlb page size when hugepages are requested without one.
-    static constexpr std::uint64_t default_hugepage_size = std::uint64_t{2} << 20;
+    static constexpr Length default_hugepage_size{std::uint64_t{2} << 20};
 
     explicit RamBackingRequest(std::vector<MemoryRange> ranges) : ranges_(std::move(ranges)) {}
 
@@ -48,7 +49,7 @@ public:
         return *this;
     }
     /// A hugetlb memfd with pages of `size` bytes (2 MiB if not given; std::nullopt: none).
-    RamBackingRequest& hugepages(std::optional<std::uint64_t> size = default_hugepage_size)
+    RamBackingRequest& hugepages(std::optional<Length> size = default_hugepage_size)
     {
         hugepages_ = size;
         return *this;
@@ -70,10 +71,7 @@ public:
     [[nodiscard]] bool prefetch() const noexcept { return prefetch_; }
     [[nodiscard]] bool private_memory() const noexcept { return private_memory_; }
     [[nodiscard]] bool transparent_hugepages() const noexcept { return transparent_hugepages_; }
-    [[nodiscard]] const std::optional<std::uint64_t>& hugepages() const noexcept
-    {
-        return hugepages_;
-    }
+    [[nodiscard]] const std::optional<Length>& hugepages() const noexcept { return hugepages_; }
     /// The object to reuse; empty if none was given.
     [[nodiscard]] const Mappable& existing_mappable() const noexcept { return existing_; }
     [[nodiscard]] const std::optional<std::uint32_t>& host_numa_node() const noexcept
@@ -86,7 +84,7 @@ private:
     bool prefetch_ = false;
     bool private_memory_ = false;
     bool transparent_hugepages_ = false;
-    std::optional<std::uint64_t> hugepages_;
+    std::optional<Length> hugepages_;
     Mappable existing_; ///< empty: allocate a new object
     std::optional<std::uint32_t> numa_node_;
 };

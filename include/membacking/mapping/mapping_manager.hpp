@@ -195,7 +195,7 @@ public:
         if (old.empty())
             return {};
         const MemoryRange extent =
-            MemoryRange::unchecked(old.front().gpa.start(), old.back().gpa.end());
+            MemoryRange::valid_or_abort(old.front().gpa.start(), old.back().gpa.end());
         std::vector<Slot*> done;
         for (Slot& s : mappers_) {
             if (!s.eager && !holds_any(s.id, extent))
@@ -495,11 +495,11 @@ private:
             doomed.push_back(e.mapping.gpa.start());
             const MemoryRange g = e.mapping.gpa;
             if (g.start() < r.start())
-                keep.push_back(
-                    {e.mapping.slice(MemoryRange::unchecked(g.start(), r.start())), e.holders});
+                keep.push_back({e.mapping.slice(MemoryRange::valid_or_abort(g.start(), r.start())),
+                                e.holders});
             if (g.end() > r.end())
                 keep.push_back(
-                    {e.mapping.slice(MemoryRange::unchecked(r.end(), g.end())), e.holders});
+                    {e.mapping.slice(MemoryRange::valid_or_abort(r.end(), g.end())), e.holders});
         });
         for (std::uint64_t k : doomed)
             entries_.erase(k);

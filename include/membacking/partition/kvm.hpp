@@ -148,7 +148,7 @@ public:
                            bool /*executable: KVM has no such permission*/)
     {
         std::lock_guard lock(mutex_);
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range || range->empty() || !is_page_aligned(reinterpret_cast<std::uintptr_t>(host_va)))
             return make_error(errc::invalid_range,
                               "KVM: invalid window of " + MemoryRange::hex(size) + " bytes at " +
@@ -180,7 +180,7 @@ public:
     Result<void> unmap_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return std::move(range).error().context("KVM unmap");
         std::vector<SlotInfo> doomed;
@@ -328,7 +328,8 @@ public:
         const MemoryRange window = span_of(*s);
         for (auto it = pending_dirty_.begin(); it != pending_dirty_.end();) {
             PendingDirty& p = *it;
-            const MemoryRange span = MemoryRange::unchecked(p.gpa, p.gpa + p.pages * page_size);
+            const MemoryRange span =
+                MemoryRange::valid_or_abort(p.gpa, p.gpa + p.pages * page_size);
             const MemoryRange common = span.intersection(window);
             for (std::uint64_t page = common.start(); page < common.end(); page += page_size) {
                 const std::uint64_t from = (page - p.gpa) / page_size;
@@ -419,7 +420,7 @@ private:
 
     static MemoryRange span_of(const SlotInfo& s)
     {
-        return MemoryRange::unchecked(s.gpa, s.gpa + s.size);
+        return MemoryRange::valid_or_abort(s.gpa, s.gpa + s.size);
     }
 
     static Error no_window(std::uint64_t gpa, std::uint64_t size)

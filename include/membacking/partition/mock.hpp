@@ -4,7 +4,9 @@
  *
  * MockPartition: a first-class, portable partition policy that records every call in order,
  * keeps the view a real hypervisor would have (which GPA windows are mapped, from which host VA,
- * with which permissions), and can be told to fail the N-th call from now with a given error.
+ * with which permissions), and can be told to fail a call with a given error: the next call of
+ * one kind (fail_next(Op::unmap): a test need not know how many other calls come first), or the
+ * N-th call of any kind from now (fail_nth_call).
  *
  * It is strict where real hypervisors are strict, so that it catches manager bugs: mapping over
  * an existing window fails (KVM and WHP reject overlapping slots), and unmapping part of a window
@@ -18,6 +20,7 @@
 #include <membacking/base/result.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
@@ -25,6 +28,7 @@
 #include <mutex>
 #include <optional>
 #include <ostream>
+#include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -83,7 +87,7 @@ public:
         Call call{Op::map, gpa, size, host_va, writable, executable};
         if (auto e = next_failure(call))
             return *e;
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range || range->empty())
             return reject(call, errc::invalid_range,
                           "mock partition: invalid map of " + MemoryRange::hex(size) +
@@ -103,7 +107,7 @@ public:
         Call call{Op::unmap, gpa, size};
         if (auto e = next_failure(call))
             return *e;
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return reject(call, errc::invalid_range, "mock partition: invalid unmap range");
         // Whole windows only: a window cut in half is an error, as in KVM.
@@ -169,16 +173,34 @@ public:
 
     // ---- test controls ----
 
-    /// The n-th call from now (1 = the next one) fails with `error` and changes nothing.
+    /// The n-th call from now (1 = the next one), of any kind, fails with `error` and changes
+    /// nothing.
     void fail_nth_call(std::size_t n, Error error)
     {
         std::lock_guard lock(mutex_);
         failure_ = Failure{calls_seen_ + n, std::move(error)};
     }
+    /// The next call of kind `op` fails with `error` and changes nothing; calls of other kinds
+    /// are not affected. One pending failure per kind: arming it again replaces it.
+    void fail_next(Op op, Error error)
+    {
+        std::lock_guard lock(mutex_);
+        op_failures_[static_cast<std::size_t>(op)] = std::move(error);
+    }
+    /// As above, with errc::resource_exhausted ("mock partition: injected <op> failure").
+    void fail_next(Op op)
+    {
+        fail_next(op,
+                  make_error(errc::resource_exhausted,
+                             std::string("mock partition: injected ") + op_name(op) + " failure"));
+    }
+    /// Disarms every pending failure.
     void clear_failure()
     {
         std::lock_guard lock(mutex_);
         failure_.reset();
+        for (auto& f : op_failures_)
+            f.reset();
     }
     /// Simulates a guest write the hypervisor logged (only while logging is on, in a window).
     void mark_dirty(std::uint64_t gpa)
@@ -223,12 +245,16 @@ public:
         return w ? std::optional<Window>(*w) : std::nullopt;
     }
 
+    [[nodiscard]] static constexpr const char* op_name(Op op) noexcept
+    {
+        constexpr const char* names[] = {
+            "map", "unmap", "prefetch", "pin", "unpin", "set_dirty_logging", "take_dirty_log"};
+        return names[static_cast<std::size_t>(op)];
+    }
+
     friend std::ostream& operator<<(std::ostream& os, const Call& c)
     {
-        static constexpr const char* names[] = {
-            "map", "unmap", "prefetch", "pin", "unpin", "set_dirty_logging", "take_dirty_log"};
-        os << names[static_cast<int>(c.op)] << "(" << MemoryRange::hex(c.gpa) << "+"
-           << MemoryRange::hex(c.size);
+        os << op_name(c.op) << "(" << MemoryRange::hex(c.gpa) << "+" << MemoryRange::hex(c.size);
         if (c.op == Op::map)
             os << (c.writable ? ", rw" : ", ro") << (c.executable ? "x" : "");
         return os << ")" << (c.failed ? " [failed]" : "");
@@ -242,21 +268,25 @@ private:
 
     static MemoryRange window_range(const Window& w)
     {
-        return MemoryRange::unchecked(w.gpa, w.gpa + w.size);
+        return MemoryRange::valid_or_abort(w.gpa, w.gpa + w.size);
     }
 
     /// Counts the call; returns the injected error if this is the one to fail.
     std::optional<Error> next_failure(Call& call)
     {
         ++calls_seen_;
+        std::optional<Error> e;
         if (failure_ && failure_->at_call == calls_seen_) {
-            Error e = std::move(failure_->error);
+            e = std::move(failure_->error);
             failure_.reset();
+        } else if (auto& by_kind = op_failures_[static_cast<std::size_t>(call.op)]) {
+            e = std::exchange(by_kind, std::nullopt);
+        }
+        if (e) {
             call.failed = true;
             record(call);
-            return e;
         }
-        return std::nullopt;
+        return e;
     }
 
     void record(const Call& call)
@@ -317,6 +347,8 @@ private:
     std::size_t calls_seen_ = 0;
     bool recording_ = true;
     std::optional<Failure> failure_;
+    static constexpr std::size_t op_count = static_cast<std::size_t>(Op::take_dirty_log) + 1;
+    std::array<std::optional<Error>, op_count> op_failures_; ///< fail_next, by Op
 };
 
 static_assert(PartitionMapper<MockPartition>);

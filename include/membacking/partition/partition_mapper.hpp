@@ -112,4 +112,49 @@ concept PartitionMapper = PartitionMapper_features<P> && PartitionMapper_name<P>
     PartitionMapper_map<P> && PartitionMapper_unmap<P> && PartitionMapper_capabilities<P>;
 // clang-format on
 
+namespace detail {
+/// True if P declares `features` and claims F (false, not an error, if it declares none).
+template <PartitionFeatures F, class P>
+consteval bool claims_partition_feature()
+{
+    if constexpr (PartitionMapper_features<P>)
+        return partition_supports<F, P>;
+    else
+        return false;
+}
+
+/// PartitionMapper<P>, checked one sub-concept at a time, so that every compiler names what is
+/// missing and how it must be declared (GCC 12 says only that the whole concept "evaluated to
+/// false"). The manager static_asserts this for each of its partition policies; a new policy can
+/// too: static_assert(detail::check_partition_mapper<MyPartition>()).
+template <class P>
+consteval bool check_partition_mapper()
+{
+    static_assert(PartitionMapper_features<P>,
+                  "partition policy: missing `static constexpr PartitionFeatures features`");
+    static_assert(PartitionMapper_name<P>,
+                  "partition policy: missing `static constexpr std::string_view name`");
+    static_assert(PartitionMapper_map<P>,
+                  "partition policy: missing `Result<void> map_range(void* host_va, std::uint64_t "
+                  "gpa, std::uint64_t size, bool writable, bool executable)`");
+    static_assert(PartitionMapper_unmap<P>,
+                  "partition policy: missing `Result<void> unmap_range(std::uint64_t gpa, "
+                  "std::uint64_t size)`");
+    static_assert(!claims_partition_feature<PartitionFeatures::prefetch, P>() ||
+                      PartitionMapper_prefetch<P>,
+                  "partition policy claims PartitionFeatures::prefetch but lacks `Result<void> "
+                  "prefetch_range(std::uint64_t gpa, std::uint64_t size)`");
+    static_assert(!claims_partition_feature<PartitionFeatures::pin, P>() || PartitionMapper_pin<P>,
+                  "partition policy claims PartitionFeatures::pin but lacks `Result<void> "
+                  "pin_range(std::uint64_t gpa, std::uint64_t size)` or `Result<void> "
+                  "unpin_range(std::uint64_t gpa, std::uint64_t size)`");
+    static_assert(!claims_partition_feature<PartitionFeatures::dirty_log, P>() ||
+                      PartitionMapper_dirty_log<P>,
+                  "partition policy claims PartitionFeatures::dirty_log but lacks `Result<void> "
+                  "set_dirty_logging(bool enabled)` or `Result<std::vector<std::uint64_t>> "
+                  "take_dirty_log(std::uint64_t gpa, std::uint64_t size)`");
+    return PartitionMapper<P>;
+}
+} // namespace detail
+
 } // namespace membacking

@@ -38,6 +38,7 @@
 #    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
+#    include <membacking/base/units.hpp>
 #    include <membacking/os/winhvplatform.hpp>
 #    include <membacking/partition/partition_mapper.hpp>
 
@@ -99,7 +100,7 @@ public:
                            bool executable)
     {
         std::lock_guard lock(mutex_);
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range || range->empty() || !is_page_aligned(size) || !is_page_aligned(gpa) ||
             !is_page_aligned(reinterpret_cast<std::uintptr_t>(host_va)))
             return make_error(errc::invalid_range,
@@ -119,7 +120,7 @@ public:
     Result<void> unmap_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return std::move(range).error().context("WHP unmap");
         std::vector<Window> doomed;
@@ -228,7 +229,7 @@ private:
 
     static MemoryRange span_of(const Window& w)
     {
-        return MemoryRange::unchecked(w.gpa, w.gpa + w.size);
+        return MemoryRange::valid_or_abort(w.gpa, w.gpa + w.size);
     }
 
     static Error no_window(std::uint64_t gpa, std::uint64_t size)
@@ -292,7 +293,7 @@ private:
 
     const Window* containing(std::uint64_t gpa, std::uint64_t size)
     {
-        auto range = MemoryRange::from_size(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range || range->empty())
             return nullptr;
         auto it = windows_.upper_bound(gpa);
@@ -308,7 +309,7 @@ private:
     std::map<std::uint64_t, Window> windows_; ///< by GPA
 };
 
-static_assert(PartitionMapper<WhpPartition>);
+static_assert(detail::check_partition_mapper<WhpPartition>());
 
 } // namespace membacking
 

@@ -11,6 +11,7 @@
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/params.hpp>
+#include <membacking/base/units.hpp>
 #include <membacking/region/region_id.hpp>
 #include <membacking/va/mappable.hpp>
 
@@ -24,9 +25,10 @@ struct MappingBacking {
     Mappable object;               ///< empty for private memory
     std::uint64_t file_offset = 0; ///< offset of the mapping's first byte in object
 
-    [[nodiscard]] static MappingBacking file(Mappable object, std::uint64_t file_offset)
+    /// The part of `object` from `offset` on.
+    [[nodiscard]] static MappingBacking file(Mappable object, Offset offset)
     {
-        return {std::move(object), file_offset};
+        return {std::move(object), offset.value()};
     }
     [[nodiscard]] static MappingBacking private_memory() { return {}; }
 
@@ -41,7 +43,9 @@ struct MappingBacking {
     friend bool operator==(const MappingBacking&, const MappingBacking&) noexcept = default;
 };
 
-/// A mapping inside a region; `range` is relative to the region's start.
+/// A mapping inside a region; `range` is relative to the region's start. Build it with designated
+/// initializers: {.range = MemoryRange::constant(0, 0x10000), .backing =
+/// MappingBacking::file(object, Offset{0}), .writable = true}.
 struct RegionMapping {
     MemoryRange range;
     MappingBacking backing;

@@ -59,10 +59,10 @@ public:
             edit.removes_private = edit.removes_private || old.backing.is_private();
             if (old.range.start() < rel.start())
                 edit.insert.push_back(
-                    old.slice(MemoryRange::unchecked(old.range.start(), rel.start())));
+                    old.slice(MemoryRange::valid_or_abort(old.range.start(), rel.start())));
             if (old.range.end() > rel.end())
                 edit.insert.push_back(
-                    old.slice(MemoryRange::unchecked(rel.end(), old.range.end())));
+                    old.slice(MemoryRange::valid_or_abort(rel.end(), old.range.end())));
         });
         return edit;
     }

@@ -254,8 +254,8 @@ public:
                 if (before.empty())
                     continue;
                 // Only the extent that holds mappings: the VA side has nothing to do elsewhere.
-                const MemoryRange clip =
-                    MemoryRange::unchecked(before.front().gpa.start(), before.back().gpa.end());
+                const MemoryRange clip = MemoryRange::valid_or_abort(before.front().gpa.start(),
+                                                                     before.back().gpa.end());
                 MEMBACKING_TRY_CONTEXT(sink_.remove_mappings(clip),
                                        "failed to remove mappings " + clip.to_string() +
                                            " from region " + r->describe());
@@ -342,7 +342,8 @@ private:
 
     static MemoryRange absolute(const Region& r, const MemoryRange& rel)
     {
-        return MemoryRange::unchecked(r.range.start() + rel.start(), r.range.start() + rel.end());
+        return MemoryRange::valid_or_abort(r.range.start() + rel.start(),
+                                           r.range.start() + rel.end());
     }
 
     static bool partition_writable(const Region&, const MapParams& params, const Counts& c)
@@ -400,11 +401,11 @@ private:
             MEMBACKING_TRY(sink_.add_mapping(m));
             if (m.gpa.start() > cursor)
                 MEMBACKING_TRY(
-                    sink_.remove_mappings(MemoryRange::unchecked(cursor, m.gpa.start())));
+                    sink_.remove_mappings(MemoryRange::valid_or_abort(cursor, m.gpa.start())));
             cursor = m.gpa.end();
         }
         if (cursor < clip.end())
-            MEMBACKING_TRY(sink_.remove_mappings(MemoryRange::unchecked(cursor, clip.end())));
+            MEMBACKING_TRY(sink_.remove_mappings(MemoryRange::valid_or_abort(cursor, clip.end())));
         return {};
     }
 

@@ -83,4 +83,23 @@ concept RegionResolver =
     std::default_initializable<R> && RegionResolver_registry<R> && RegionResolver_planning<R>;
 // clang-format on
 
+namespace detail {
+/// RegionResolver<R>, checked one sub-concept at a time with messages that give the members'
+/// declarations (GCC 12 reports only that the whole concept "evaluated to false").
+template <class R>
+consteval bool check_region_resolver()
+{
+    static_assert(std::default_initializable<R>, "region resolver: needs a default constructor");
+    static_assert(RegionResolver_registry<R>,
+                  "region resolver: needs `std::optional<RegionId> find_conflict(const "
+                  "ResolverEntry&) const`, `void insert(const ResolverEntry&)` and `void "
+                  "erase(RegionId)`");
+    static_assert(RegionResolver_planning<R>,
+                  "region resolver: needs `void set_mapped(RegionId, bool)`, `void "
+                  "plan_map(RegionId, Transition&) const` and `void plan_unmap(RegionId, "
+                  "Transition&) const`");
+    return RegionResolver<R>;
+}
+} // namespace detail
+
 } // namespace membacking

@@ -30,6 +30,7 @@
 #    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
+#    include <membacking/base/units.hpp>
 #    include <membacking/os/linux.hpp>
 #    include <membacking/va/mappable.hpp>
 #    include <membacking/va/va_policy.hpp>
@@ -318,6 +319,14 @@ private:
 };
 
 static_assert(VaPolicy<LinuxMmap<>>);
+
+/// A memfd of `size` bytes, named `name` in /proc/<pid>/fd: the shared memory a device maps into
+/// a device region (DeviceRegion::map), or loads an image into before mapping it. Zero-filled;
+/// write it through its native_handle() (pwrite), or map it and write through the guest.
+[[nodiscard]] inline Result<Mappable> create_memfd(const std::string& name, Length size)
+{
+    return LinuxMmap<>::create_shared_memory(size.value(), name.c_str());
+}
 
 } // namespace membacking
 

@@ -8,13 +8,14 @@
  * An empty Mappable stands for "no object" (private anonymous memory).
  *
  * On Linux the handle is a file descriptor, closed with close(). On Windows it is a section
- * handle (a HANDLE from CreateFileMapping: WindowsPlaceholder::create_shared_memory makes
- * pagefile-backed ones), mapped with MapViewOfFile3 and closed with CloseHandle; a section stays
- * alive while a view of it is mapped, but the placeholder policy keeps a copy of the Mappable for
- * every view anyway, because re-mapping the head and tail of a partially unmapped view needs it.
+ * handle (a HANDLE from CreateFileMapping), mapped with MapViewOfFile3 and closed with
+ * CloseHandle; a section stays alive while a view of it is mapped, but the placeholder policy
+ * keeps a copy of the Mappable for every view anyway, because re-mapping the head and tail of a
+ * partially unmapped view needs it.
  *
- * Creating objects is the VA policies' business (see va/linux_mmap.hpp and
- * va/windows_placeholder.hpp); this header only owns.
+ * Creating objects: create_memfd(name, size) (va/linux_mmap.hpp) or create_section(name, size)
+ * (va/windows_placeholder.hpp) makes the shared memory a device maps; the VA policies make the RAM
+ * objects. This header only owns.
  */
 #pragma once
 

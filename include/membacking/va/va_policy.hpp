@@ -93,4 +93,37 @@ concept VaPolicy = VaPolicy_reserve<V> && VaPolicy_map<V> && VaPolicy_protect<V>
     VaPolicy_hints<V> && VaPolicy_objects<V>;
 // clang-format on
 
+namespace detail {
+/// VaPolicy<V>, checked one sub-concept at a time with messages that give the members' exact
+/// declarations (GCC 12 reports only that the whole concept "evaluated to false"). The manager
+/// static_asserts this for its VA policy.
+template <class V>
+consteval bool check_va_policy()
+{
+    static_assert(VaPolicy_reserve<V>,
+                  "VA policy: needs to be movable, with `static Result<V> reserve(std::uint64_t "
+                  "size, std::uint64_t min_alignment)`, `std::byte* base() const`, "
+                  "`std::uint64_t size() const` and `static constexpr VaFeatures features`");
+    static_assert(VaPolicy_map<V>,
+                  "VA policy: needs `Result<void> map_file(std::uint64_t off, std::uint64_t len, "
+                  "const Mappable& object, std::uint64_t file_offset, bool writable)`, "
+                  "`Result<void> commit_private(std::uint64_t off, std::uint64_t len)` and "
+                  "`Result<void> unmap(std::uint64_t off, std::uint64_t len)`");
+    static_assert(VaPolicy_protect<V>,
+                  "VA policy: needs `Result<void> protect(std::uint64_t off, std::uint64_t len, "
+                  "bool writable)`");
+    static_assert(VaPolicy_hints<V>,
+                  "VA policy: needs `Result<void> advise_hugepages(std::uint64_t off, "
+                  "std::uint64_t len)`, `Result<void> bind_numa(std::uint64_t off, std::uint64_t "
+                  "len, std::uint32_t node)` and `Result<void> set_name(std::uint64_t off, "
+                  "std::uint64_t len, const char* name)`");
+    static_assert(VaPolicy_objects<V>,
+                  "VA policy: needs `static Result<Mappable> create_shared_memory(std::uint64_t "
+                  "size, const char* name)` and `static Result<Mappable> "
+                  "create_hugetlb_memory(std::uint64_t size, const char* name, std::uint64_t "
+                  "page_size)`");
+    return VaPolicy<V>;
+}
+} // namespace detail
+
 } // namespace membacking

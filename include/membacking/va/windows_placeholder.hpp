@@ -76,6 +76,7 @@
 #    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
+#    include <membacking/base/units.hpp>
 #    include <membacking/detail/undo_log.hpp>
 #    include <membacking/os/windows.hpp>
 #    include <membacking/va/mappable.hpp>
@@ -702,7 +703,15 @@ private:
     std::unique_ptr<State> state_;
 };
 
-static_assert(VaPolicy<WindowsPlaceholder<>>);
+static_assert(detail::check_va_policy<WindowsPlaceholder<>>());
+
+/// A pagefile-backed section of `size` bytes (`name` appears in error messages only): the shared
+/// memory a device maps into a device region (DeviceRegion::map), Windows' create_memfd.
+/// Zero-filled; write it through a view (MapViewOfFile), or map it and write through the guest.
+[[nodiscard]] inline Result<Mappable> create_section(const std::string& name, Length size)
+{
+    return WindowsPlaceholder<>::create_shared_memory(size.value(), name.c_str());
+}
 
 } // namespace membacking
 

@@ -59,7 +59,8 @@ struct DeviceRegionState {
     bool writable = false;
 };
 
-template <RegionResolver Resolver, VaPolicy Va, PartitionMapper... Partitions>
+// Plain `class` parameters: GuestMemoryManager checks the policies with readable messages first.
+template <class Resolver, class Va, class... Partitions>
 class ManagerCore {
     static_assert((occurs_once<Partitions, Partitions...> && ...),
                   "each partition policy may be listed once in a GuestMemoryManager");
@@ -352,7 +353,8 @@ public:
             return make_error(errc::invalid_range, "device region '" + d.name + "': file offset " +
                                                        MemoryRange::hex(file_offset) +
                                                        " is not page aligned");
-        const RegionMapping m{*rel, MappingBacking::file(object, file_offset), writable, {}};
+        const RegionMapping m{
+            *rel, MappingBacking::file(object, Offset{file_offset}), writable, {}};
         if (d.placed)
             MEMBACKING_TRY(regions_.add_mapping(*d.placed, m));
         d.local.apply(d.local.replace_edit(m));
@@ -378,7 +380,7 @@ public:
     Result<void> device_map_to_guest(DeviceRegionState& d, std::uint64_t gpa, bool writable)
     {
         std::lock_guard lock(control_);
-        auto range = MemoryRange::from_size(gpa, d.size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{d.size});
         if (!range)
             return std::move(range).error();
         if (range->end() > config_.max_addr)
@@ -388,7 +390,8 @@ public:
             MEMBACKING_TRY(regions_.remove_region(*d.placed));
             d.placed.reset();
             undo.push([this, &d, old_gpa = d.gpa, old_writable = d.writable]() -> Result<void> {
-                auto id = place(d, MemoryRange::unchecked(old_gpa, old_gpa + d.size), old_writable);
+                auto id =
+                    place(d, MemoryRange::valid_or_abort(old_gpa, old_gpa + d.size), old_writable);
                 if (!id)
                     return std::move(id).error();
                 d.placed = *id;
@@ -411,7 +414,7 @@ public:
         std::lock_guard lock(control_);
         if (!d.placed)
             return std::nullopt;
-        return MemoryRange::unchecked(d.gpa, d.gpa + d.size);
+        return MemoryRange::valid_or_abort(d.gpa, d.gpa + d.size);
     }
 
     Result<void> device_unmap_from_guest(DeviceRegionState& d)
@@ -440,17 +443,17 @@ public:
     {
         std::lock_guard lock(control_);
         MemoryMap map;
-        map.max_address = config_.max_addr;
+        map.max_address = Gpa{config_.max_addr};
         map.va_mappers = va_.mapper_count();
         for (const auto& [id, r] : regions_.regions()) {
             MemoryMap::Region out{id,     r.name,       r.range,    r.priority,
                                   r.type, r.map_params, r.active(), {}};
             for (const auto& [off, m] : r.mappings)
-                out.mappings.push_back({MemoryRange::unchecked(r.range.start() + m.range.start(),
-                                                               r.range.start() + m.range.end()),
-                                        m.writable && (!r.map_params || r.map_params->writable),
-                                        m.backing.is_private(), m.backing.object.identity(),
-                                        m.backing.file_offset});
+                out.mappings.push_back(
+                    {MemoryRange::valid_or_abort(r.range.start() + m.range.start(),
+                                                 r.range.start() + m.range.end()),
+                     m.writable && (!r.map_params || r.map_params->writable),
+                     m.backing.is_private(), m.backing.object.identity(), m.backing.file_offset});
             map.regions.push_back(std::move(out));
         }
         std::apply(
@@ -614,7 +617,7 @@ private:
     Result<MemoryRange> device_range(const DeviceRegionState& d, std::uint64_t offset,
                                      std::uint64_t len) const
     {
-        auto rel = MemoryRange::from_size(offset, len);
+        auto rel = MemoryRange::from(Offset{offset}, Length{len});
         if (!rel)
             return std::move(rel).error().context("device region '" + d.name + "'");
         if (rel->empty() || rel->end() > d.size)
