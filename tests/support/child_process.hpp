@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <cwchar>
 #include <map>
 #include <optional>
 #include <string>
@@ -49,10 +50,29 @@ inline std::optional<int> child_main(int argc, char** argv)
 }
 
 #if MEMBACKING_OS_WINDOWS
-/// Runs this program's child function `name` in a new process; returns its exit code (an
-/// NTSTATUS such as STATUS_ACCESS_VIOLATION if it died of an exception), or nullopt if it could
-/// not be started or waited for.
-inline std::optional<std::uint32_t> run_in_child(const char* name)
+/// This process's environment as a CreateProcessW block, with the variable `assignment`
+/// ("NAME=value") replacing any variable of that name.
+inline std::wstring environment_with(const std::wstring& assignment)
+{
+    const std::wstring name = assignment.substr(0, assignment.find(L'=') + 1);
+    std::wstring block;
+    if (wchar_t* env = ::GetEnvironmentStringsW()) {
+        for (const wchar_t* var = env; *var != L'\0'; var += std::wcslen(var) + 1)
+            if (std::wcsncmp(var, name.c_str(), name.size()) != 0)
+                block.append(var).push_back(L'\0');
+        ::FreeEnvironmentStringsW(env);
+    }
+    block.append(assignment).push_back(L'\0');
+    block.push_back(L'\0');
+    return block;
+}
+
+/// Runs this program's child function `name` in a new process (with `assignment`, "NAME=value",
+/// added to its environment if given); returns its exit code (an NTSTATUS such as
+/// STATUS_ACCESS_VIOLATION if it died of an exception), or nullopt if it could not be started or
+/// waited for.
+inline std::optional<std::uint32_t> run_in_child(const char* name,
+                                                 const wchar_t* assignment = nullptr)
 {
     wchar_t path[MAX_PATH];
     const DWORD n = ::GetModuleFileNameW(nullptr, path, MAX_PATH);
@@ -61,10 +81,14 @@ inline std::optional<std::uint32_t> run_in_child(const char* name)
     std::wstring cmd = L"\"" + std::wstring(path) + L"\" --membacking-child ";
     for (const char* c = name; *c != '\0'; ++c)
         cmd.push_back(static_cast<wchar_t>(*c));
+    std::wstring env;
+    if (assignment != nullptr)
+        env = environment_with(assignment);
     STARTUPINFOW si{};
     si.cb = sizeof(si);
     PROCESS_INFORMATION pi{};
-    if (!::CreateProcessW(path, cmd.data(), nullptr, nullptr, FALSE, 0, nullptr, nullptr, &si, &pi))
+    if (!::CreateProcessW(path, cmd.data(), nullptr, nullptr, FALSE, CREATE_UNICODE_ENVIRONMENT,
+                          env.empty() ? nullptr : env.data(), nullptr, &si, &pi))
         return std::nullopt;
     ::CloseHandle(pi.hThread);
     std::optional<std::uint32_t> code;

@@ -53,6 +53,7 @@
 
 #    include <cstdint>
 #    include <cstring>
+#    include <type_traits>
 
 namespace membacking::access {
 
@@ -76,6 +77,10 @@ namespace detail {
 inline constexpr unsigned char marker_opcode[4] = {0x3e, 0x0f, 0x1f, 0x05};
 inline constexpr std::uintptr_t marker_size = sizeof(marker_opcode) + sizeof(std::int32_t);
 
+// Trivially destructible on purpose: MinGW-w64 (emulated TLS on winpthreads) frees a thread's
+// thread_local block before libstdc++ runs the destructors of the objects in it (GCC bug 80816),
+// so a thread_local with a destructor would write into freed memory as its thread ends.
+static_assert(std::is_trivially_destructible_v<FaultRecord>);
 inline thread_local FaultRecord last_fault{};
 
 /// True if the byte at `address` is committed and readable.
