@@ -8,6 +8,7 @@
 
 namespace membacking {
 template class detail::ManagerCore<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
+template class detail::PartitionSet<KvmPartition<>, MockPartition>;
 template class GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
 template class MappingManager<LinuxMmap<>>;
 template class VaMapper<LinuxMmap<>>;

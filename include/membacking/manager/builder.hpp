@@ -192,7 +192,9 @@ public:
         // 7. The RAM regions.
         for (std::size_t i = 0; i < backings_.size(); ++i) {
             const RamBackingRequest& req = backings_[i];
-            (*core)->record_backing({objects[i], req.ranges()});
+            (*core)->control([&](auto& c) {
+                c.ram.backings.push_back({objects[i], req.ranges()});
+            });
             std::uint64_t file_offset = 0;
             for (const MemoryRange& range : req.ranges()) {
                 for (const auto& [sub, name] : split(range, i)) {
@@ -299,7 +301,7 @@ private:
             return build_error(build_errc::ram_region_enable,
                                "failed to enable RAM region " + range.to_string(),
                                std::move(r).error());
-        core.record_ram({range, *id, req.prefetch()});
+        core.control([&](auto& c) { c.ram.regions.push_back({range, *id, req.prefetch()}); });
         return {};
     }
 

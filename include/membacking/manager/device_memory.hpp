@@ -27,12 +27,11 @@
 #include <membacking/base/params.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
-#include <membacking/manager/detail/manager_core.hpp>
+#include <membacking/manager/detail/device_regions.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -71,32 +70,31 @@ public:
     /// mappings were there (mmap semantics). Visible to the guest at once if placed.
     Result<void> map(const DeviceMapping& m)
     {
-        return with_core([&](Core& c) {
-            return c.device_map(*state_, m.offset.value(), m.object, m.object_offset.value(),
-                                m.length.value(), is_writable(m.protection));
+        return control([&](Ops ops) {
+            return ops.map(*state_, m.offset.value(), m.object, m.object_offset.value(),
+                           m.length.value(), is_writable(m.protection));
         });
     }
 
     /// Removes whatever is mapped in [offset, offset + length), splitting mappings at the edges.
     Result<void> unmap(Offset offset, Length length)
     {
-        return with_core(
-            [&](Core& c) { return c.device_unmap(*state_, offset.value(), length.value()); });
+        return control([&](Ops ops) { return ops.unmap(*state_, offset.value(), length.value()); });
     }
 
     /// Places the region at gpa (moving it if it is placed elsewhere). A mapping is writable by
     /// the guest only if it and the placement both are.
     Result<void> map_to_guest(Gpa gpa, Protection protection)
     {
-        return with_core([&](Core& c) {
-            return c.device_map_to_guest(*state_, gpa.value(), is_writable(protection));
+        return control([&](Ops ops) {
+            return ops.map_to_guest(*state_, gpa.value(), is_writable(protection));
         });
     }
 
     /// Takes the region out of the guest; its mappings are kept for the next placement.
     Result<void> unmap_from_guest()
     {
-        return with_core([&](Core& c) { return c.device_unmap_from_guest(*state_); });
+        return control([&](Ops ops) { return ops.unmap_from_guest(*state_); });
     }
 
     [[nodiscard]] Length size() const noexcept { return Length(state_->size); }
@@ -107,7 +105,7 @@ public:
         auto core = core_.lock();
         if (!core)
             return std::nullopt;
-        return core->device_placement(*state_);
+        return core->control([&](auto&) { return Ops::placement(*state_); });
     }
 
 private:
@@ -118,13 +116,17 @@ private:
         : core_(std::move(core)), state_(std::move(state))
     {}
 
+    using Ops = detail::DeviceRegionOps<typename Core::Regions>;
+
+    /// Runs f(Ops) as one control operation of the manager, if it is still there.
     template <class F>
-    Result<void> with_core(F&& f)
+    Result<void> control(F&& f)
     {
         auto core = core_.lock();
         if (!core)
             return make_error(errc::not_found, "the guest memory manager is gone");
-        return f(*core);
+        return core->control(
+            [&](typename Core::Control& c) { return f(Ops(c.regions, c.max_addr)); });
     }
 
     /// A destructor cannot report an error: if the removal fails (a partition refused to
@@ -134,8 +136,7 @@ private:
     {
         if (!state_)
             return;
-        if (auto core = core_.lock())
-            (void)core->device_unmap_from_guest(*state_);
+        (void)control([&](Ops ops) { return ops.unmap_from_guest(*state_); });
         state_.reset();
     }
 

@@ -11,6 +11,7 @@
  */
 #pragma once
 
+#include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 
 #include <string>
@@ -138,6 +139,16 @@ inline std::error_code make_error_code(attach_errc e) noexcept
 {
     return {make_error_code(kind), std::move(message), std::move(source)};
 }
+
+namespace detail {
+/// errc::out_of_range: "range 0x...-0x... lies outside the guest address space of 0x... bytes".
+[[nodiscard]] inline Error outside_address_space(const MemoryRange& range, std::uint64_t max_addr)
+{
+    return make_error(errc::out_of_range, "range " + range.to_string() +
+                                              " lies outside the guest address space of " +
+                                              MemoryRange::hex(max_addr) + " bytes");
+}
+} // namespace detail
 
 } // namespace membacking
 

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
+#include <membacking/base/params.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/manager/types.hpp>
 
@@ -32,7 +33,18 @@ public:
         auto core = core_.lock();
         if (!core)
             return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->set_ram_visibility(range, visibility);
+        return core->control([&](typename Core::Control& c) -> Result<void> {
+            const auto* ram = c.ram.find(range);
+            if (ram == nullptr)
+                return make_error(errc::not_found,
+                                  range.to_string() + " is not a controllable RAM range");
+            if (visibility == RamVisibility::unmapped)
+                return c.regions.unmap_region(ram->id);
+            const MapParams params{visibility == RamVisibility::read_write, true, ram->prefetch};
+            MEMBACKING_TRY_CONTEXT(c.regions.map_region(ram->id, params),
+                                   "failed to map RAM range " + range.to_string());
+            return {};
+        });
     }
 
 private:

@@ -36,6 +36,7 @@
 #include <membacking/base/fatal.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/detail/interval_map.hpp>
 #include <membacking/region/mapping.hpp>
 #include <membacking/va/va_policy.hpp>
 
@@ -46,8 +47,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <iterator>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -183,7 +182,7 @@ public:
         for (const Slot& s : mappers_)
             if (s.eager)
                 e.holders.push_back(s.id);
-        entries_.emplace(m.gpa.start(), std::move(e));
+        entries_.insert(std::move(e));
         has_private_ = has_private_ || m.backing.is_private();
         return {};
     }
@@ -354,6 +353,9 @@ private:
         ActiveMapping mapping;
         std::vector<std::uint64_t> holders; ///< ids of mappers whose VA has this mapping
     };
+    struct RangeOfEntry {
+        MemoryRange operator()(const Entry& e) const noexcept { return e.mapping.gpa; }
+    };
     struct Slot {
         std::uint64_t id;
         VaMapper<V>* mapper;
@@ -404,22 +406,17 @@ private:
 
     Entry* entry_at(std::uint64_t gpa)
     {
-        return const_cast<Entry*>(std::as_const(*this).entry_at(gpa));
+        return entries_.containing(gpa);
     }
     const Entry* entry_at(std::uint64_t gpa) const
     {
-        auto it = entries_.upper_bound(gpa);
-        if (it == entries_.begin())
-            return nullptr;
-        --it;
-        return it->second.mapping.gpa.contains(gpa) ? &it->second : nullptr;
+        return entries_.containing(gpa);
     }
 
     /// The entry that covers exactly r, if there is one.
     Entry* exact_entry(const MemoryRange& r)
     {
-        auto it = entries_.find(r.start());
-        return it != entries_.end() && it->second.mapping.gpa == r ? &it->second : nullptr;
+        return entries_.find_exact(r);
     }
 
     /// The same memory at the same place with other permissions: mprotect it where it is, in
@@ -450,12 +447,7 @@ private:
     template <class F>
     void for_each_overlapping(const MemoryRange& r, F&& f)
     {
-        auto it = entries_.upper_bound(r.start());
-        if (it != entries_.begin() && std::prev(it)->second.mapping.gpa.overlaps(r))
-            --it;
-        for (; it != entries_.end() && it->first < r.end(); ++it)
-            if (it->second.mapping.gpa.overlaps(r))
-                f(it->second);
+        entries_.for_each_overlapping(r, std::forward<F>(f));
     }
 
     /// The parts of the active mappings that lie inside r.
@@ -486,27 +478,13 @@ private:
         return any;
     }
 
-    /// Removes r from the books, keeping the parts of overlapping entries outside it.
+    /// Removes r from the books, keeping the parts of overlapping entries outside it (each part
+    /// stays with the mappers that held the whole).
     void split_out(const MemoryRange& r)
     {
-        std::vector<Entry> keep;
-        std::vector<std::uint64_t> doomed;
-        for_each_overlapping(r, [&](const Entry& e) {
-            doomed.push_back(e.mapping.gpa.start());
-            const MemoryRange g = e.mapping.gpa;
-            if (g.start() < r.start())
-                keep.push_back({e.mapping.slice(MemoryRange::valid_or_abort(g.start(), r.start())),
-                                e.holders});
-            if (g.end() > r.end())
-                keep.push_back(
-                    {e.mapping.slice(MemoryRange::valid_or_abort(r.end(), g.end())), e.holders});
+        entries_.punch(r, [](const Entry& e, const MemoryRange& part) {
+            return Entry{e.mapping.slice(part), e.holders};
         });
-        for (std::uint64_t k : doomed)
-            entries_.erase(k);
-        for (Entry& e : keep) {
-            const std::uint64_t start = e.mapping.gpa.start();
-            entries_.emplace(start, std::move(e));
-        }
     }
 
     void recompute_private()
@@ -566,8 +544,8 @@ private:
     mutable std::mutex mutex_;
     const std::uint64_t max_addr_;
     const std::uint64_t min_alignment_;
-    std::map<std::uint64_t, Entry> entries_; ///< active mappings by GPA start, disjoint
-    std::vector<Slot> mappers_;              ///< registration order
+    IntervalMap<Entry, RangeOfEntry> entries_; ///< the active mappings, disjoint, by GPA
+    std::vector<Slot> mappers_;                ///< registration order
     std::uint64_t next_id_ = 1;
     bool has_private_ = false;
     bool shut_down_ = false;

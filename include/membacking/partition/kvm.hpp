@@ -1,7 +1,7 @@
 /**
  * @file partition/kvm.hpp
- * Layer: partition (includes base/, os/linux.hpp, partition/partition_mapper.hpp). The whole
- * body is Linux-only.
+ * Layer: partition (includes base/, detail/, os/linux.hpp, partition/partition_mapper.hpp). The
+ * whole body is Linux-only.
  *
  * KvmPartition<Sys>: the KVM partition policy. It is given a VM file descriptor, which it never
  * closes (it owns nothing it did not create), and maps each window the manager gives it as one
@@ -44,6 +44,7 @@
 #    include <membacking/base/align.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
+#    include <membacking/detail/interval_map.hpp>
 #    include <membacking/os/linux.hpp>
 #    include <membacking/partition/partition_mapper.hpp>
 
@@ -51,9 +52,7 @@
 #    include <bit>
 #    include <cerrno>
 #    include <cstdint>
-#    include <iterator>
 #    include <linux/kvm.h>
-#    include <map>
 #    include <memory>
 #    include <mutex>
 #    include <optional>
@@ -153,7 +152,7 @@ public:
             return make_error(errc::invalid_range,
                               "KVM: invalid window of " + MemoryRange::hex(size) + " bytes at " +
                                   MemoryRange::hex(gpa) + " (page aligned, non-empty)");
-        if (const SlotInfo* other = first_overlap(*range))
+        if (const SlotInfo* other = slots_.first_overlap(*range))
             return make_error(errc::overlap, "KVM: window " + range->to_string() +
                                                  " overlaps memslot " +
                                                  std::to_string(other->slot) + " (" +
@@ -172,7 +171,7 @@ public:
             give_back(*slot);
             return r;
         }
-        slots_.emplace(gpa, info);
+        slots_.insert(info);
         return {};
     }
 
@@ -183,20 +182,14 @@ public:
         auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return std::move(range).error().context("KVM unmap");
-        std::vector<SlotInfo> doomed;
-        for (auto it = start_of_overlaps(*range); it != slots_.end() && it->first < range->end();
-             ++it) {
-            const SlotInfo& s = it->second;
-            if (!span_of(s).overlaps(*range))
-                continue;
-            if (!range->contains(span_of(s)))
-                return make_error(errc::invalid_range,
-                                  "KVM: unmapping " + range->to_string() + " would split memslot " +
-                                      std::to_string(s.slot) + " (" + span_of(s).to_string() + ")");
-            doomed.push_back(s);
-        }
+        const auto cover = slots_.cover(*range);
+        if (const SlotInfo* cut = cover.cut)
+            return make_error(errc::invalid_range, "KVM: unmapping " + range->to_string() +
+                                                       " would split memslot " +
+                                                       std::to_string(cut->slot) + " (" +
+                                                       span_of(*cut).to_string() + ")");
         std::vector<SlotInfo> deleted;
-        for (const SlotInfo& s : doomed) {
+        for (const SlotInfo& s : cover.inside) {
             // Deleting a slot drops its dirty bitmap: keep it first. If anything below fails
             // the slot comes back with a clean bitmap, and the bits wait in the pending log.
             Result<void> r = save_dirty_log(s);
@@ -422,6 +415,9 @@ private:
     {
         return MemoryRange::valid_or_abort(s.gpa, s.gpa + s.size);
     }
+    struct SlotSpan {
+        MemoryRange operator()(const SlotInfo& s) const { return span_of(s); }
+    };
 
     static Error no_window(std::uint64_t gpa, std::uint64_t size)
     {
@@ -476,34 +472,18 @@ private:
         return {};
     }
 
-    typename std::map<std::uint64_t, SlotInfo>::iterator start_of_overlaps(const MemoryRange& r)
-    {
-        auto it = slots_.upper_bound(r.start());
-        if (it != slots_.begin() && span_of(std::prev(it)->second).overlaps(r))
-            --it;
-        return it;
-    }
-
-    const SlotInfo* first_overlap(const MemoryRange& r)
-    {
-        for (auto it = start_of_overlaps(r); it != slots_.end() && it->first < r.end(); ++it)
-            if (span_of(it->second).overlaps(r))
-                return &it->second;
-        return nullptr;
-    }
-
     SlotInfo* exact(std::uint64_t gpa, std::uint64_t size)
     {
-        auto it = slots_.find(gpa);
-        return it != slots_.end() && it->second.size == size ? &it->second : nullptr;
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
+        return range ? slots_.find_exact(*range) : nullptr;
     }
 
     mutable std::mutex mutex_;
     const int vm_fd_;
     const Capabilities caps_;
-    std::map<std::uint64_t, SlotInfo> slots_; ///< by GPA
-    std::vector<std::uint32_t> free_;         ///< released slot numbers, reused first
-    std::uint32_t next_ = 0;                  ///< the lowest never-used slot number
+    detail::IntervalMap<SlotInfo, SlotSpan> slots_; ///< by GPA
+    std::vector<std::uint32_t> free_;               ///< released slot numbers, reused first
+    std::uint32_t next_ = 0;                        ///< the lowest never-used slot number
     bool dirty_logging_ = false;
     std::vector<PendingDirty> pending_dirty_; ///< bitmaps of logged slots deleted since
     std::optional<int> prefetch_vcpu_;

@@ -1,6 +1,6 @@
 /**
  * @file partition/mock.hpp
- * Layer: partition (includes base/ and partition/partition_mapper.hpp).
+ * Layer: partition (includes base/, detail/ and partition/partition_mapper.hpp).
  *
  * MockPartition: a first-class, portable partition policy that records every call in order,
  * keeps the view a real hypervisor would have (which GPA windows are mapped, from which host VA,
@@ -18,12 +18,12 @@
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
+#include <membacking/detail/interval_map.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -92,11 +92,11 @@ public:
             return reject(call, errc::invalid_range,
                           "mock partition: invalid map of " + MemoryRange::hex(size) +
                               " bytes at " + MemoryRange::hex(gpa));
-        if (const Window* w = first_overlap(*range))
+        if (const Window* w = windows_.first_overlap(*range))
             return reject(call, errc::overlap,
                           "mock partition: map of " + range->to_string() +
                               " overlaps mapped window " + window_range(*w).to_string());
-        windows_.emplace(gpa, Window{gpa, size, host_va, writable, executable});
+        windows_.insert(Window{gpa, size, host_va, writable, executable});
         record(call);
         return {};
     }
@@ -111,23 +111,13 @@ public:
         if (!range)
             return reject(call, errc::invalid_range, "mock partition: invalid unmap range");
         // Whole windows only: a window cut in half is an error, as in KVM.
-        std::vector<std::uint64_t> doomed;
-        auto it = windows_.upper_bound(range->start());
-        if (it != windows_.begin())
-            --it;
-        for (; it != windows_.end() && it->first < range->end(); ++it) {
-            const MemoryRange wr = window_range(it->second);
-            const std::uint64_t start = it->first;
-            if (!wr.overlaps(*range))
-                continue;
-            if (!range->contains(wr))
-                return reject(call, errc::invalid_range,
-                              "mock partition: unmap of " + range->to_string() +
-                                  " would split mapped window " + wr.to_string());
-            doomed.push_back(start);
-        }
-        for (std::uint64_t start : doomed)
-            windows_.erase(start);
+        const auto cover = windows_.cover(*range);
+        if (cover.cut != nullptr)
+            return reject(call, errc::invalid_range,
+                          "mock partition: unmap of " + range->to_string() +
+                              " would split mapped window " + window_range(*cover.cut).to_string());
+        for (const Window& w : cover.inside)
+            windows_.erase(w.gpa);
         record(call);
         return {};
     }
@@ -270,6 +260,9 @@ private:
     {
         return MemoryRange::valid_or_abort(w.gpa, w.gpa + w.size);
     }
+    struct WindowRange {
+        MemoryRange operator()(const Window& w) const { return window_range(w); }
+    };
 
     /// Counts the call; returns the injected error if this is the one to fail.
     std::optional<Error> next_failure(Call& call)
@@ -302,24 +295,7 @@ private:
         return make_error(code, std::move(message));
     }
 
-    const Window* window_at(std::uint64_t gpa) const
-    {
-        auto it = windows_.upper_bound(gpa);
-        if (it == windows_.begin())
-            return nullptr;
-        --it;
-        return window_range(it->second).contains(gpa) ? &it->second : nullptr;
-    }
-
-    const Window* first_overlap(const MemoryRange& r) const
-    {
-        auto it = windows_.upper_bound(r.start());
-        if (it != windows_.begin() && window_range(std::prev(it)->second).overlaps(r))
-            return &std::prev(it)->second;
-        if (it != windows_.end() && window_range(it->second).overlaps(r))
-            return &it->second;
-        return nullptr;
-    }
+    const Window* window_at(std::uint64_t gpa) const { return windows_.containing(gpa); }
 
     /// An operation on exactly one mapped window [gpa, gpa+size).
     template <class F>
@@ -329,18 +305,19 @@ private:
         Call call{op, gpa, size, nullptr, false, false};
         if (auto e = next_failure(call))
             return *e;
-        auto it = windows_.find(gpa);
-        if (it == windows_.end() || it->second.size != size)
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
+        Window* w = range ? windows_.find_exact(*range) : nullptr;
+        if (w == nullptr)
             return reject(call, errc::not_found,
                           "mock partition: no mapped window " + MemoryRange::hex(gpa) + "+" +
                               MemoryRange::hex(size));
-        f(it->second);
+        f(*w);
         record(call);
         return {};
     }
 
     mutable std::mutex mutex_;
-    std::map<std::uint64_t, Window> windows_;
+    detail::IntervalMap<Window, WindowRange> windows_;
     std::map<std::uint64_t, bool> dirty_; ///< dirty page GPAs
     bool dirty_logging_ = false;
     std::vector<Call> calls_;

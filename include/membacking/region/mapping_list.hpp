@@ -12,24 +12,24 @@
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
+#include <membacking/detail/interval_map.hpp>
 #include <membacking/region/mapping.hpp>
 
 #include <cstddef>
 #include <cstdint>
-#include <iterator>
-#include <map>
-#include <vector>
+#include <utility>
 
 namespace membacking {
 
 class MappingList {
-public:
-    using Map = std::map<std::uint64_t, RegionMapping>;
+    struct RangeOfMapping {
+        MemoryRange operator()(const RegionMapping& m) const noexcept { return m.range; }
+    };
+    using Intervals = detail::IntervalMap<RegionMapping, RangeOfMapping>;
 
-    /// A pending change: entries to drop (by key) and entries to add.
-    struct Edit {
-        std::vector<std::uint64_t> erase;
-        std::vector<RegionMapping> insert;
+public:
+    /// A pending change: entries to drop (by offset) and entries to add.
+    struct Edit : Intervals::Edit {
         bool removes_private = false; ///< some private memory is covered
     };
 
@@ -42,27 +42,17 @@ public:
     template <class F>
     void for_each_overlapping(const MemoryRange& rel, F&& f) const
     {
-        auto it = map_.upper_bound(rel.start());
-        if (it != map_.begin() && std::prev(it)->second.range.overlaps(rel))
-            --it;
-        for (; it != map_.end() && it->first < rel.end(); ++it)
-            if (it->second.range.overlaps(rel))
-                f(it->second);
+        map_.for_each_overlapping(rel, std::forward<F>(f));
     }
 
     /// The edit that punches `rel` out of the list, keeping the parts outside it.
     [[nodiscard]] Edit remove_edit(const MemoryRange& rel) const
     {
-        Edit edit;
-        for_each_overlapping(rel, [&](const RegionMapping& old) {
-            edit.erase.push_back(old.range.start());
+        Edit edit{map_.punch_edit(rel, [](const RegionMapping& old, const MemoryRange& part) {
+            return old.slice(part);
+        })};
+        map_.for_each_overlapping(rel, [&](const RegionMapping& old) {
             edit.removes_private = edit.removes_private || old.backing.is_private();
-            if (old.range.start() < rel.start())
-                edit.insert.push_back(
-                    old.slice(MemoryRange::valid_or_abort(old.range.start(), rel.start())));
-            if (old.range.end() > rel.end())
-                edit.insert.push_back(
-                    old.slice(MemoryRange::valid_or_abort(rel.end(), old.range.end())));
         });
         return edit;
     }
@@ -91,16 +81,14 @@ public:
     void apply(const Edit& edit)
     {
         counts_ = counts_after(edit);
-        for (std::uint64_t key : edit.erase)
-            map_.erase(key);
-        for (const RegionMapping& m : edit.insert)
-            map_.emplace(m.range.start(), m);
+        map_.apply(edit);
     }
 
+    /// The mappings in offset order, as (offset, RegionMapping) pairs.
     [[nodiscard]] std::size_t size() const noexcept { return map_.size(); }
     [[nodiscard]] bool empty() const noexcept { return map_.empty(); }
-    [[nodiscard]] Map::const_iterator begin() const noexcept { return map_.begin(); }
-    [[nodiscard]] Map::const_iterator end() const noexcept { return map_.end(); }
+    [[nodiscard]] Intervals::const_iterator begin() const noexcept { return map_.begin(); }
+    [[nodiscard]] Intervals::const_iterator end() const noexcept { return map_.end(); }
     [[nodiscard]] const RegionMapping& at(std::uint64_t offset) const { return map_.at(offset); }
 
 private:
@@ -115,7 +103,7 @@ private:
         c.private_memory -= m.backing.is_private() ? 1U : 0U;
     }
 
-    Map map_;
+    Intervals map_;
     Counts counts_;
 };
 

@@ -1,0 +1,179 @@
+/**
+ * @file manager/detail/device_regions.hpp
+ * Internal (namespace membacking::detail); layer: manager (includes base/, detail/, region/,
+ * va/mappable.hpp, manager/errors.hpp).
+ *
+ * What the DeviceMemoryMapper façade (manager/device_memory.hpp) does, on the region manager:
+ * the state of one device region (DeviceRegionState, shared between its handle and the manager)
+ * and the operations on it (DeviceRegionOps). The façade runs each one under the manager's
+ * control lock, as one control operation; nothing here locks.
+ *
+ * Fixed from the reference (inventory §8): mappings replace and split what they cover, offsets are
+ * checked when mapped, unmap drops what is inside the range, and a move is all or nothing.
+ */
+#pragma once
+
+#include <membacking/base/align.hpp>
+#include <membacking/base/fatal.hpp>
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/params.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
+#include <membacking/detail/undo_log.hpp>
+#include <membacking/manager/errors.hpp>
+#include <membacking/region/mapping.hpp>
+#include <membacking/region/mapping_list.hpp>
+#include <membacking/region/region_id.hpp>
+#include <membacking/va/mappable.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace membacking::detail {
+
+/// The state of one device region, shared between its handle and the manager. Guarded by the
+/// manager's control lock.
+struct DeviceRegionState {
+    std::string name;
+    std::uint64_t size = 0;
+    std::uint8_t priority = 0;
+    MappingList local;              ///< the mappings, replayed each time the region is placed
+    std::optional<RegionId> placed; ///< the region while it is in the guest
+    std::uint64_t gpa = 0;
+    bool writable = false;
+};
+
+/// The operations of DeviceRegion, on a RegionManager (`Regions`) whose guest address space ends
+/// at max_addr.
+template <class Regions>
+class DeviceRegionOps {
+public:
+    DeviceRegionOps(Regions& regions, std::uint64_t max_addr)
+        : regions_(regions), max_addr_(max_addr)
+    {}
+
+    Result<void> map(DeviceRegionState& d, std::uint64_t offset, const Mappable& object,
+                     std::uint64_t file_offset, std::uint64_t len, bool writable)
+    {
+        auto rel = device_range(d, offset, len);
+        if (!rel)
+            return std::move(rel).error();
+        if (object.empty())
+            return make_error(errc::invalid_argument, "device region '" + d.name +
+                                                          "': no object to map at " +
+                                                          rel->to_string());
+        if (!is_page_aligned(file_offset))
+            return make_error(errc::invalid_range, "device region '" + d.name + "': file offset " +
+                                                       MemoryRange::hex(file_offset) +
+                                                       " is not page aligned");
+        const RegionMapping m{
+            *rel, MappingBacking::file(object, Offset{file_offset}), writable, {}};
+        if (d.placed)
+            MEMBACKING_TRY(regions_.add_mapping(*d.placed, m));
+        d.local.apply(d.local.replace_edit(m));
+        return {};
+    }
+
+    Result<void> unmap(DeviceRegionState& d, std::uint64_t offset, std::uint64_t len)
+    {
+        auto rel = device_range(d, offset, len);
+        if (!rel)
+            return std::move(rel).error();
+        if (d.placed)
+            MEMBACKING_TRY(regions_.remove_mappings(*d.placed, *rel));
+        // The reference keeps the mappings *inside* the range here and drops the others, so a
+        // later placement replays the wrong set; we remove what is inside.
+        d.local.apply(d.local.remove_edit(*rel));
+        return {};
+    }
+
+    /// Places the device region at gpa, moving it if it is placed elsewhere. All or nothing: a
+    /// failed move leaves it where it was.
+    Result<void> map_to_guest(DeviceRegionState& d, std::uint64_t gpa, bool writable)
+    {
+        auto range = MemoryRange::from(Gpa{gpa}, Length{d.size});
+        if (!range)
+            return std::move(range).error();
+        if (range->end() > max_addr_)
+            return outside_address_space(*range, max_addr_);
+        UndoLog undo;
+        if (d.placed) {
+            MEMBACKING_TRY(regions_.remove_region(*d.placed));
+            d.placed.reset();
+            undo.push([this, &d, old_gpa = d.gpa, old_writable = d.writable]() -> Result<void> {
+                auto id =
+                    place(d, MemoryRange::valid_or_abort(old_gpa, old_gpa + d.size), old_writable);
+                if (!id)
+                    return std::move(id).error();
+                d.placed = *id;
+                return {};
+            });
+        }
+        auto id = place(d, *range, writable);
+        if (!id)
+            return std::move(id).error().context("failed to place device region '" + d.name +
+                                                 "' at " + range->to_string());
+        undo.commit();
+        d.placed = *id;
+        d.gpa = gpa;
+        d.writable = writable;
+        return {};
+    }
+
+    Result<void> unmap_from_guest(DeviceRegionState& d)
+    {
+        if (!d.placed)
+            return {};
+        MEMBACKING_TRY(regions_.remove_region(*d.placed));
+        d.placed.reset();
+        return {};
+    }
+
+    [[nodiscard]] static std::optional<MemoryRange> placement(const DeviceRegionState& d)
+    {
+        if (!d.placed)
+            return std::nullopt;
+        return MemoryRange::valid_or_abort(d.gpa, d.gpa + d.size);
+    }
+
+private:
+    static Result<MemoryRange> device_range(const DeviceRegionState& d, std::uint64_t offset,
+                                            std::uint64_t len)
+    {
+        auto rel = MemoryRange::from(Offset{offset}, Length{len});
+        if (!rel)
+            return std::move(rel).error().context("device region '" + d.name + "'");
+        if (rel->empty() || rel->end() > d.size)
+            return make_error(errc::out_of_range,
+                              "range " + rel->to_string() + " does not fit in device region '" +
+                                  d.name + "' of " + MemoryRange::hex(d.size) + " bytes");
+        return *rel;
+    }
+
+    /// Registers the device region at `range` with its mappings and maps it. On failure nothing
+    /// of it remains.
+    Result<RegionId> place(const DeviceRegionState& d, const MemoryRange& range, bool writable)
+    {
+        auto id = regions_.add_region(d.name, range, d.priority, MappingType::Device);
+        if (!id)
+            return std::move(id).error();
+        auto fail = [&](Error e) -> Result<RegionId> {
+            if (auto r = regions_.remove_region(*id); !r)
+                fatal("could not remove a half-placed device region: " + r.error().full_message());
+            return e;
+        };
+        for (const auto& [off, m] : d.local)
+            if (auto r = regions_.add_mapping(*id, m); !r)
+                return fail(std::move(r).error());
+        if (auto r = regions_.map_region(*id, {writable, true, false}); !r)
+            return fail(std::move(r).error());
+        return *id;
+    }
+
+    Regions& regions_;
+    std::uint64_t max_addr_;
+};
+
+} // namespace membacking::detail

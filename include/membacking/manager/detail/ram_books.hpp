@@ -1,0 +1,55 @@
+/**
+ * @file manager/detail/ram_books.hpp
+ * Internal (namespace membacking::detail); layer: manager (includes base/, region/, va/).
+ *
+ * RamBooks: what the builder created, for the façades that need it later: the RAM regions
+ * (RamVisibilityControl finds a controllable range here) and the RAM backings
+ * (shared_memory_backing, dumps). Guarded by the manager's control lock.
+ */
+#pragma once
+
+#include <membacking/base/memory_range.hpp>
+#include <membacking/region/region_id.hpp>
+#include <membacking/va/mappable.hpp>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace membacking::detail {
+
+struct RamBooks {
+    /// One RAM region created by the builder.
+    struct Region {
+        MemoryRange range;
+        RegionId id;
+        bool prefetch = false;
+    };
+
+    /// One RAM backing created by the builder.
+    struct Backing {
+        Mappable object; ///< empty for private memory
+        std::vector<MemoryRange> ranges;
+    };
+
+    std::vector<Region> regions;
+    std::vector<Backing> backings;
+
+    /// The RAM region whose range is exactly `range`.
+    [[nodiscard]] const Region* find(const MemoryRange& range) const
+    {
+        auto it = std::find_if(regions.begin(), regions.end(),
+                               [&](const Region& r) { return r.range == range; });
+        return it == regions.end() ? nullptr : &*it;
+    }
+
+    /// The single file-backed backing, if there is exactly one.
+    [[nodiscard]] std::optional<Mappable> sole_shared_backing() const
+    {
+        if (backings.size() != 1 || backings.front().object.empty())
+            return std::nullopt;
+        return backings.front().object;
+    }
+};
+
+} // namespace membacking::detail

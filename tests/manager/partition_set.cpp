@@ -1,0 +1,243 @@
+// detail::PartitionSet, the partitions' fan-out, on its own: against mock partitions of two
+// policies, without a manager, region manager or VA mapper (the host base is a made-up address,
+// which partitions never dereference).
+#include <membacking/manager/detail/partition_set.hpp>
+#include <membacking/partition/mock.hpp>
+
+#include "test_support.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+using namespace membacking;
+using test::must;
+using test::range;
+using Op = MockPartition::Op;
+
+namespace {
+
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+constexpr std::uint64_t alias = std::uint64_t{1} << 40;
+
+/// A second policy, so that fan-out across the tuple of lists is exercised.
+struct OtherMock : MockPartition {
+    static constexpr std::string_view name = "other";
+};
+
+/// A policy with no optional capability.
+struct Plain : MockPartition {
+    static constexpr std::string_view name = "plain";
+    static constexpr PartitionFeatures features = PartitionFeatures::none;
+};
+
+using Set = detail::PartitionSet<MockPartition, OtherMock, Plain>;
+
+std::byte* fake_base()
+{
+    return reinterpret_cast<std::byte*>(std::uintptr_t{0x7f0000000000});
+}
+
+Set::Options options(bool pin = false)
+{
+    return {fake_base(), alias, pin};
+}
+
+RegionActivation window(std::uint64_t start, std::uint64_t end, bool writable = true,
+                        bool prefetch = false)
+{
+    return {range(start, end), MapParams{writable, true, prefetch}, RegionId{1}, MappingType::Ram};
+}
+
+/// Two visible windows: [0, 1 MiB) and [2 MiB, 3 MiB).
+std::vector<RegionActivation> two()
+{
+    return {window(0, MiB), window(2 * MiB, 3 * MiB)};
+}
+
+} // namespace
+
+TEST_CASE("PartitionSet: attach replays the visible windows at base + GPA, the VTL2 alias first")
+{
+    Set set(options());
+    auto vtl0 = std::make_shared<MockPartition>();
+    auto vtl2 = std::make_shared<OtherMock>();
+    must(set.attach(Vtl::vtl0, vtl0, two()));
+    const PartitionId id2 = must(set.attach(Vtl::vtl2, vtl2, two()));
+    CHECK(set.size() == 3); // vtl2 counts twice: plain and alias
+
+    REQUIRE(vtl0->windows().size() == 2);
+    CHECK(vtl0->lookup(2 * MiB)->host_va == fake_base() + 2 * MiB);
+    REQUIRE(vtl2->windows().size() == 4);
+    CHECK(vtl2->lookup(alias + 2 * MiB)->host_va == fake_base() + 2 * MiB);
+    const auto calls = vtl2->calls();
+    CHECK(calls.front().gpa == alias); // the alias mapping is replayed first
+
+    const auto described = set.describe();
+    REQUIRE(described.size() == 3);
+    CHECK(described[0].type == "mock");
+    CHECK(described[1].id == id2);
+    CHECK(described[1].offset == alias);
+    CHECK(described[2].offset == 0);
+}
+
+TEST_CASE("PartitionSet: a failed attach leaves the partition with nothing mapped")
+{
+    Set set(options());
+    auto p = std::make_shared<MockPartition>();
+    p->fail_nth_call(4, make_error(errc::resource_exhausted, "no slots")); // alias 2, plain 2nd
+    auto r = set.attach(Vtl::vtl2, p, two());
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == attach_errc::partition_mapper);
+    CHECK(p->windows().empty());
+    CHECK(set.size() == 0);
+    CHECK(test::error_of(set.attach(Vtl::vtl0, std::shared_ptr<MockPartition>(), two())) ==
+          attach_errc::partition_mapper);
+}
+
+TEST_CASE("PartitionSet: map and unmap reach every partition of every policy, all or nothing")
+{
+    Set set(options());
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherMock>();
+    auto c = std::make_shared<Plain>();
+    must(set.attach(Vtl::vtl0, a, {}));
+    must(set.attach(Vtl::vtl0, b, {}));
+    must(set.attach(Vtl::vtl0, c, {}));
+
+    const RegionActivation w = window(4 * MiB, 5 * MiB, false);
+    must(set.map(w));
+    for (const auto& seen : {a->lookup(4 * MiB), b->lookup(4 * MiB), c->lookup(4 * MiB)}) {
+        REQUIRE(seen.has_value());
+        CHECK_FALSE(seen->writable);
+    }
+
+    // The last partition fails to unmap: the others get the window back, as it was.
+    c->fail_next(Op::unmap);
+    REQUIRE_FALSE(set.unmap(w));
+    CHECK(a->lookup(4 * MiB).has_value());
+    CHECK_FALSE(b->lookup(4 * MiB)->writable);
+    must(set.unmap(w));
+    CHECK(a->windows().empty());
+    CHECK(c->windows().empty());
+
+    // The middle one fails to map: the first one's map is undone, the last one never sees it.
+    b->fail_next(Op::map);
+    auto failed = set.map(w);
+    REQUIRE_FALSE(failed);
+    CHECK(failed.error().code() == errc::resource_exhausted);
+    CHECK(a->windows().empty());
+    CHECK(b->windows().empty());
+    CHECK(c->calls().size() == 3); // map, failed unmap, unmap: no new call
+}
+
+TEST_CASE("PartitionSet: prefetch is asked for where the window says so, and is only advice")
+{
+    Set set(options());
+    auto p = std::make_shared<MockPartition>();
+    auto plain = std::make_shared<Plain>(); // cannot prefetch: never asked
+    must(set.attach(Vtl::vtl0, p, {}));
+    must(set.attach(Vtl::vtl0, plain, {}));
+    p->fail_next(Op::prefetch);
+    must(set.map(window(0, MiB, true, true)));
+    must(set.map(window(MiB, 2 * MiB, true, false)));
+    std::vector<Op> ops;
+    for (const auto& call : p->calls())
+        ops.push_back(call.op);
+    CHECK(ops == std::vector<Op>{Op::map, Op::prefetch, Op::map});
+    CHECK(p->windows().size() == 2); // the failed prefetch kept its window
+    for (const auto& call : plain->calls())
+        CHECK(call.op == Op::map);
+}
+
+TEST_CASE("PartitionSet: pinning pins after each map and unpins before each unmap")
+{
+    Set set(options(true));
+    auto p = std::make_shared<MockPartition>();
+    must(set.attach(Vtl::vtl0, p, two()));
+    CHECK(p->lookup(0)->pinned);
+    CHECK(p->lookup(2 * MiB)->pinned);
+
+    // A pin failure unmaps what it just mapped.
+    p->fail_next(Op::pin);
+    REQUIRE_FALSE(set.map(window(4 * MiB, 5 * MiB)));
+    CHECK_FALSE(p->lookup(4 * MiB).has_value());
+
+    // A failed unmap re-pins.
+    p->fail_next(Op::unmap);
+    REQUIRE_FALSE(set.unmap(two()[0]));
+    CHECK(p->lookup(0)->pinned);
+    p->clear_calls();
+    must(set.unmap(two()[0]));
+    const auto calls = p->calls();
+    REQUIRE(calls.size() == 2);
+    CHECK(calls[0].op == Op::unpin);
+    CHECK(calls[1].op == Op::unmap);
+
+    // A policy that cannot pin is refused when pinning is on.
+    auto refused = set.attach(Vtl::vtl0, std::make_shared<Plain>(), two());
+    REQUIRE_FALSE(refused);
+    REQUIRE(refused.error().source() != nullptr);
+    CHECK(refused.error().source()->code() == errc::unsupported);
+}
+
+TEST_CASE("PartitionSet: detach unmaps and forgets one partition, all or nothing")
+{
+    Set set(options());
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherMock>();
+    const PartitionId ida = must(set.attach(Vtl::vtl2, a, two()));
+    must(set.attach(Vtl::vtl0, b, two()));
+
+    a->fail_nth_call(3, make_error(errc::resource_exhausted, "busy"));
+    REQUIRE_FALSE(set.detach(ida, two()));
+    CHECK(a->windows().size() == 4); // the two it had unmapped are back
+    CHECK(set.size() == 3);
+
+    must(set.detach(ida, two()));
+    CHECK(a->windows().empty());
+    CHECK(b->windows().size() == 2);
+    CHECK(set.size() == 1);
+    CHECK(test::error_of(set.detach(ida, two())) == errc::not_found);
+}
+
+TEST_CASE("PartitionSet: dirty logging goes to one partition, once, where the policy can")
+{
+    Set set(options());
+    auto p = std::make_shared<MockPartition>();
+    auto plain = std::make_shared<Plain>();
+    const PartitionId id = must(set.attach(Vtl::vtl2, p, two())); // with an alias map
+    const PartitionId plain_id = must(set.attach(Vtl::vtl0, plain, two()));
+
+    must(set.set_dirty_logging(id, true));
+    std::size_t logging_calls = 0;
+    for (const auto& call : p->calls())
+        logging_calls += call.op == Op::set_dirty_logging ? 1U : 0U;
+    CHECK(logging_calls == 1);
+
+    p->mark_dirty(2 * MiB + 0x3000);
+    const auto bitmap = must(set.take_dirty_log(id, range(2 * MiB, 3 * MiB)));
+    REQUIRE(bitmap.size() == 4); // 256 pages
+    CHECK(bitmap[0] == 0b1000);
+    CHECK(must(set.take_dirty_log(id, range(2 * MiB, 3 * MiB)))[0] == 0); // read and cleared
+
+    CHECK(test::error_of(set.set_dirty_logging(plain_id, true)) == errc::unsupported);
+    CHECK(test::error_of(set.take_dirty_log(plain_id, range(0, MiB))) == errc::unsupported);
+    CHECK(test::error_of(set.set_dirty_logging(PartitionId{99}, true)) == errc::not_found);
+    CHECK(test::error_of(set.take_dirty_log(PartitionId{99}, range(0, MiB))) == errc::not_found);
+}
+
+TEST_CASE("PartitionSet: unmap_all empties every partition and reports nothing")
+{
+    Set set(options());
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherMock>();
+    must(set.attach(Vtl::vtl2, a, two()));
+    must(set.attach(Vtl::vtl0, b, two()));
+    b->fail_next(Op::unmap); // one failure does not stop the rest
+    set.unmap_all(two());
+    CHECK(a->windows().empty());
+    CHECK(b->windows().size() == 1);
+}
