@@ -394,6 +394,42 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     CHECK_FALSE(p->lookup(12 * MiB).has_value());
 }
 
+TEST_CASE("device memory moved to where it already is: no unmap, a permission change in place")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(bar.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_memfd(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 42).has_value());
+    const auto bar_id = [&] {
+        const MemoryMap map = m.memory_map();
+        return map.find_region("bar0")->id;
+    };
+    const auto id_before = bar_id();
+
+    p->clear_calls();
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    CHECK(p->calls().empty()); // the reference unmapped and mapped it again
+    CHECK(bar_id() == id_before);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
+
+    // The same place, read-only: the region stays, its permission changes.
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_only));
+    CHECK(bar_id() == id_before);
+    CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
+    REQUIRE(p->lookup(8 * MiB).has_value());
+    CHECK_FALSE(p->lookup(8 * MiB)->writable);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 0)) == errc::read_only);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
+}
+
 TEST_CASE("dropping a device region removes it from the guest")
 {
     Manager m = must(
@@ -567,6 +603,40 @@ TEST_CASE("the memory map dump, as text and as JSON")
     CHECK(std::system(check.c_str()) == 0);
     std::remove(path.c_str());
 #endif
+}
+
+TEST_CASE("dumps stay one line per region and valid JSON whatever a region's name holds")
+{
+    Manager m = legacy_guest();
+    // A newline, a control character, a backslash, a stray continuation byte, a truncated
+    // sequence, and well-formed UTF-8 (kept as is).
+    const std::string hostile = "a\nb\x01\\\x80z\xe2\x82 \xc3\xa9";
+    auto dev = must(m.device_memory_mapper().new_region(hostile, Length{0x1000}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    const MemoryMap map = m.memory_map();
+
+    const std::string text = map.to_text();
+    INFO(text);
+    CHECK(text.find("a\\x0ab\\x01\\x5c\\x80z\\xe2\\x82 \xc3\xa9 [active]\n") != std::string::npos);
+    CHECK(text.find(hostile) == std::string::npos);
+
+    const std::string json = map.to_json();
+    CHECK(json.find("\"a\\u000ab\\u0001\\\\\\ufffdz\\ufffd\\ufffd \xc3\xa9\"") !=
+          std::string::npos);
+    const std::string path = "/tmp/membacking-hostile-" + std::to_string(::getpid()) + ".json";
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(json.c_str(), f);
+    std::fclose(f);
+    // Strict UTF-8 decoding and a strict JSON parser: both fail on the raw bytes the dump had.
+    const std::string check = "python3 -c \"import json,sys; "
+                              "d=json.loads(open(sys.argv[1],'rb').read().decode('utf-8')); "
+                              "n=[r['name'] for r in d['regions'] if r['name'].startswith('a')]; "
+                              "assert n==['a\\\\nb\\\\x01\\\\\\\\\\\\ufffdz\\\\ufffd\\\\ufffd "
+                              "\\\\u00e9'], n\" " +
+                              path;
+    CHECK(std::system(check.c_str()) == 0);
+    std::remove(path.c_str());
 }
 
 TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles with errors")
