@@ -623,6 +623,7 @@ TEST_CASE("dumps stay one line per region and valid JSON whatever a region's nam
     const std::string json = map.to_json();
     CHECK(json.find("\"a\\u000ab\\u0001\\\\\\ufffdz\\ufffd\\ufffd \xc3\xa9\"") !=
           std::string::npos);
+#if MEMBACKING_OS_LINUX // the JSON check runs python3, which Wine's cmd.exe does not have
     const std::string path = "/tmp/membacking-hostile-" + std::to_string(::getpid()) + ".json";
     std::FILE* f = std::fopen(path.c_str(), "w");
     REQUIRE(f != nullptr);
@@ -637,6 +638,7 @@ TEST_CASE("dumps stay one line per region and valid JSON whatever a region's nam
                               path;
     CHECK(std::system(check.c_str()) == 0);
     std::remove(path.c_str());
+#endif
 }
 
 TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles with errors")
