@@ -112,6 +112,13 @@ SOURCES
 }
 
 mkdir -p "$cache"
+# One run at a time per machine: runs share the chroot, its /build, and the cleanup kills every
+# process rooted in the chroot. A second run waits here (the lock goes with this process).
+exec 9>"$cache/lock"
+if ! flock -n 9; then
+    log "another run holds $cache/lock: waiting for it"
+    flock 9
+fi
 if [ "$(cat "$cache/env.hash" 2>/dev/null)" != "$env_hash" ] || [ ! -x "$cache/root/usr/lib/wine/wine64" ]; then
     SECONDS=0
     build_env
