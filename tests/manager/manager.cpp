@@ -494,6 +494,30 @@ TEST_CASE("guest_memory() is the primary mapper's memory; the client makes lazy 
     CHECK(m.memory_map().va_mappers == 2);
 }
 
+TEST_CASE("read-only private memory is read-only for the VMM too")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(RamBackingRequest({range(0, MiB)}).private_memory(true))
+                         .build(Length{4 * MiB}));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto primary = m.guest_memory(); // private memory lives in one mapper: no lazy ones
+    auto vis = m.ram_visibility_control();
+    REQUIRE(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 3).has_value());
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_only));
+    REQUIRE(p->lookup(0).has_value());
+    CHECK_FALSE(p->lookup(0)->writable);
+    const MemoryMap map = m.memory_map();
+    REQUIRE(map.mapping_at(Gpa{0x1000}) != nullptr);
+    CHECK_FALSE(map.mapping_at(Gpa{0x1000})->writable);
+    CHECK(test::error_of(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 1)) == errc::read_only);
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 3);
+    // Read-write again: writable.
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_write));
+    CHECK(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 5).has_value());
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 5);
+}
+
 // Lookups return pointers into the map: on a temporary they would dangle, so they do not compile.
 template <class M>
 constexpr bool finds_by_name = requires(M&& m)
