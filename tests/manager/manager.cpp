@@ -694,6 +694,56 @@ TEST_CASE("controls outliving the manager report that it is gone")
     CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
 }
 
+TEST_CASE("an out-of-range RamVisibility value is an error, not read-only")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const auto before = m.memory_map().to_text();
+    auto bad = m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                             static_cast<RamVisibility>(7));
+    REQUIRE_FALSE(bad);
+    CHECK(test::error_of(bad) == errc::invalid_argument);
+    CHECK(bad.error().full_message().find("0xc0000") != std::string::npos);
+    CHECK(m.memory_map().to_text() == before);
+    CHECK(p->lookup(0xc0000)->writable);
+}
+
+TEST_CASE("a device memory mapper outliving the manager creates no regions")
+{
+    std::optional<Manager::DeviceMapper> devices;
+    {
+        Manager m = legacy_guest();
+        devices = m.device_memory_mapper();
+    }
+    auto bar = devices->new_region("bar0", Length{0x1000});
+    REQUIRE_FALSE(bar);
+    CHECK(test::error_of(bar) == errc::not_found);
+    CHECK(bar.error().full_message().find("bar0") != std::string::npos);
+}
+
+TEST_CASE("a moved-from manager returns errors, not a null dereference")
+{
+    Manager m = legacy_guest();
+    Manager taken = std::move(m);
+    // NOLINTBEGIN(bugprone-use-after-move,clang-analyzer-cplusplus.Move): what the test is about
+    CHECK(test::error_of(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>())) ==
+          errc::not_found);
+    CHECK(test::error_of(m.add_region("r", range(8 * MiB, 9 * MiB), 1, MappingType::Ram)) ==
+          errc::not_found);
+    CHECK(test::error_of(m.ram_visibility_control().set_ram_visibility(
+              range(0xc0000, 0xc4000), RamVisibility::unmapped)) == errc::not_found);
+    CHECK(test::error_of(m.guest_memory().read_plain<std::uint8_t>(Gpa{0})) == errc::out_of_range);
+    CHECK(test::error_of(m.client().lazy_guest_memory()) == errc::not_found);
+    CHECK(test::error_of(m.device_memory_mapper().new_region("bar", Length{0x1000})) ==
+          errc::not_found);
+    CHECK(m.memory_map().regions.empty());
+    CHECK_FALSE(m.shared_memory_backing().has_value());
+    // NOLINTEND(bugprone-use-after-move,clang-analyzer-cplusplus.Move)
+    // The manager it moved to works.
+    CHECK(taken.guest_memory().write_plain<std::uint8_t>(Gpa{0}, 1).has_value());
+}
+
 TEST_CASE("concurrent control calls and accesses stay consistent")
 {
     Manager m = legacy_guest();
