@@ -3,6 +3,7 @@
 // outside guarded code still crash the process exactly as before (checked in child processes).
 #include <membacking/access/primitives.hpp>
 
+#include "child_process.hpp"
 #include "test_support.hpp"
 
 #include <array>
@@ -258,19 +259,14 @@ extern "C" void user_segv_handler(int, siginfo_t* info, void*)
     ::_exit(info->si_addr == nullptr ? 42 : 41);
 }
 
-constexpr const char* fresh_child_env = "MEMBACKING_TEST_FRESH_CHILD";
-
-/// Runs the current test case again in a fresh process (fork + exec of this program, only this
-/// test case), where no handler of ours has been installed yet; returns its wait status. The
-/// test case itself tells the two runs apart with in_fresh_child().
-int in_fresh_process(const char* test_case)
+/// Runs the child function `name` (MEMBACKING_CHILD) in a fresh process: this program exec'd
+/// again, so none of the handlers this process installed is there. Returns its wait status.
+int in_fresh_process(const char* name)
 {
-    const std::string filter = std::string("--test-case=") + test_case;
     const pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
-        ::setenv(fresh_child_env, "1", 1);
-        const char* args[] = {"/proc/self/exe", filter.c_str(), "--no-run-summary", nullptr};
+        const char* args[] = {"/proc/self/exe", "--membacking-child", name, nullptr};
         ::execv(args[0], const_cast<char* const*>(args));
         ::_exit(127);
     }
@@ -278,34 +274,32 @@ int in_fresh_process(const char* test_case)
     REQUIRE(::waitpid(pid, &status, 0) == pid);
     return status;
 }
-
-bool in_fresh_child()
-{
-    return ::getenv(fresh_child_env) != nullptr;
-}
 } // namespace
+
+// No handler of ours in this process yet: the user's goes first, then ours over it.
+MEMBACKING_CHILD(user_handler_before_ours)
+{
+    struct sigaction sa {};
+    sa.sa_sigaction = &user_segv_handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGSEGV, &sa, nullptr);
+    install_fault_handler();
+    void* hole = ::mmap(nullptr, pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (hole == MAP_FAILED)
+        ::_exit(6);
+    std::uint8_t v = 0;
+    if (try_load(hole, v)) // ours: recovered, the user's handler is not called
+        ::_exit(3);
+    if (last_fault().address != reinterpret_cast<std::uintptr_t>(hole))
+        ::_exit(5);
+    touch_null(); // not ours: the user's handler runs
+    ::_exit(4);
+}
 
 TEST_CASE("a handler installed before ours still gets the faults that are not ours")
 {
-    if (in_fresh_child()) {
-        // No handler of ours in this process yet: the user's goes first, then ours over it.
-        struct sigaction sa {};
-        sa.sa_sigaction = &user_segv_handler;
-        sa.sa_flags = SA_SIGINFO;
-        sigemptyset(&sa.sa_mask);
-        ::sigaction(SIGSEGV, &sa, nullptr);
-        install_fault_handler();
-        Pages p;
-        std::uint8_t v = 0;
-        if (try_load(p.hole(), v)) // ours: recovered, the user's handler is not called
-            ::_exit(3);
-        if (last_fault().address != p.hole_addr())
-            ::_exit(5);
-        touch_null(); // not ours: the user's handler runs
-        ::_exit(4);
-    }
-    const int status =
-        in_fresh_process("a handler installed before ours still gets the faults that are not ours");
+    const int status = in_fresh_process("user_handler_before_ours");
     REQUIRE(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 42);
 }
