@@ -8,6 +8,8 @@
 //   accessible meanwhile) leaves the handlers in place; it used to leave SIG_DFL installed.
 // - non_repeating_fault_in_front: the same with ours in front of the newcomer, which chains back
 //   to ours (the re-entry goes on down the chain, not round again).
+// - too_many_newcomers: install_fault_handler() chains up to 8 evicting handlers, then says no
+//   and leaves the ninth in front.
 // - repeating_fault_dies: a real fault outside guarded code, with a newcomer that chains back to
 //   ours, still ends the process with SIGSEGV, after exactly one retry.
 #include <membacking/access/primitives.hpp>
@@ -20,6 +22,7 @@
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <utility>
 
 namespace {
 
@@ -185,6 +188,47 @@ int non_repeating_fault_in_front()
     return 0;
 }
 
+/// Distinct handlers, one per N, that only chain to what they replaced.
+template <int N>
+struct Numbered {
+    static inline struct sigaction previous {};
+    static void handler(int sig, siginfo_t* info, void* context)
+    {
+        previous.sa_sigaction(sig, info, context);
+    }
+    static void install()
+    {
+        struct sigaction sa {};
+        sa.sa_sigaction = &handler;
+        sa.sa_flags = SA_SIGINFO;
+        sigemptyset(&sa.sa_mask);
+        ::sigaction(SIGSEGV, &sa, &previous);
+    }
+    static bool is_current()
+    {
+        struct sigaction now {};
+        ::sigaction(SIGSEGV, nullptr, &now);
+        return (now.sa_flags & SA_SIGINFO) != 0 && now.sa_sigaction == &handler;
+    }
+};
+
+template <int... N>
+bool chain_each(std::integer_sequence<int, N...>)
+{
+    return ((Numbered<N>::install(), install_fault_handler() && !Numbered<N>::is_current()) && ...);
+}
+
+int too_many_newcomers()
+{
+    install_fault_handler();
+    EXPECT(chain_each(std::make_integer_sequence<int, 8>{}));
+    Numbered<8>::install();
+    EXPECT(!install_fault_handler()); // a ninth: no room to chain it
+    EXPECT(Numbered<8>::is_current());
+    EXPECT(guarded_fault_recovered()); // through the whole chain, back to ours
+    return 0;
+}
+
 int repeating_fault_dies()
 {
     install_fault_handler();
@@ -207,6 +251,7 @@ constexpr Scenario scenarios[] = {
     {"embedder_entry_point", &embedder_entry_point, false},
     {"non_repeating_fault", &non_repeating_fault, false},
     {"non_repeating_fault_in_front", &non_repeating_fault_in_front, false},
+    {"too_many_newcomers", &too_many_newcomers, false},
     {"repeating_fault_dies", &repeating_fault_dies, true},
 };
 
