@@ -10,6 +10,8 @@
 //   to ours (the re-entry goes on down the chain, not round again).
 // - too_many_newcomers: install_fault_handler() chains up to 8 evicting handlers, then says no
 //   and leaves the ninth in front.
+// - ignored_sent_signal: with SIGSEGV ignored before us, a SIGSEGV sent by raise() is still
+//   ignored (it used to reset SIG_DFL and end the process).
 // - repeating_fault_dies: a real fault outside guarded code, with a newcomer that chains back to
 //   ours, still ends the process with SIGSEGV, after exactly one retry.
 #include <membacking/access/primitives.hpp>
@@ -229,6 +231,18 @@ int too_many_newcomers()
     return 0;
 }
 
+int ignored_sent_signal()
+{
+    struct sigaction ign {};
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    ::sigaction(SIGSEGV, &ign, nullptr);
+    install_fault_handler();
+    EXPECT(::raise(SIGSEGV) == 0);
+    EXPECT(guarded_fault_recovered()); // and ours is still in place
+    return 0;
+}
+
 int repeating_fault_dies()
 {
     install_fault_handler();
@@ -252,6 +266,7 @@ constexpr Scenario scenarios[] = {
     {"non_repeating_fault", &non_repeating_fault, false},
     {"non_repeating_fault_in_front", &non_repeating_fault_in_front, false},
     {"too_many_newcomers", &too_many_newcomers, false},
+    {"ignored_sent_signal", &ignored_sent_signal, false},
     {"repeating_fault_dies", &repeating_fault_dies, true},
 };
 

@@ -209,7 +209,10 @@ inline void call_handler(const struct sigaction& h, int sig, siginfo_t* info,
             default_action(sig, info, context);
         return;
     }
+    if (h.sa_handler == SIG_IGN && (info == nullptr || info->si_code <= 0))
+        return; // a SIGSEGV sent with kill() to a process that ignores it: ignored, as without us
     if (h.sa_handler == SIG_DFL || h.sa_handler == SIG_IGN) {
+        // (The kernel never lets a fault it raised be ignored: it forces the default action.)
         default_action(sig, info, context);
         return;
     }
