@@ -104,6 +104,9 @@ template <class A>
 concept GuestAddress = std::same_as<A, Gpa> || std::same_as<A, Offset>;
 // clang-format on
 
+template <GuestMemoryBacking Mapper, GuestAddress Address>
+class GuestMemory;
+
 template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa>
 class GuestMemoryView {
 public:
@@ -119,6 +122,11 @@ public:
                       "the access path has no virtual calls");
         access::install_fault_handler();
     }
+
+    /// No view of a temporary owning handle: it would dangle at the end of the statement (the
+    /// handle's mapper and reservation go with it). Keep the handle in a variable first.
+    GuestMemoryView(GuestMemory<Mapper, Address>&&) = delete;
+    GuestMemoryView(const GuestMemory<Mapper, Address>&&) = delete;
 
     /// The number of bytes this view spans: addresses Address{0} to Address{size() - 1}.
     [[nodiscard]] Length size() const noexcept { return Length(size_); }
@@ -459,6 +467,9 @@ class GuestMemory : public GuestMemoryView<Mapper, Address> {
     using View = GuestMemoryView<Mapper, Address>;
 
 public:
+    /// Marks the handle as an owner of the views it hands out (base/result.hpp, OwnerOfViews).
+    using owner_of_views = void;
+
     /// An empty handle: every access is out of range.
     GuestMemory() noexcept = default;
 
@@ -471,7 +482,9 @@ public:
     }
 
     /// The non-owning view, valid while this handle (or another owner of the mapper) lives.
-    [[nodiscard]] View view() const noexcept { return *this; }
+    [[nodiscard]] View view() const& noexcept MEMBACKING_LIFETIMEBOUND { return *this; }
+    /// Not on a temporary handle: the view would dangle at the end of the statement.
+    View view() const&& = delete;
 
     /// The mapper, shared.
     [[nodiscard]] const std::shared_ptr<Mapper>& owner() const noexcept { return owner_; }

@@ -3,12 +3,15 @@
 // outside guarded code still crash the process exactly as before (checked in child processes).
 #include <membacking/access/primitives.hpp>
 
+#include "child_process.hpp"
 #include "test_support.hpp"
 
 #include <array>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <string>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -249,27 +252,54 @@ TEST_CASE("a fault outside guarded code ends the process exactly as it would wit
 }
 
 namespace {
-extern "C" void user_segv_handler(int, siginfo_t*, void*)
+/// The user's handler: exits 42 for the stray store to address 0, 41 for anything else (which
+/// would mean it was handed the guarded fault, which is ours).
+extern "C" void user_segv_handler(int, siginfo_t* info, void*)
 {
-    ::_exit(42);
+    ::_exit(info->si_addr == nullptr ? 42 : 41);
+}
+
+/// Runs the child function `name` (MEMBACKING_CHILD) in a fresh process: this program exec'd
+/// again, so none of the handlers this process installed is there. Returns its wait status.
+int in_fresh_process(const char* name)
+{
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        const char* args[] = {"/proc/self/exe", "--membacking-child", name, nullptr};
+        ::execv(args[0], const_cast<char* const*>(args));
+        ::_exit(127);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    return status;
 }
 } // namespace
 
+// No handler of ours in this process yet: the user's goes first, then ours over it.
+MEMBACKING_CHILD(user_handler_before_ours)
+{
+    struct sigaction sa {};
+    sa.sa_sigaction = &user_segv_handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGSEGV, &sa, nullptr);
+    install_fault_handler();
+    void* hole = ::mmap(nullptr, pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (hole == MAP_FAILED)
+        ::_exit(6);
+    std::uint8_t v = 0;
+    if (try_load(hole, v)) // ours: recovered, the user's handler is not called
+        ::_exit(3);
+    if (last_fault().address != reinterpret_cast<std::uintptr_t>(hole))
+        ::_exit(5);
+    touch_null(); // not ours: the user's handler runs
+    ::_exit(4);
+}
+
 TEST_CASE("a handler installed before ours still gets the faults that are not ours")
 {
-    const int status = in_child([] {
-        struct sigaction sa {};
-        sa.sa_sigaction = &user_segv_handler;
-        sa.sa_flags = SA_SIGINFO;
-        sigemptyset(&sa.sa_mask);
-        ::sigaction(SIGSEGV, &sa, nullptr);
-        install_fault_handler();
-        std::uint8_t v = 0;
-        if (try_load(nullptr, v)) // ours: recovered, the user's handler is not called
-            ::_exit(3);
-        touch_null(); // not ours: the user's handler runs
-        ::_exit(4);
-    });
+    const int status = in_fresh_process("user_handler_before_ours");
     REQUIRE(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 42);
 }

@@ -1,7 +1,10 @@
 /**
  * InjectingSyscalls: the Linux syscall seam with failure injection. Derives from the real seam
  * and shadows the calls tests want to break: the n-th mmap (or munmap, mprotect, mbind, madvise,
- * memfd_create, ftruncate, fallocate) from now fails with a chosen errno and does nothing.
+ * memfd_create, ftruncate, fallocate) from now fails with a chosen errno and does nothing. A
+ * failing MAP_FIXED mmap can also model kernels before 6.12, which may remove the old mapping
+ * before failing (remove_before_failing), and another thread's allocation landing in that hole
+ * (after_removal).
  *
  * State is static (the seam is a type, not an object); tests that use it run on one thread and
  * call reset() first.
@@ -44,6 +47,10 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static inline Plan madvise_plan;
     static inline Plan memfd_plan;
     static inline Plan fallocate_plan;
+    /// A failing MAP_FIXED mmap first unmaps its range, as kernels before 6.12 may.
+    static inline bool remove_before_failing = false;
+    /// Runs right after that removal (another thread's mmap into the hole, for instance).
+    static inline void (*after_removal)(void* addr, std::size_t len) = nullptr;
 
     static void reset()
     {
@@ -54,6 +61,8 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         madvise_plan = {};
         memfd_plan = {};
         fallocate_plan = {};
+        remove_before_failing = false;
+        after_removal = nullptr;
     }
     /// The n-th mmap from now (1 = the next) fails with err.
     static void fail_mmap(long n, int err = ENOMEM) { mmap_plan = Plan{n - 1, err}; }
@@ -61,6 +70,11 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static void* mmap(void* addr, std::size_t len, int prot, int flags, int fd, off_t off) noexcept
     {
         if (mmap_plan.next()) {
+            if (remove_before_failing && (flags & MAP_FIXED) != 0) {
+                ::munmap(addr, len);
+                if (after_removal != nullptr)
+                    after_removal(addr, len);
+            }
             errno = mmap_plan.error;
             return MAP_FAILED;
         }

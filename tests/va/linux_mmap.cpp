@@ -126,6 +126,67 @@ TEST_CASE("injected mmap failures leave the range as it was")
 }
 
 namespace {
+/// Whether anything at all is mapped at p's page (MAP_FIXED_NOREPLACE fails with EEXIST).
+bool page_is_mapped(std::byte* p)
+{
+    void* got = ::mmap(p, page_size, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (got == MAP_FAILED)
+        return errno == EEXIST;
+    ::munmap(got, page_size);
+    return false;
+}
+
+/// Another thread's allocation landing in the first page of the hole.
+void intrude(void* addr, std::size_t)
+{
+    void* got = ::mmap(addr, page_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    REQUIRE(got == addr);
+    static_cast<std::byte*>(got)[0] = std::byte{0xab};
+}
+} // namespace
+
+TEST_CASE("a MAP_FIXED that fails after removing the old mapping leaves the range reserved")
+{
+    test::InjectingSyscalls::reset();
+    InjectedVa va = must(InjectedVa::reserve(4 * page_size, 1));
+    Mappable shm = must(InjectedVa::create_shared_memory(4 * page_size, "rereserve"));
+    must(va.map_file(0, 4 * page_size, shm, 0, true));
+    va.base()[0] = std::byte{1};
+    va.base()[3 * page_size] = std::byte{3};
+
+    test::InjectingSyscalls::remove_before_failing = true;
+    test::InjectingSyscalls::fail_mmap(1, ENOMEM);
+    auto failed = va.commit_private(page_size, 2 * page_size);
+    REQUIRE_FALSE(failed);
+    CHECK(membacking::test::error_of(failed) == std::errc::not_enough_memory);
+    // The hole the kernel left is reserved again, so no mmap(NULL) can land there...
+    CHECK(page_is_mapped(va.base() + page_size));
+    CHECK(page_is_mapped(va.base() + 2 * page_size));
+    CHECK(maps_line(va.base() + page_size).find("---p") != std::string::npos);
+    // ...and what the failure did not touch is as it was.
+    CHECK(va.base()[0] == std::byte{1});
+    CHECK(va.base()[3 * page_size] == std::byte{3});
+    test::InjectingSyscalls::reset();
+}
+
+TEST_CASE("re-reserving after a failed MAP_FIXED leaves another thread's allocation alone")
+{
+    test::InjectingSyscalls::reset();
+    InjectedVa va = must(InjectedVa::reserve(4 * page_size, 1));
+    must(va.commit_private(0, 4 * page_size));
+    test::InjectingSyscalls::remove_before_failing = true;
+    test::InjectingSyscalls::after_removal = &intrude;
+    test::InjectingSyscalls::fail_mmap(1, ENOMEM);
+    REQUIRE_FALSE(va.unmap(page_size, 2 * page_size));
+    CHECK(va.base()[page_size] == std::byte{0xab});   // the intruder's page, untouched
+    CHECK(page_is_mapped(va.base() + 2 * page_size)); // the rest of the hole: reserved again
+    CHECK(maps_line(va.base() + 2 * page_size).find("---p") != std::string::npos);
+    test::InjectingSyscalls::reset();
+}
+
+namespace {
 /// Bytes of inaccessible private mappings (reservations) in this process.
 std::uint64_t reserved_bytes()
 {

@@ -6,8 +6,11 @@
  * - struct FaultRecord: what the handler recorded about the last recovered fault on this thread
  *   (every OS has `address`, the first byte that could not be accessed or 0 if unknown, and
  *   `remaining`, RCX at the fault: what a bulk primitive had left to do);
- * - install_fault_handler(): idempotent, thread-safe, once per module;
+ * - install_fault_handler(): idempotent, thread-safe, once per module (Linux: also puts the
+ *   handler back in front when a later one evicted it, and returns whether it is in front);
  * - last_fault(): the record, valid right after a primitive returned false.
+ * Linux also has handle_fault(sig, info, context), the entry point for an embedder's own signal
+ * handler; Windows needs none (vectored handlers are never evicted, only run in order).
  *
  * Linux: a SIGSEGV/SIGBUS handler and a recovery table in an SHF_LINK_ORDER section
  * (access/signal_handler.hpp). Windows with MinGW: a vectored exception handler and a marker in

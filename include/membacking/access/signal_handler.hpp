@@ -17,15 +17,34 @@
  * duplicate copy of an inline function it discards that copy's entry too (a plain "a" section
  * keeps entries pointing into discarded sections and the link fails).
  *
- * Faults that are not ours are chained to the handler that was installed before us: a
- * SA_SIGINFO handler is called with the same arguments, a plain handler with the signal number;
- * SIG_DFL and SIG_IGN restore the default action and return, so the faulting instruction runs
- * again and the process dies exactly as it would have without us. We never abort a process for
- * a fault that is not ours.
+ * One handler per object. The executable and each shared object that includes the library has
+ * its own table, so each has its own handler: every function and variable below has hidden
+ * visibility (the pragma), so no object's handler, state or last_fault() is interposed by
+ * another's. Each installs its handler over whatever was there (possibly another object's) and
+ * chains to it, so a fault in any object's primitives is recovered by that object's handler.
  *
- * Each shared object that uses the library has its own table and installs its own handler
- * (the state below has hidden visibility); the handlers chain through each other, so a fault in
- * any of them is recovered.
+ * Faults that are not ours go, in order:
+ * 1. to the handlers that evicted ours (a crash reporter or language runtime installed after us),
+ *    newest first, when install_fault_handler() has put ours back in front of them (it does so
+ *    whenever it finds ours evicted). Such a handler usually chains to what it replaced, which
+ *    is ours again: a thread-local depth, keyed by the fault, sends that re-entry on down the
+ *    chain instead of round again;
+ * 2. to the handler that was installed before ours: called directly (a SA_SIGINFO handler with
+ *    the same arguments, a plain one with the signal number), never by reinstalling it;
+ * 3. if that is SIG_DFL or SIG_IGN: a fault the kernel raised is retried once with our handler
+ *    still installed, because the memory may have become accessible meanwhile (another thread's
+ *    mprotect or mmap). Only when the same instruction faults again at the same address does the
+ *    handler put SIG_DFL back and return, so the kernel delivers the default action (core dump,
+ *    exact siginfo) exactly as without us. A signal sent with kill() or raise() is not retried:
+ *    SIG_DFL, then raise it again. We never abort a process for a fault that is not ours.
+ *
+ * Embedders whose own handler runs in front of ours call access::handle_fault() from it (as
+ * V8's TryHandleSignal or wasmtime's embedder hook), or call install_fault_handler() again
+ * after installing theirs.
+ *
+ * Unloading: the first install pins the object that holds the handler (dlopen RTLD_NODELETE of
+ * itself), so dlclose of a plugin that uses the library never leaves a handler in the chain that
+ * points into unmapped code. A plugin that used guarded memory stays mapped until exit.
  */
 #pragma once
 
@@ -33,9 +52,12 @@
 
 #if MEMBACKING_HAS_GUARDED_ACCESS && MEMBACKING_OS_LINUX
 
+#    include <atomic>
 #    include <csignal>
 #    include <cstdint>
 #    include <cstring>
+#    include <dlfcn.h>
+#    include <mutex>
 #    include <ucontext.h>
 
 namespace membacking::access {
@@ -51,6 +73,9 @@ struct FaultRecord {
     /// only RCX/RSI/RDI say where the completed prefix ends. Meaningless for other primitives.
     std::uint64_t remaining = 0;
 };
+
+// Everything from here to the pop is per object: see "One handler per object" above.
+#    pragma GCC visibility push(hidden)
 
 namespace detail {
 
@@ -89,74 +114,217 @@ inline std::uintptr_t find_recovery(std::uintptr_t ip) noexcept
     return 0;
 }
 
-/// Handlers that were in place before ours (hidden: one per shared object).
-struct __attribute__((visibility("hidden"))) PreviousHandlers {
-    static struct sigaction& for_signal(int sig) noexcept
-    {
-        static struct sigaction segv {};
-        static struct sigaction bus {};
-        return sig == SIGBUS ? bus : segv;
-    }
+/// How many handlers that evicted ours one object remembers (install_fault_handler()).
+inline constexpr int max_newcomers = 8;
+
+/// The chain behind this object's handler, for one signal. Written under install_mutex only;
+/// the handler reads a slot only after seeing newcomer_count cover it (release/acquire).
+struct ChainState {
+    struct sigaction previous {};                 // what was installed before our first install
+    struct sigaction newcomers[max_newcomers] {}; // handlers that evicted ours, oldest first
+    std::atomic<int> newcomer_count{0};
+    std::atomic<bool> gave_up_to_default{false}; // we put SIG_DFL back for a repeating fault
 };
 
-inline void chain_to_previous(int sig, siginfo_t* info, void* context) noexcept
+inline ChainState segv_chain{};
+inline ChainState bus_chain{};
+inline std::mutex install_mutex;
+inline bool first_install_done = false; // under install_mutex
+
+inline ChainState& chain_for(int sig) noexcept
 {
-    const struct sigaction& prev = PreviousHandlers::for_signal(sig);
-    if ((prev.sa_flags & SA_SIGINFO) != 0 && prev.sa_sigaction != nullptr) {
-        prev.sa_sigaction(sig, info, context);
-        return;
-    }
-    if (prev.sa_handler == SIG_DFL || prev.sa_handler == SIG_IGN) {
-        // Put the default action back; the faulting instruction runs again on return and the
-        // kernel delivers the default action (core dump) exactly as without us. A signal sent by
-        // kill() or raise() is not re-executed, so send it again.
-        struct sigaction dfl {};
-        dfl.sa_handler = SIG_DFL;
-        sigemptyset(&dfl.sa_mask);
-        ::sigaction(sig, &dfl, nullptr);
-        if (info == nullptr || info->si_code <= 0)
-            (void)::raise(sig);
-        return;
-    }
-    prev.sa_handler(sig);
+    return sig == SIGBUS ? bus_chain : segv_chain;
 }
 
-inline void on_fault(int sig, siginfo_t* info, void* context) noexcept
+/// A kernel-raised fault, as far as the chain needs to tell one from another.
+struct FaultKey {
+    int signal = 0;
+    std::uintptr_t address = 0;
+    std::uintptr_t ip = 0;
+    friend bool operator==(const FaultKey&, const FaultKey&) = default;
+};
+
+/// The fault this thread is passing down the chain, and how far down it is (re-entry guard).
+struct InProgress {
+    FaultKey key;
+    int depth = 0;
+};
+[[gnu::tls_model("initial-exec")]] inline thread_local InProgress in_progress{};
+/// The last fault this thread retried under a default action (repeat detection).
+[[gnu::tls_model("initial-exec")]] inline thread_local FaultKey retried_once{};
+
+inline FaultKey key_of(int sig, const siginfo_t* info, const void* context) noexcept
 {
-    auto* uc = static_cast<ucontext_t*>(context);
-    // Only kernel-generated faults (si_code > 0) interrupt an instruction we can resume from.
-    if (uc != nullptr && info != nullptr && info->si_code > 0) {
-        const auto ip = static_cast<std::uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
-        if (const std::uintptr_t recover = find_recovery(ip); recover != 0) {
-            last_fault =
-                FaultRecord{reinterpret_cast<std::uintptr_t>(info->si_addr), sig, info->si_code,
-                            static_cast<std::uint64_t>(uc->uc_mcontext.gregs[REG_RCX])};
-            uc->uc_mcontext.gregs[REG_RIP] = static_cast<greg_t>(recover);
-            uc->uc_mcontext.gregs[REG_EFL] &= ~greg_t{0x400}; // DF clear, as the ABI expects
-            return;
-        }
+    FaultKey k;
+    k.signal = sig;
+    if (info != nullptr)
+        k.address = reinterpret_cast<std::uintptr_t>(info->si_addr);
+    if (context != nullptr)
+        k.ip = static_cast<std::uintptr_t>(
+            static_cast<const ucontext_t*>(context)->uc_mcontext.gregs[REG_RIP]);
+    return k;
+}
+
+/// The handler installed for SIGSEGV and SIGBUS (defined after handle_fault, which it calls).
+inline void on_fault(int sig, siginfo_t* info, void* context) noexcept;
+
+inline bool is_ours(const struct sigaction& sa) noexcept
+{
+    return (sa.sa_flags & SA_SIGINFO) != 0 && sa.sa_sigaction == &on_fault;
+}
+
+/// SIG_DFL or SIG_IGN in front of a fault: see step 3 in the file comment.
+inline void default_action(int sig, const siginfo_t* info, const void* context) noexcept
+{
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    if (info == nullptr || info->si_code <= 0) {
+        // Sent by kill() or raise(): nothing re-executes, so send it again. It stays blocked
+        // until this handler returns, and then the default action ends the process.
+        chain_for(sig).gave_up_to_default.store(true, std::memory_order_relaxed);
+        ::sigaction(sig, &dfl, nullptr);
+        (void)::raise(sig);
+        return;
     }
-    chain_to_previous(sig, info, context);
+    const FaultKey key = key_of(sig, info, context);
+    if (!(retried_once == key)) {
+        retried_once = key; // return and let the instruction run again, our handler in place
+        return;
+    }
+    // The same instruction faulted again at the same address: the fault is real.
+    retried_once = FaultKey{};
+    chain_for(sig).gave_up_to_default.store(true, std::memory_order_relaxed);
+    ::sigaction(sig, &dfl, nullptr);
+}
+
+/// Runs a handler that was in place before ours or that evicted ours.
+inline void call_handler(const struct sigaction& h, int sig, siginfo_t* info,
+                         void* context) noexcept
+{
+    if ((h.sa_flags & SA_SIGINFO) != 0) {
+        if (h.sa_sigaction != nullptr)
+            h.sa_sigaction(sig, info, context);
+        else
+            default_action(sig, info, context);
+        return;
+    }
+    if (h.sa_handler == SIG_IGN && (info == nullptr || info->si_code <= 0))
+        return; // a SIGSEGV sent with kill() to a process that ignores it: ignored, as without us
+    if (h.sa_handler == SIG_DFL || h.sa_handler == SIG_IGN) {
+        // (The kernel never lets a fault it raised be ignored: it forces the default action.)
+        default_action(sig, info, context);
+        return;
+    }
+    h.sa_handler(sig);
+}
+
+/// A fault that is not this object's: down the chain (steps 1 to 3 of the file comment).
+inline void chain(int sig, siginfo_t* info, void* context) noexcept
+{
+    ChainState& c = chain_for(sig);
+    const FaultKey key = key_of(sig, info, context);
+    const int depth = in_progress.key == key ? in_progress.depth : 0;
+    const int newcomers = c.newcomer_count.load(std::memory_order_acquire);
+    if (depth < newcomers) {
+        const InProgress saved = in_progress;
+        in_progress = InProgress{key, depth + 1};
+        call_handler(c.newcomers[newcomers - 1 - depth], sig, info, context);
+        in_progress = saved;
+        return;
+    }
+    call_handler(c.previous, sig, info, context);
 }
 
 } // namespace detail
 
-/// Installs the handler for SIGSEGV and SIGBUS once per shared object. Idempotent and
-/// thread-safe; every library entry point that creates guarded memory calls it.
-inline __attribute__((visibility("hidden"))) void install_fault_handler() noexcept
+/// The entry point for an embedder's own SIGSEGV/SIGBUS handler (one that runs in front of
+/// ours): call it first with the handler's arguments. True: the fault was in a guarded primitive
+/// of the calling object (executable or shared object) and `context` now resumes at its recovery
+/// path; return from your handler at once. False: not ours; handle or chain it as usual (the
+/// library's copies in other objects are in that chain). Async-signal-safe.
+[[nodiscard]] inline bool handle_fault(int sig, siginfo_t* info, void* context) noexcept
 {
-    static const bool installed = [] {
-        struct sigaction sa {};
-        sa.sa_sigaction = &detail::on_fault;
-        // SA_ONSTACK: run on the thread's alternate stack if it has one, so that chaining to a
-        // stack-overflow handler (sanitizers, language runtimes) still works.
-        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-        sigemptyset(&sa.sa_mask);
-        ::sigaction(SIGSEGV, &sa, &detail::PreviousHandlers::for_signal(SIGSEGV));
-        ::sigaction(SIGBUS, &sa, &detail::PreviousHandlers::for_signal(SIGBUS));
+    auto* uc = static_cast<ucontext_t*>(context);
+    // Only kernel-generated faults (si_code > 0) interrupt an instruction we can resume from.
+    if ((sig != SIGSEGV && sig != SIGBUS) || uc == nullptr || info == nullptr || info->si_code <= 0)
+        return false;
+    const auto ip = static_cast<std::uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
+    const std::uintptr_t recover = detail::find_recovery(ip);
+    if (recover == 0)
+        return false;
+    detail::last_fault =
+        FaultRecord{reinterpret_cast<std::uintptr_t>(info->si_addr), sig, info->si_code,
+                    static_cast<std::uint64_t>(uc->uc_mcontext.gregs[REG_RCX])};
+    uc->uc_mcontext.gregs[REG_RIP] = static_cast<greg_t>(recover);
+    uc->uc_mcontext.gregs[REG_EFL] &= ~greg_t{0x400}; // DF clear, as the ABI expects
+    return true;
+}
+
+inline void detail::on_fault(int sig, siginfo_t* info, void* context) noexcept
+{
+    if (!handle_fault(sig, info, context))
+        chain(sig, info, context);
+}
+
+/// Installs this object's handler for SIGSEGV and SIGBUS, or puts it back in front. Thread-safe;
+/// every library entry point that creates guarded memory calls it, and embedders call it again
+/// after installing a handler of their own.
+/// - First call: installs the handler, remembering what was there, and pins this object.
+/// - Later calls: if another handler has replaced ours, ours goes back in front and calls that
+///   one first for the faults that are not ours (at most detail::max_newcomers of them); if we
+///   had put SIG_DFL back for a fault that then did not repeat, ours goes back.
+/// Returns whether this object's handler is now the installed one for both signals.
+inline bool install_fault_handler() noexcept
+{
+    struct sigaction ours {};
+    ours.sa_sigaction = &detail::on_fault;
+    // SA_ONSTACK: run on the thread's alternate stack if it has one, so that chaining to a
+    // stack-overflow handler (sanitizers, language runtimes) still works.
+    ours.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&ours.sa_mask);
+
+    const std::lock_guard lock(detail::install_mutex);
+    if (!detail::first_install_done) {
+        ::sigaction(SIGSEGV, &ours, &detail::segv_chain.previous);
+        ::sigaction(SIGBUS, &ours, &detail::bus_chain.previous);
+        detail::first_install_done = true;
+        // Pin the object whose code the handler is: dlclose must not unmap it while the process's
+        // chain may still lead into it. NOLOAD takes a reference on the loaded object, never
+        // loads anything; the handle is kept for good on purpose.
+        Dl_info self{};
+        if (::dladdr(reinterpret_cast<void*>(&detail::on_fault), &self) != 0 &&
+            self.dli_fname != nullptr && self.dli_fname[0] != '\0')
+            (void)::dlopen(self.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);
         return true;
-    }();
-    (void)installed;
+    }
+    bool current = true;
+    for (const int sig : {SIGSEGV, SIGBUS}) {
+        detail::ChainState& c = detail::chain_for(sig);
+        struct sigaction now {};
+        ::sigaction(sig, nullptr, &now);
+        if (detail::is_ours(now))
+            continue;
+        const bool was_ours_given_up = c.gave_up_to_default.exchange(false) &&
+                                       (now.sa_flags & SA_SIGINFO) == 0 &&
+                                       now.sa_handler == SIG_DFL;
+        const int n = c.newcomer_count.load(std::memory_order_relaxed);
+        bool known = was_ours_given_up;
+        for (int i = 0; i < n && !known; ++i)
+            known = c.newcomers[i].sa_handler == now.sa_handler &&
+                    (c.newcomers[i].sa_flags & SA_SIGINFO) == (now.sa_flags & SA_SIGINFO);
+        if (!known && n == detail::max_newcomers) {
+            current = false;
+            continue;
+        }
+        struct sigaction evicted {};
+        ::sigaction(sig, &ours, &evicted); // atomic swap: `evicted` is what really was there
+        if (detail::is_ours(evicted) || known)
+            continue;
+        c.newcomers[n] = evicted;
+        c.newcomer_count.store(n + 1, std::memory_order_release);
+    }
+    return current;
 }
 
 /// The last fault recovered on this thread (valid right after a primitive returned false).
@@ -164,6 +332,8 @@ inline __attribute__((visibility("hidden"))) void install_fault_handler() noexce
 {
     return detail::last_fault;
 }
+
+#    pragma GCC visibility pop
 
 } // namespace membacking::access
 

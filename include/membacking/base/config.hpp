@@ -80,3 +80,12 @@
 #    define MEMBACKING_NOINLINE
 #    define MEMBACKING_COLD
 #endif
+
+// [[clang::lifetimebound]] where the compiler has it (clang): the result refers into the object
+// (or argument) it is attached to, so binding it past that object's life is diagnosed. GCC has no
+// equivalent; there the deleted rvalue overloads next to each use are what catch the mistake.
+#if defined(__clang__)
+#    define MEMBACKING_LIFETIMEBOUND [[clang::lifetimebound]]
+#else
+#    define MEMBACKING_LIFETIMEBOUND
+#endif

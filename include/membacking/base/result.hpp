@@ -170,6 +170,15 @@ constexpr decltype(auto) forward_stored(V* p) noexcept
 }
 } // namespace detail
 
+/// A value that hands out non-owning views into memory it keeps alive (GuestMemory::view()). On
+/// a temporary Result of such a value, `->` is deleted: `make()->view()` would return a view that
+/// dangles at the end of the statement. (Take the value out first: `auto m = make();`.)
+template <class T>
+concept OwnerOfViews = requires
+{
+    typename T::owner_of_views;
+};
+
 /// A value of T or an Error. Implicitly constructible from either.
 ///
 /// value() and operator* on an error are a caller bug: the process aborts with the error's
@@ -208,8 +217,14 @@ public:
     T& operator*() & { return value(); }
     const T& operator*() const& { return value(); }
     T&& operator*() && { return std::move(*this).value(); }
-    T* operator->() { return &value(); }
-    const T* operator->() const { return &value(); }
+    T* operator->() & { return &value(); }
+    const T* operator->() const& { return &value(); }
+    T* operator->() && requires(!OwnerOfViews<T>) { return &value(); }
+    const T* operator->() const&& requires(!OwnerOfViews<T>) { return &value(); }
+    T* operator->() && requires OwnerOfViews<T>
+    = delete;
+    const T* operator->() const&& requires OwnerOfViews<T>
+    = delete;
 
     [[nodiscard]] const Error& error() const&
     {

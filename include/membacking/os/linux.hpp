@@ -41,6 +41,11 @@ struct LinuxSyscalls {
     {
         return ::mprotect(addr, len, prot);
     }
+    /// mincore(2): fails with ENOMEM where part of the range is not mapped at all.
+    static int mincore(void* addr, std::size_t len, unsigned char* vec) noexcept
+    {
+        return ::mincore(addr, len, vec);
+    }
     static int madvise(void* addr, std::size_t len, int advice) noexcept
     {
         return ::madvise(addr, len, advice);

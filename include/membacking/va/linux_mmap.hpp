@@ -14,6 +14,13 @@
  *   pages atomically: a concurrent access sees the old or the new memory, never a hole.
  * - unmap: mmap(PROT_NONE, MAP_FIXED) again, never munmap inside the reservation, so the range
  *   can never be handed to another allocation.
+ * - a failed MAP_FIXED: kernels before 6.12 may remove the old mapping before the new one fails
+ *   (ENOMEM from the memory cgroup, a hugetlb pool that runs dry...). Another thread's
+ *   mmap(NULL) could then land in the hole, and a later MAP_FIXED of ours (the caller's rollback)
+ *   would silently replace that allocation. So after any failed fixed mapping the hole, if any,
+ *   is reserved again at once (MAP_FIXED_NOREPLACE, which never replaces what is there: an
+ *   allocation that got in first is left alone). What remains is the window between the kernel's
+ *   removal and our re-reservation, a few system calls long; kernels from 6.12 have none.
  * - hints: madvise(MADV_HUGEPAGE), mbind(MPOL_BIND) and PR_SET_VMA_ANON_NAME.
  * - objects: memfd_create(MFD_CLOEXEC) + ftruncate; hugetlb memfds with a chosen page size, whose
  *   pages are reserved at creation (fallocate) so a short pool fails now, not at first touch.
@@ -320,10 +327,49 @@ private:
         void* got = Sys::mmap(want, len, prot, flags | MAP_FIXED, fd, file_offset);
         if (got == MAP_FAILED) {
             const int err = errno;
+            rereserve_holes(static_cast<std::byte*>(want), len);
             return os_error(err, what() + " " + describe(off, len));
         }
         MEMBACKING_CHECK(got == want, "mmap(MAP_FIXED) returned another address");
         return {};
+    }
+
+    /// Reserves again whatever part of [at, at + len) a failed MAP_FIXED left unmapped (see the
+    /// file comment), without touching what is mapped there. Best effort: it runs on an error
+    /// path that already reports the original failure.
+    void rereserve_holes(std::byte* at, std::uint64_t len) noexcept
+    {
+        // The common cases: the failure removed nothing (one mincore per chunk says "all
+        // mapped"), or removed the whole range (one mmap fills it).
+        if (reserve_hole(at, len))
+            return;
+        constexpr std::uint64_t chunk_pages = 1024;
+        unsigned char residency[chunk_pages];
+        for (std::uint64_t done = 0; done < len;) {
+            const std::uint64_t chunk = std::min(len - done, chunk_pages * page_size);
+            if (Sys::mincore(at + done, chunk, residency) != 0 && errno == ENOMEM) {
+                // Part of this chunk is a hole, part is something that got in first.
+                for (std::uint64_t p = done; p < done + chunk; p += page_size)
+                    if (Sys::mincore(at + p, page_size, residency) != 0 && errno == ENOMEM)
+                        (void)reserve_hole(at + p, page_size);
+            }
+            done += chunk;
+        }
+    }
+
+    /// PROT_NONE over [at, at + len) if nothing at all is mapped there; false otherwise.
+    static bool reserve_hole(std::byte* at, std::uint64_t len) noexcept
+    {
+        void* got =
+            Sys::mmap(at, len, PROT_NONE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+        if (got == MAP_FAILED)
+            return false;
+        if (got != at) { // a kernel before 4.17 took the flag for a hint
+            Sys::munmap(got, len);
+            return false;
+        }
+        return true;
     }
 
     std::byte* base_ = nullptr;
