@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <dirent.h>
 #include <fcntl.h>
 #include <fstream>
+#include <new>
 #include <string>
 #include <sys/uio.h>
 #include <thread>
@@ -23,6 +25,36 @@
 using namespace membacking;
 using test::must;
 using test::range;
+
+// Counts this thread's allocations, so a test can say that taking a lease allocates nothing.
+namespace {
+thread_local std::uint64_t allocations = 0;
+} // namespace
+
+void* operator new(std::size_t n)
+{
+    ++allocations;
+    if (void* p = std::malloc(n == 0 ? 1 : n))
+        return p;
+    throw std::bad_alloc();
+}
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept
+{
+    ++allocations;
+    return std::malloc(n == 0 ? 1 : n);
+}
+// Every operator new above allocates with malloc; GCC cannot see that through the inlining.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+void operator delete(void* p) noexcept
+{
+    std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept
+{
+    std::free(p);
+}
+#pragma GCC diagnostic pop
 
 namespace {
 
@@ -219,6 +251,29 @@ TEST_CASE("a lease spanning several objects has one piece per object run; many p
     }
     // Contiguous RAM in one object stays one piece, however many mappings cover it.
     CHECK(must(memory.lease(Gpa{0}, Length{4 * MiB}, LeaseAccess::read)).spans().size() == 1);
+}
+
+TEST_CASE("taking and releasing a lease of up to inline_pieces pieces allocates nothing")
+{
+    auto m = ram_guest(4 * MiB);
+    auto memory = m.guest_memory();
+    auto dev = must(m.device_memory_mapper().new_region("four", Length{4 * page}));
+    for (std::uint64_t i = 0; i < 4; ++i)
+        must(dev.map({.offset = Offset{i * page},
+                      .length = Length{page},
+                      .object = test::make_memfd(page),
+                      .object_offset = Offset{0},
+                      .protection = Protection::read_write}));
+    must(dev.map_to_guest(Gpa{16 * MiB}, Protection::read_write));
+    const std::uint64_t before = allocations;
+    std::size_t pieces = 0;
+    {
+        auto one = memory.lease(Gpa{0x1000}, Length{page}, LeaseAccess::read_write);
+        auto four = memory.lease(Gpa{16 * MiB}, Length{4 * page}, LeaseAccess::write);
+        pieces = one && four ? one->spans().size() + four->spans().size() : 0;
+    }
+    CHECK(allocations == before);
+    CHECK(pieces == 5);
 }
 
 TEST_CASE("a lazy mapper's handle leases exactly as the primary's does")
