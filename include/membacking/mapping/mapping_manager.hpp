@@ -1,7 +1,7 @@
 /**
  * @file mapping/mapping_manager.hpp
- * Layer: mapping (includes base/, detail/, access/, va/, region/mapping.hpp). Knows nothing of
- * partitions.
+ * Layer: mapping (includes base/, detail/, access/, va/, lease/, region/mapping.hpp). Knows
+ * nothing of partitions.
  *
  * MappingManager<V> keeps every VA mapper of one guest in sync with the active mappings the
  * region manager computes (it is the region manager's VaEventSink). A VaMapper<V> is one linear
