@@ -16,6 +16,11 @@
 //   is what the library adds.
 // BM_RandomRW/raw_gapped/<regions>: the same GPAs in a plain private buffer (no library, no shared
 //   memory): what the gaps alone cost against BM_RandomRW/raw.
+// BM_Lease/<pages>: take and release a read_write lease of <pages> mapped pages (target: no more
+//   than BM_Copy/guest_read/4096).
+// BM_Lease/disjoint/threads:<n>: the same for one page, each thread at its own GPA, in real
+//   time: items_per_second with 2 threads over that with 1 is the scaling (target: >= 1.7x; it
+//   needs two idle cores).
 //
 // Guest memory is real: regions in a RegionManager, mapped by a MappingManager into a Linux VA
 // mapper, accessed through GuestMemory. The raw baselines of the hot-GPA, copy and raw_layout
@@ -302,6 +307,42 @@ void random_rw_raw_layout(benchmark::State& state)
            [layout](std::uint64_t offset) { return layout.gpa_of(offset); });
 }
 
+/// Take and release a lease of state.range(0) pages.
+void lease_pages(benchmark::State& state)
+{
+    Memory m = guest(1).memory(); // not const: see read_u64_guest
+    const Length len{static_cast<std::uint64_t>(state.range(0)) * page_size};
+    std::uint64_t gpa = 0x10000;
+    for (auto _ : state) {
+        opaque(gpa);
+        auto lease = m.lease(Gpa{gpa}, len, LeaseAccess::read_write);
+        if (!lease) [[unlikely]] {
+            state.SkipWithError("unexpected lease error");
+            return;
+        }
+        benchmark::DoNotOptimize(lease->iovecs().data());
+    }
+}
+
+/// One page per iteration, each thread at its own GPA (1 MiB apart).
+void lease_disjoint(benchmark::State& state)
+{
+    static Guest& shared = guest(1); // magic static: thread-safe first use
+    Memory m = shared.memory();
+    std::uint64_t gpa = static_cast<std::uint64_t>(state.thread_index()) * MiB;
+    const Length len{page_size};
+    for (auto _ : state) {
+        opaque(gpa);
+        auto lease = m.lease(Gpa{gpa}, len, LeaseAccess::read_write);
+        if (!lease) [[unlikely]] {
+            state.SkipWithError("unexpected lease error");
+            return;
+        }
+        benchmark::DoNotOptimize(lease->iovecs().data());
+    }
+    state.SetItemsProcessed(state.iterations());
+}
+
 /// The guest's GPA layout (regions with gaps) in a plain private buffer: no library, no shared
 /// memory. Against BM_RandomRW/raw it shows what the gaps alone cost the TLB and page walks.
 void random_rw_raw_gapped(benchmark::State& state)
@@ -332,11 +373,15 @@ const bool registered = [] {
         benchmark::RegisterBenchmark("BM_RandomRW", random_rw_guest),
         benchmark::RegisterBenchmark("BM_RandomRW/raw_layout", random_rw_raw_layout),
         benchmark::RegisterBenchmark("BM_RandomRW/raw_gapped", random_rw_raw_gapped),
+        benchmark::RegisterBenchmark("BM_Lease", lease_pages),
+        benchmark::RegisterBenchmark("BM_Lease/disjoint", lease_disjoint),
     };
     for (std::size_t i = 6; i < 9; ++i) // the copies
         all.begin()[i]->Arg(4096)->Arg(65536)->Arg(1048576);
     for (std::size_t i = 10; i < 13; ++i) // the region counts
         all.begin()[i]->Arg(1)->Arg(64)->Arg(1024);
+    all.begin()[13]->Arg(1)->Arg(16);
+    all.begin()[14]->Threads(1)->Threads(2)->UseRealTime();
     bench::fix_iterations(all);
     return true;
 }();

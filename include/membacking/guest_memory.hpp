@@ -1,6 +1,6 @@
 /**
  * @file guest_memory.hpp
- * Layer: guest_memory (includes base/, access/). Knows nothing of the region manager.
+ * Layer: guest_memory (includes base/, access/, lease/). Knows nothing of the region manager.
  *
  * The access API, in two types bound to one VA mapper:
  * - GuestMemoryView<Mapper>: base pointer, size, GPA base and the mapper (for the slow path). It
@@ -48,6 +48,10 @@
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
+
+#    if MEMBACKING_OS_LINUX
+#        include <membacking/lease/lease.hpp>
+#    endif
 
 #    include <algorithm>
 #    include <concepts>
@@ -264,6 +268,44 @@ public:
     {
         return fetch_update<T>(at.value(), [bits](T v) { return static_cast<T>(v ^ bits); });
     }
+
+#    if MEMBACKING_OS_LINUX
+    /// A lease of [at, at + len) for zero-copy I/O (lease/lease.hpp: what it holds, and why
+    /// topology changes never wait for it). Errors: errc::out_of_range outside this view,
+    /// errc::unmapped naming the first GPA that is not mapped, errc::read_only for a write lease
+    /// of read-only memory, errc::unsupported for private memory. Works the same through every
+    /// mapper of a guest, lazy or eager: it never touches the mapper's VA. No lock, no system
+    /// call, and no allocation up to Lease::inline_pieces pieces.
+    [[nodiscard]] Result<Lease> lease(Address at, Length len, LeaseAccess access) const requires
+        requires(const Mapper& m)
+    {
+        m.leases();
+    }
+    {
+        const std::uint64_t start = at.value();
+        if (mapper_ == nullptr || !in_bounds(start, len.value())) [[unlikely]]
+            return make_error(errc::out_of_range,
+                              "cannot lease " + to_string(len) + " bytes at " +
+                                  MemoryRange::hex(gpa_base_ + start) + ": outside guest memory " +
+                                  MemoryRange::hex(gpa_base_) + "+" + MemoryRange::hex(size_));
+        return mapper_->leases().take(gpa_base_ + start, len.value(), access);
+    }
+
+    /// How much of [at, at + len) is mapped, and writable, from `at` on (prefix lengths; the
+    /// part outside this view counts as unmapped). No copy, no allocation, no lock.
+    [[nodiscard]] RangeProbe probe(Address at, Length len) const noexcept requires
+        requires(const Mapper& m)
+    {
+        m.leases();
+    }
+    {
+        const std::uint64_t start = at.value();
+        if (mapper_ == nullptr || start >= size_)
+            return {};
+        const std::uint64_t n = std::min(len.value(), size_ - start);
+        return mapper_->leases().probe(gpa_base_ + start, n);
+    }
+#    endif
 
     /// A window over [at, at + len) of this view, addressed by Offset from `at`.
     [[nodiscard]] Result<GuestMemoryView<Mapper, Offset>> subrange(Address at, Length len) const

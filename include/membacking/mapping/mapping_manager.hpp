@@ -1,7 +1,7 @@
 /**
  * @file mapping/mapping_manager.hpp
- * Layer: mapping (includes base/, detail/, access/, va/, region/mapping.hpp). Knows nothing of
- * partitions.
+ * Layer: mapping (includes base/, detail/, access/, va/, lease/, region/mapping.hpp). Knows
+ * nothing of partitions.
  *
  * MappingManager<V> keeps every VA mapper of one guest in sync with the active mappings the
  * region manager computes (it is the region manager's VaEventSink). A VaMapper<V> is one linear
@@ -29,6 +29,13 @@
  * mutex (an access from inside a control call) is answered with an error, not a deadlock.
  * Shutdown (the manager's destructor) unmaps every mapper's whole range, so handles that outlive
  * the manager get errors, not stale memory.
+ *
+ * Leases (Linux): the manager owns the guest's lease domain (lease/lease_domain.hpp), which every
+ * mapper shares. Every operation that may change the active mappings republishes the domain's
+ * table before it returns (success or failure), and a new object gets its lease window (made by
+ * the VA policy's map_lease_window, if it has one) before any mapper is touched, so a window
+ * that cannot be mapped fails the operation with nothing changed. Shutdown publishes an empty
+ * table: leases taken before stay valid until released.
  */
 #pragma once
 
@@ -42,6 +49,9 @@
 
 #if MEMBACKING_HAS_GUARDED_ACCESS
 #    include <membacking/access/fault_handler.hpp>
+#endif
+#if MEMBACKING_OS_LINUX
+#    include <membacking/lease/lease_domain.hpp>
 #endif
 
 #include <algorithm>
@@ -97,11 +107,26 @@ public:
     /// an allocation failure here ends the process rather than corrupting the books.
     [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept;
 
+#if MEMBACKING_OS_LINUX
+    /// The guest's lease domain (GuestMemory::lease and ::probe look ranges up there). It
+    /// outlives the manager as long as this mapper does.
+    [[nodiscard]] detail::LeaseDomain& leases() const noexcept
+    {
+        return *leases_;
+    }
+#endif
+
 private:
     friend class detail::MappingCore<V>;
+#if MEMBACKING_OS_LINUX
+    using Leases = std::shared_ptr<detail::LeaseDomain>;
+#else
+    struct Leases {};
+#endif
     VaMapper(V va, std::uint64_t size, std::weak_ptr<detail::MappingCore<V>> core, std::uint64_t id,
-             bool eager)
-        : va_(std::move(va)), size_(size), core_(std::move(core)), id_(id), eager_(eager)
+             bool eager, Leases leases)
+        : va_(std::move(va)), size_(size), core_(std::move(core)), id_(id), eager_(eager),
+          leases_(std::move(leases))
     {}
 
     V va_;
@@ -111,6 +136,7 @@ private:
     std::atomic<bool> eager_;
     /// Only registered mappers deregister on destruction; cleared at the manager's shutdown.
     std::atomic<bool> registered_ = false;
+    [[no_unique_address]] Leases leases_;
 };
 
 namespace detail {
@@ -127,10 +153,12 @@ public:
     Result<void> add_mapping(const ActiveMapping& m)
     {
         Locked lock(*this);
+        const Republish republish(*this);
         if (m.gpa.empty() || m.gpa.end() > max_addr_)
             return make_error(errc::out_of_range, "mapping " + m.gpa.to_string() +
                                                       " lies outside the guest address space of " +
                                                       MemoryRange::hex(max_addr_) + " bytes");
+        MEMBACKING_TRY(ensure_lease_window(m));
         if (Entry* same = exact_entry(m.gpa); same != nullptr && same->mapping.backing == m.backing)
             return change_permission(*same, m);
         if (m.backing.is_private() && mappers_.size() > 1)
@@ -190,6 +218,7 @@ public:
     Result<void> remove_mappings(const MemoryRange& range)
     {
         Locked lock(*this);
+        const Republish republish(*this);
         const std::vector<ActiveMapping> old = pieces_in(range);
         if (old.empty())
             return {};
@@ -232,8 +261,8 @@ public:
         if (!va)
             return std::move(va).error().context("failed to reserve address space for a VA mapper");
         const bool eager = mode == MapperMode::eager;
-        std::shared_ptr<VaMapper<V>> mapper(
-            new VaMapper<V>(std::move(*va), max_addr_, this->weak_from_this(), next_id_++, eager));
+        std::shared_ptr<VaMapper<V>> mapper(new VaMapper<V>(
+            std::move(*va), max_addr_, this->weak_from_this(), next_id_++, eager, leases_));
         if (eager) {
             // A failed replay needs no undo: the unregistered mapper and its whole reservation
             // go away when `mapper` does.
@@ -307,6 +336,7 @@ public:
     void shut_down() noexcept
     {
         Locked lock(*this);
+        const Republish republish(*this);
         for (Slot& s : mappers_) {
             if (!s.mapper->va_.unmap(0, align_up_page(max_addr_)))
                 fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
@@ -348,6 +378,15 @@ public:
         return max_addr_;
     }
 
+#if MEMBACKING_OS_LINUX
+    /// Lease windows mapped and not yet retired (for tests).
+    [[nodiscard]] std::size_t lease_window_count() const
+    {
+        Locked lock(*this);
+        return leases_->window_count();
+    }
+#endif
+
 private:
     struct Entry {
         ActiveMapping mapping;
@@ -378,6 +417,68 @@ private:
     {
         static thread_local const void* core = nullptr;
         return core;
+    }
+
+    /// Republishes the lease table when it goes: at the end of every operation that may have
+    /// changed the active mappings (or made a lease window), whatever path it returns by.
+    struct Republish {
+        explicit Republish(MappingCore& c) noexcept : core(c) {}
+        Republish(const Republish&) = delete;
+        Republish& operator=(const Republish&) = delete;
+        ~Republish() { core.publish_leases(); }
+        MappingCore& core;
+    };
+
+    /// Whether the VA policy can map lease windows (LinuxMmap can).
+    static constexpr bool has_lease_windows =
+        requires(const Mappable& o, std::uint64_t n, std::byte* b)
+    {
+        V::map_lease_window(o, n);
+        V::unmap_lease_window(b, n);
+    };
+
+    /// Makes the lease window of m's object if it has none yet (on Linux, with a VA policy that
+    /// can). Nothing else changes, so a failure leaves the books as they were.
+    Result<void> ensure_lease_window([[maybe_unused]] const ActiveMapping& m)
+    {
+#if MEMBACKING_OS_LINUX
+        if constexpr (has_lease_windows) {
+            if (m.backing.is_private() || leases_->window(m.backing.object.identity()) != nullptr)
+                return {};
+            auto w = V::map_lease_window(m.backing.object, m.backing.file_offset + m.gpa.size());
+            if (!w)
+                return std::move(w).error().context("failed to make the lease window for " +
+                                                    m.gpa.to_string());
+            leases_->add_window(m.backing.object.identity(), w->base, w->size, w->writable,
+                                &V::unmap_lease_window);
+        }
+#endif
+        return {};
+    }
+
+    /// Publishes the active mappings as the lease table (and retires unused windows). A piece
+    /// lies in its object's window at its file offset; private pieces, pieces of objects with no
+    /// window, and pieces beyond their window's end (an object that grew after its window was
+    /// made) cannot be leased (the domain says errc::unsupported).
+    void publish_leases() noexcept
+    {
+#if MEMBACKING_OS_LINUX
+        std::vector<detail::LeasePiece> pieces;
+        pieces.reserve(entries_.size());
+        for (const auto& [start, e] : entries_) {
+            const ActiveMapping& m = e.mapping;
+            detail::LeaseWindow* w =
+                m.backing.is_private() ? nullptr : leases_->window(m.backing.object.identity());
+            if (w != nullptr &&
+                (m.backing.file_offset > w->size ||
+                 m.gpa.size() > w->size - m.backing.file_offset || (m.writable && !w->writable)))
+                w = nullptr;
+            pieces.push_back({m.gpa.start(), m.gpa.end(),
+                              w != nullptr ? w->base + m.backing.file_offset : nullptr, m.writable,
+                              w});
+        }
+        leases_->publish(std::move(pieces));
+#endif
     }
 
     static std::uint64_t align_up_page(std::uint64_t v)
@@ -559,6 +660,12 @@ private:
     bool has_private_ = false;
     bool shut_down_ = false;
     MappingStats stats_;
+    /// The lease domain on Linux; an empty placeholder elsewhere.
+#if MEMBACKING_OS_LINUX
+    typename VaMapper<V>::Leases leases_ = std::make_shared<LeaseDomain>();
+#else
+    typename VaMapper<V>::Leases leases_{};
+#endif
 };
 
 } // namespace detail
@@ -634,6 +741,13 @@ public:
     [[nodiscard]] std::size_t mapper_count() const { return core_->mapper_count(); }
     [[nodiscard]] MappingStats stats() const { return core_->stats(); }
     [[nodiscard]] std::uint64_t max_addr() const noexcept { return core_->max_addr(); }
+#if MEMBACKING_OS_LINUX
+    /// Lease windows mapped and not yet retired (for tests).
+    [[nodiscard]] std::size_t lease_window_count() const
+    {
+        return core_->lease_window_count();
+    }
+#endif
 
 private:
     explicit MappingManager(std::shared_ptr<detail::MappingCore<V>> core) : core_(std::move(core))

@@ -25,6 +25,7 @@
 #    include <sys/ioctl.h>
 #    include <sys/mman.h>
 #    include <sys/prctl.h>
+#    include <sys/stat.h>
 #    include <sys/syscall.h>
 #    include <unistd.h>
 
@@ -70,6 +71,7 @@ struct LinuxSyscalls {
         return ::fallocate(fd, mode, offset, len);
     }
     static int close(int fd) noexcept { return ::close(fd); }
+    static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,
                       unsigned long maxnode, unsigned flags) noexcept

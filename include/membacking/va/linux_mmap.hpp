@@ -286,6 +286,47 @@ public:
         return object;
     }
 
+    /// A lease window (lease/lease_window.hpp): where it is, how big, whether writable.
+    struct LeaseWindowMapping {
+        std::byte* base;
+        std::uint64_t size;
+        bool writable;
+    };
+
+    /// Maps the whole object once, MAP_SHARED, anywhere in this process, for leases: its size
+    /// (fstat), but at least min_size bytes, rounded up to a page. Read-write, or read-only if
+    /// the handle does not allow writing (a file opened O_RDONLY).
+    [[nodiscard]] static Result<LeaseWindowMapping> map_lease_window(const Mappable& object,
+                                                                     std::uint64_t min_size)
+    {
+        struct stat st {};
+        if (Sys::fstat(object.native_handle(), &st) != 0)
+            return os::last_error([] { return std::string("fstat of a leasable object failed"); });
+        const auto size =
+            checked_align_up(std::max(static_cast<std::uint64_t>(st.st_size), min_size), page_size);
+        if (!size || *size == 0 || *size > static_cast<std::uint64_t>(INT64_MAX))
+            return make_error(errc::invalid_argument, "cannot map a lease window of " +
+                                                          MemoryRange::hex(min_size) + " bytes");
+        for (const int prot : {PROT_READ | PROT_WRITE, PROT_READ}) {
+            void* p = Sys::mmap(nullptr, *size, prot, MAP_SHARED, object.native_handle(), 0);
+            if (p != MAP_FAILED)
+                return LeaseWindowMapping{static_cast<std::byte*>(p), *size,
+                                          (prot & PROT_WRITE) != 0};
+            if (errno != EACCES) // EACCES: the handle is read-only; try again without writing
+                break;
+        }
+        return os::last_error([&] {
+            return "failed to map a lease window of " + MemoryRange::hex(*size) + " bytes";
+        });
+    }
+
+    /// Unmaps a window map_lease_window made. It cannot fail for a whole mapping; were it to,
+    /// the address space would stay reserved, which is harmless.
+    static void unmap_lease_window(std::byte* base, std::uint64_t size) noexcept
+    {
+        Sys::munmap(base, size);
+    }
+
 private:
     LinuxMmap(std::byte* base, std::uint64_t size, std::uint64_t reserved) noexcept
         : base_(base), size_(size), reserved_(reserved)

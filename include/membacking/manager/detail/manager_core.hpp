@@ -189,6 +189,14 @@ public:
 
     [[nodiscard]] std::uint64_t max_address() const noexcept { return config_.max_addr; }
 
+#if MEMBACKING_OS_LINUX
+    /// Lease windows mapped and not retired (for tests).
+    [[nodiscard]] std::size_t lease_window_count() const
+    {
+        return va_.lease_window_count();
+    }
+#endif
+
     [[nodiscard]] std::optional<Mappable> sole_shared_backing() const
     {
         std::lock_guard lock(control_);
