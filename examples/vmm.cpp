@@ -43,8 +43,10 @@ constexpr std::uint32_t strings_gpa = 0x3000;
 constexpr std::uint32_t data_gpa = 0x10000;
 constexpr std::uint32_t result_gpa = 0x20000;
 constexpr std::uint32_t serial_gpa = 0xfed00000; // nothing maps it: every access is MMIO
-constexpr std::uint32_t pam_gpa = 0xc0000;
-constexpr MemoryRange pam = MemoryRange::constant(pam_gpa, pam_gpa + 0x4000);
+// The first PAM segment (i440FX PAM1's low nibble), from the library's table of the legacy area.
+constexpr MemoryRange pam = *x86_legacy::pam_range(1, 0);
+constexpr auto pam_gpa = static_cast<std::uint32_t>(pam.start());
+static_assert(pam == x86_legacy::pam_segments[0]);
 
 constexpr const char greeting[] = "hello from the guest\n";
 constexpr const char rom_text[] = "ROM: option ROM visible through the PAM segment\n";

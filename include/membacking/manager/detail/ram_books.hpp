@@ -13,6 +13,7 @@
 #include <membacking/va/mappable.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -28,8 +29,8 @@ struct RamBooks {
 
     /// One RAM backing created by the builder.
     struct Backing {
-        Mappable object; ///< empty for private memory
-        std::vector<MemoryRange> ranges;
+        Mappable object;                 ///< empty for private memory
+        std::vector<MemoryRange> ranges; ///< canonical: the object's layout
     };
 
     std::vector<Region> regions;
@@ -44,11 +45,11 @@ struct RamBooks {
     }
 
     /// The single file-backed backing, if there is exactly one.
-    [[nodiscard]] std::optional<Mappable> sole_shared_backing() const
+    [[nodiscard]] std::optional<Backing> sole_shared_backing() const
     {
         if (backings.size() != 1 || backings.front().object.empty())
             return std::nullopt;
-        return backings.front().object;
+        return backings.front();
     }
 };
 
