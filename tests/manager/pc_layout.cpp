@@ -242,3 +242,114 @@ TEST_CASE("shared_memory_backings: private memory cannot be shared")
     CHECK(backings.error().code() == errc::unsupported);
     CHECK(backings.error().message() == "RAM backing 1 is private memory, which cannot be shared");
 }
+
+// ---- a ROM over several PAM segments ----
+
+namespace {
+
+/// A 64 KiB ROM image whose 16 KiB quarters start with 'A', 'B', 'C', 'D'.
+Mappable rom_image()
+{
+    Mappable rom = test::make_memfd(0x10000);
+    for (std::uint64_t q = 0; q < 4; ++q) {
+        const char c = static_cast<char>('A' + q);
+        REQUIRE(::pwrite(rom.native_handle(), &c, 1, static_cast<off_t>(q * 0x4000)) == 1);
+    }
+    return rom;
+}
+
+Manager pc_guest()
+{
+    return must(Manager::builder()
+                    .x86_legacy_support(true)
+                    .add_backing(ram({range(0, 4 * MiB)}))
+                    .build(Length{16 * MiB}));
+}
+
+} // namespace
+
+TEST_CASE("a 64 KiB ROM under four PAM segments: one region is refused, place_split works")
+{
+    Manager m = pc_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const Mappable rom = rom_image();
+    const Gpa at{x86_legacy::pam_segments[2].start()}; // 0xc8000..0xd8000: segments 2 to 5
+
+    // One device region across four RAM regions breaks the nested priority rule.
+    auto whole = must(m.device_memory_mapper().new_region("rom", Length{0x10000}));
+    must(whole.map({.offset = Offset{0},
+                    .length = Length{0x10000},
+                    .object = rom,
+                    .object_offset = Offset{0}}));
+    auto refused = whole.map_to_guest(at, Protection::read_only);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().full_message().find("overlaps with existing region 'ram-pam-0xc8000'") !=
+          std::string::npos);
+
+    auto pieces = must(m.device_memory_mapper().place_split({.name = "rom",
+                                                             .gpa = at,
+                                                             .length = Length{0x10000},
+                                                             .object = rom,
+                                                             .object_offset = Offset{0}}));
+    REQUIRE(pieces.size() == 4);
+    for (std::size_t i = 0; i < 4; ++i) {
+        CHECK(pieces[i].placement() == x86_legacy::pam_segments[2 + i]);
+        CHECK(pieces[i].name() ==
+              "rom@" + MemoryRange::hex(x86_legacy::pam_segments[2 + i].start()));
+    }
+    // RAM hides it until the PAM segments let go; then each quarter shows at its own segment.
+    auto mem = m.guest_memory();
+    auto control = m.ram_visibility_control();
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(at)) == 0);
+    for (std::size_t i = 2; i < 6; ++i)
+        must(control.set_ram_visibility(x86_legacy::pam_segments[i], RamVisibility::unmapped));
+    for (std::uint64_t q = 0; q < 4; ++q) {
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(at + Length{q * 0x4000})) ==
+              static_cast<std::uint8_t>('A' + q));
+        const auto window = p->lookup(at.value() + q * 0x4000);
+        REQUIRE(window.has_value());
+        CHECK(window->size == 0x4000);
+        CHECK_FALSE(window->writable);
+    }
+    // Only one segment back to RAM: the others still show the ROM.
+    must(control.set_ram_visibility(x86_legacy::pam_segments[3], RamVisibility::read_write));
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(at + Length{0x4000})) == 0);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(at + Length{0x8000})) == 'C');
+    // Dropping the handles takes the ROM out.
+    pieces.clear();
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(at)) == errc::unmapped);
+}
+
+TEST_CASE("place_split is all or nothing, and a piece outside RAM is one region")
+{
+    Manager m = pc_guest();
+    const Mappable rom = rom_image();
+    // Something at device priority with another range where the fourth piece would go.
+    auto blocker = must(m.device_memory_mapper().new_region("blocker", Length{0x2000}));
+    must(blocker.map_to_guest(Gpa{0xd4000}, Protection::read_only));
+    auto failed = m.device_memory_mapper().place_split({.name = "rom",
+                                                        .gpa = Gpa{0xc8000},
+                                                        .length = Length{0x10000},
+                                                        .object = rom,
+                                                        .object_offset = Offset{0}});
+    REQUIRE_FALSE(failed.has_value());
+    CHECK(failed.error().message().find("device placement 'rom'") != std::string::npos);
+    const MemoryMap map = m.memory_map();
+    for (const auto& r : map.regions)
+        CHECK(r.name.rfind("rom@", 0) == std::string::npos);
+
+    // Across the end of RAM (4 MiB): the piece above RAM is not cut further.
+    auto pieces =
+        must(m.device_memory_mapper().place_split({.name = "high",
+                                                   .gpa = Gpa{4 * MiB - 0x4000},
+                                                   .length = Length{0x10000},
+                                                   .object = rom,
+                                                   .object_offset = Offset{0},
+                                                   .protection = Protection::read_write}));
+    REQUIRE(pieces.size() == 2);
+    CHECK(pieces[1].placement() == range(4 * MiB, 4 * MiB + 0xc000));
+    auto mem = m.guest_memory();
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB})) == 'B');
+    CHECK(mem.write_plain<std::uint8_t>(Gpa{4 * MiB + 0x4000}, 'x').has_value());
+}
