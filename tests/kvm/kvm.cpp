@@ -177,6 +177,46 @@ TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, w
     g.run_to_halt();
 }
 
+TEST_CASE("a 64 KiB ROM over four PAM segments (place_split): the guest reads each quarter")
+{
+    Guest<> g;
+    Mappable rom = test::make_memfd(0x10000);
+    for (std::uint64_t q = 0; q < 4; ++q) {
+        const char c = static_cast<char>('A' + q);
+        REQUIRE(::pwrite(rom.native_handle(), &c, 1, static_cast<off_t>(q * 0x4000)) == 1);
+    }
+    const std::uint32_t at = 0xc8000; // x86_legacy::pam_segments[2] to [5]
+    auto pieces = must(g.manager.device_memory_mapper().place_split({.name = "option-rom",
+                                                                     .gpa = Gpa{at},
+                                                                     .length = Length{0x10000},
+                                                                     .object = rom,
+                                                                     .object_offset = Offset{0}}));
+    REQUIRE(pieces.size() == 4);
+    REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{at + 0x4000}, 'r').has_value()); // shadow RAM
+    X86Asm a;
+    for (std::uint32_t q = 0; q < 4; ++q)
+        a.load_al(at + q * 0x4000).store_al(result_gpa + q);
+    a.hlt();
+    g.load(a);
+    auto control = g.manager.ram_visibility_control();
+    for (std::size_t i = 2; i < 6; ++i)
+        must(control.set_ram_visibility(x86_legacy::pam_segments[i], RamVisibility::unmapped));
+    g.run_to_halt();
+    const auto seen = [&](std::uint32_t q) {
+        return g.memory.read_plain<std::uint8_t>(Gpa{result_gpa + q}).value();
+    };
+    CHECK(seen(0) == 'A');
+    CHECK(seen(1) == 'B');
+    CHECK(seen(2) == 'C');
+    CHECK(seen(3) == 'D');
+    // One segment back to its shadow RAM; the others keep showing the ROM.
+    must(control.set_ram_visibility(x86_legacy::pam_segments[3], RamVisibility::read_write));
+    g.run_to_halt();
+    CHECK(seen(0) == 'A');
+    CHECK(seen(1) == 'r');
+    CHECK(seen(2) == 'C');
+}
+
 TEST_CASE("a read-only window is a KVM_MEM_READONLY slot even over writable host memory")
 {
     // The manager never maps a read-only window over writable VA, so this drives the partition
