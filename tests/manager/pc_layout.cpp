@@ -353,3 +353,42 @@ TEST_CASE("place_split is all or nothing, and a piece outside RAM is one region"
     CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB})) == 'B');
     CHECK(mem.write_plain<std::uint8_t>(Gpa{4 * MiB + 0x4000}, 'x').has_value());
 }
+
+// ---- write-only shadowing, as the README's recipe does it with today's API ----
+
+TEST_CASE("shadowing recipe: reads from the ROM, guest writes exit and land in the hidden RAM")
+{
+    Manager m = pc_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const Mappable rom = rom_image();
+    const MemoryRange seg = x86_legacy::pam_segments[2]; // 0xc8000
+    auto pieces = must(m.device_memory_mapper().place_split({.name = "rom",
+                                                             .gpa = Gpa{seg.start()},
+                                                             .length = Length{0x10000},
+                                                             .object = rom,
+                                                             .object_offset = Offset{0},
+                                                             .protection = Protection::read_only}));
+    auto control = m.ram_visibility_control();
+    auto mem = m.guest_memory();
+    // WE=1, RE=0: the segment's RAM steps aside; the read-only ROM shows.
+    must(control.set_ram_visibility(seg, RamVisibility::unmapped));
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start()})) == 'A');
+    const auto window = p->lookup(seg.start());
+    REQUIRE(window.has_value());
+    CHECK_FALSE(window->writable); // so a guest write exits to the VMM
+    CHECK(test::error_of(mem.write_plain<std::uint8_t>(Gpa{seg.start()}, 'x')) == errc::read_only);
+    // The VMM forwards the exiting write into the hidden shadow RAM, at the GPA's offset in its
+    // backing object.
+    const auto backing = m.shared_memory_backing();
+    REQUIRE(backing.has_value());
+    const auto offset = backing->offset_of(Gpa{seg.start() + 0x10});
+    REQUIRE(offset.has_value());
+    const char copied = 'S';
+    REQUIRE(::pwrite(backing->mappable().native_handle(), &copied, 1,
+                     static_cast<off_t>(offset->value())) == 1);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start() + 0x10})) == 0); // the ROM's
+    // RE=1 again: the shadow RAM holds what the guest wrote.
+    must(control.set_ram_visibility(seg, RamVisibility::read_only));
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start() + 0x10})) == 'S');
+}
