@@ -494,6 +494,30 @@ TEST_CASE("guest_memory() is the primary mapper's memory; the client makes lazy 
     CHECK(m.memory_map().va_mappers == 2);
 }
 
+TEST_CASE("read-only private memory is read-only for the VMM too")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(RamBackingRequest({range(0, MiB)}).private_memory(true))
+                         .build(Length{4 * MiB}));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto primary = m.guest_memory(); // private memory lives in one mapper: no lazy ones
+    auto vis = m.ram_visibility_control();
+    REQUIRE(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 3).has_value());
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_only));
+    REQUIRE(p->lookup(0).has_value());
+    CHECK_FALSE(p->lookup(0)->writable);
+    const MemoryMap map = m.memory_map();
+    REQUIRE(map.mapping_at(Gpa{0x1000}) != nullptr);
+    CHECK_FALSE(map.mapping_at(Gpa{0x1000})->writable);
+    CHECK(test::error_of(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 1)) == errc::read_only);
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 3);
+    // Read-write again: writable.
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_write));
+    CHECK(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 5).has_value());
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 5);
+}
+
 // Lookups return pointers into the map: on a temporary they would dangle, so they do not compile.
 template <class M>
 constexpr bool finds_by_name = requires(M&& m)
@@ -668,6 +692,56 @@ TEST_CASE("controls outliving the manager report that it is gone")
     CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
                                                      RamVisibility::unmapped)) == errc::not_found);
     CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
+}
+
+TEST_CASE("an out-of-range RamVisibility value is an error, not read-only")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const auto before = m.memory_map().to_text();
+    auto bad = m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                             static_cast<RamVisibility>(7));
+    REQUIRE_FALSE(bad);
+    CHECK(test::error_of(bad) == errc::invalid_argument);
+    CHECK(bad.error().full_message().find("0xc0000") != std::string::npos);
+    CHECK(m.memory_map().to_text() == before);
+    CHECK(p->lookup(0xc0000)->writable);
+}
+
+TEST_CASE("a device memory mapper outliving the manager creates no regions")
+{
+    std::optional<Manager::DeviceMapper> devices;
+    {
+        Manager m = legacy_guest();
+        devices = m.device_memory_mapper();
+    }
+    auto bar = devices->new_region("bar0", Length{0x1000});
+    REQUIRE_FALSE(bar);
+    CHECK(test::error_of(bar) == errc::not_found);
+    CHECK(bar.error().full_message().find("bar0") != std::string::npos);
+}
+
+TEST_CASE("a moved-from manager returns errors, not a null dereference")
+{
+    Manager m = legacy_guest();
+    Manager taken = std::move(m);
+    // NOLINTBEGIN(bugprone-use-after-move,clang-analyzer-cplusplus.Move): what the test is about
+    CHECK(test::error_of(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>())) ==
+          errc::not_found);
+    CHECK(test::error_of(m.add_region("r", range(8 * MiB, 9 * MiB), 1, MappingType::Ram)) ==
+          errc::not_found);
+    CHECK(test::error_of(m.ram_visibility_control().set_ram_visibility(
+              range(0xc0000, 0xc4000), RamVisibility::unmapped)) == errc::not_found);
+    CHECK(test::error_of(m.guest_memory().read_plain<std::uint8_t>(Gpa{0})) == errc::out_of_range);
+    CHECK(test::error_of(m.client().lazy_guest_memory()) == errc::not_found);
+    CHECK(test::error_of(m.device_memory_mapper().new_region("bar", Length{0x1000})) ==
+          errc::not_found);
+    CHECK(m.memory_map().regions.empty());
+    CHECK_FALSE(m.shared_memory_backing().has_value());
+    // NOLINTEND(bugprone-use-after-move,clang-analyzer-cplusplus.Move)
+    // The manager it moved to works.
+    CHECK(taken.guest_memory().write_plain<std::uint8_t>(Gpa{0}, 1).has_value());
 }
 
 TEST_CASE("concurrent control calls and accesses stay consistent")
