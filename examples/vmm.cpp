@@ -4,7 +4,8 @@
 //   window separately controllable), a KVM partition, and a mock partition attached beside it
 //   so the example can show what a hypervisor was told.
 // - Devices: a serial-like output register at an unmapped GPA (every guest write to it is an
-//   MMIO exit the VMM prints), and an option ROM (device memory) under the 0xc0000 PAM segment.
+//   MMIO exit the VMM prints), and a 32 KiB option ROM (device memory) under the PAM segments
+//   at 0xc0000 and 0xc4000.
 // - The guest (flat 32-bit code, loaded through GuestMemory): prints a greeting, sums the
 //   numbers the VMM placed in its RAM, stores the result, then waits on the first byte at
 //   0xc0000 while a VMM thread switches that PAM segment from RAM to the option ROM *while the
@@ -43,8 +44,10 @@ constexpr std::uint32_t strings_gpa = 0x3000;
 constexpr std::uint32_t data_gpa = 0x10000;
 constexpr std::uint32_t result_gpa = 0x20000;
 constexpr std::uint32_t serial_gpa = 0xfed00000; // nothing maps it: every access is MMIO
-constexpr std::uint32_t pam_gpa = 0xc0000;
-constexpr MemoryRange pam = MemoryRange::constant(pam_gpa, pam_gpa + 0x4000);
+// The first PAM segment (i440FX PAM1's low nibble), from the library's table of the legacy area.
+constexpr MemoryRange pam = *x86_legacy::pam_range(1, 0);
+constexpr auto pam_gpa = static_cast<std::uint32_t>(pam.start());
+static_assert(pam == x86_legacy::pam_segments[0]);
 
 constexpr const char greeting[] = "hello from the guest\n";
 constexpr const char rom_text[] = "ROM: option ROM visible through the PAM segment\n";
@@ -105,7 +108,7 @@ X86Asm guest_program()
 struct Layout {
     Manager manager;
     std::shared_ptr<MockPartition> observer = std::make_shared<MockPartition>();
-    Manager::Device rom;
+    std::vector<Manager::Device> rom; ///< one device region per PAM segment
 };
 
 Layout build_layout()
@@ -118,18 +121,20 @@ Layout build_layout()
     auto memory = manager.guest_memory();
     // The option ROM: its image goes into its own object, which is then placed in the guest as
     // device memory at device priority, under the PAM segment (RAM hides it for now).
-    const Mappable rom_object = must(create_memfd("option-rom", 16_KiB), "ROM memory");
+    const Mappable rom_object = must(create_memfd("option-rom", 32_KiB), "ROM memory");
     if (::pwrite(rom_object.native_handle(), rom_text, sizeof rom_text, 0) !=
         static_cast<ssize_t>(sizeof rom_text))
         die("loading the ROM image");
-    auto rom = must(manager.device_memory_mapper().new_region("option-rom", 16_KiB), "ROM region");
-    must(rom.map({.offset = Offset{0},
-                  .length = 16_KiB,
-                  .object = rom_object,
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_only}),
-         "mapping the ROM");
-    must(rom.map_to_guest(Gpa{pam_gpa}, Protection::read_only), "placing the ROM");
+    // A 32 KiB ROM spans two PAM segments, so it is placed as one device region per segment
+    // (one region across both would not nest under them): place_split does the cut.
+    auto rom =
+        must(manager.device_memory_mapper().place_split({.name = "option-rom",
+                                                         .gpa = Gpa{pam_gpa},
+                                                         .length = 32_KiB,
+                                                         .object = rom_object,
+                                                         .object_offset = Offset{0},
+                                                         .protection = Protection::read_only}),
+             "placing the ROM");
     // Guest RAM contents: the PAM segment's shadow RAM text, the greeting, the numbers to add.
     if (!memory.write(Gpa{pam_gpa}, ram_text) || !memory.write(Gpa{strings_gpa}, greeting))
         die("writing guest strings");

@@ -23,6 +23,7 @@
 #include <membacking/manager/ram_visibility.hpp>
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/types.hpp>
+#include <membacking/manager/x86_legacy.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
 #include <membacking/partition/mock.hpp>
 #include <membacking/partition/partition_mapper.hpp>

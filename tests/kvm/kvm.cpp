@@ -177,6 +177,92 @@ TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, w
     g.run_to_halt();
 }
 
+TEST_CASE("a 64 KiB ROM over four PAM segments (place_split): the guest reads each quarter")
+{
+    Guest<> g;
+    Mappable rom = test::make_memfd(0x10000);
+    for (std::uint64_t q = 0; q < 4; ++q) {
+        const char c = static_cast<char>('A' + q);
+        REQUIRE(::pwrite(rom.native_handle(), &c, 1, static_cast<off_t>(q * 0x4000)) == 1);
+    }
+    const std::uint32_t at = 0xc8000; // x86_legacy::pam_segments[2] to [5]
+    auto pieces = must(g.manager.device_memory_mapper().place_split({.name = "option-rom",
+                                                                     .gpa = Gpa{at},
+                                                                     .length = Length{0x10000},
+                                                                     .object = rom,
+                                                                     .object_offset = Offset{0}}));
+    REQUIRE(pieces.size() == 4);
+    REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{at + 0x4000}, 'r').has_value()); // shadow RAM
+    X86Asm a;
+    for (std::uint32_t q = 0; q < 4; ++q)
+        a.load_al(at + q * 0x4000).store_al(result_gpa + q);
+    a.hlt();
+    g.load(a);
+    auto control = g.manager.ram_visibility_control();
+    for (std::size_t i = 2; i < 6; ++i)
+        must(control.set_ram_visibility(x86_legacy::pam_segments[i], RamVisibility::unmapped));
+    g.run_to_halt();
+    const auto seen = [&](std::uint32_t q) {
+        return g.memory.read_plain<std::uint8_t>(Gpa{result_gpa + q}).value();
+    };
+    CHECK(seen(0) == 'A');
+    CHECK(seen(1) == 'B');
+    CHECK(seen(2) == 'C');
+    CHECK(seen(3) == 'D');
+    // One segment back to its shadow RAM; the others keep showing the ROM.
+    must(control.set_ram_visibility(x86_legacy::pam_segments[3], RamVisibility::read_write));
+    g.run_to_halt();
+    CHECK(seen(0) == 'A');
+    CHECK(seen(1) == 'r');
+    CHECK(seen(2) == 'C');
+}
+
+TEST_CASE("shadowing recipe: the guest reads the ROM, its writes exit into the hidden RAM")
+{
+    Guest<> g;
+    const MemoryRange seg = x86_legacy::pam_segments[2]; // 0xc8000
+    const auto at = static_cast<std::uint32_t>(seg.start());
+    Mappable rom = test::make_memfd(0x4000);
+    const std::uint32_t rom_word = 0x11223344;
+    REQUIRE(::pwrite(rom.native_handle(), &rom_word, 4, 0x10) == 4);
+    auto pieces =
+        must(g.manager.device_memory_mapper().place_split({.name = "rom",
+                                                           .gpa = Gpa{at},
+                                                           .length = Length{0x4000},
+                                                           .object = rom,
+                                                           .object_offset = Offset{0},
+                                                           .protection = Protection::read_only}));
+    // The BIOS's shadowing loop, one word of it: read from the ROM, write to the same address.
+    X86Asm a;
+    a.load_eax(at + 0x10).add_eax(1).store_eax(at + 0x10).hlt();
+    g.load(a);
+    auto control = g.manager.ram_visibility_control();
+    must(control.set_ram_visibility(seg, RamVisibility::unmapped)); // PAM WE=1, RE=0
+    REQUIRE(g.vm.start_at(code_gpa));
+    Exit e = g.vm.run();
+    REQUIRE(e.kind == Exit::Kind::mmio); // the read came from the ROM, the write exits
+    CHECK(e.write);
+    CHECK(e.address == at + 0x10);
+    CHECK(e.length == 4);
+    CHECK(e.data == rom_word + 1);
+    // The VMM forwards it into the shadow RAM, at the GPA's offset in the RAM's object.
+    const auto backing = g.manager.shared_memory_backing();
+    REQUIRE(backing.has_value());
+    const auto offset = backing->offset_of(Gpa{e.address});
+    REQUIRE(offset.has_value());
+    const auto word = static_cast<std::uint32_t>(e.data);
+    REQUIRE(::pwrite(backing->mappable().native_handle(), &word, 4,
+                     static_cast<off_t>(offset->value())) == 4);
+    REQUIRE(g.vm.run().kind == Exit::Kind::halt);
+    // PAM RE=1, WE=0: the guest now reads its shadow copy.
+    must(control.set_ram_visibility(seg, RamVisibility::read_only));
+    X86Asm b;
+    b.load_eax(at + 0x10).store_eax(result_gpa).hlt();
+    g.load(b);
+    g.run_to_halt();
+    CHECK(g.memory.read_plain<std::uint32_t>(Gpa{result_gpa}).value() == rom_word + 1);
+}
+
 TEST_CASE("a read-only window is a KVM_MEM_READONLY slot even over writable host memory")
 {
     // The manager never maps a read-only window over writable VA, so this drives the partition

@@ -13,7 +13,16 @@
  *
  * x86 legacy support splits the RAM range that starts at 0 into 16 separately controllable
  * regions: low 640K, the VGA window, twelve 16K PAM segments (0xc0000-0xf0000), the 64K F
- * segment, and the rest above 1 MiB.
+ * segment (x86_legacy::ranges, which also names them), and the rest above 1 MiB.
+ *
+ * Layout and names, fixed from the reference:
+ * - each backing's ranges are laid out in its object in ascending GPA order, whatever order the
+ *   request lists them in (the reference uses list order, so a restore that lists them in
+ *   another order silently permutes guest memory);
+ * - each RAM range gets its own region name: over all backings, in ascending GPA order, the
+ *   first RAM range is "ram" and the i-th after it "ram-<i>" ("ram-1", "ram-2", ...); with x86
+ *   legacy support, the range at 0 is named so for its part above 1 MiB, and its legacy pieces
+ *   have the names of x86_legacy::ranges. (The reference calls every range "ram".)
  */
 #pragma once
 
@@ -24,6 +33,8 @@
 #include <membacking/base/units.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/ram_backing_request.hpp>
+#include <membacking/manager/shared_backing.hpp>
+#include <membacking/manager/x86_legacy.hpp>
 #include <membacking/region/mapping.hpp>
 
 #include <algorithm>
@@ -96,7 +107,7 @@ class GuestMemoryBuilder {
     using Va = typename Manager::VaPolicyType;
 
 public:
-    static constexpr std::uint64_t legacy_low_ram_end = 0x100000;
+    static constexpr std::uint64_t legacy_low_ram_end = x86_legacy::end;
 
     /// VTL2 partitions also get all of memory at gpa + offset (std::nullopt: no alias map).
     GuestMemoryBuilder& vtl0_alias_map(std::optional<Length> offset)
@@ -160,6 +171,18 @@ public:
                 return build_error(build_errc::invalid_ram_layout,
                                    "RAM range " + all[i].to_string() + " overlaps RAM range " +
                                        all[i - 1].to_string());
+        // Not in the reference: a restored backing must back the ranges it was saved with.
+        for (std::size_t i = 0; i < backings_.size(); ++i) {
+            const auto& saved = backings_[i].restored_layout();
+            if (!saved)
+                continue;
+            const auto asked = detail::canonical_ram_ranges(backings_[i].ranges());
+            if (asked != *saved)
+                return build_error(build_errc::restore_layout_mismatch,
+                                   "backing " + std::to_string(i) + ": RAM ranges " +
+                                       describe(asked) + " do not match the restored backing's " +
+                                       describe(*saved));
+        }
         // 3. The largest hugetlb page size is the VA alignment every mapper needs.
         std::uint64_t min_alignment = page_size;
         for (const RamBackingRequest& req : backings_)
@@ -189,15 +212,17 @@ public:
         auto core = Core::create(config);
         if (!core)
             return std::move(core).error();
-        // 7. The RAM regions.
+        // 7. The RAM regions, each backing's ranges in canonical (ascending GPA) order.
         for (std::size_t i = 0; i < backings_.size(); ++i) {
             const RamBackingRequest& req = backings_[i];
+            std::vector<MemoryRange> ranges = req.ranges();
+            std::sort(ranges.begin(), ranges.end());
             (*core)->control([&](auto& c) {
-                c.ram.backings.push_back({objects[i], req.ranges()});
+                c.ram.backings.push_back({objects[i], detail::canonical_ram_ranges(ranges)});
             });
             std::uint64_t file_offset = 0;
-            for (const MemoryRange& range : req.ranges()) {
-                for (const auto& [sub, name] : split(range, i)) {
+            for (const MemoryRange& range : ranges) {
+                for (const auto& [sub, name] : split(range, ram_name(all, range))) {
                     MEMBACKING_TRY(add_ram(**core, req, objects[i], sub, name, file_offset));
                     file_offset += sub.size();
                 }
@@ -212,37 +237,35 @@ private:
         std::string name;
     };
 
-    /// The regions one RAM range becomes: itself, or the x86 legacy split of low RAM.
-    [[nodiscard]] std::vector<Piece> split(const MemoryRange& range, std::size_t backing) const
+    /// The region name of one RAM range: "ram" for the lowest of all (`all`, sorted), "ram-<i>"
+    /// for the i-th after it.
+    [[nodiscard]] static std::string ram_name(const std::vector<MemoryRange>& all,
+                                              const MemoryRange& range)
     {
-        const std::string plain = backings_.size() == 1 ? "ram" : "ram-" + std::to_string(backing);
-        if (!(x86_legacy_ && range.start() == 0 && range.end() >= legacy_low_ram_end))
-            return {{range, plain}};
-        const std::vector<std::uint64_t> bounds = {
-            0x0,     0xa0000, 0xc0000, 0xc4000, 0xc8000, 0xcc000, 0xd0000,  0xd4000,    0xd8000,
-            0xdc000, 0xe0000, 0xe4000, 0xe8000, 0xec000, 0xf0000, 0x100000, range.end()};
-        std::vector<Piece> out;
-        for (std::size_t i = 1; i < bounds.size(); ++i) {
-            const std::uint64_t lo = bounds[i - 1];
-            const std::uint64_t hi = bounds[i];
-            if (lo == hi)
-                continue; // RAM ending exactly at 1 MiB: no empty region (reference quirk)
-            out.push_back({MemoryRange::valid_or_abort(lo, hi), legacy_name(lo, plain)});
-        }
-        return out;
+        const auto index =
+            static_cast<std::size_t>(std::lower_bound(all.begin(), all.end(), range) - all.begin());
+        return index == 0 ? std::string("ram") : "ram-" + std::to_string(index);
     }
 
-    static std::string legacy_name(std::uint64_t start, const std::string& plain)
+    [[nodiscard]] static std::string describe(const std::vector<MemoryRange>& ranges)
     {
-        if (start == 0)
-            return "ram-low";
-        if (start == 0xa0000)
-            return "ram-vga";
-        if (start == 0xf0000)
-            return "ram-f-segment";
-        if (start >= legacy_low_ram_end)
-            return plain;
-        return "ram-pam-" + MemoryRange::hex(start);
+        std::string out = "[";
+        for (const MemoryRange& r : ranges)
+            out += (out.size() > 1 ? ", " : "") + r.to_string();
+        return out + "]";
+    }
+
+    /// The regions one RAM range becomes: itself, or the x86 legacy split of low RAM.
+    [[nodiscard]] std::vector<Piece> split(const MemoryRange& range, const std::string& name) const
+    {
+        if (!(x86_legacy_ && range.start() == 0 && range.end() >= legacy_low_ram_end))
+            return {{range, name}};
+        std::vector<Piece> out;
+        for (const x86_legacy::Range& legacy : x86_legacy::ranges)
+            out.push_back({legacy.range, std::string(legacy.name)});
+        if (range.end() > legacy_low_ram_end) // RAM ending exactly at 1 MiB: no empty region
+            out.push_back({MemoryRange::valid_or_abort(legacy_low_ram_end, range.end()), name});
+        return out;
     }
 
     /// The object behind one backing (empty for private memory).

@@ -27,6 +27,7 @@
 #include <membacking/base/params.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
+#include <membacking/detail/undo_log.hpp>
 #include <membacking/manager/detail/device_regions.hpp>
 #include <membacking/va/mappable.hpp>
 
@@ -35,6 +36,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace membacking {
 
@@ -46,6 +48,19 @@ struct DeviceMapping {
     Length length;        ///< page aligned, non-zero
     Mappable object;      ///< what is mapped (e.g. create_memfd's)
     Offset object_offset; ///< where in the object (page aligned; default 0)
+    Protection protection = Protection::read_only;
+};
+
+/// A piece of an object placed in the guest across RAM region boundaries, for
+/// DeviceMemoryMapper::place_split: [gpa, gpa + length) of the guest shows [object_offset,
+/// object_offset + length) of object. The typical one is an option ROM under several 16 KiB PAM
+/// segments.
+struct SplitPlacement {
+    std::string name;     ///< each piece is named name + "@" + its GPA in hex
+    Gpa gpa;              ///< page aligned
+    Length length;        ///< page aligned, non-zero
+    Mappable object;      ///< what is mapped
+    Offset object_offset; ///< page aligned; default 0
     Protection protection = Protection::read_only;
 };
 
@@ -168,6 +183,57 @@ public:
         state->size = size.value();
         state->priority = priority;
         return DeviceRegion<Core>(core_, std::move(state));
+    }
+
+    /// Places one object in the guest as one device region per piece between the boundaries of
+    /// the RAM regions it overlaps, each mapping its slice of the object: the nested priority rule
+    /// refuses a device region that straddles a boundary of a RAM region above it (a 64 KiB option
+    /// ROM under four 16 KiB PAM segments: x86_legacy::pam_segments), while each piece nests
+    /// under the one RAM region over it, so each shows wherever that region's visibility lets it.
+    /// Returns the pieces' handles in GPA order (dropping one takes that piece out). All or
+    /// nothing: on failure no piece remains.
+    Result<std::vector<DeviceRegion<Core>>>
+    place_split(const SplitPlacement& p, std::uint8_t priority = device_priority) const
+    {
+        auto whole = MemoryRange::from(p.gpa, p.length);
+        if (!whole)
+            return std::move(whole).error().context("device placement '" + p.name + "'");
+        if (whole->empty())
+            return make_error(errc::invalid_range,
+                              "device placement '" + p.name + "' has no length");
+        auto core = core_.lock();
+        if (!core)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        return core->control(
+            [&](typename Core::Control& c) -> Result<std::vector<DeviceRegion<Core>>> {
+                using Ops = detail::DeviceRegionOps<typename Core::Regions>;
+                Ops ops(c.regions, c.max_addr);
+                // States first, handles only on success: a handle dropped here would take the
+                // control lock again from its destructor.
+                std::vector<std::shared_ptr<detail::DeviceRegionState>> states;
+                detail::UndoLog undo;
+                for (const MemoryRange& piece : c.ram.split_at_boundaries(*whole)) {
+                    auto state = std::make_shared<detail::DeviceRegionState>();
+                    state->name = p.name + "@" + MemoryRange::hex(piece.start());
+                    state->size = piece.size();
+                    state->priority = priority;
+                    const std::uint64_t delta = piece.start() - whole->start();
+                    const bool writable = is_writable(p.protection);
+                    MEMBACKING_TRY_CONTEXT(ops.map(*state, 0, p.object,
+                                                   p.object_offset.value() + delta, piece.size(),
+                                                   writable),
+                                           "device placement '" + p.name + "'");
+                    MEMBACKING_TRY_CONTEXT(ops.map_to_guest(*state, piece.start(), writable),
+                                           "device placement '" + p.name + "'");
+                    undo.push([ops, state]() mutable { return ops.unmap_from_guest(*state); });
+                    states.push_back(std::move(state));
+                }
+                undo.commit();
+                std::vector<DeviceRegion<Core>> pieces;
+                for (auto& state : states)
+                    pieces.push_back(DeviceRegion<Core>(core_, std::move(state)));
+                return pieces;
+            });
     }
 
 private:

@@ -43,6 +43,9 @@ enum class build_errc : int {
     hugepage_ram_range_unaligned,
     /// Not in the reference (it panics): RAM ranges that overlap or leave the address space.
     invalid_ram_layout,
+    /// Not in the reference: a restored backing (RamBackingRequest::existing_mappable with a
+    /// SharedMemoryBacking) asked to back other GPA ranges than the ones it holds.
+    restore_layout_mismatch,
 };
 
 enum class attach_errc : int {
@@ -88,6 +91,8 @@ public:
         case build_errc::hugepage_ram_range_unaligned:
             return "RAM range is not aligned to the hugepage size";
         case build_errc::invalid_ram_layout: return "invalid RAM layout";
+        case build_errc::restore_layout_mismatch:
+            return "the RAM ranges do not match the restored backing's";
         }
         return "unknown build error";
     }

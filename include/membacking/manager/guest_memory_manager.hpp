@@ -133,15 +133,35 @@ public:
     }
     [[nodiscard]] DeviceMapper device_memory_mapper() const { return DeviceMapper(core_); }
 
-    /// The RAM object, if there is exactly one backing and it is file-backed.
+    /// The RAM object and its ranges, if there is exactly one backing and it is file-backed.
     [[nodiscard]] std::optional<SharedMemoryBacking> shared_memory_backing() const
     {
         if (!core_)
             return std::nullopt;
-        auto object = core_->sole_shared_backing();
-        if (!object)
+        auto backing = core_->sole_shared_backing();
+        if (!backing)
             return std::nullopt;
-        return SharedMemoryBacking::from_mappable(std::move(*object));
+        return SharedMemoryBacking::from_mappable(std::move(backing->object),
+                                                  std::move(backing->ranges));
+    }
+
+    /// Every RAM backing (for example one per host NUMA node), in the order they were added to
+    /// the builder, each with the GPA ranges it holds: restore each with
+    /// RamBackingRequest::existing_mappable(backing). errc::unsupported if a backing is private
+    /// memory (it lives in this process's VA only and cannot be handed on).
+    [[nodiscard]] Result<std::vector<SharedMemoryBacking>> shared_memory_backings() const
+    {
+        MEMBACKING_TRY(live());
+        std::vector<SharedMemoryBacking> out;
+        for (auto& backing : core_->ram_backings()) {
+            if (backing.object.empty())
+                return make_error(errc::unsupported,
+                                  "RAM backing " + std::to_string(out.size()) +
+                                      " is private memory, which cannot be shared");
+            out.push_back(SharedMemoryBacking::from_mappable(std::move(backing.object),
+                                                             std::move(backing.ranges)));
+        }
+        return out;
     }
 
     /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).

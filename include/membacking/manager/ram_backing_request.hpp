@@ -3,8 +3,10 @@
  * Layer: manager (includes base/, va/mappable.hpp).
  *
  * RamBackingRequest: one allocation of guest RAM (one memfd, or private anonymous memory) that
- * backs one or more GPA ranges, laid out back to back in the object in range order. Typically
- * one per host NUMA node, or one in total. Reference inventory §2.3.
+ * backs one or more GPA ranges, laid out back to back in the object in ascending GPA order,
+ * whatever order they are listed in (so a restore that lists them in another order sees the same
+ * memory at the same GPAs). Typically one per host NUMA node, or one in total. Reference
+ * inventory §2.3.
  *
  * Example:
  *     RamBackingRequest ram({MemoryRange::constant(0, std::uint64_t{2} << 30)});
@@ -14,6 +16,7 @@
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/units.hpp>
+#include <membacking/manager/shared_backing.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <cstdint>
@@ -54,10 +57,24 @@ public:
         hugepages_ = size;
         return *this;
     }
-    /// Reuse an existing object (restore / servicing); nothing is allocated.
+    /// Reuse an existing object (restore / servicing); nothing is allocated. The object must
+    /// hold this request's ranges in the canonical layout (ascending GPA order, back to back);
+    /// nothing checks that: prefer the SharedMemoryBacking overload, which does.
     RamBackingRequest& existing_mappable(Mappable object)
     {
         existing_ = std::move(object);
+        restored_layout_.reset();
+        return *this;
+    }
+    /// Reuse a backing of an earlier manager (GuestMemoryManager::shared_memory_backings()): the
+    /// build checks that this request's ranges are the GPA ranges the backing holds (in any
+    /// order), and fails with build_errc::restore_layout_mismatch otherwise, since other ranges
+    /// would show guest memory at the wrong GPAs.
+    RamBackingRequest& existing_mappable(const SharedMemoryBacking& backing)
+    {
+        existing_ = backing.mappable();
+        restored_layout_ =
+            backing.ranges().empty() ? std::nullopt : std::optional(backing.ranges());
         return *this;
     }
     /// Bind the RAM to one host NUMA node (mbind).
@@ -78,6 +95,11 @@ public:
     {
         return numa_node_;
     }
+    /// The layout the existing object holds, if it came from a SharedMemoryBacking that knew it.
+    [[nodiscard]] const std::optional<std::vector<MemoryRange>>& restored_layout() const noexcept
+    {
+        return restored_layout_;
+    }
 
 private:
     std::vector<MemoryRange> ranges_;
@@ -85,7 +107,8 @@ private:
     bool private_memory_ = false;
     bool transparent_hugepages_ = false;
     std::optional<Length> hugepages_;
-    Mappable existing_; ///< empty: allocate a new object
+    Mappable existing_;                                       ///< empty: allocate a new object
+    std::optional<std::vector<MemoryRange>> restored_layout_; ///< canonical, if known
     std::optional<std::uint32_t> numa_node_;
 };
 

@@ -197,10 +197,17 @@ public:
     }
 #endif
 
-    [[nodiscard]] std::optional<Mappable> sole_shared_backing() const
+    [[nodiscard]] std::optional<RamBooks::Backing> sole_shared_backing() const
     {
         std::lock_guard lock(control_);
         return ram_.sole_shared_backing();
+    }
+
+    /// Every RAM backing, in the builder's order.
+    [[nodiscard]] std::vector<RamBooks::Backing> ram_backings() const
+    {
+        std::lock_guard lock(control_);
+        return ram_.backings;
     }
 
     [[nodiscard]] MemoryMap memory_map() const

@@ -13,6 +13,7 @@
 #include <membacking/va/mappable.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -28,8 +29,8 @@ struct RamBooks {
 
     /// One RAM backing created by the builder.
     struct Backing {
-        Mappable object; ///< empty for private memory
-        std::vector<MemoryRange> ranges;
+        Mappable object;                 ///< empty for private memory
+        std::vector<MemoryRange> ranges; ///< canonical: the object's layout
     };
 
     std::vector<Region> regions;
@@ -43,12 +44,29 @@ struct RamBooks {
         return it == regions.end() ? nullptr : &*it;
     }
 
+    /// `range` cut at every RAM region boundary strictly inside it, in GPA order: each piece
+    /// lies inside one RAM region or outside all of them.
+    [[nodiscard]] std::vector<MemoryRange> split_at_boundaries(const MemoryRange& range) const
+    {
+        std::vector<std::uint64_t> cuts = {range.start(), range.end()};
+        for (const Region& r : regions)
+            for (const std::uint64_t b : {r.range.start(), r.range.end()})
+                if (b > range.start() && b < range.end())
+                    cuts.push_back(b);
+        std::sort(cuts.begin(), cuts.end());
+        cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+        std::vector<MemoryRange> out;
+        for (std::size_t i = 1; i < cuts.size(); ++i)
+            out.push_back(MemoryRange::valid_or_abort(cuts[i - 1], cuts[i]));
+        return out;
+    }
+
     /// The single file-backed backing, if there is exactly one.
-    [[nodiscard]] std::optional<Mappable> sole_shared_backing() const
+    [[nodiscard]] std::optional<Backing> sole_shared_backing() const
     {
         if (backings.size() != 1 || backings.front().object.empty())
             return std::nullopt;
-        return backings.front().object;
+        return backings.front();
     }
 };
 
