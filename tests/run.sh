@@ -5,6 +5,7 @@
 #   build-ci-asan   clang, AddressSanitizer + UndefinedBehaviorSanitizer (so both compilers build
 #                   everything with warnings as errors)
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
+#   build-ci-release gcc, --buildtype=release (-O3, NDEBUG): what a user's release build compiles
 # then the Windows test set under Wine (tests/windows/run.sh), and ends with one line:
 # "N passed, N failed, N skipped".
 #
@@ -73,6 +74,10 @@ TEST_ARGS=(--no-suite bench --no-suite lint --no-suite install)
 run_config build-ci-asan clang++-14 -Db_sanitize=address,undefined -Db_lundef=false \
     -Dbenchmarks=disabled || status=1
 run_config build-ci-tsan g++ -Db_sanitize=thread -Dbenchmarks=disabled || status=1
+# What a user gets from `--buildtype=release` (-O3, NDEBUG): it must build with warnings as errors,
+# and the unit tests and the example must pass there too.
+TEST_ARGS=(--suite unit --suite examples)
+run_config build-ci-release g++ --buildtype=release -Dbenchmarks=disabled || status=1
 
 # The Windows policies: cross-built with MinGW and run under Wine 10 in a cached Debian 13 chroot
 # (tests/windows/run.sh, whose last line is "N passed, N failed, N skipped"); its counts join

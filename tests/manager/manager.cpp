@@ -394,6 +394,42 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     CHECK_FALSE(p->lookup(12 * MiB).has_value());
 }
 
+TEST_CASE("device memory moved to where it already is: no unmap, a permission change in place")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(bar.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_object(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 42).has_value());
+    const auto bar_id = [&] {
+        const MemoryMap map = m.memory_map();
+        return map.find_region("bar0")->id;
+    };
+    const auto id_before = bar_id();
+
+    p->clear_calls();
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    CHECK(p->calls().empty()); // the reference unmapped and mapped it again
+    CHECK(bar_id() == id_before);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
+
+    // The same place, read-only: the region stays, its permission changes.
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_only));
+    CHECK(bar_id() == id_before);
+    CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
+    REQUIRE(p->lookup(8 * MiB).has_value());
+    CHECK_FALSE(p->lookup(8 * MiB)->writable);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 0)) == errc::read_only);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
+}
+
 TEST_CASE("dropping a device region removes it from the guest")
 {
     Manager m = must(
@@ -456,6 +492,30 @@ TEST_CASE("guest_memory() is the primary mapper's memory; the client makes lazy 
     CHECK(test::value_of(lazy.read_plain<std::uint32_t>(Gpa{0x1000})) == 77);
     CHECK(lazy.mapper() != primary.mapper());
     CHECK(m.memory_map().va_mappers == 2);
+}
+
+TEST_CASE("read-only private memory is read-only for the VMM too")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(RamBackingRequest({range(0, MiB)}).private_memory(true))
+                         .build(Length{4 * MiB}));
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto primary = m.guest_memory(); // private memory lives in one mapper: no lazy ones
+    auto vis = m.ram_visibility_control();
+    REQUIRE(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 3).has_value());
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_only));
+    REQUIRE(p->lookup(0).has_value());
+    CHECK_FALSE(p->lookup(0)->writable);
+    const MemoryMap map = m.memory_map();
+    REQUIRE(map.mapping_at(Gpa{0x1000}) != nullptr);
+    CHECK_FALSE(map.mapping_at(Gpa{0x1000})->writable);
+    CHECK(test::error_of(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 1)) == errc::read_only);
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 3);
+    // Read-write again: writable.
+    must(vis.set_ram_visibility(range(0, MiB), RamVisibility::read_write));
+    CHECK(primary.write_plain<std::uint64_t>(Gpa{0x1000}, 5).has_value());
+    CHECK(test::value_of(primary.read_plain<std::uint64_t>(Gpa{0x1000})) == 5);
 }
 
 // Lookups return pointers into the map: on a temporary they would dangle, so they do not compile.
@@ -569,6 +629,42 @@ TEST_CASE("the memory map dump, as text and as JSON")
 #endif
 }
 
+TEST_CASE("dumps stay one line per region and valid JSON whatever a region's name holds")
+{
+    Manager m = legacy_guest();
+    // A newline, a control character, a backslash, a stray continuation byte, a truncated
+    // sequence, and well-formed UTF-8 (kept as is).
+    const std::string hostile = "a\nb\x01\\\x80z\xe2\x82 \xc3\xa9";
+    auto dev = must(m.device_memory_mapper().new_region(hostile, Length{0x1000}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    const MemoryMap map = m.memory_map();
+
+    const std::string text = map.to_text();
+    INFO(text);
+    CHECK(text.find("a\\x0ab\\x01\\x5c\\x80z\\xe2\\x82 \xc3\xa9 [active]\n") != std::string::npos);
+    CHECK(text.find(hostile) == std::string::npos);
+
+    const std::string json = map.to_json();
+    CHECK(json.find("\"a\\u000ab\\u0001\\\\\\ufffdz\\ufffd\\ufffd \xc3\xa9\"") !=
+          std::string::npos);
+#if MEMBACKING_OS_LINUX // the JSON check runs python3, which Wine's cmd.exe does not have
+    const std::string path = "/tmp/membacking-hostile-" + std::to_string(::getpid()) + ".json";
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(json.c_str(), f);
+    std::fclose(f);
+    // Strict UTF-8 decoding and a strict JSON parser: both fail on the raw bytes the dump had.
+    const std::string check = "python3 -c \"import json,sys; "
+                              "d=json.loads(open(sys.argv[1],'rb').read().decode('utf-8')); "
+                              "n=[r['name'] for r in d['regions'] if r['name'].startswith('a')]; "
+                              "assert n==['a\\\\nb\\\\x01\\\\\\\\\\\\ufffdz\\\\ufffd\\\\ufffd "
+                              "\\\\u00e9'], n\" " +
+                              path;
+    CHECK(std::system(check.c_str()) == 0);
+    std::remove(path.c_str());
+#endif
+}
+
 TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles with errors")
 {
     auto p = std::make_shared<MockPartition>();
@@ -596,6 +692,56 @@ TEST_CASE("controls outliving the manager report that it is gone")
     CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
                                                      RamVisibility::unmapped)) == errc::not_found);
     CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
+}
+
+TEST_CASE("an out-of-range RamVisibility value is an error, not read-only")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const auto before = m.memory_map().to_text();
+    auto bad = m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                             static_cast<RamVisibility>(7));
+    REQUIRE_FALSE(bad);
+    CHECK(test::error_of(bad) == errc::invalid_argument);
+    CHECK(bad.error().full_message().find("0xc0000") != std::string::npos);
+    CHECK(m.memory_map().to_text() == before);
+    CHECK(p->lookup(0xc0000)->writable);
+}
+
+TEST_CASE("a device memory mapper outliving the manager creates no regions")
+{
+    std::optional<Manager::DeviceMapper> devices;
+    {
+        Manager m = legacy_guest();
+        devices = m.device_memory_mapper();
+    }
+    auto bar = devices->new_region("bar0", Length{0x1000});
+    REQUIRE_FALSE(bar);
+    CHECK(test::error_of(bar) == errc::not_found);
+    CHECK(bar.error().full_message().find("bar0") != std::string::npos);
+}
+
+TEST_CASE("a moved-from manager returns errors, not a null dereference")
+{
+    Manager m = legacy_guest();
+    Manager taken = std::move(m);
+    // NOLINTBEGIN(bugprone-use-after-move,clang-analyzer-cplusplus.Move): what the test is about
+    CHECK(test::error_of(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>())) ==
+          errc::not_found);
+    CHECK(test::error_of(m.add_region("r", range(8 * MiB, 9 * MiB), 1, MappingType::Ram)) ==
+          errc::not_found);
+    CHECK(test::error_of(m.ram_visibility_control().set_ram_visibility(
+              range(0xc0000, 0xc4000), RamVisibility::unmapped)) == errc::not_found);
+    CHECK(test::error_of(m.guest_memory().read_plain<std::uint8_t>(Gpa{0})) == errc::out_of_range);
+    CHECK(test::error_of(m.client().lazy_guest_memory()) == errc::not_found);
+    CHECK(test::error_of(m.device_memory_mapper().new_region("bar", Length{0x1000})) ==
+          errc::not_found);
+    CHECK(m.memory_map().regions.empty());
+    CHECK_FALSE(m.shared_memory_backing().has_value());
+    // NOLINTEND(bugprone-use-after-move,clang-analyzer-cplusplus.Move)
+    // The manager it moved to works.
+    CHECK(taken.guest_memory().write_plain<std::uint8_t>(Gpa{0}, 1).has_value());
 }
 
 TEST_CASE("concurrent control calls and accesses stay consistent")

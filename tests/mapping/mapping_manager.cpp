@@ -39,9 +39,10 @@ struct Fixture {
                 {},
                 RegionId{1}};
     }
-    static ActiveMapping private_memory(std::uint64_t start, std::uint64_t end)
+    static ActiveMapping private_memory(std::uint64_t start, std::uint64_t end,
+                                        bool writable = true)
     {
-        return {range(start, end), MappingBacking::private_memory(), true, MappingType::Ram, {},
+        return {range(start, end), MappingBacking::private_memory(), writable, MappingType::Ram, {},
                 RegionId{1}};
     }
     /// What a raw look at the mapper's VA says: is gpa accessible right now (no fault handling)?
@@ -275,6 +276,22 @@ TEST_CASE("private memory lives in exactly one mapper")
     auto priv = f.mm.add_mapping(Fixture::private_memory(0, 0x1000));
     REQUIRE_FALSE(priv);
     CHECK(membacking::test::error_of(priv) == errc::conflict);
+}
+
+TEST_CASE("read-only private memory is mapped read-only (it is committed read-write first)")
+{
+    Fixture f;
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    must(f.mm.add_mapping(Fixture::private_memory(0, 0x2000, false)));
+    CHECK(test::error_of(Memory(a).write_plain<std::uint64_t>(Gpa{0x1000}, 5)) == errc::read_only);
+    CHECK(test::value_of(Memory(a).read_plain<std::uint64_t>(Gpa{0x1000})) == 0);
+    // The protection step fails: nothing stays mapped, and the error says why.
+    must(f.mm.remove_mappings(range(0, 0x2000)));
+    InjectingSyscalls::fail_mprotect(1, ENOMEM);
+    auto failed = f.mm.add_mapping(Fixture::private_memory(0, 0x2000, false));
+    REQUIRE_FALSE(failed);
+    CHECK(membacking::test::error_of(failed) == std::errc::not_enough_memory);
+    CHECK_FALSE(Fixture::resident(a, 0x1000));
 }
 
 TEST_CASE("a mapping outside the guest address space is refused")

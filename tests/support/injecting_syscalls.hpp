@@ -1,7 +1,7 @@
 /**
  * InjectingSyscalls: the Linux syscall seam with failure injection. Derives from the real seam
- * and shadows the calls tests want to break: the n-th mmap (or mbind, madvise, memfd_create,
- * ftruncate, fallocate) from now fails with a chosen errno and does nothing.
+ * and shadows the calls tests want to break: the n-th mmap (or munmap, mprotect, mbind, madvise,
+ * memfd_create, ftruncate, fallocate) from now fails with a chosen errno and does nothing.
  *
  * State is static (the seam is a type, not an object); tests that use it run on one thread and
  * call reset() first.
@@ -38,6 +38,8 @@ struct Plan {
 
 struct InjectingSyscalls : os::LinuxSyscalls {
     static inline Plan mmap_plan;
+    static inline Plan munmap_plan;
+    static inline Plan mprotect_plan;
     static inline Plan mbind_plan;
     static inline Plan madvise_plan;
     static inline Plan memfd_plan;
@@ -46,6 +48,8 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static void reset()
     {
         mmap_plan = {};
+        munmap_plan = {};
+        mprotect_plan = {};
         mbind_plan = {};
         madvise_plan = {};
         memfd_plan = {};
@@ -61,6 +65,26 @@ struct InjectingSyscalls : os::LinuxSyscalls {
             return MAP_FAILED;
         }
         return os::LinuxSyscalls::mmap(addr, len, prot, flags, fd, off);
+    }
+    /// The n-th munmap from now (1 = the next) fails with err.
+    static void fail_munmap(long n, int err = ENOMEM) { munmap_plan = Plan{n - 1, err}; }
+    static int munmap(void* addr, std::size_t len) noexcept
+    {
+        if (munmap_plan.next()) {
+            errno = munmap_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::munmap(addr, len);
+    }
+    /// The n-th mprotect from now (1 = the next) fails with err.
+    static void fail_mprotect(long n, int err = ENOMEM) { mprotect_plan = Plan{n - 1, err}; }
+    static int mprotect(void* addr, std::size_t len, int prot) noexcept
+    {
+        if (mprotect_plan.next()) {
+            errno = mprotect_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::mprotect(addr, len, prot);
     }
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* mask,
                       unsigned long maxnode, unsigned flags) noexcept

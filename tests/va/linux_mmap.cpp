@@ -7,6 +7,7 @@
 #include "test_support.hpp"
 #include "va_conformance.hpp"
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -122,6 +123,63 @@ TEST_CASE("injected mmap failures leave the range as it was")
     REQUIRE_FALSE(va.unmap(0, page_size));
     CHECK(va.base()[3] == std::byte{9});
     test::InjectingSyscalls::reset();
+}
+
+namespace {
+/// Bytes of inaccessible private mappings (reservations) in this process.
+std::uint64_t reserved_bytes()
+{
+    std::ifstream maps("/proc/self/maps");
+    std::uint64_t total = 0;
+    std::string line;
+    while (std::getline(maps, line)) {
+        unsigned long long lo = 0, hi = 0;
+        char perms[5] = {};
+        if (std::sscanf(line.c_str(), "%llx-%llx %4s", &lo, &hi, perms) == 3 &&
+            std::string(perms) == "---p")
+            total += hi - lo;
+    }
+    return total;
+}
+} // namespace
+
+TEST_CASE("a failed trim of a reservation returns it whole: no address space leaks")
+{
+    // 64 MiB is aligned to 2 MiB: the over-allocation is trimmed at one end or both.
+    int failures_injected = 0;
+    for (long nth : {1L, 2L}) {
+        test::InjectingSyscalls::reset();
+        const std::uint64_t before = reserved_bytes();
+        test::InjectingSyscalls::fail_munmap(nth, ENOMEM);
+        auto va = InjectedVa::reserve(std::uint64_t{64} << 20, 1);
+        const bool fired = test::InjectingSyscalls::munmap_plan.fired;
+        test::InjectingSyscalls::reset();
+        if (!fired) { // the allocation needed only nth - 1 trims: nothing to fail
+            CHECK(va.has_value());
+            continue;
+        }
+        ++failures_injected;
+        REQUIRE_FALSE(va.has_value());
+        CHECK(test::error_of(va) == std::errc::not_enough_memory);
+        CHECK(va.error().full_message().find("failed to trim the reservation") !=
+              std::string::npos);
+        CHECK(reserved_bytes() == before);
+    }
+    CHECK(failures_injected >= 1); // there is always at least one end to trim
+}
+
+TEST_CASE("a page-aligned file offset beyond 2^63 is reported as such")
+{
+    Va va = must(Va::reserve(4 * page_size, 1));
+    Mappable shm = must(Va::create_shared_memory(page_size, "far"));
+    auto far = va.map_file(0, page_size, shm, std::uint64_t{1} << 63, true);
+    REQUIRE_FALSE(far);
+    CHECK(test::error_of(far) == errc::invalid_argument);
+    CHECK(far.error().full_message().find("beyond the largest file offset") != std::string::npos);
+    CHECK(far.error().full_message().find("page-aligned") == std::string::npos);
+    auto odd = va.map_file(0, page_size, shm, 0x800, true);
+    REQUIRE_FALSE(odd);
+    CHECK(odd.error().full_message().find("not a page-aligned file offset") != std::string::npos);
 }
 
 TEST_CASE("shared memory objects: memfd sizes and hugetlb page-size validation")

@@ -13,7 +13,6 @@
 # /var/cache/membacking/wine-trixie, and rebuilt when the package list below changes (its hash is
 # stored beside it). A run leaves no mount, no process and no build directory behind: a trap
 # kills the run's wineserver, unmounts /proc and the source bind mount, and removes the build.
-# Runs that share a cache take turns (flock on $cache/lock).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root=$PWD
@@ -113,13 +112,11 @@ SOURCES
 }
 
 mkdir -p "$cache"
-# One run at a time per cache: the chroot's /src, /build and /wineprefix are fixed paths, and the
-# cleanup stops every process inside the chroot, so two runs at once (engineers sharing a machine)
-# would build each other's sources and kill each other's tests. A second run waits here, before
-# it has set chroot_dir, so its cleanup cannot touch the first's processes.
+# One run at a time per machine: runs share the chroot, its /build, and the cleanup kills every
+# process rooted in the chroot. A second run waits here (the lock goes with this process).
 exec 9>"$cache/lock"
 if ! flock -n 9; then
-    log "another run holds $cache/lock; waiting for it to end"
+    log "another run holds $cache/lock: waiting for it"
     flock 9
 fi
 if [ "$(cat "$cache/env.hash" 2>/dev/null)" != "$env_hash" ] || [ ! -x "$cache/root/usr/lib/wine/wine64" ]; then

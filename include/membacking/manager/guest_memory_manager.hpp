@@ -10,10 +10,11 @@
  * parameters on purpose, because a constrained parameter makes GCC 12 report only that the whole
  * concept "evaluated to false".
  *
- * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only; destroying it takes guest memory
- * out of every partition and invalidates every VA mapper, so GuestMemory handles that outlive it
- * get errors, never stale memory. Every method is thread-safe, and every control operation
- * returns only after every VA mapper and partition reflects it.
+ * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only (a moved-from manager's control
+ * calls fail with errc::not_found, its guest_memory() is an empty handle); destroying it takes
+ * guest memory out of every partition and invalidates every VA mapper, so GuestMemory handles that
+ * outlive it get errors, never stale memory. Every method is thread-safe, and every control
+ * operation returns only after every VA mapper and partition reflects it.
  *
  * Example (README.md has the whole of it, compiled as a test):
  *     using Manager = GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>>;
@@ -26,6 +27,7 @@
  */
 #pragma once
 
+#include <membacking/base/fatal.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
@@ -85,7 +87,10 @@ public:
 
     /// The access API over the primary VA mapper (the one partitions map from): the one
     /// spelling of the primary GuestMemory. Copies share the mapper; hand one to each device.
-    [[nodiscard]] Memory guest_memory() const { return Memory(core_->primary()); }
+    [[nodiscard]] Memory guest_memory() const
+    {
+        return core_ ? Memory(core_->primary()) : Memory();
+    }
     /// Makes further (lazy) mappers: client().lazy_guest_memory().
     [[nodiscard]] Client client() const { return Client(core_); }
 
@@ -97,21 +102,28 @@ public:
     {
         static_assert(detail::occurs_once<P, Partitions...>,
                       "attach_partition: this partition policy is not one of the manager's");
+        MEMBACKING_TRY(live());
         return core_->attach(vtl, std::move(partition));
     }
 
     /// Unmaps everything from a partition and forgets it.
-    Result<void> detach_partition(PartitionId id) { return core_->detach(id); }
+    Result<void> detach_partition(PartitionId id)
+    {
+        MEMBACKING_TRY(live());
+        return core_->detach(id);
+    }
 
     /// Turns dirty-page logging on or off in one attached partition (if its policy can).
     Result<void> set_dirty_logging(PartitionId id, bool enabled)
     {
+        MEMBACKING_TRY(live());
         return core_->set_dirty_logging(id, enabled);
     }
     /// Reads and clears a visible region's dirty bitmap in one partition: bit i of word i/64 is
     /// page i of the region.
     Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, RegionId region)
     {
+        MEMBACKING_TRY(live());
         return core_->take_dirty_log(id, region);
     }
 
@@ -124,6 +136,8 @@ public:
     /// The RAM object, if there is exactly one backing and it is file-backed.
     [[nodiscard]] std::optional<SharedMemoryBacking> shared_memory_backing() const
     {
+        if (!core_)
+            return std::nullopt;
         auto object = core_->sole_shared_backing();
         if (!object)
             return std::nullopt;
@@ -131,10 +145,13 @@ public:
     }
 
     /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).
-    [[nodiscard]] MemoryMap memory_map() const { return core_->memory_map(); }
+    [[nodiscard]] MemoryMap memory_map() const { return core_ ? core_->memory_map() : MemoryMap{}; }
 
     /// The end of the guest address space: every GPA is below it (build's address_space).
-    [[nodiscard]] Gpa max_address() const noexcept { return Gpa(core_->max_address()); }
+    [[nodiscard]] Gpa max_address() const noexcept
+    {
+        return core_ ? Gpa(core_->max_address()) : Gpa{0};
+    }
 
     // ---- the region API underneath (for VMMs that manage regions themselves) ----
     // Ranges are MemoryRanges (MemoryRange::from(Gpa, Length), or ::constant); mappings are
@@ -143,29 +160,55 @@ public:
     Result<RegionId> add_region(std::string name, MemoryRange range, std::uint8_t priority,
                                 MappingType type)
     {
+        MEMBACKING_TRY(live());
         return core_->add_region(std::move(name), range, priority, type);
     }
     Result<void> map_region(RegionId id, const MapParams& params)
     {
+        MEMBACKING_TRY(live());
         return core_->map_region(id, params);
     }
-    Result<void> unmap_region(RegionId id) { return core_->unmap_region(id); }
-    Result<void> remove_region(RegionId id) { return core_->remove_region(id); }
+    Result<void> unmap_region(RegionId id)
+    {
+        MEMBACKING_TRY(live());
+        return core_->unmap_region(id);
+    }
+    Result<void> remove_region(RegionId id)
+    {
+        MEMBACKING_TRY(live());
+        return core_->remove_region(id);
+    }
     Result<void> add_mapping(RegionId id, const RegionMapping& m)
     {
+        MEMBACKING_TRY(live());
         return core_->add_mapping(id, m);
     }
     Result<void> remove_mappings(RegionId id, const MemoryRange& range_in_region)
     {
+        MEMBACKING_TRY(live());
         return core_->remove_mappings(id, range_in_region);
     }
 
     /// The shared core, for tests and tools that need to look inside.
-    [[nodiscard]] const Core& core() const noexcept { return *core_; }
+    [[nodiscard]] const Core& core() const noexcept
+    {
+        if (!core_)
+            detail::fatal("GuestMemoryManager::core() on a moved-from manager");
+        return *core_;
+    }
 
 private:
     friend Builder;
     explicit GuestMemoryManager(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+
+    /// A moved-from manager has no core: its control calls fail with errc::not_found, its
+    /// GuestMemory is empty (every access fails) and its facades act as after destruction.
+    [[nodiscard]] Result<void> live() const
+    {
+        if (!core_)
+            return make_error(errc::not_found, "this guest memory manager was moved from");
+        return {};
+    }
 
     std::shared_ptr<Core> core_;
 };

@@ -19,6 +19,7 @@
 #include <membacking/manager/types.hpp>
 
 #include <memory>
+#include <string>
 #include <utility>
 
 namespace membacking {
@@ -30,6 +31,11 @@ public:
 
     Result<void> set_ram_visibility(const MemoryRange& range, RamVisibility visibility) const
     {
+        if (!is_valid(visibility))
+            return make_error(errc::invalid_argument,
+                              "RAM visibility value " +
+                                  std::to_string(static_cast<unsigned>(visibility)) + " for " +
+                                  range.to_string() + " is not a RamVisibility");
         auto core = core_.lock();
         if (!core)
             return make_error(errc::not_found, "the guest memory manager is gone");

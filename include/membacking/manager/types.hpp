@@ -23,6 +23,17 @@ enum class RamVisibility : std::uint8_t {
     read_write, ///< plain RAM
 };
 
+/// Whether v is one of RamVisibility's enumerators (a value cast from an integer may not be).
+[[nodiscard]] constexpr bool is_valid(RamVisibility v) noexcept
+{
+    switch (v) { // no default: a new enumerator must be added here (-Wswitch)
+    case RamVisibility::unmapped:
+    case RamVisibility::read_only:
+    case RamVisibility::read_write: return true;
+    }
+    return false;
+}
+
 /// Identifies one attached partition (both of its mappings, for a VTL2 partition with an alias).
 struct PartitionId {
     std::uint64_t value = 0;

@@ -500,9 +500,18 @@ private:
         V& va = mapper.va_;
         const std::uint64_t off = m.gpa.start();
         const std::uint64_t len = m.gpa.size();
-        if (m.backing.is_private())
+        if (m.backing.is_private()) {
+            // Private memory is committed read-write (there is nothing to map it from); a
+            // read-only mapping of it is then protected, or the VMM's own accesses could write
+            // what the guest and the memory map see as read-only.
             MEMBACKING_TRY(va.commit_private(off, len));
-        else
+            if (!m.writable) {
+                if (auto r = va.protect(off, len, false); !r) {
+                    must(va.unmap(off, len), "unmapping after a failed protection change");
+                    return std::move(r).error();
+                }
+            }
+        } else
             MEMBACKING_TRY(
                 va.map_file(off, len, m.backing.object, m.backing.file_offset, m.writable));
         // An explicit NUMA request that cannot be honoured is an error (the memory would silently

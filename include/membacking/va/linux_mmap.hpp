@@ -89,17 +89,26 @@ public:
                 return std::string("failed to reserve " + MemoryRange::hex(*alloc) +
                                    " bytes of address space for guest memory");
             });
-        // Trim the over-allocation so the base is aligned; the trimmed ends cannot fail to unmap
-        // in a way that matters (they were ours and are now simply returned).
+        // Trim the over-allocation so the base is aligned. Trimming splits the mapping, which
+        // can fail (ENOMEM at vm.max_map_count): then the whole allocation goes back, which
+        // splits nothing, rather than leaking up to `align` bytes of address space per call.
         const auto raw = reinterpret_cast<std::uintptr_t>(p);
         const std::uintptr_t aligned =
             (raw + (align - 1)) & ~static_cast<std::uintptr_t>(align - 1);
-        if (aligned > raw)
-            Sys::munmap(p, aligned - raw);
         const std::uintptr_t end = aligned + *reserved;
-        if (raw + *alloc > end)
-            Sys::munmap(reinterpret_cast<void*>(end), // NOLINT(performance-no-int-to-ptr)
-                        raw + *alloc - end);
+        const bool trimmed =
+            (aligned == raw || Sys::munmap(p, aligned - raw) == 0) &&
+            (raw + *alloc == end ||
+             Sys::munmap(reinterpret_cast<void*>(end), // NOLINT(performance-no-int-to-ptr)
+                         raw + *alloc - end) == 0);
+        if (!trimmed) {
+            auto error = os::last_error([&] {
+                return "failed to trim the reservation of " + MemoryRange::hex(*alloc) +
+                       " bytes to its alignment " + MemoryRange::hex(align);
+            });
+            (void)Sys::munmap(p, *alloc); // pages already trimmed are simply unmapped again
+            return error;
+        }
         // NOLINTNEXTLINE(performance-no-int-to-ptr): aligning an address is integer arithmetic
         LinuxMmap v(reinterpret_cast<std::byte*>(aligned), *usable, *reserved);
         (void)v.set_name(0, *reserved, "guest-memory"); // cosmetic; kernels without it refuse
@@ -137,10 +146,14 @@ public:
         if (object.empty())
             return make_error(errc::invalid_argument,
                               "map_file of " + describe(off, len) + " given no object");
-        if (file_offset > static_cast<std::uint64_t>(INT64_MAX) || !is_page_aligned(file_offset))
+        if (!is_page_aligned(file_offset))
             return make_error(errc::invalid_argument,
                               "file offset " + MemoryRange::hex(file_offset) + " for " +
                                   describe(off, len) + " is not a page-aligned file offset");
+        if (file_offset > static_cast<std::uint64_t>(INT64_MAX) - len)
+            return make_error(errc::invalid_argument,
+                              "file offset " + MemoryRange::hex(file_offset) + " for " +
+                                  describe(off, len) + " is beyond the largest file offset (2^63)");
         const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
         return fixed_mmap(
             off, len, prot, MAP_SHARED, object.native_handle(), static_cast<off_t>(file_offset),
