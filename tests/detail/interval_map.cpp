@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -105,6 +106,23 @@ TEST_CASE("IntervalMap lookups: exact, by address, by range, first overlap")
     CHECK(m.first_overlap(range(2 * pg, 2 * pg)) == nullptr); // an empty range meets nothing
 }
 
+TEST_CASE("IntervalMap::gap_around finds the free range around an address, within bounds")
+{
+    const Map m = sample();                                     // [1,3) [3,4) [6,9)
+    CHECK(m.gap_around(0, pages(0, 12)) == pages(0, 1));        // before the first entry
+    CHECK(m.gap_around(pg - 1, pages(0, 12)) == pages(0, 1));   // its last byte
+    CHECK(m.gap_around(5 * pg, pages(0, 12)) == pages(4, 6));   // between two entries
+    CHECK(m.gap_around(4 * pg, pages(0, 12)) == pages(4, 6));   // first byte after an entry
+    CHECK(m.gap_around(9 * pg, pages(0, 12)) == pages(9, 12));  // after the last, up to bounds
+    CHECK(m.gap_around(5 * pg, pages(5, 12)) == pages(5, 6));   // bounds clip the start
+    CHECK(m.gap_around(4 * pg, pages(0, 5)) == pages(4, 5));    // and the end
+    CHECK(m.gap_around(10 * pg, pages(0, 10)) == std::nullopt); // outside the bounds
+    CHECK(m.gap_around(pg, pages(0, 12)) == std::nullopt);      // an entry holds it
+    CHECK(m.gap_around(3 * pg, pages(0, 12)) == std::nullopt);  // the adjacent one's first byte
+    CHECK(m.gap_around(9 * pg - 1, pages(0, 12)) == std::nullopt);
+    CHECK(Map().gap_around(7, pages(0, 2)) == pages(0, 2)); // empty map: all of the bounds
+}
+
 TEST_CASE("IntervalMap walks the overlapping entries in address order, and only those")
 {
     const Map m = sample();
@@ -197,7 +215,7 @@ TEST_CASE("IntervalMap values may change in place; erase removes by start")
     CHECK(m.empty());
 }
 
-// Random inserts (into free space), punches and covers, checked after every step against a
+// Random inserts (into free space), punches, covers and gaps, checked after every step against a
 // model that records, for every page, which entry holds it and at which offset of that entry.
 TEST_CASE("IntervalMap agrees with a page-by-page model under random edits")
 {
@@ -264,5 +282,20 @@ TEST_CASE("IntervalMap agrees with a page-by-page model under random edits")
             }
         }
         REQUIRE(covered == model.size());
+
+        // The gap around a random page is the run of free pages the model has there.
+        const std::uint64_t q = pick(0, space - 1);
+        const auto gap = m.gap_around(q * pg + pick(0, pg - 1), pages(0, space));
+        if (model.contains(q)) {
+            CHECK(gap == std::nullopt);
+        } else {
+            std::uint64_t lo = q;
+            while (lo > 0 && !model.contains(lo - 1))
+                --lo;
+            std::uint64_t hi = q + 1;
+            while (hi < space && !model.contains(hi))
+                ++hi;
+            CHECK(gap == pages(lo, hi));
+        }
     }
 }

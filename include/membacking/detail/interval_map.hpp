@@ -5,7 +5,8 @@
  * IntervalMap<V, RangeOf>: the one implementation of "disjoint page ranges keyed by their start"
  * that every layer needs: a region's mappings (region/mapping_list.hpp), the mapping manager's
  * active mappings (mapping/mapping_manager.hpp), and each partition's mapped windows
- * (partition/kvm.hpp, partition/mock.hpp, partition/whp.hpp). It does the overlap walk (which
+ * (partition/kvm.hpp, partition/mock.hpp, partition/whp.hpp), and the Windows placeholder
+ * policy's books of mapped pieces (va/windows_placeholder.hpp). It does the overlap walk (which
  * entries meet a range, in address order) and the split-out (punch a range out, keeping the parts
  * of the entries it cuts) in one place, so that an off-by-one at an edge is fixed once.
  *
@@ -23,10 +24,12 @@
 #include <membacking/base/fatal.hpp>
 #include <membacking/base/memory_range.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -97,6 +100,26 @@ public:
         if (it != map_.end() && it->first < r.end() && range_of(it->second).overlaps(r))
             return &it->second;
         return nullptr;
+    }
+
+    /// The gap around `point`: the largest range inside `bounds` that holds point and meets no
+    /// entry. None if an entry holds point, or bounds do not.
+    [[nodiscard]] std::optional<MemoryRange> gap_around(std::uint64_t point,
+                                                        const MemoryRange& bounds) const
+    {
+        if (!bounds.contains(point))
+            return std::nullopt;
+        auto next = map_.upper_bound(point);
+        std::uint64_t start = bounds.start();
+        if (next != map_.begin()) {
+            const MemoryRange before = range_of(std::prev(next)->second);
+            if (before.contains(point))
+                return std::nullopt;
+            start = std::max(start, before.end());
+        }
+        const std::uint64_t end =
+            next == map_.end() ? bounds.end() : std::min(bounds.end(), next->first);
+        return MemoryRange::valid_or_abort(start, end);
     }
 
     /// Calls f(value) for every entry overlapping r, in address order. f must not insert or

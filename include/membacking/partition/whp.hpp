@@ -1,7 +1,7 @@
 /**
  * @file partition/whp.hpp
- * Layer: partition (includes base/, os/winhvplatform.hpp, partition/partition_mapper.hpp). The
- * whole body is Windows-only.
+ * Layer: partition (includes base/, detail/, os/winhvplatform.hpp, partition/partition_mapper.hpp).
+ * The whole body is Windows-only.
  *
  * WhpPartition: the Windows Hypervisor Platform partition policy. It is given a WHP partition
  * handle (WHV_PARTITION_HANDLE) that the VMM created, set up and keeps; it never deletes it. Each
@@ -39,12 +39,11 @@
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
+#    include <membacking/detail/interval_map.hpp>
 #    include <membacking/os/winhvplatform.hpp>
 #    include <membacking/partition/partition_mapper.hpp>
 
 #    include <cstdint>
-#    include <iterator>
-#    include <map>
 #    include <memory>
 #    include <mutex>
 #    include <string>
@@ -106,13 +105,13 @@ public:
             return make_error(errc::invalid_range,
                               "WHP: invalid window of " + MemoryRange::hex(size) + " bytes at " +
                                   MemoryRange::hex(gpa) + " (page aligned, non-empty)");
-        if (const Window* other = first_overlap(*range))
+        if (const Window* other = windows_.first_overlap(*range))
             return make_error(errc::overlap, "WHP: window " + range->to_string() +
                                                  " overlaps mapped window " +
                                                  span_of(*other).to_string());
         const Window w{gpa, size, host_va, writable, executable, false};
         MEMBACKING_TRY(raw_map(w));
-        windows_.emplace(gpa, w);
+        windows_.insert(w);
         return {};
     }
 
@@ -123,18 +122,11 @@ public:
         auto range = MemoryRange::from(Gpa{gpa}, Length{size});
         if (!range)
             return std::move(range).error().context("WHP unmap");
-        std::vector<Window> doomed;
-        for (auto it = start_of_overlaps(*range); it != windows_.end() && it->first < range->end();
-             ++it) {
-            const Window& w = it->second;
-            if (!span_of(w).overlaps(*range))
-                continue;
-            if (!range->contains(span_of(w)))
-                return make_error(errc::invalid_range, "WHP: unmapping " + range->to_string() +
-                                                           " would split mapped window " +
-                                                           span_of(w).to_string());
-            doomed.push_back(w);
-        }
+        const auto cover = windows_.cover(*range);
+        if (const Window* cut = cover.cut)
+            return make_error(errc::invalid_range, "WHP: unmapping " + range->to_string() +
+                                                       " would split mapped window " +
+                                                       span_of(*cut).to_string());
         std::vector<Window> undone; // windows already unmapped (and unpinned)
         const auto roll_back = [&] {
             for (auto it = undone.rbegin(); it != undone.rend(); ++it) {
@@ -146,7 +138,7 @@ public:
                                   " again after a failed unmap");
             }
         };
-        for (const Window& w : doomed) {
+        for (const Window& w : cover.inside) {
             if (w.pinned) {
                 if (auto r = advise(w, os::whp_abi::advise_unpin, nullptr, 0); !r) {
                     roll_back();
@@ -172,7 +164,8 @@ public:
     Result<void> prefetch_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
-        const Window* w = containing(gpa, size);
+        auto range = MemoryRange::from(Gpa{gpa}, Length{size});
+        const Window* w = range ? windows_.containing(*range) : nullptr;
         if (w == nullptr)
             return make_error(errc::not_found, "WHP: no mapped window holds " +
                                                    MemoryRange::hex(gpa) + "+" +
@@ -231,6 +224,9 @@ private:
     {
         return MemoryRange::valid_or_abort(w.gpa, w.gpa + w.size);
     }
+    struct WindowSpan {
+        MemoryRange operator()(const Window& w) const { return span_of(w); }
+    };
 
     static Error no_window(std::uint64_t gpa, std::uint64_t size)
     {
@@ -269,44 +265,16 @@ private:
         return {};
     }
 
-    std::map<std::uint64_t, Window>::iterator start_of_overlaps(const MemoryRange& r)
-    {
-        auto it = windows_.upper_bound(r.start());
-        if (it != windows_.begin() && span_of(std::prev(it)->second).overlaps(r))
-            --it;
-        return it;
-    }
-
-    const Window* first_overlap(const MemoryRange& r)
-    {
-        for (auto it = start_of_overlaps(r); it != windows_.end() && it->first < r.end(); ++it)
-            if (span_of(it->second).overlaps(r))
-                return &it->second;
-        return nullptr;
-    }
-
     Window* exact(std::uint64_t gpa, std::uint64_t size)
     {
-        auto it = windows_.find(gpa);
-        return it != windows_.end() && it->second.size == size ? &it->second : nullptr;
-    }
-
-    const Window* containing(std::uint64_t gpa, std::uint64_t size)
-    {
         auto range = MemoryRange::from(Gpa{gpa}, Length{size});
-        if (!range || range->empty())
-            return nullptr;
-        auto it = windows_.upper_bound(gpa);
-        if (it == windows_.begin())
-            return nullptr;
-        --it;
-        return span_of(it->second).contains(*range) ? &it->second : nullptr;
+        return range ? windows_.find_exact(*range) : nullptr;
     }
 
     mutable std::mutex mutex_;
     const os::whp_abi::PartitionHandle partition_;
     const std::shared_ptr<const os::WinHvPlatform> api_;
-    std::map<std::uint64_t, Window> windows_; ///< by GPA
+    detail::IntervalMap<Window, WindowSpan> windows_; ///< by GPA
 };
 
 static_assert(detail::check_partition_mapper<WhpPartition>());

@@ -77,6 +77,7 @@
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
+#    include <membacking/detail/interval_map.hpp>
 #    include <membacking/detail/undo_log.hpp>
 #    include <membacking/os/windows.hpp>
 #    include <membacking/va/mappable.hpp>
@@ -85,8 +86,6 @@
 #    include <algorithm>
 #    include <cstddef>
 #    include <cstdint>
-#    include <iterator>
-#    include <map>
 #    include <memory>
 #    include <mutex>
 #    include <optional>
@@ -333,7 +332,19 @@ public:
     }
 
 private:
-    using Books = std::map<std::uint64_t, Piece>;
+    struct PieceRange {
+        MemoryRange operator()(const Piece& p) const
+        {
+            return MemoryRange::valid_or_abort(p.offset, p.end);
+        }
+    };
+    using Books = detail::IntervalMap<Piece, PieceRange>;
+
+    /// The part of a piece that `part` covers (the slicer IntervalMap::punch takes).
+    static Piece slice_of(const Piece& p, const MemoryRange& part)
+    {
+        return p.slice(part.start(), part.end());
+    }
 
     struct State {
         std::mutex mutex;
@@ -397,25 +408,18 @@ private:
     std::vector<const Piece*> overlapping(std::uint64_t off, std::uint64_t end) const
     {
         std::vector<const Piece*> out;
-        const Books& books = state_->pieces;
-        auto it = books.upper_bound(off);
-        if (it != books.begin() && std::prev(it)->second.end > off)
-            --it;
-        for (; it != books.end() && it->first < end; ++it)
-            out.push_back(&it->second);
+        state_->pieces.for_each_overlapping(MemoryRange::valid_or_abort(off, end),
+                                            [&](const Piece& p) { out.push_back(&p); });
         return out;
     }
 
     /// The gap (one placeholder) that holds `off`, which no piece covers.
     std::pair<std::uint64_t, std::uint64_t> gap_at(std::uint64_t off) const
     {
-        const Books& books = state_->pieces;
-        auto next = books.upper_bound(off);
-        const std::uint64_t gap_end = next == books.end() ? size_ : next->first;
-        const std::uint64_t gap_start = next == books.begin() ? 0 : std::prev(next)->second.end;
-        MEMBACKING_CHECK(gap_start <= off && off < gap_end,
-                         "placeholder books: the offset is not in a gap");
-        return {gap_start, gap_end};
+        const std::optional<MemoryRange> gap =
+            state_->pieces.gap_around(off, MemoryRange::valid_or_abort(0, size_));
+        MEMBACKING_CHECK(gap.has_value(), "placeholder books: the offset is not in a gap");
+        return {gap->start(), gap->end()};
     }
 
     // ---- steps: one Win32 call each, pushing its inverse ----
@@ -468,7 +472,7 @@ private:
     {
         MEMBACKING_TRY(raw_place(p, "failed to"));
         undo.push([this, p]() -> Result<void> { return raw_remove(p, "failed to undo:"); });
-        state_->pieces.emplace(p.offset, p);
+        state_->pieces.insert(p);
         return {};
     }
 
@@ -555,13 +559,8 @@ private:
                     [&] { return std::string("failed to restore a protection"); });
             return {};
         });
-        const Piece whole = *overlapping(part.offset, part.end).front();
-        state_->pieces.erase(whole.offset);
-        if (whole.offset < part.offset)
-            state_->pieces.emplace(whole.offset, whole.slice(whole.offset, part.offset));
-        state_->pieces.emplace(part.offset, part);
-        if (part.end < whole.end)
-            state_->pieces.emplace(part.end, whole.slice(part.end, whole.end));
+        state_->pieces.punch(PieceRange{}(part), slice_of);
+        state_->pieces.insert(part);
         return {};
     }
 
@@ -617,7 +616,7 @@ private:
             if (!p.is_private())
                 continue;
             const Piece cut = p.slice(std::max(off, p.offset), std::min(end, p.end));
-            MEMBACKING_TRY(remove_private_part(p, cut, undo));
+            MEMBACKING_TRY(remove_private_part(cut, undo));
         }
 
         // [off, end) and its neighbouring gaps are now placeholders cut at the old piece edges:
@@ -633,16 +632,13 @@ private:
         return std::pair{gap_start, gap_end};
     }
 
-    /// Releases `cut`, a part of private piece p, back to a placeholder; the books keep the rest.
-    Result<void> remove_private_part(const Piece& p, const Piece& cut, detail::UndoLog& undo)
+    /// Releases `cut`, a part of one private piece, back to a placeholder; the books keep the
+    /// rest of that piece.
+    Result<void> remove_private_part(const Piece& cut, detail::UndoLog& undo)
     {
         MEMBACKING_TRY(raw_remove(cut, "failed to"));
         undo.push([this, cut]() -> Result<void> { return raw_place(cut, "failed to undo:"); });
-        state_->pieces.erase(p.offset);
-        if (p.offset < cut.offset)
-            state_->pieces.emplace(p.offset, p.slice(p.offset, cut.offset));
-        if (cut.end < p.end)
-            state_->pieces.emplace(cut.end, p.slice(cut.end, p.end));
+        state_->pieces.punch(PieceRange{}(cut), slice_of);
         return {};
     }
 
