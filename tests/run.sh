@@ -5,7 +5,9 @@
 #   build-ci-asan   clang, AddressSanitizer + UndefinedBehaviorSanitizer (so both compilers build
 #                   everything with warnings as errors)
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
-# and ends with one line: "N passed, N failed, N skipped".
+#   build-ci-release gcc, --buildtype=release (-O3, NDEBUG): what a user's release build compiles
+# then the Windows test set under Wine (tests/windows/run.sh), and ends with one line:
+# "N passed, N failed, N skipped".
 #
 # The KVM tests (and the example VMM, and bench_kvm's smoke run) get a real /dev/kvm in every
 # configuration: the host's where it is usable, otherwise one inside a software-emulated x86 VM
@@ -72,6 +74,25 @@ TEST_ARGS=(--no-suite bench --no-suite lint --no-suite install)
 run_config build-ci-asan clang++-14 -Db_sanitize=address,undefined -Db_lundef=false \
     -Dbenchmarks=disabled || status=1
 run_config build-ci-tsan g++ -Db_sanitize=thread -Dbenchmarks=disabled || status=1
+# What a user gets from `--buildtype=release` (-O3, NDEBUG): it must build with warnings as errors,
+# and the unit tests and the example must pass there too.
+TEST_ARGS=(--suite unit --suite examples)
+run_config build-ci-release g++ --buildtype=release -Dbenchmarks=disabled || status=1
+
+# The Windows policies: cross-built with MinGW and run under Wine 10 in a cached Debian 13 chroot
+# (tests/windows/run.sh, whose last line is "N passed, N failed, N skipped"); its counts join
+# the totals.
+echo "== windows: MinGW cross build, run under Wine (tests/windows/run.sh)"
+bash tests/windows/run.sh 2>&1 | tee build-windows.log || status=1
+if read -r p f s < <(tail -1 build-windows.log |
+    sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed, \([0-9]*\) skipped$/\1 \2 \3/p') &&
+    [ -n "$p" ]; then
+    echo "   windows: $p passed, $f failed, $s skipped"
+    total_pass=$((total_pass + p)) total_fail=$((total_fail + f)) total_skip=$((total_skip + s))
+else
+    echo "   windows: no summary line (counted as one failure)"
+    total_fail=$((total_fail + 1))
+fi
 
 echo
 if [ ${#skip_notes[@]} -gt 0 ]; then

@@ -7,10 +7,15 @@
  * types complete (the manager's parameters are concept-checked where the type is named), so this
  * header includes the policy headers, which are light; the manager itself is declared only.
  *
- * Default compositions:
- * - LinuxGuestMemoryManager<Partitions...>: NestedPriority + LinuxMmap + the given partitions.
- * - MockGuestMemoryManager: Linux VA with the mock partition (tests, examples without KVM).
- * - KvmGuestMemoryManager: Linux VA with KVM partitions (and mock partitions to observe).
+ * Default compositions, per platform (both: DefaultVaPolicy, DefaultGuestMemoryManager<Ps...>
+ * = NestedPriority + the platform's VA policy + the given partitions, MockGuestMemoryManager):
+ * - Linux: LinuxGuestMemoryManager<Partitions...> (NestedPriority + LinuxMmap + the partitions);
+ *   MockGuestMemoryManager (Linux VA with the mock partition: tests, examples without KVM);
+ *   KvmGuestMemoryManager (KVM partitions, and mock partitions to observe).
+ * - Windows: WindowsGuestMemoryManager<Partitions...> (NestedPriority + WindowsPlaceholder + the
+ *   partitions); MockGuestMemoryManager (placeholder VA with the mock partition);
+ *   WhpGuestMemoryManager (WHP partitions, and mock partitions to observe).
+ * Any other platform stops here with an #error: the library has no VA policy for it.
  */
 #pragma once
 
@@ -25,6 +30,13 @@
 #    include <membacking/os/linux.hpp>
 #    include <membacking/partition/kvm.hpp>
 #    include <membacking/va/linux_mmap.hpp>
+#elif MEMBACKING_OS_WINDOWS
+#    include <membacking/os/windows.hpp>
+#    include <membacking/partition/whp.hpp>
+#    include <membacking/va/windows_placeholder.hpp>
+#else
+// Only Linux and Windows have a VA policy (va/) and a system-call seam (os/).
+#    error "membacking: unsupported platform (Linux and Windows only): no VA policy for it"
 #endif
 
 namespace membacking {
@@ -53,6 +65,25 @@ using DefaultKvmPartition = KvmPartition<os::LinuxSyscalls>;
 
 /// A KVM VMM's manager: KVM partitions, and mock partitions for observing (tests, dry runs).
 using KvmGuestMemoryManager = LinuxGuestMemoryManager<DefaultKvmPartition, MockPartition>;
+#elif MEMBACKING_OS_WINDOWS
+/// The Windows VA policy (placeholders) with the real system calls.
+using DefaultVaPolicy = WindowsPlaceholder<os::WindowsSyscalls>;
+
+/// NestedPriority regions, placeholder VA mappers, and the given partition policies.
+template <class... Partitions>
+using WindowsGuestMemoryManager =
+    GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
+
+/// Placeholder VA mappers with the mock partition: for tests, and for running without WHP.
+using MockGuestMemoryManager = WindowsGuestMemoryManager<MockPartition>;
+
+/// A WHP VMM's manager: WHP partitions, and mock partitions for observing (tests, dry runs).
+using WhpGuestMemoryManager = WindowsGuestMemoryManager<WhpPartition, MockPartition>;
 #endif
+
+/// This platform's VA policy with NestedPriority regions and the given partitions.
+template <class... Partitions>
+using DefaultGuestMemoryManager =
+    GuestMemoryManager<NestedPriority, DefaultVaPolicy, Partitions...>;
 
 } // namespace membacking

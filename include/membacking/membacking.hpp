@@ -39,4 +39,9 @@
 #    include <membacking/os/linux.hpp>
 #    include <membacking/partition/kvm.hpp>
 #    include <membacking/va/linux_mmap.hpp>
+#elif MEMBACKING_OS_WINDOWS
+#    include <membacking/os/windows.hpp>
+#    include <membacking/os/winhvplatform.hpp>
+#    include <membacking/partition/whp.hpp>
+#    include <membacking/va/windows_placeholder.hpp>
 #endif

@@ -3,9 +3,13 @@
 // verified where the kernel shows them (THP in smaps, NUMA with get_mempolicy).
 #include <membacking/membacking.hpp>
 
-#include "injecting_syscalls.hpp"
-#include "smaps.hpp"
+#include "platform.hpp"
 #include "test_support.hpp"
+
+#if MEMBACKING_OS_LINUX
+#    include "injecting_syscalls.hpp"
+#    include "smaps.hpp"
+#endif
 
 #include <string>
 #include <vector>
@@ -21,8 +25,10 @@ constexpr std::uint64_t GiB = std::uint64_t{1} << 30;
 constexpr std::uint64_t pg = page_size;
 
 using Manager = MockGuestMemoryManager;
+#if MEMBACKING_OS_LINUX
 using InjectedManager =
     GuestMemoryManager<NestedPriority, LinuxMmap<test::InjectingSyscalls>, MockPartition>;
+#endif
 
 RamBackingRequest ram(std::vector<MemoryRange> ranges)
 {
@@ -52,7 +58,7 @@ TEST_CASE("build validation: private memory and x86 legacy support")
 
 TEST_CASE("build validation: private memory and an existing backing")
 {
-    Mappable existing = test::make_memfd(MiB);
+    Mappable existing = test::make_object(MiB);
     check_build_error(
         Manager::builder()
             .add_backing(ram({range(0, MiB)}).private_memory(true).existing_mappable(existing))
@@ -72,7 +78,7 @@ TEST_CASE(
     check_build_error(
         Manager::builder()
             .add_backing(
-                ram({range(0, 2 * MiB)}).hugepages().existing_mappable(test::make_memfd(2 * MiB)))
+                ram({range(0, 2 * MiB)}).hugepages().existing_mappable(test::make_object(2 * MiB)))
             .build(Length{2 * MiB}),
         build_errc::hugepages_with_existing_backing,
         "hugepages are incompatible with existing memory backing");
@@ -137,6 +143,7 @@ TEST_CASE("reference 41-43: hugepage RAM alignment and its exact messages")
           "must both be multiples of the hugepage size");
 }
 
+#if MEMBACKING_OS_LINUX // hugetlb memfds
 TEST_CASE("reference 44: the hugetlb allocation failure message, from a failing build")
 {
     test::InjectingSyscalls::reset();
@@ -151,6 +158,7 @@ TEST_CASE("reference 44: the hugetlb allocation failure message, from a failing 
     REQUIRE(r.error().source() != nullptr);
     CHECK(r.error().source()->message() == "Cannot allocate memory");
 }
+#endif
 
 TEST_CASE("build validation: the VTL0 alias map must fit")
 {
@@ -171,12 +179,14 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     check_build_error(Manager::builder().add_backing(ram({range(0, MiB)})).build(Length{0}),
                       build_errc::va_mapper, "failed to create VA mapper");
 
+#if MEMBACKING_OS_LINUX // memfd failure injection
     test::InjectingSyscalls::reset();
     test::InjectingSyscalls::memfd_plan = test::Plan{0, EMFILE};
     auto alloc = InjectedManager::builder().add_backing(ram({range(0, MiB)})).build(Length{MiB});
     check_build_error(alloc, build_errc::allocation_failed, "failed to allocate memory");
     CHECK(alloc.error().code() == build_errc::allocation_failed);
     CHECK(alloc.error().full_message().find("Too many open files") != std::string::npos);
+#endif
 
     const std::uint64_t half = std::uint64_t{1} << 63;
     auto big = Manager::builder()
@@ -207,6 +217,7 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     REQUIRE_FALSE(beyond);
     CHECK(beyond.error().code() == build_errc::invalid_ram_layout);
 
+#if MEMBACKING_OS_LINUX // mmap failure injection
     // Mapping RAM into the primary VA mapper fails: the RAM region cannot be enabled.
     test::InjectingSyscalls::reset();
     test::InjectingSyscalls::fail_mmap(2); // 1: the primary's reservation, 2: mapping the RAM
@@ -215,6 +226,7 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
     check_build_error(enable, build_errc::ram_region_enable,
                       "failed to enable RAM region 0x0-0x100000");
     CHECK(enable.error().full_message().find("Cannot allocate memory") != std::string::npos);
+#endif
 }
 
 TEST_CASE("reference 45: a single backing")
@@ -316,6 +328,7 @@ TEST_CASE("x86 legacy RAM that ends exactly at 1 MiB creates no empty region (re
     CHECK(m.memory_map().regions.size() == 15);
 }
 
+#if MEMBACKING_OS_LINUX // THP
 TEST_CASE("transparent huge pages are advised on the RAM's VA (smaps shows the hg flag)")
 {
     Manager thp = must(Manager::builder()
@@ -331,7 +344,9 @@ TEST_CASE("transparent huge pages are advised on the RAM's VA (smaps shows the h
     REQUIRE(without.found);
     CHECK(without.vm_flags.find(" hg") == std::string::npos);
 }
+#endif
 
+#if MEMBACKING_OS_LINUX // mbind
 TEST_CASE("a host NUMA node binds the RAM (get_mempolicy reports MPOL_BIND to node 0)")
 {
     Manager m = must(Manager::builder()
@@ -345,6 +360,7 @@ TEST_CASE("a host NUMA node binds the RAM (get_mempolicy reports MPOL_BIND to no
     CHECK(mode == 2 /* MPOL_BIND */);
     CHECK(mask == 1);
 }
+#endif
 
 TEST_CASE("private memory backs RAM in the primary mapper only")
 {

@@ -4,6 +4,7 @@
 // round trip, the client, the memory-map dump, teardown, and concurrent control calls.
 #include <membacking/membacking.hpp>
 
+#include "platform.hpp"
 #include "test_support.hpp"
 
 #include <array>
@@ -74,7 +75,7 @@ struct NotAVaPolicy {
 };
 static_assert(VaPolicy_reserve<NotAVaPolicy> && !VaPolicy_map<NotAVaPolicy> &&
               !VaPolicy<NotAVaPolicy>);
-static_assert(VaPolicy<LinuxMmap<>>);
+static_assert(VaPolicy<DefaultVaPolicy>);
 
 struct NotAResolver {
     std::optional<RegionId> find_conflict(const ResolverEntry&) const { return std::nullopt; }
@@ -91,7 +92,7 @@ static_assert(!std::is_copy_constructible_v<Manager> && std::is_move_constructib
 struct OtherPartition : MockPartition {
     static constexpr std::string_view name = "other";
 };
-using TwoPolicyManager = LinuxGuestMemoryManager<MockPartition, OtherPartition>;
+using TwoPolicyManager = DefaultGuestMemoryManager<MockPartition, OtherPartition>;
 
 /// A mock that does not claim pinning.
 struct CannotPin : MockPartition {
@@ -119,7 +120,7 @@ TEST_CASE("attaching a partition replays what is visible and keeps it in sync")
     auto dev = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
     must(dev.map({.offset = Offset{0},
                   .length = Length{0x10000},
-                  .object = test::make_memfd(0x10000),
+                  .object = test::make_object(0x10000),
                   .object_offset = Offset{0},
                   .protection = Protection::read_write}));
     must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
@@ -215,7 +216,7 @@ TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is ref
     CHECK_FALSE(p->lookup(2 * MiB).has_value());
     CHECK_FALSE(dev.placement().has_value());
 
-    using CannotPinManager = LinuxGuestMemoryManager<CannotPin>;
+    using CannotPinManager = DefaultGuestMemoryManager<CannotPin>;
     CannotPinManager c = must(CannotPinManager::builder()
                                   .pin_mappings(true)
                                   .add_backing(RamBackingRequest({range(0, MiB)}))
@@ -248,7 +249,7 @@ TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing 
     const MemoryRange pam = range(0xc0000, 0xc4000);
 
     // An option ROM device under the PAM segment, at device priority.
-    Mappable rom_object = test::make_memfd(0x4000);
+    Mappable rom_object = test::make_object(0x4000);
     auto rom = must(m.device_memory_mapper().new_region("option-rom", Length{0x4000}));
     must(rom.map({.offset = Offset{0},
                   .length = Length{0x4000},
@@ -342,8 +343,8 @@ TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
     Manager m = must(
         Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{16 * MiB}));
     auto mem = m.guest_memory();
-    Mappable a = test::make_memfd(0x10000);
-    Mappable b = test::make_memfd(0x10000);
+    Mappable a = test::make_object(0x10000);
+    Mappable b = test::make_object(0x10000);
     auto dax = must(m.device_memory_mapper().new_region("dax", Length{0x8000}));
     must(dax.map({.offset = Offset{0},
                   .length = Length{0x8000},
@@ -380,8 +381,8 @@ TEST_CASE("device memory: unmap then move replays the right mappings (reference 
     Manager m = must(
         Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{16 * MiB}));
     auto mem = m.guest_memory();
-    Mappable a = test::make_memfd(0x1000);
-    Mappable b = test::make_memfd(0x1000);
+    Mappable a = test::make_object(0x1000);
+    Mappable b = test::make_object(0x1000);
     auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x2000}));
     must(dev.map({.offset = Offset{0},
                   .length = Length{0x1000},
@@ -411,7 +412,7 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
     must(bar.map({.offset = Offset{0},
                   .length = Length{0x10000},
-                  .object = test::make_memfd(0x10000),
+                  .object = test::make_object(0x10000),
                   .object_offset = Offset{0},
                   .protection = Protection::read_write}));
     must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
@@ -441,6 +442,42 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     must(bar.unmap_from_guest());
     CHECK_FALSE(bar.placement().has_value());
     CHECK_FALSE(p->lookup(12 * MiB).has_value());
+}
+
+TEST_CASE("device memory moved to where it already is: no unmap, a permission change in place")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(bar.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_memfd(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 42).has_value());
+    const auto bar_id = [&] {
+        const MemoryMap map = m.memory_map();
+        return map.find_region("bar0")->id;
+    };
+    const auto id_before = bar_id();
+
+    p->clear_calls();
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    CHECK(p->calls().empty()); // the reference unmapped and mapped it again
+    CHECK(bar_id() == id_before);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
+
+    // The same place, read-only: the region stays, its permission changes.
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_only));
+    CHECK(bar_id() == id_before);
+    CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
+    REQUIRE(p->lookup(8 * MiB).has_value());
+    CHECK_FALSE(p->lookup(8 * MiB)->writable);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 0)) == errc::read_only);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
 }
 
 TEST_CASE("dropping a device region removes it from the guest")
@@ -531,7 +568,7 @@ static_assert(!finds_by_gpa<MemoryMap> && !finds_mapping<MemoryMap&&>);
 TEST_CASE("memory map lookups: a region by name, the region and the mapping the guest sees")
 {
     Manager m = legacy_guest();
-    Mappable vram = test::make_memfd(0x20000);
+    Mappable vram = test::make_object(0x20000);
     auto dev = must(m.device_memory_mapper().new_region("vga-vram", Length{0x20000}));
     must(dev.map({.offset = Offset{0x10000},
                   .length = Length{0x10000},
@@ -577,7 +614,7 @@ TEST_CASE("the memory map dump, as text and as JSON")
     auto dev = must(m.device_memory_mapper().new_region("vga \"vram\"", Length{0x20000}));
     must(dev.map({.offset = Offset{0},
                   .length = Length{0x20000},
-                  .object = test::make_memfd(0x20000),
+                  .object = test::make_object(0x20000),
                   .object_offset = Offset{0},
                   .protection = Protection::read_write}));
     must(dev.map_to_guest(Gpa{0xa0000}, Protection::read_write));
@@ -597,6 +634,7 @@ TEST_CASE("the memory map dump, as text and as JSON")
     CHECK(text.find("object#1 +0x0 rw") != std::string::npos);
     CHECK(text.find("partitions:\n  #1 mock vtl0 at offset 0x0\n") != std::string::npos);
 
+#if MEMBACKING_OS_LINUX // the JSON check runs python3, which Wine's cmd.exe does not have
     // The JSON parses (python3 is part of the build toolchain) and says the same.
     const std::string json = map.to_json();
     const std::string path = "/tmp/membacking-map-" + std::to_string(::getpid()) + ".json";
@@ -614,6 +652,43 @@ TEST_CASE("the memory map dump, as text and as JSON")
         path;
     CHECK(std::system(check.c_str()) == 0);
     std::remove(path.c_str());
+#endif
+}
+
+TEST_CASE("dumps stay one line per region and valid JSON whatever a region's name holds")
+{
+    Manager m = legacy_guest();
+    // A newline, a control character, a backslash, a stray continuation byte, a truncated
+    // sequence, and well-formed UTF-8 (kept as is).
+    const std::string hostile = "a\nb\x01\\\x80z\xe2\x82 \xc3\xa9";
+    auto dev = must(m.device_memory_mapper().new_region(hostile, Length{0x1000}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    const MemoryMap map = m.memory_map();
+
+    const std::string text = map.to_text();
+    INFO(text);
+    CHECK(text.find("a\\x0ab\\x01\\x5c\\x80z\\xe2\\x82 \xc3\xa9 [active]\n") != std::string::npos);
+    CHECK(text.find(hostile) == std::string::npos);
+
+    const std::string json = map.to_json();
+    CHECK(json.find("\"a\\u000ab\\u0001\\\\\\ufffdz\\ufffd\\ufffd \xc3\xa9\"") !=
+          std::string::npos);
+#if MEMBACKING_OS_LINUX // the JSON check runs python3, which Wine's cmd.exe does not have
+    const std::string path = "/tmp/membacking-hostile-" + std::to_string(::getpid()) + ".json";
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fputs(json.c_str(), f);
+    std::fclose(f);
+    // Strict UTF-8 decoding and a strict JSON parser: both fail on the raw bytes the dump had.
+    const std::string check = "python3 -c \"import json,sys; "
+                              "d=json.loads(open(sys.argv[1],'rb').read().decode('utf-8')); "
+                              "n=[r['name'] for r in d['regions'] if r['name'].startswith('a')]; "
+                              "assert n==['a\\\\nb\\\\x01\\\\\\\\\\\\ufffdz\\\\ufffd\\\\ufffd "
+                              "\\\\u00e9'], n\" " +
+                              path;
+    CHECK(std::system(check.c_str()) == 0);
+    std::remove(path.c_str());
+#endif
 }
 
 TEST_CASE("destroying the manager unmaps partitions and leaves surviving handles with errors")
@@ -724,7 +799,7 @@ TEST_CASE("a replacement that fails after its mmap (NUMA binding) gives the old 
     impossible.numa_node = 1000; // no such node: mbind fails after the MAP_FIXED succeeded
     auto r = m.add_mapping(m.memory_map().regions.at(0).id,
                            {range(0, 0x10000),
-                            MappingBacking::file(test::make_memfd(0x10000), Offset{0}), true,
+                            MappingBacking::file(test::make_object(0x10000), Offset{0}), true,
                             impossible});
     REQUIRE_FALSE(r);
     CHECK(test::value_of(mem.read_plain<std::uint32_t>(Gpa{0x3000})) == 0xcafef00d);
@@ -735,8 +810,8 @@ TEST_CASE("undoing private memory placed over a file mapping is an error, not an
 {
     Manager m = must(
         Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{4 * MiB}));
-    Mappable file = test::make_memfd(0x10000);
-    REQUIRE(::pwrite(file.native_handle(), "file", 4, 0) == 4);
+    Mappable file = test::make_object(0x10000);
+    test::write_object(file, 0, "file", 4);
     const RegionId id =
         must(m.add_region("r", range(2 * MiB, 2 * MiB + 0x10000), 1, MappingType::Ram));
     must(m.add_mapping(id, {range(0, 0x10000), MappingBacking::file(file, Offset{0}), false, {}}));
@@ -761,9 +836,10 @@ TEST_CASE("removing private memory that regions under it would replace is refuse
         Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{4 * MiB}));
     const MemoryRange w = range(2 * MiB, 2 * MiB + 0x10000);
     const RegionId low = must(m.add_region("low", w, 0, MappingType::Device));
-    must(m.add_mapping(
-        low,
-        {range(0, 0x10000), MappingBacking::file(test::make_memfd(0x10000), Offset{0}), true, {}}));
+    must(m.add_mapping(low, {range(0, 0x10000),
+                             MappingBacking::file(test::make_object(0x10000), Offset{0}),
+                             true,
+                             {}}));
     must(m.map_region(low, {true, false, false}));
     const RegionId hi = must(m.add_region("hi", w, 1, MappingType::Ram));
     must(m.add_mapping(hi, {range(0, 0x10000), MappingBacking::private_memory(), true, {}}));

@@ -1,9 +1,10 @@
 /**
- * Shared helpers for the unit tests: memfd-backed Mappables and doctest printers.
+ * Shared helpers for the unit tests: memfd-backed Mappables (Linux) and doctest printers.
  */
 #pragma once
 
 #include <membacking/access/access_result.hpp>
+#include <membacking/base/config.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/va/mappable.hpp>
@@ -14,13 +15,17 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
-#include <sys/mman.h>
 #include <system_error>
-#include <unistd.h>
 #include <utility>
+
+#if MEMBACKING_OS_LINUX
+#    include <sys/mman.h>
+#    include <unistd.h>
+#endif
 
 namespace membacking::test {
 
+#if MEMBACKING_OS_LINUX
 /// A memfd of `size` bytes, owned by the returned Mappable.
 inline Mappable make_memfd(std::uint64_t size = 0x10000)
 {
@@ -29,6 +34,7 @@ inline Mappable make_memfd(std::uint64_t size = 0x10000)
     REQUIRE(::ftruncate(fd, static_cast<off_t>(size)) == 0);
     return Mappable::adopt(fd);
 }
+#endif
 
 /// The error code of a failed Result, or an empty code if it succeeded (so a CHECK on a result
 /// that unexpectedly succeeded fails instead of aborting in error()).

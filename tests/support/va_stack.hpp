@@ -10,8 +10,8 @@
 #include <membacking/partition/mock.hpp>
 #include <membacking/region/nested_priority.hpp>
 #include <membacking/region/region_manager.hpp>
-#include <membacking/va/linux_mmap.hpp>
 
+#include "platform.hpp"
 #include "test_support.hpp"
 
 #include <memory>
@@ -19,7 +19,7 @@
 
 namespace membacking::test {
 
-template <class V = LinuxMmap<>>
+template <class V = PlatformVa>
 struct VaStack {
     struct Sink {
         MappingManager<V>* va;

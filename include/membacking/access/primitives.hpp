@@ -1,11 +1,14 @@
 /**
  * @file access/primitives.hpp
- * Layer: access (includes base/ and access/fault_handler.hpp). The body is Linux x86-64 only.
+ * Layer: access (includes base/ and access/fault_handler.hpp). The body is x86-64 Linux and
+ * Windows (MinGW) only: see MEMBACKING_HAS_GUARDED_ACCESS.
  *
  * Guarded memory primitives: copy, fill, 1/2/4/8-byte load and store, compare-exchange and
- * fetch-add. Each returns true on success, or false after a SIGSEGV/SIGBUS inside it, with the
- * fault described by access::last_fault(). On success they cost what the plain instruction costs:
- * one instruction (loads, stores, atomics) or one `rep movsb`/`rep stosb` (bulk), plus a branch.
+ * fetch-add. Each returns true on success, or false after a fault inside it (SIGSEGV/SIGBUS on
+ * Linux, an access violation or in-page error on Windows), with the fault described by
+ * access::last_fault(). On success they cost what the plain instruction costs: one instruction
+ * (loads, stores, atomics) or one `rep movsb`/`rep stosb` (bulk), plus a branch; on Windows one
+ * 8-byte no-op before it as well (the recovery marker).
  *
  * Why these instructions:
  * - `rep movsb` on CPUs with ERMS/FSRM matches or beats glibc's memcpy from a few hundred bytes
@@ -34,15 +37,29 @@
 #    include <cstring>
 #    include <type_traits>
 
-// The recovery-table entry for the instructions between .Lmb_start%= and .Lmb_end%=, resuming at
-// the asm-goto label `fault`. See access/fault_handler.hpp for why the section is "ao".
-#    define MEMBACKING_FIXUP_ENTRY                                                                 \
-        ".pushsection mb_fixups,\"ao\",@progbits,.Lmb_start%=\n\t"                                 \
-        ".balign 4\n\t"                                                                            \
-        ".long .Lmb_start%= - .\n\t"                                                               \
-        ".long .Lmb_end%= - .\n\t"                                                                 \
-        ".long %l[fault] - .\n\t"                                                                  \
-        ".popsection\n\t"
+// How a guarded instruction is bracketed, per OS (access/fault_handler.hpp). In each asm block,
+// MEMBACKING_GUARD_BEGIN comes right before the one instruction that may fault and
+// MEMBACKING_GUARD_END right after it; the asm-goto label `fault` is where a fault resumes.
+#    if MEMBACKING_OS_LINUX
+// A recovery-table entry for the instructions between .Lmb_start%= and .Lmb_end%=. See
+// access/signal_handler.hpp for why the section is "ao".
+#        define MEMBACKING_GUARD_BEGIN ".Lmb_start%=:\n\t"
+#        define MEMBACKING_GUARD_END                                                               \
+            ".Lmb_end%=:\n\t"                                                                      \
+            ".pushsection mb_fixups,\"ao\",@progbits,.Lmb_start%=\n\t"                             \
+            ".balign 4\n\t"                                                                        \
+            ".long .Lmb_start%= - .\n\t"                                                           \
+            ".long .Lmb_end%= - .\n\t"                                                             \
+            ".long %l[fault] - .\n\t"                                                              \
+            ".popsection\n\t"
+#    else
+// The marker no-op `ds nopl fault(%rip)` right before the instruction: its displacement is the
+// recovery address relative to the guarded instruction. See access/veh_handler.hpp.
+#        define MEMBACKING_GUARD_BEGIN                                                             \
+            ".byte 0x3e\n\t"                                                                       \
+            "nopl %l[fault](%%rip)\n\t"
+#        define MEMBACKING_GUARD_END ""
+#    endif
 
 namespace membacking::access {
 
@@ -67,9 +84,7 @@ concept AtomicUnsigned = std::is_unsigned_v<U> && AtomicSized<U>;
 /// byte, in whichever buffer, that could not be accessed.
 MEMBACKING_ALWAYS_INLINE bool try_copy(void* dst, const void* src, std::size_t n) noexcept
 {
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "rep movsb\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "rep movsb\n\t" MEMBACKING_GUARD_END
                       : "+D"(dst), "+S"(src), "+c"(n)
                       :
                       : "memory"
@@ -82,9 +97,7 @@ fault:
 /// Sets n bytes at dst to value. On a fault, the first n - last_fault().remaining bytes are set.
 MEMBACKING_ALWAYS_INLINE bool try_fill(void* dst, std::uint8_t value, std::size_t n) noexcept
 {
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "rep stosb\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "rep stosb\n\t" MEMBACKING_GUARD_END
                       : "+D"(dst), "+c"(n)
                       : "a"(value)
                       : "memory"
@@ -101,9 +114,7 @@ MEMBACKING_ALWAYS_INLINE bool try_load(const void* src, T& out) noexcept
     using U = bits_of<T>;
     const U* p = static_cast<const U*>(src);
     U v;
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "mov %[mem], %[v]\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "mov %[mem], %[v]\n\t" MEMBACKING_GUARD_END
                       : [v] "=r"(v)
                       : [mem] "m"(*p)
                       :
@@ -122,9 +133,7 @@ MEMBACKING_ALWAYS_INLINE bool try_store(void* dst, const T& value) noexcept
     U* p = static_cast<U*>(dst);
     U v;
     std::memcpy(&v, &value, sizeof(T));
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "mov %[v], %[mem]\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "mov %[v], %[mem]\n\t" MEMBACKING_GUARD_END
                       : [mem] "=m"(*p)
                       : [v] "r"(v)
                       :
@@ -147,9 +156,7 @@ MEMBACKING_ALWAYS_INLINE bool try_compare_exchange(void* dst, T& expected, const
     std::memcpy(&want, &expected, sizeof(T));
     std::memcpy(&next, &desired, sizeof(T));
     U seen = want;
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "lock cmpxchg %[next], %[mem]\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "lock cmpxchg %[next], %[mem]\n\t" MEMBACKING_GUARD_END
                       : [mem] "+m"(*p), "+a"(seen)
                       : [next] "r"(next)
                       : "cc", "memory"
@@ -167,9 +174,7 @@ MEMBACKING_ALWAYS_INLINE bool try_fetch_add(void* dst, U addend, U& old) noexcep
 {
     U* p = static_cast<U*>(dst);
     U v = addend;
-    asm volatile goto(".Lmb_start%=:\n\t"
-                      "lock xadd %[v], %[mem]\n\t"
-                      ".Lmb_end%=:\n\t" MEMBACKING_FIXUP_ENTRY
+    asm volatile goto(MEMBACKING_GUARD_BEGIN "lock xadd %[v], %[mem]\n\t" MEMBACKING_GUARD_END
                       : [mem] "+m"(*p), [v] "+r"(v)
                       :
                       : "cc", "memory"

@@ -31,9 +31,28 @@
 #    define MEMBACKING_GNU_COMPATIBLE 0
 #endif
 
-// The fault-recovering access primitives are x86-64 inline assembly in the GNU dialect, with the
-// recovery table placed through ELF section tricks. Other combinations have no access layer yet.
-#if MEMBACKING_OS_LINUX && MEMBACKING_ARCH_X86_64 && MEMBACKING_GNU_COMPATIBLE
+// MSVC, or clang in MSVC mode (clang-cl): GNU inline assembly and attributes are not to be relied
+// on there.
+#if defined(_MSC_VER)
+#    define MEMBACKING_MSVC_MODE 1
+#else
+#    define MEMBACKING_MSVC_MODE 0
+#endif
+
+// MinGW-w64 (GCC or clang targeting the GNU Windows runtime).
+#if defined(__MINGW32__)
+#    define MEMBACKING_MINGW 1
+#else
+#    define MEMBACKING_MINGW 0
+#endif
+
+// The fault-recovering access primitives are x86-64 inline assembly in the GNU dialect. How a
+// fault finds its recovery point is per OS (access/fault_handler.hpp): an ELF section with
+// SHF_LINK_ORDER and a signal handler on Linux, a marker in the instruction stream and a vectored
+// exception handler on Windows with a GCC-compatible compiler (MinGW). Other combinations have no
+// access layer yet.
+#if MEMBACKING_ARCH_X86_64 && MEMBACKING_GNU_COMPATIBLE && !MEMBACKING_MSVC_MODE &&                \
+    (MEMBACKING_OS_LINUX || MEMBACKING_OS_WINDOWS)
 #    define MEMBACKING_HAS_GUARDED_ACCESS 1
 #else
 #    define MEMBACKING_HAS_GUARDED_ACCESS 0

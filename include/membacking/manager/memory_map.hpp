@@ -120,8 +120,8 @@ struct MemoryMap {
                 open.pop_back();
             const std::string indent(2 * (open.size() + 1), ' ');
             out += indent + span(r.range) + " (prio " + std::to_string(r.priority) + ", " +
-                   std::string(to_string(r.type)) + ", " + params_text(r.params) + "): " + r.name +
-                   (r.active ? " [active]" : "") + "\n";
+                   std::string(to_string(r.type)) + ", " + params_text(r.params) +
+                   "): " + printable(r.name) + (r.active ? " [active]" : "") + "\n";
             for (const Mapping& m : r.mappings)
                 out += indent + "  " + span(m.gpa) + ": " + names.describe(m) +
                        (m.writable ? " rw" : " ro") + "\n";
@@ -132,40 +132,50 @@ struct MemoryMap {
             out += " none";
         out += "\n";
         for (const Partition& p : partitions)
-            out += "  #" + std::to_string(p.id.value) + " " + p.type + " vtl" +
+            out += "  #" + std::to_string(p.id.value) + " " + printable(p.type) + " vtl" +
                    std::to_string(static_cast<int>(p.vtl)) + " at offset " +
                    MemoryRange::hex(p.offset) + (p.pin ? " (pinned)" : "") + "\n";
         return out;
     }
 
-    /// The JSON form.
+    /// The JSON form. Built by appending only: GCC 12 at -O3 warns (-Wrestrict, a false positive)
+    /// on `"literal" + std::string&&`, which inserts at the front of the right-hand string.
     [[nodiscard]] std::string to_json() const
     {
         ObjectNames names;
-        std::string out = "{\"max_address\":" + std::to_string(max_address.value()) +
-                          ",\"va_mappers\":" + std::to_string(va_mappers) + ",\"regions\":[";
+        std::string out = "{\"max_address\":";
+        out += std::to_string(max_address.value());
+        out += ",\"va_mappers\":";
+        out += std::to_string(va_mappers);
+        out += ",\"regions\":[";
         for (std::size_t i = 0; i < regions.size(); ++i) {
             const Region& r = regions[i];
-            out += (i ? "," : "") + std::string("{\"id\":") + std::to_string(r.id.value) +
-                   ",\"name\":" + quote(r.name) + ",\"start\":" + std::to_string(r.range.start()) +
-                   ",\"end\":" + std::to_string(r.range.end()) +
-                   ",\"priority\":" + std::to_string(r.priority) +
-                   ",\"type\":" + quote(to_string(r.type)) +
-                   ",\"mapped\":" + (r.params ? "true" : "false") +
-                   ",\"active\":" + (r.active ? "true" : "false");
-            if (r.params)
-                out += ",\"params\":{\"writable\":" + boolean(r.params->writable) +
-                       ",\"executable\":" + boolean(r.params->executable) +
-                       ",\"prefetch\":" + boolean(r.params->prefetch) + "}";
+            out += i ? ",{" : "{";
+            field(out, "id", std::to_string(r.id.value), true);
+            field(out, "name", quote(r.name));
+            field(out, "start", std::to_string(r.range.start()));
+            field(out, "end", std::to_string(r.range.end()));
+            field(out, "priority", std::to_string(r.priority));
+            field(out, "type", quote(to_string(r.type)));
+            field(out, "mapped", boolean(r.params.has_value()));
+            field(out, "active", boolean(r.active));
+            if (r.params) {
+                out += ",\"params\":{";
+                field(out, "writable", boolean(r.params->writable), true);
+                field(out, "executable", boolean(r.params->executable));
+                field(out, "prefetch", boolean(r.params->prefetch));
+                out += "}";
+            }
             out += ",\"mappings\":[";
             for (std::size_t j = 0; j < r.mappings.size(); ++j) {
                 const Mapping& m = r.mappings[j];
-                out += (j ? "," : "") + std::string("{\"start\":") + std::to_string(m.gpa.start()) +
-                       ",\"end\":" + std::to_string(m.gpa.end()) +
-                       ",\"writable\":" + boolean(m.writable) +
-                       ",\"backing\":" + quote(m.private_memory ? "private" : names.name(m.object));
+                out += j ? ",{" : "{";
+                field(out, "start", std::to_string(m.gpa.start()), true);
+                field(out, "end", std::to_string(m.gpa.end()));
+                field(out, "writable", boolean(m.writable));
+                field(out, "backing", quote(m.private_memory ? "private" : names.name(m.object)));
                 if (!m.private_memory)
-                    out += ",\"file_offset\":" + std::to_string(m.file_offset);
+                    field(out, "file_offset", std::to_string(m.file_offset));
                 out += "}";
             }
             out += "]}";
@@ -173,12 +183,16 @@ struct MemoryMap {
         out += "],\"partitions\":[";
         for (std::size_t i = 0; i < partitions.size(); ++i) {
             const Partition& p = partitions[i];
-            out += (i ? "," : "") + std::string("{\"id\":") + std::to_string(p.id.value) +
-                   ",\"type\":" + quote(p.type) +
-                   ",\"vtl\":" + std::to_string(static_cast<int>(p.vtl)) +
-                   ",\"offset\":" + std::to_string(p.offset) + ",\"pin\":" + boolean(p.pin) + "}";
+            out += i ? ",{" : "{";
+            field(out, "id", std::to_string(p.id.value), true);
+            field(out, "type", quote(p.type));
+            field(out, "vtl", std::to_string(static_cast<int>(p.vtl)));
+            field(out, "offset", std::to_string(p.offset));
+            field(out, "pin", boolean(p.pin));
+            out += "}";
         }
-        return out + "]}";
+        out += "]}";
+        return out;
     }
 
 private:
@@ -219,22 +233,95 @@ private:
         return p->prefetch ? s + " prefetch" : s;
     }
     static std::string boolean(bool b) { return b ? "true" : "false"; }
+    /// Appends `,"key":value` (or `"key":value` for the first field of an object).
+    static void field(std::string& out, std::string_view key, const std::string& value,
+                      bool first = false)
+    {
+        out += first ? "\"" : ",\"";
+        out += key;
+        out += "\":";
+        out += value;
+    }
+
+    /// The length of the well-formed UTF-8 sequence at s[i], or 0 if there is none (a stray
+    /// continuation byte, a truncated sequence, an overlong form, a surrogate, or above U+10FFFF).
+    static std::size_t utf8_sequence(std::string_view s, std::size_t i)
+    {
+        const auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[i + k]); };
+        const unsigned char c = b(0);
+        if (c < 0x80)
+            return 1;
+        std::size_t n = 0;
+        unsigned char lo = 0x80, hi = 0xbf; // the allowed range of the second byte
+        if (c >= 0xc2 && c <= 0xdf) {
+            n = 2;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            n = 3;
+            lo = c == 0xe0 ? 0xa0 : 0x80;
+            hi = c == 0xed ? 0x9f : 0xbf;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            n = 4;
+            lo = c == 0xf0 ? 0x90 : 0x80;
+            hi = c == 0xf4 ? 0x8f : 0xbf;
+        } else {
+            return 0;
+        }
+        if (i + n > s.size() || b(1) < lo || b(1) > hi)
+            return 0;
+        for (std::size_t k = 2; k < n; ++k)
+            if (b(k) < 0x80 || b(k) > 0xbf)
+                return 0;
+        return n;
+    }
+
+    /// A JSON string: quotes, backslashes and control characters escaped; bytes that are not
+    /// well-formed UTF-8 become U+FFFD, so the document is always valid JSON.
     static std::string quote(std::string_view s)
     {
         std::string out = "\"";
-        for (char c : s) {
+        for (std::size_t i = 0; i < s.size();) {
+            const auto c = static_cast<unsigned char>(s[i]);
+            const std::size_t n = utf8_sequence(s, i);
+            if (n == 0) {
+                out += "\\ufffd";
+                ++i;
+                continue;
+            }
             if (c == '"' || c == '\\') {
                 out += '\\';
-                out += c;
-            } else if (static_cast<unsigned char>(c) < 0x20) {
+                out += static_cast<char>(c);
+            } else if (c < 0x20 || c == 0x7f) {
                 char buf[8];
                 (void)std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
                 out += buf;
             } else {
-                out += c;
+                out.append(s.substr(i, n));
             }
+            i += n;
         }
-        return out + "\"";
+        out += '"';
+        return out;
+    }
+
+    /// A name for the text dump, one line per region whatever the name holds: control characters,
+    /// backslashes and bytes that are not well-formed UTF-8 are written as \xNN escapes.
+    static std::string printable(std::string_view s)
+    {
+        std::string out;
+        for (std::size_t i = 0; i < s.size();) {
+            const auto c = static_cast<unsigned char>(s[i]);
+            const std::size_t n = utf8_sequence(s, i);
+            if (n == 0 || c < 0x20 || c == 0x7f || c == '\\') {
+                char buf[8];
+                (void)std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
+                out += buf;
+                ++i;
+                continue;
+            }
+            out.append(s.substr(i, n));
+            i += n;
+        }
+        return out;
     }
 };
 

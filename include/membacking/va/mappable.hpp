@@ -7,8 +7,15 @@
  * one handle (like the reference's Arc<OwnedFd>); the handle is closed when the last copy goes.
  * An empty Mappable stands for "no object" (private anonymous memory).
  *
- * Creating objects: create_memfd(name, size) (va/linux_mmap.hpp) makes the shared memory a device
- * maps; the VA policies make the RAM objects. This header only owns.
+ * On Linux the handle is a file descriptor, closed with close(). On Windows it is a section
+ * handle (a HANDLE from CreateFileMapping), mapped with MapViewOfFile3 and closed with
+ * CloseHandle; a section stays alive while a view of it is mapped, but the placeholder policy
+ * keeps a copy of the Mappable for every view anyway, because re-mapping the head and tail of a
+ * partially unmapped view needs it.
+ *
+ * Creating objects: create_memfd(name, size) (va/linux_mmap.hpp) or create_section(name, size)
+ * (va/windows_placeholder.hpp) makes the shared memory a device maps; the VA policies make the RAM
+ * objects. This header only owns.
  */
 #pragma once
 

@@ -98,6 +98,15 @@ public:
             return std::move(range).error();
         if (range->end() > max_addr_)
             return outside_address_space(*range, max_addr_);
+        if (d.placed && d.gpa == gpa) {
+            // Already there: a "move" to the same place is a no-op (the reference removes and
+            // re-adds it, so device reads fail meanwhile); a new permission is changed in place.
+            if (d.writable != writable) {
+                MEMBACKING_TRY(regions_.map_region(*d.placed, {writable, true, false}));
+                d.writable = writable;
+            }
+            return {};
+        }
         UndoLog undo;
         if (d.placed) {
             MEMBACKING_TRY(regions_.remove_region(*d.placed));
