@@ -572,6 +572,27 @@ TEST_CASE("prefetch drives KVM_PRE_FAULT_MEMORY to the end of the range (scripte
         CHECK(r.error().message().find("failed at 0x101000") != std::string::npos);
         CHECK(test::InjectingKvm::pre_fault_calls.size() == 2);
     }
+    SUBCASE("EINTR and EAGAIN are retried a bounded number of times in a row")
+    {
+        using P = KvmPartition<test::InjectingKvm>;
+        test::InjectingKvm::pre_fault_calls.clear();
+        // As many retries as allowed, then progress (which resets the count), then as many
+        // again: it finishes.
+        test::InjectingKvm::pre_fault_script.assign(P::max_prefetch_retries, {0, EINTR});
+        test::InjectingKvm::pre_fault_script.push_back({0x1000, 0});
+        test::InjectingKvm::pre_fault_script.insert(test::InjectingKvm::pre_fault_script.end(),
+                                                    P::max_prefetch_retries, {0, EAGAIN});
+        must(g.kvm->prefetch_range(MiB, MiB));
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == 2 * P::max_prefetch_retries + 2);
+        // One more in a row is an error, not an endless loop.
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script.assign(P::max_prefetch_retries + 1, {0, EAGAIN});
+        auto r = g.kvm->prefetch_range(MiB, MiB);
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code() == std::errc::resource_unavailable_try_again);
+        CHECK(r.error().message().find("retries without progress") != std::string::npos);
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == P::max_prefetch_retries + 1);
+    }
     SUBCASE("a success without progress is an error, not an endless loop")
     {
         test::InjectingKvm::pre_fault_calls.clear();
