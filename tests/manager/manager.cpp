@@ -453,7 +453,7 @@ TEST_CASE("device memory moved to where it already is: no unmap, a permission ch
     auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
     must(bar.map({.offset = Offset{0},
                   .length = Length{0x10000},
-                  .object = test::make_memfd(0x10000),
+                  .object = test::make_object(0x10000),
                   .object_offset = Offset{0},
                   .protection = Protection::read_write}));
     must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));

@@ -111,12 +111,12 @@ public:
         // Destroyed in reverse order: the partition operation ends (quiesce brackets close), its
         // advice is taken, the lock is released, and only then is the advice given.
         typename PartitionSet<Partitions...>::Deferred advice;
-        const AtExit give_advice([&] {
+        const auto give_advice = at_exit([&] {
             for (const auto& give : advice)
                 give();
         });
         std::lock_guard lock(control_);
-        const AtExit take_advice([&] { advice = partitions_.take_deferred(); });
+        const auto take_advice = at_exit([&] { advice = partitions_.take_deferred(); });
         const auto op = partitions_.operation();
         Control c{regions_, ram_, config_.max_addr};
         return std::forward<F>(f)(c);
@@ -226,6 +226,11 @@ private:
         ~AtExit() { f_(); }
         F f_;
     };
+    template <class F>
+    static AtExit<F> at_exit(F f)
+    {
+        return AtExit<F>(std::move(f));
+    }
 
     ManagerCore(const Config& config, MappingManager<Va> va, std::shared_ptr<Mapper> primary)
         : config_(config), va_(std::move(va)), primary_(std::move(primary)), sink_{this},
