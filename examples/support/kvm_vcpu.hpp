@@ -10,6 +10,7 @@
  */
 #pragma once
 
+#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -134,6 +135,14 @@ public:
 
     /// The value an MMIO read returns to the guest when it runs next.
     void answer_mmio(std::uint64_t value) { std::memcpy(run_->mmio.data, &value, sizeof value); }
+
+    /// Sets or clears kvm_run.immediate_exit: while it is set, KVM_RUN returns EINTR at once
+    /// instead of entering the guest (how a vCPU is kicked without losing a signal that arrives
+    /// just before KVM_RUN; see vcpu_gate.hpp). Any thread may call it.
+    void set_immediate_exit(bool on)
+    {
+        std::atomic_ref<std::uint8_t>(run_->immediate_exit).store(on ? 1 : 0);
+    }
 
     /// The guest's EAX (results the guest leaves in a register).
     [[nodiscard]] std::uint64_t eax() const

@@ -19,6 +19,7 @@
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/guest_memory_manager.hpp>
 #include <membacking/manager/memory_map.hpp>
+#include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/ram_backing_request.hpp>
 #include <membacking/manager/ram_visibility.hpp>
 #include <membacking/manager/shared_backing.hpp>

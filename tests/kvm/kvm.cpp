@@ -12,11 +12,16 @@
 #include "partition_conformance.hpp"
 #include "smaps.hpp"
 #include "test_support.hpp"
+#include "vcpu_gate.hpp"
 #include "x86_asm.hpp"
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace membacking;
@@ -40,11 +45,21 @@ KvmVm make_vm()
     return std::move(*vm);
 }
 
+/// Whether a Guest's partition is attached with its vCPU gate as the quiesce hook.
+enum class Hooked : std::uint8_t { no, yes };
+
 /// A VM, a manager over 16 MiB of address space with x86 legacy RAM below 2 MiB, and the KVM
-/// partition attached. Sys is the partition's syscall seam.
+/// partition attached, by default with the vCPU's gate as its quiesce hook (the vCPU runs on
+/// this thread in run_to_halt, or on one of the test's through the gate). Sys is the partition's
+/// syscall seam.
 template <class Sys = os::LinuxSyscalls>
 struct Guest {
     using Manager = LinuxGuestMemoryManager<KvmPartition<Sys>>;
+
+    explicit Guest(Hooked hooked = Hooked::yes)
+        : id(must(manager.attach_partition(Vtl::vtl0, kvm,
+                                           hooked == Hooked::yes ? gate.hook() : QuiesceHook{})))
+    {}
 
     KvmVm vm = make_vm();
     Manager manager = must(Manager::builder()
@@ -52,7 +67,8 @@ struct Guest {
                                .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
                                .build(Length{16 * MiB}));
     std::shared_ptr<KvmPartition<Sys>> kvm = must(KvmPartition<Sys>::create(vm.vm_fd()));
-    PartitionId id = must(manager.attach_partition(Vtl::vtl0, kvm));
+    example::VcpuGate gate{vm};
+    PartitionId id;
     typename Manager::Memory memory = manager.guest_memory();
 
     void load(const X86Asm& program)
@@ -364,6 +380,238 @@ TEST_CASE("dirty pages survive their slot being deleted and re-created")
     CHECK(g.kvm->pending_dirty_pages() == 0);
 }
 
+TEST_CASE("without a quiesce hook, a deleted logged slot is reported whole: no write is lost")
+{
+    // With no hook the vCPUs may run while a slot's log is read and the slot deleted; a write in
+    // between would be dropped with the slot, so every page of it is reported instead.
+    Guest<> g(Hooked::no);
+    must(g.manager.set_dirty_logging(g.id, true));
+    const RegionId ram = g.manager.memory_map().regions.back().id; // the RAM above 1 MiB
+    X86Asm a;
+    a.mov(X86Asm::edi, MiB + 5 * page_size).store_byte_edi(1).hlt();
+    g.load(a);
+    must(g.manager.take_dirty_log(g.id, ram));
+    g.run_to_halt();
+    must(g.manager.map_region(ram, {false, true, false}));
+    CHECK(g.kvm->pending_dirty_pages() == MiB / page_size);
+    const auto log = must(g.manager.take_dirty_log(g.id, ram));
+    for (const std::uint64_t word : log)
+        CHECK(word == ~std::uint64_t{0});
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+}
+
+TEST_CASE("a failed set_dirty_logging(false) leaves logging on and every logged page reported")
+{
+    test::InjectingKvm::reset();
+    Guest<test::InjectingKvm> g;
+    must(g.manager.set_dirty_logging(g.id, true));
+    const auto map = g.manager.memory_map();
+    const RegionId ram = map.regions.back().id; // the RAM above 1 MiB: the last of 16 slots
+    const RegionId low = map.region_at(Gpa{0x5000})->id;
+    must(g.manager.take_dirty_log(g.id, ram));
+    must(g.manager.take_dirty_log(g.id, low));
+    X86Asm a;
+    a.mov(X86Asm::edi, MiB + 7 * page_size).store_byte_edi(1).hlt();
+    g.load(a);
+    g.run_to_halt();
+    // Page 7 waits in the pending log of a deleted slot (a permission change and back)...
+    must(g.manager.map_region(ram, {false, true, false}));
+    must(g.manager.map_region(ram, {true, true, false}));
+    REQUIRE(g.kvm->pending_dirty_pages() == 1);
+    // ...page 9 in the live slot's bitmap, and low RAM's page 5 in its own slot.
+    a = X86Asm{};
+    a.mov(X86Asm::edi, 0x5000)
+        .store_byte_edi(1)
+        .mov(X86Asm::edi, MiB + 9 * page_size)
+        .store_byte_edi(1)
+        .hlt();
+    g.load(a);
+    g.run_to_halt();
+
+    // Turning logging off fails at the last slot (RAM's), after 15 slots were turned off and
+    // RAM's bitmap was read: the 15 go back to logging, RAM's bits wait in the pending log.
+    test::InjectingKvm::memslot_plan = test::Plan{15, EIO};
+    auto r = g.manager.set_dirty_logging(g.id, false);
+    REQUIRE_FALSE(r);
+    CHECK(test::InjectingKvm::memslot_plan.fired);
+    CHECK(r.error().code() == std::errc::io_error);
+    test::InjectingKvm::reset();
+    // Every bit read before the failure is kept: RAM's pages 7 (from the deleted slot) and 9
+    // (its live bitmap, read before its flags failed), and low RAM's page 5 (its bitmap was
+    // read, its logging turned off and on again). (Low RAM also reports the page the guest ran
+    // its code from: KVM logs a page it maps writable on a read fault.)
+    CHECK(must(g.manager.take_dirty_log(g.id, ram))[0] ==
+          ((std::uint64_t{1} << 7) | (std::uint64_t{1} << 9)));
+    CHECK((must(g.manager.take_dirty_log(g.id, low))[0] & (std::uint64_t{1} << 5)) != 0);
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+    // Logging is still on in every slot: the guest's next writes are logged.
+    a = X86Asm{};
+    a.mov(X86Asm::edi, 0x6000)
+        .store_byte_edi(1)
+        .mov(X86Asm::edi, MiB + 11 * page_size)
+        .store_byte_edi(1)
+        .hlt();
+    g.load(a);
+    g.run_to_halt();
+    CHECK(must(g.manager.take_dirty_log(g.id, ram))[0] == std::uint64_t{1} << 11);
+    CHECK((must(g.manager.take_dirty_log(g.id, low))[0] & (std::uint64_t{1} << 6)) != 0);
+    // And it can be turned off afterwards, which discards the log.
+    must(g.manager.set_dirty_logging(g.id, false));
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+}
+
+// ---- the quiesce bracket with a running vCPU ----
+
+namespace {
+constexpr std::uint32_t pam_byte = 0xc0010;         // in the 0xc0000 PAM segment
+constexpr std::uint32_t heartbeat = result_gpa + 4; // the guest's loop counter
+constexpr std::uint8_t ram_value = 0x5a;
+constexpr MemoryRange pam_segment = MemoryRange::constant(0xc0000, 0xc4000);
+
+/// The guest: reads the PAM byte in a loop, counting; stores what it read and halts the first
+/// time it is not ram_value.
+X86Asm pam_reader()
+{
+    X86Asm a;
+    a.label("loop")
+        .load_al(pam_byte)
+        .cmp_al(ram_value)
+        .jnz("bad")
+        .add_eax(0x100) // above AL, which the load overwrites
+        .store_eax(heartbeat)
+        .jmp("loop")
+        .label("bad")
+        .store_al(result_gpa)
+        .hlt();
+    return a;
+}
+
+/// The vCPU thread of the toggle tests: runs pam_reader through the gate, answers MMIO reads
+/// with open-bus bytes (as the example VMM does), and records what happened.
+struct Reader {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::vector<Exit> mmio_reads;
+    bool halted = false;
+    std::string failure;
+
+    template <class G>
+    void run(G& g)
+    {
+        for (;;) {
+            const Exit e = g.gate.run();
+            std::lock_guard lock(mutex);
+            if (e.kind == Exit::Kind::mmio && !e.write) {
+                mmio_reads.push_back(e);
+                g.vm.answer_mmio(~std::uint64_t{0});
+                changed.notify_all();
+                continue;
+            }
+            if (e.kind == Exit::Kind::halt)
+                halted = true;
+            else if (e.kind != Exit::Kind::interrupted) // interrupted: the gate was stopped
+                failure = "unexpected exit, kind " + std::to_string(static_cast<int>(e.kind));
+            changed.notify_all();
+            return;
+        }
+    }
+};
+
+template <class G>
+void start_reader(G& g)
+{
+    REQUIRE(g.memory.template write_plain<std::uint8_t>(Gpa{pam_byte}, ram_value).has_value());
+    REQUIRE(g.memory.template write_plain<std::uint32_t>(Gpa{result_gpa}, 0).has_value());
+    REQUIRE(g.memory.template write_plain<std::uint32_t>(Gpa{heartbeat}, 0).has_value());
+    g.load(pam_reader());
+}
+} // namespace
+
+TEST_CASE("with the quiesce hook, a guest reading a PAM page toggled RW/RO 1,000 times sees "
+          "only its RAM")
+{
+    test::InjectingKvm::reset();
+    Guest<test::InjectingKvm> g; // hooked: the gate holds the vCPU during every replacement
+    start_reader(g);
+    std::uint64_t deletions = 0;
+    std::uint64_t deletions_while_running = 0;
+    test::InjectingKvm::after_memslot = [&](std::uint64_t gpa, std::uint64_t size) {
+        if (size == 0 && gpa == pam_segment.start()) {
+            ++deletions;
+            if (g.gate.running())
+                ++deletions_while_running;
+        }
+    };
+    Reader reader;
+    std::thread vcpu([&] { reader.run(g); });
+    auto control = g.manager.ram_visibility_control();
+    std::uint32_t seen = 0;
+    for (int i = 0; i < 1000; ++i) {
+        // Let the guest read the page at least once in this state: wait for its counter to move
+        // (a running guest moves it; a halted one, or a failure, ends the wait too).
+        for (;;) {
+            const std::uint32_t now =
+                g.memory.template read_plain<std::uint32_t>(Gpa{heartbeat}).value();
+            std::lock_guard lock(reader.mutex);
+            if (now != seen || reader.halted || !reader.failure.empty()) {
+                seen = now;
+                break;
+            }
+            std::this_thread::yield();
+        }
+        must(control.set_ram_visibility(pam_segment, i % 2 == 0 ? RamVisibility::read_only
+                                                                : RamVisibility::read_write));
+    }
+    g.gate.stop();
+    vcpu.join();
+    test::InjectingKvm::reset();
+    CHECK(reader.failure.empty());
+    CHECK_FALSE(reader.halted); // the guest never read anything but ram_value
+    CHECK(reader.mmio_reads.empty());
+    CHECK(g.result_byte() == 0);
+    CHECK(deletions == 1000);            // every toggle replaced the slot...
+    CHECK(deletions_while_running == 0); // ...with the vCPU out of KVM_RUN
+    CHECK(g.gate.kicks() > 0);           // which the gate had to kick it out of
+    MESSAGE("the gate kicked the vCPU " << g.gate.kicks() << " times in 1,000 toggles");
+}
+
+TEST_CASE("without the quiesce hook, the same toggle shows the guest an MMIO exit on its RAM")
+{
+    // A deterministic demonstration: one RW -> RO toggle, stopped (through the ioctl seam) just
+    // after KVM deleted the RAM slot and before it creates the read-only one, until the
+    // running guest has read the page. (Racing 1,000 toggles against the guest would hit that
+    // window only by chance: the test VM has one CPU.)
+    test::InjectingKvm::reset();
+    Guest<test::InjectingKvm> g(Hooked::no);
+    start_reader(g);
+    Reader reader;
+    bool timed_out = false;
+    test::InjectingKvm::after_memslot = [&](std::uint64_t gpa, std::uint64_t size) {
+        if (size != 0 || gpa != pam_segment.start())
+            return;
+        std::unique_lock lock(reader.mutex);
+        // The bound is a safety net against a hang, not the synchronisation.
+        timed_out = !reader.changed.wait_for(lock, std::chrono::seconds(60), [&] {
+            return !reader.mmio_reads.empty() || reader.halted || !reader.failure.empty();
+        });
+    };
+    std::thread vcpu([&] { reader.run(g); });
+    // The guest is running once its counter moves.
+    while (g.memory.template read_plain<std::uint32_t>(Gpa{heartbeat}).value() == 0)
+        std::this_thread::yield();
+    must(g.manager.ram_visibility_control().set_ram_visibility(pam_segment,
+                                                               RamVisibility::read_only));
+    vcpu.join(); // the guest halts: it read a value it never wrote
+    test::InjectingKvm::reset();
+    CHECK_FALSE(timed_out);
+    CHECK(reader.failure.empty());
+    REQUIRE(reader.mmio_reads.size() == 1);
+    CHECK(reader.mmio_reads[0].address == pam_byte); // an MMIO exit on RAM
+    CHECK(reader.halted);
+    CHECK(g.result_byte() == 0xff); // the open-bus byte, not ram_value
+    CHECK(g.memory.template read_plain<std::uint8_t>(Gpa{pam_byte}).value() == ram_value);
+}
+
 TEST_CASE("prefetch uses KVM_PRE_FAULT_MEMORY where the kernel has it, else says unsupported")
 {
     Guest<> g;
@@ -409,6 +657,27 @@ TEST_CASE("prefetch drives KVM_PRE_FAULT_MEMORY to the end of the range (scripte
         CHECK(r.error().code() == std::errc::no_such_file_or_directory);
         CHECK(r.error().message().find("failed at 0x101000") != std::string::npos);
         CHECK(test::InjectingKvm::pre_fault_calls.size() == 2);
+    }
+    SUBCASE("EINTR and EAGAIN are retried a bounded number of times in a row")
+    {
+        using P = KvmPartition<test::InjectingKvm>;
+        test::InjectingKvm::pre_fault_calls.clear();
+        // As many retries as allowed, then progress (which resets the count), then as many
+        // again: it finishes.
+        test::InjectingKvm::pre_fault_script.assign(P::max_prefetch_retries, {0, EINTR});
+        test::InjectingKvm::pre_fault_script.push_back({0x1000, 0});
+        test::InjectingKvm::pre_fault_script.insert(test::InjectingKvm::pre_fault_script.end(),
+                                                    P::max_prefetch_retries, {0, EAGAIN});
+        must(g.kvm->prefetch_range(MiB, MiB));
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == 2 * P::max_prefetch_retries + 2);
+        // One more in a row is an error, not an endless loop.
+        test::InjectingKvm::pre_fault_calls.clear();
+        test::InjectingKvm::pre_fault_script.assign(P::max_prefetch_retries + 1, {0, EAGAIN});
+        auto r = g.kvm->prefetch_range(MiB, MiB);
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code() == std::errc::resource_unavailable_try_again);
+        CHECK(r.error().message().find("retries without progress") != std::string::npos);
+        CHECK(test::InjectingKvm::pre_fault_calls.size() == P::max_prefetch_retries + 1);
     }
     SUBCASE("a success without progress is an error, not an endless loop")
     {

@@ -288,6 +288,56 @@ TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing 
     CHECK(p->windows().size() == 16);
 }
 
+TEST_CASE("the quiesce hook brackets a control call once, around its unmaps and its rollback")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    auto unhooked = std::make_shared<MockPartition>();
+    int begins = 0;
+    int ends = 0;
+    std::vector<Window> at_end; // what the hooked partition held when end() ran
+    const QuiesceHook hook{[&] { ++begins; },
+                           [&] {
+                               ++ends;
+                               at_end = p->windows();
+                           }};
+    must(m.attach_partition(Vtl::vtl0, p, hook)); // maps only: no bracket
+    must(m.attach_partition(Vtl::vtl0, unhooked));
+    CHECK(begins == 0);
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+
+    // RW -> RO deletes the window and maps it again: one bracket around both.
+    p->clear_calls();
+    must(control.set_ram_visibility(pam, RamVisibility::read_only));
+    CHECK(begins == 1);
+    CHECK(ends == 1);
+    for (const auto& call : p->calls())
+        if (call.op == MockPartition::Op::unmap || call.op == MockPartition::Op::map)
+            CHECK(call.quiesced);
+    for (const auto& call : unhooked->calls())
+        CHECK_FALSE(call.quiesced);
+
+    // A new window appearing is atomic: no bracket.
+    auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x1000}));
+    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    CHECK(begins == 1);
+    // Moving it takes the old window away first: one bracket for the whole move.
+    must(dev.map_to_guest(Gpa{9 * MiB}, Protection::read_write));
+    CHECK(begins == 2);
+    CHECK(ends == 2);
+
+    // A failure part-way: the bracket ends after the rollback put the read-only window back.
+    unhooked->fail_next(MockPartition::Op::map);
+    REQUIRE_FALSE(control.set_ram_visibility(pam, RamVisibility::read_write));
+    CHECK(begins == 3);
+    CHECK(ends == 3);
+    const auto restored = std::find_if(at_end.begin(), at_end.end(),
+                                       [](const Window& w) { return w.gpa == 0xc0000; });
+    REQUIRE(restored != at_end.end());
+    CHECK_FALSE(restored->writable);
+}
+
 TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
 {
     Manager m = must(

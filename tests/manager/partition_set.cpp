@@ -133,20 +133,31 @@ TEST_CASE("PartitionSet: map and unmap reach every partition of every policy, al
     CHECK(c->calls().size() == 3); // map, failed unmap, unmap: no new call
 }
 
-TEST_CASE("PartitionSet: prefetch is asked for where the window says so, and is only advice")
+TEST_CASE("PartitionSet: prefetch is queued, given after the operation, and only advice")
 {
     Set set(options());
     auto p = std::make_shared<MockPartition>();
     auto plain = std::make_shared<Plain>(); // cannot prefetch: never asked
     must(set.attach(Vtl::vtl0, p, {}));
     must(set.attach(Vtl::vtl0, plain, {}));
-    p->fail_next(Op::prefetch);
     must(set.map(window(0, MiB, true, true)));
     must(set.map(window(MiB, 2 * MiB, true, false)));
-    std::vector<Op> ops;
-    for (const auto& call : p->calls())
-        ops.push_back(call.op);
-    CHECK(ops == std::vector<Op>{Op::map, Op::prefetch, Op::map});
+    auto ops = [&] {
+        std::vector<Op> out;
+        for (const auto& call : p->calls())
+            out.push_back(call.op);
+        return out;
+    };
+    CHECK(ops() == std::vector<Op>{Op::map, Op::map}); // nothing during the operations
+
+    auto advice = set.take_deferred();
+    REQUIRE(advice.size() == 1);
+    CHECK(set.take_deferred().empty()); // taken once
+    p->fail_next(Op::prefetch);
+    for (const auto& give : advice)
+        give(); // fails, and nothing comes of it
+    CHECK(ops() == std::vector<Op>{Op::map, Op::map, Op::prefetch});
+    CHECK(p->calls().back().gpa == 0);
     CHECK(p->windows().size() == 2); // the failed prefetch kept its window
     for (const auto& call : plain->calls())
         CHECK(call.op == Op::map);
@@ -240,4 +251,119 @@ TEST_CASE("PartitionSet: unmap_all empties every partition and reports nothing")
     set.unmap_all(two());
     CHECK(a->windows().empty());
     CHECK(b->windows().size() == 1);
+}
+
+// ---- the quiesce bracket ----
+
+namespace {
+/// A quiesce hook that counts, and records what a partition looked like when it ended.
+struct HookLog {
+    int begins = 0;
+    int ends = 0;
+    bool held = false;
+    std::vector<MockPartition::Window> at_end; ///< the partition's windows when end() ran
+    std::shared_ptr<MockPartition> watched;
+
+    QuiesceHook hook()
+    {
+        return {[this] {
+                    CHECK_FALSE(held); // never nested
+                    held = true;
+                    ++begins;
+                },
+                [this] {
+                    CHECK(held);
+                    held = false;
+                    ++ends;
+                    if (watched)
+                        at_end = watched->windows();
+                }};
+    }
+};
+} // namespace
+
+TEST_CASE("PartitionSet: one bracket per operation, opened by the first unmap, closed after it")
+{
+    Set set(options());
+    HookLog log;
+    auto p = std::make_shared<MockPartition>();
+    log.watched = p;
+    must(set.attach(Vtl::vtl2, p, two(), log.hook())); // maps only: no bracket
+    CHECK(log.begins == 0);
+
+    {
+        const auto op = set.operation(); // what the manager does around one control call
+        must(set.unmap(two()[0]));       // 2 windows (alias and plain): one begin
+        must(set.map(window(0, MiB, false)));
+        must(set.unmap(two()[1]));
+        CHECK(log.begins == 1);
+        CHECK(log.ends == 0); // still inside the operation
+    }
+    CHECK(log.ends == 1);
+    // Every unmap was made with the vCPUs held, and the partition was told (quiesce-aware).
+    bool told = false;
+    for (const auto& call : p->calls()) {
+        if (call.op == Op::unmap)
+            CHECK(call.quiesced);
+        told = told || (call.op == Op::set_quiesced && call.writable);
+    }
+    CHECK(told);
+    CHECK(p->calls().back().op == Op::set_quiesced); // released before end()
+    CHECK_FALSE(p->calls().back().writable);
+
+    // A map-only operation does not quiesce.
+    must(set.map(window(4 * MiB, 5 * MiB)));
+    CHECK(log.begins == 1);
+}
+
+TEST_CASE("PartitionSet: the bracket ends after the rollback, and only hooked partitions stop")
+{
+    Set set(options());
+    HookLog log;
+    auto hooked = std::make_shared<MockPartition>();
+    auto free_running = std::make_shared<OtherMock>();
+    log.watched = hooked;
+    must(set.attach(Vtl::vtl0, hooked, two(), log.hook()));
+    must(set.attach(Vtl::vtl0, free_running, two()));
+
+    free_running->fail_next(Op::unmap);
+    REQUIRE_FALSE(set.unmap(two()[0]));
+    CHECK(log.begins == 1);
+    CHECK(log.ends == 1);
+    // end() ran after the hooked partition got its window back.
+    CHECK(log.at_end.size() == 2);
+    const auto calls = hooked->calls();
+    CHECK(calls[calls.size() - 2].op == Op::map); // the undo, still held
+    CHECK(calls[calls.size() - 2].quiesced);
+    for (const auto& call : free_running->calls())
+        CHECK_FALSE(call.quiesced);
+}
+
+TEST_CASE("PartitionSet: dirty-logging changes and detach quiesce too; a half hook is refused")
+{
+    Set set(options());
+    HookLog log;
+    auto p = std::make_shared<MockPartition>();
+    const PartitionId id = must(set.attach(Vtl::vtl0, p, two(), log.hook()));
+    must(set.set_dirty_logging(id, true));
+    CHECK(log.begins == 1);
+    CHECK(log.ends == 1);
+    must(set.take_dirty_log(id, range(0, MiB))); // reading the log needs no bracket
+    CHECK(log.begins == 1);
+    must(set.detach(id, two()));
+    CHECK(log.begins == 2);
+    CHECK(log.ends == 2); // the bracket of a partition that is gone ends too
+
+    auto half = set.attach(Vtl::vtl0, std::make_shared<MockPartition>(), two(),
+                           QuiesceHook{[] {}, nullptr});
+    REQUIRE_FALSE(half);
+    REQUIRE(half.error().source() != nullptr);
+    CHECK(half.error().source()->code() == errc::invalid_argument);
+
+    // Teardown does not call the hook.
+    const PartitionId again = must(set.attach(Vtl::vtl0, p, two(), log.hook()));
+    (void)again;
+    set.unmap_all(two());
+    CHECK(log.begins == 2);
+    CHECK(p->windows().empty());
 }

@@ -3,7 +3,9 @@
  * (what KVM_CHECK_EXTENSION(KVM_CAP_NR_MEMSLOTS) reports) and the n-th memslot update
  * (KVM_SET_USER_MEMORY_REGION or ...REGION2) failing with a chosen errno, doing nothing; and a
  * scripted KVM_PRE_FAULT_MEMORY for hosts whose kernel lacks it (this project's do), so the
- * partition's use of it (progress, retries, errors) is tested somewhere.
+ * partition's use of it (progress, retries, errors) is tested somewhere. after_memslot, if set, is
+ * called after every memslot update the kernel accepted, with its GPA and size (0: a deletion):
+ * a test can stop there, inside a replacement, and look at what a running guest sees.
  */
 #pragma once
 
@@ -15,6 +17,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <functional>
 #include <linux/kvm.h>
 #include <vector>
 
@@ -42,6 +45,7 @@ struct InjectingKvm : os::LinuxSyscalls {
     static inline bool fake_pre_fault = false;
     static inline std::vector<PreFaultStep> pre_fault_script;
     static inline std::vector<PreFaultCall> pre_fault_calls;
+    static inline std::function<void(std::uint64_t gpa, std::uint64_t size)> after_memslot;
 
     static void reset()
     {
@@ -51,6 +55,7 @@ struct InjectingKvm : os::LinuxSyscalls {
         fake_pre_fault = false;
         pre_fault_script.clear();
         pre_fault_calls.clear();
+        after_memslot = nullptr;
     }
 
     static int ioctl(int fd, unsigned long request, void* arg) noexcept
@@ -63,6 +68,11 @@ struct InjectingKvm : os::LinuxSyscalls {
                 return -1;
             }
         }
+        if (request == KVM_SET_USER_MEMORY_REGION && after_memslot)
+            return reported(fd, request, *static_cast<kvm_userspace_memory_region*>(arg));
+        if (request == detail::kvm_abi::set_user_memory_region2 && after_memslot)
+            return reported(fd, request,
+                            *static_cast<detail::kvm_abi::UserspaceMemoryRegion2*>(arg));
         if (request == detail::kvm_abi::pre_fault_memory && fake_pre_fault)
             return pre_fault(*static_cast<detail::kvm_abi::PreFaultMemory*>(arg));
         return os::LinuxSyscalls::ioctl(fd, request, arg);
@@ -78,6 +88,15 @@ struct InjectingKvm : os::LinuxSyscalls {
     }
 
 private:
+    template <class Region>
+    static int reported(int fd, unsigned long request, Region& r) noexcept
+    {
+        const int rc = os::LinuxSyscalls::ioctl(fd, request, &r);
+        if (rc == 0)
+            after_memslot(r.guest_phys_addr, r.memory_size); // a test's hook: may not throw
+        return rc;
+    }
+
     static int pre_fault(detail::kvm_abi::PreFaultMemory& pf) noexcept
     {
         pre_fault_calls.push_back({pf.gpa, pf.size});

@@ -36,6 +36,7 @@
 #include <membacking/manager/detail/manager_core.hpp>
 #include <membacking/manager/device_memory.hpp>
 #include <membacking/manager/memory_map.hpp>
+#include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/ram_visibility.hpp>
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/types.hpp>
@@ -97,13 +98,16 @@ public:
     /// Maps every visible region into `partition` and keeps it in sync from now on. A VTL2
     /// partition also gets all of memory at the VTL0 alias offset, if one is configured. All or
     /// nothing: on failure the partition is left with nothing mapped (attach_errc).
+    /// `quiesce` is the partition's quiesce bracket (manager/quiesce_hook.hpp): give one whenever
+    /// the partition's vCPUs may run during control calls.
     template <class P>
-    Result<PartitionId> attach_partition(Vtl vtl, std::shared_ptr<P> partition)
+    Result<PartitionId> attach_partition(Vtl vtl, std::shared_ptr<P> partition,
+                                         QuiesceHook quiesce = {})
     {
         static_assert(detail::occurs_once<P, Partitions...>,
                       "attach_partition: this partition policy is not one of the manager's");
         MEMBACKING_TRY(live());
-        return core_->attach(vtl, std::move(partition));
+        return core_->attach(vtl, std::move(partition), std::move(quiesce));
     }
 
     /// Unmaps everything from a partition and forgets it.

@@ -99,7 +99,8 @@ class KvmPartition {
 public:
     static constexpr std::string_view name = "kvm";
     static constexpr PartitionFeatures features =
-        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log;
+        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log |
+        PartitionFeatures::quiesce_aware;
 
     /// What the kernel offers this VM.
     struct Capabilities {
@@ -211,36 +212,56 @@ public:
         return {};
     }
 
-    /// Populates the second-level page tables for one mapped window.
+    /// Populates the second-level page tables for one mapped window. KVM_PRE_FAULT_MEMORY is
+    /// a vCPU ioctl that waits while that vCPU is in KVM_RUN: it is issued without the
+    /// partition's lock, so that a busy vCPU holds up no map or unmap (the manager gives this
+    /// advice after its control lock is released, too). A window unmapped meanwhile makes the
+    /// kernel fail the call (ENOENT); nothing else happens.
     Result<void> prefetch_range(std::uint64_t gpa, std::uint64_t size)
     {
-        std::lock_guard lock(mutex_);
+        std::optional<int> vcpu;
+        {
+            std::lock_guard lock(mutex_);
+            vcpu = prefetch_vcpu_;
+        }
         if (!caps_.pre_fault_memory)
             return make_error(errc::unsupported,
                               "KVM_PRE_FAULT_MEMORY is not supported by this kernel/host");
-        if (!prefetch_vcpu_)
+        if (!vcpu)
             return make_error(errc::unsupported,
                               "KVM prefetch needs a vCPU (KvmPartition::set_prefetch_vcpu)");
         // The kernel advances gpa/size as it goes and returns 0 once it has done at least one
-        // page; EINTR (a signal before any progress) and EAGAIN (a race) ask for a retry. A
-        // success that did nothing would loop forever: it is reported instead.
+        // page; EINTR (a signal before any progress) and EAGAIN (a race) ask for a retry, at
+        // most max_prefetch_retries times in a row without progress. A success that did
+        // nothing would loop forever: it is reported instead.
         detail::kvm_abi::PreFaultMemory pf{gpa, size, 0, {}};
         const auto what = [&] {
             return "KVM_PRE_FAULT_MEMORY of " + MemoryRange::hex(gpa) + "+" +
                    MemoryRange::hex(size) + " failed at " + MemoryRange::hex(pf.gpa);
         };
+        unsigned retries = 0;
         while (pf.size != 0) {
             const std::uint64_t before = pf.size;
-            if (Sys::ioctl(*prefetch_vcpu_, detail::kvm_abi::pre_fault_memory, &pf) < 0) {
-                if (errno == EINTR || errno == EAGAIN)
+            if (Sys::ioctl(*vcpu, detail::kvm_abi::pre_fault_memory, &pf) < 0) {
+                const int err = errno;
+                if ((err == EINTR || err == EAGAIN) && ++retries <= max_prefetch_retries)
                     continue;
-                return os::last_error(what);
+                const bool transient = err == EINTR || err == EAGAIN;
+                return os_error(err,
+                                what() + (transient ? " (given up after " +
+                                                          std::to_string(max_prefetch_retries) +
+                                                          " retries without progress)"
+                                                    : std::string()));
             }
             if (pf.size >= before)
                 return os_error(EIO, what() + ": the kernel reported success without progress");
+            retries = 0;
         }
         return {};
     }
+
+    /// How many EINTR/EAGAIN answers in a row prefetch_range accepts before it gives up.
+    static constexpr unsigned max_prefetch_retries = 16;
 
     /// Keeps the host pages behind one window resident (mlock).
     Result<void> pin_range(std::uint64_t gpa, std::uint64_t size)
@@ -281,27 +302,48 @@ public:
     }
 
     /// Turns dirty-page logging on or off for every slot, now and for slots mapped later.
+    /// Turning it off discards the log, once every slot is off. A failure leaves everything as
+    /// it was: logging on or off as before, and, when turning off fails, every bit the log held
+    /// still reported (KVM drops a slot's bitmap when its logging goes off, so each bitmap is
+    /// read first and, on failure, kept in the pending log; a slot turned off and on again while
+    /// the vCPUs may run is reported whole, see set_quiesced).
     Result<void> set_dirty_logging(bool enabled)
     {
         std::lock_guard lock(mutex_);
         if (enabled == dirty_logging_)
             return {};
         const bool before = dirty_logging_;
-        dirty_logging_ = enabled;
-        if (!enabled)
-            pending_dirty_.clear(); // KVM drops the slots' bitmaps too
+        std::vector<PendingDirty> saved; // turning off: each slot's bits, read before its flags
         std::vector<const SlotInfo*> done;
-        for (const auto& [gpa, s] : slots_) {
-            if (auto r = set_region(s, s.size); !r) {
-                dirty_logging_ = before;
-                for (const SlotInfo* d : done)
-                    if (!set_region(*d, d->size))
-                        detail::fatal("KVM: could not restore the flags of memslot " +
-                                      std::to_string(d->slot));
-                return r;
+        const auto fail = [&](Error e) -> Result<void> {
+            dirty_logging_ = before;
+            for (const SlotInfo* d : done)
+                if (!set_region(*d, d->size))
+                    detail::fatal("KVM: could not restore the flags of memslot " +
+                                  std::to_string(d->slot));
+            // The slots turned off and on again lost what the guest wrote in between, unless
+            // the vCPUs were held; the failing slot kept logging.
+            for (std::size_t i = 0; i < saved.size(); ++i) {
+                if (i < done.size() && !quiesced_)
+                    mark_all(saved[i]);
+                keep_pending(std::move(saved[i]));
             }
+            return e;
+        };
+        dirty_logging_ = enabled; // set_region's flags
+        for (const auto& [gpa, s] : slots_) {
+            if (!enabled) {
+                auto bits = read_dirty_bitmap(s);
+                if (!bits)
+                    return fail(std::move(bits).error());
+                saved.push_back(PendingDirty{s.gpa, s.size / page_size, std::move(*bits)});
+            }
+            if (auto r = set_region(s, s.size); !r)
+                return fail(std::move(r).error());
             done.push_back(&s);
         }
+        if (!enabled)
+            pending_dirty_.clear();
         return {};
     }
 
@@ -338,6 +380,15 @@ public:
                 ++it;
         }
         return bitmap;
+    }
+
+    /// The quiesce bracket's notice: true while the VMM holds every vCPU out of KVM_RUN. In
+    /// between, no guest write can race a slot's deletion, so a deleted slot's dirty log is
+    /// exact; outside it, it is conservative (save_dirty_log).
+    void set_quiesced(bool quiesced) noexcept
+    {
+        std::lock_guard lock(mutex_);
+        quiesced_ = quiesced;
     }
 
     /// The vCPU that KVM_PRE_FAULT_MEMORY runs on (the caller keeps it open).
@@ -396,7 +447,10 @@ private:
         return bitmap;
     }
 
-    /// Moves a logged slot's bitmap into the pending log, ahead of deleting the slot.
+    /// Moves a logged slot's bitmap into the pending log, ahead of deleting the slot. Unless
+    /// the VMM holds the vCPUs (set_quiesced), a guest write can land after this read and before
+    /// the deletion, and KVM would drop it with the slot: then every page of the slot is
+    /// reported dirty, so that no write is ever lost (reported too often, never too rarely).
     Result<void> save_dirty_log(const SlotInfo& s)
     {
         if (!dirty_logging_)
@@ -404,9 +458,26 @@ private:
         auto bitmap = read_dirty_bitmap(s);
         if (!bitmap)
             return std::move(bitmap).error().context("saving the dirty log before deleting it");
-        if (std::any_of(bitmap->begin(), bitmap->end(), [](std::uint64_t w) { return w != 0; }))
-            pending_dirty_.push_back(PendingDirty{s.gpa, s.size / page_size, std::move(*bitmap)});
+        PendingDirty p{s.gpa, s.size / page_size, std::move(*bitmap)};
+        if (!quiesced_)
+            mark_all(p);
+        keep_pending(std::move(p));
         return {};
+    }
+
+    /// Every page of p dirty.
+    static void mark_all(PendingDirty& p)
+    {
+        std::fill(p.bits.begin(), p.bits.end(), ~std::uint64_t{0});
+        if (const std::uint64_t tail = p.pages % 64; tail != 0)
+            p.bits.back() = (std::uint64_t{1} << tail) - 1;
+    }
+
+    /// Adds p to the pending log if it has a bit set.
+    void keep_pending(PendingDirty p)
+    {
+        if (std::any_of(p.bits.begin(), p.bits.end(), [](std::uint64_t w) { return w != 0; }))
+            pending_dirty_.push_back(std::move(p));
     }
 
     KvmPartition(int vm_fd, const Capabilities& caps) : vm_fd_(vm_fd), caps_(caps) {}
@@ -485,6 +556,7 @@ private:
     std::vector<std::uint32_t> free_;               ///< released slot numbers, reused first
     std::uint32_t next_ = 0;                        ///< the lowest never-used slot number
     bool dirty_logging_ = false;
+    bool quiesced_ = false;                   ///< the VMM holds the vCPUs (set_quiesced)
     std::vector<PendingDirty> pending_dirty_; ///< bitmaps of logged slots deleted since
     std::optional<int> prefetch_vcpu_;
 };

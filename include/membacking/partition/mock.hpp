@@ -12,6 +12,9 @@
  * an existing window fails (KVM and WHP reject overlapping slots), and unmapping part of a window
  * fails (KVM cannot shrink a memslot). A failing call changes nothing.
  *
+ * It is quiesce-aware: every recorded call says whether the VMM's quiesce hook held the vCPUs
+ * when it was made (Call::quiesced), so tests can check that a step ran inside the bracket.
+ *
  * Thread-safe: calls and queries take one mutex.
  */
 #pragma once
@@ -39,7 +42,8 @@ class MockPartition {
 public:
     static constexpr std::string_view name = "mock";
     static constexpr PartitionFeatures features =
-        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log;
+        PartitionFeatures::prefetch | PartitionFeatures::pin | PartitionFeatures::dirty_log |
+        PartitionFeatures::quiesce_aware;
 
     enum class Op : std::uint8_t {
         map,
@@ -48,11 +52,12 @@ public:
         pin,
         unpin,
         set_dirty_logging,
-        take_dirty_log
+        take_dirty_log,
+        set_quiesced
     };
 
     /// One recorded call. host_va, writable and executable are meaningful for map only;
-    /// writable carries `enabled` for set_dirty_logging.
+    /// writable carries `enabled` for set_dirty_logging and `quiesced` for set_quiesced.
     struct Call {
         Op op = Op::map;
         std::uint64_t gpa = 0;
@@ -60,7 +65,8 @@ public:
         const void* host_va = nullptr;
         bool writable = false;
         bool executable = false;
-        bool failed = false; ///< this call was made to fail
+        bool failed = false;   ///< this call was made to fail
+        bool quiesced = false; ///< the vCPUs were held (set_quiesced(true)) when it was made
 
         friend bool operator==(const Call&, const Call&) noexcept = default;
     };
@@ -146,6 +152,13 @@ public:
             dirty_.clear();
         record(call);
         return {};
+    }
+    /// The quiesce bracket's notice: recorded, and stamped on every call until it ends.
+    void set_quiesced(bool quiesced) noexcept
+    {
+        std::lock_guard lock(mutex_);
+        quiesced_ = quiesced;
+        record(Call{Op::set_quiesced, 0, 0, nullptr, quiesced, false});
     }
     Result<std::vector<std::uint64_t>> take_dirty_log(std::uint64_t gpa, std::uint64_t size)
     {
@@ -237,8 +250,14 @@ public:
 
     [[nodiscard]] static constexpr const char* op_name(Op op) noexcept
     {
-        constexpr const char* names[] = {
-            "map", "unmap", "prefetch", "pin", "unpin", "set_dirty_logging", "take_dirty_log"};
+        constexpr const char* names[] = {"map",
+                                         "unmap",
+                                         "prefetch",
+                                         "pin",
+                                         "unpin",
+                                         "set_dirty_logging",
+                                         "take_dirty_log",
+                                         "set_quiesced"};
         return names[static_cast<std::size_t>(op)];
     }
 
@@ -282,8 +301,9 @@ private:
         return e;
     }
 
-    void record(const Call& call)
+    void record(Call call)
     {
+        call.quiesced = quiesced_;
         if (recording_)
             calls_.push_back(call);
     }
@@ -320,11 +340,12 @@ private:
     detail::IntervalMap<Window, WindowRange> windows_;
     std::map<std::uint64_t, bool> dirty_; ///< dirty page GPAs
     bool dirty_logging_ = false;
+    bool quiesced_ = false;
     std::vector<Call> calls_;
     std::size_t calls_seen_ = 0;
     bool recording_ = true;
     std::optional<Failure> failure_;
-    static constexpr std::size_t op_count = static_cast<std::size_t>(Op::take_dirty_log) + 1;
+    static constexpr std::size_t op_count = static_cast<std::size_t>(Op::set_quiesced) + 1;
     std::array<std::optional<Error>, op_count> op_failures_; ///< fail_next, by Op
 };
 

@@ -28,6 +28,11 @@
  *               windows: a page written before its window was unmapped and mapped again (a
  *               visibility or permission change re-creates windows) is still reported by the
  *               next take_dirty_log that covers it. Turning logging off discards the log.
+ *   quiesce_aware: void set_quiesced(bool quiesced) noexcept;
+ *               Told when the VMM's quiesce hook (GuestMemoryManager::attach_partition) holds
+ *               this partition's vCPUs out of guest mode (true) and when it lets them go (false).
+ *               A partition that must be conservative while vCPUs may run (KVM: a slot's dirty
+ *               log read just before the slot goes) can be exact in between.
  */
 #pragma once
 
@@ -43,9 +48,10 @@ namespace membacking {
 /// Optional partition capabilities, as a bitmask.
 enum class PartitionFeatures : std::uint32_t {
     none = 0,
-    prefetch = 1U << 0,  ///< can populate second-level page tables ahead of guest faults
-    pin = 1U << 1,       ///< can pin mapped ranges (device assignment)
-    dirty_log = 1U << 2, ///< can log guest writes per page
+    prefetch = 1U << 0,      ///< can populate second-level page tables ahead of guest faults
+    pin = 1U << 1,           ///< can pin mapped ranges (device assignment)
+    dirty_log = 1U << 2,     ///< can log guest writes per page
+    quiesce_aware = 1U << 3, ///< wants to know when the VMM holds its vCPUs (set_quiesced)
 };
 
 [[nodiscard]] constexpr PartitionFeatures operator|(PartitionFeatures a,
@@ -100,12 +106,19 @@ concept PartitionMapper_dirty_log = requires(P& p, std::uint64_t gpa, std::uint6
     { p.take_dirty_log(gpa, size) } -> std::same_as<Result<std::vector<std::uint64_t>>>;
 };
 
+template <class P>
+concept PartitionMapper_quiesce_aware = requires(P& p, bool quiesced) {
+    { p.set_quiesced(quiesced) } noexcept -> std::same_as<void>;
+};
+
 /// "Claims F => provides F" for each optional capability.
 template <class P>
 concept PartitionMapper_capabilities =
     (!partition_supports<PartitionFeatures::prefetch, P> || PartitionMapper_prefetch<P>) &&
     (!partition_supports<PartitionFeatures::pin, P> || PartitionMapper_pin<P>) &&
-    (!partition_supports<PartitionFeatures::dirty_log, P> || PartitionMapper_dirty_log<P>);
+    (!partition_supports<PartitionFeatures::dirty_log, P> || PartitionMapper_dirty_log<P>) &&
+    (!partition_supports<PartitionFeatures::quiesce_aware, P> ||
+     PartitionMapper_quiesce_aware<P>);
 
 template <class P>
 concept PartitionMapper = PartitionMapper_features<P> && PartitionMapper_name<P> &&
@@ -153,6 +166,10 @@ consteval bool check_partition_mapper()
                   "partition policy claims PartitionFeatures::dirty_log but lacks `Result<void> "
                   "set_dirty_logging(bool enabled)` or `Result<std::vector<std::uint64_t>> "
                   "take_dirty_log(std::uint64_t gpa, std::uint64_t size)`");
+    static_assert(!claims_partition_feature<PartitionFeatures::quiesce_aware, P>() ||
+                      PartitionMapper_quiesce_aware<P>,
+                  "partition policy claims PartitionFeatures::quiesce_aware but lacks `void "
+                  "set_quiesced(bool quiesced) noexcept`");
     return PartitionMapper<P>;
 }
 } // namespace detail

@@ -26,6 +26,7 @@
 #include <membacking/manager/detail/ram_books.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/memory_map.hpp>
+#include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/types.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
 #include <membacking/region/mapping.hpp>
@@ -99,12 +100,24 @@ public:
         partitions_.unmap_all(regions_.active_regions());
     }
 
-    /// Runs f(Control&) as one control operation, under the control lock, and returns what it
-    /// returns.
+    /// Runs f(Control&) as one control operation and returns what it returns: under the control
+    /// lock, inside one partition operation (so each partition's quiesce bracket opens at most
+    /// once and ends after f, rollback included); then, with the lock released, the advice the
+    /// partitions were given (prefetch), so that a partition waiting for a vCPU there holds up
+    /// no other control call.
     template <class F>
     decltype(auto) control(F&& f)
     {
+        // Destroyed in reverse order: the partition operation ends (quiesce brackets close), its
+        // advice is taken, the lock is released, and only then is the advice given.
+        typename PartitionSet<Partitions...>::Deferred advice;
+        const auto give_advice = at_exit([&] {
+            for (const auto& give : advice)
+                give();
+        });
         std::lock_guard lock(control_);
+        const auto take_advice = at_exit([&] { advice = partitions_.take_deferred(); });
+        const auto op = partitions_.operation();
         Control c{regions_, ram_, config_.max_addr};
         return std::forward<F>(f)(c);
     }
@@ -144,10 +157,11 @@ public:
     // ---- partitions: the region manager's visible windows, fanned out ----
 
     template <class P>
-    Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition)
+    Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition, QuiesceHook hook)
     {
         return control([&](Control& c) {
-            return partitions_.attach(vtl, std::move(partition), c.regions.active_regions());
+            return partitions_.attach(vtl, std::move(partition), c.regions.active_regions(),
+                                      std::move(hook));
         });
     }
 
@@ -218,6 +232,21 @@ public:
     }
 
 private:
+    /// Calls f when it goes out of scope.
+    template <class F>
+    struct AtExit {
+        explicit AtExit(F f) : f_(std::move(f)) {}
+        AtExit(const AtExit&) = delete;
+        AtExit& operator=(const AtExit&) = delete;
+        ~AtExit() { f_(); }
+        F f_;
+    };
+    template <class F>
+    static AtExit<F> at_exit(F f)
+    {
+        return AtExit<F>(std::move(f));
+    }
+
     ManagerCore(const Config& config, MappingManager<Va> va, std::shared_ptr<Mapper> primary)
         : config_(config), va_(std::move(va)), primary_(std::move(primary)), sink_{this},
           regions_(sink_),

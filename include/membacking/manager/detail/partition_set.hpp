@@ -6,9 +6,19 @@
  * PartitionSet<Ps...>: the partitions' fan-out. It owns the attached partitions, one list per
  * partition policy in a std::tuple (fold expressions, no virtual call), and does everything that
  * goes to them: attach (replaying what is visible), detach, map and unmap one visible window in
- * every partition, pin, prefetch, and the dirty-log dispatch. It knows nothing of regions or VA
- * mappers: the manager gives it the visible windows (RegionActivation) and the host VA base of
- * the VA mapper partitions map from.
+ * every partition, pin, prefetch, the quiesce bracket, and the dirty-log dispatch. It knows
+ * nothing of regions or VA mappers: the manager gives it the visible windows (RegionActivation)
+ * and the host VA base of the VA mapper partitions map from.
+ *
+ * The quiesce bracket (manager/quiesce_hook.hpp): an Operation (operation()) spans one control
+ * operation. The first step in it that is not atomic for a running guest, in a partition that has
+ * a hook, calls the hook's begin() (hold()); end() is called when the outermost Operation ends,
+ * after any rollback. Each public call here is an Operation of its own too, nested in the
+ * manager's when there is one, so the set keeps the rule when driven alone (tests).
+ *
+ * Prefetch is advice, and KVM's is a vCPU ioctl that waits for that vCPU to leave KVM_RUN: it is
+ * never issued during an operation. map() queues it; whoever runs the operation takes the queue
+ * (take_deferred()) and runs it once its lock is released.
  *
  * Every operation is all or nothing (detail::UndoLog); an undo step that fails is fatal. Not
  * thread-safe by itself: the manager calls it under its control lock. Testable against the mock
@@ -23,12 +33,14 @@
 #include <membacking/detail/undo_log.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/memory_map.hpp>
+#include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/types.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 #include <membacking/region/mapping.hpp>
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -58,6 +70,13 @@ public:
         bool pin = false;
     };
 
+    /// The quiesce state of one attached partition with a hook (shared by its mappings).
+    struct Quiesce {
+        QuiesceHook hook;
+        std::function<void(bool)> notify; ///< set_quiesced, for quiesce-aware policies
+        bool held = false;
+    };
+
     /// One mapping of one attached partition: a VTL2 partition with an alias map has two, with
     /// the same id.
     template <class P>
@@ -67,22 +86,55 @@ public:
         Vtl vtl = Vtl::vtl0;
         std::uint64_t offset = 0;
         bool pin = false;
+        std::shared_ptr<Quiesce> quiesce; ///< null: no hook
     };
+
+    /// One control operation: the quiesce bracket of every partition held during it ends when
+    /// the outermost one does.
+    class [[nodiscard]] Operation {
+    public:
+        Operation(const Operation&) = delete;
+        Operation& operator=(const Operation&) = delete;
+        ~Operation()
+        {
+            if (--set_.depth_ == 0)
+                set_.release_all();
+        }
+
+    private:
+        friend class PartitionSet;
+        explicit Operation(PartitionSet& set) : set_(set) { ++set_.depth_; }
+        PartitionSet& set_;
+    };
+
+    /// Advice to give once the operation's lock is released (prefetch).
+    using Deferred = std::vector<std::function<void()>>;
 
     explicit PartitionSet(const Options& options) : options_(options) {}
     PartitionSet(const PartitionSet&) = delete;
     PartitionSet& operator=(const PartitionSet&) = delete;
 
-    /// Adds a partition and maps every window of `visible` into it. All or nothing: on failure
-    /// the partition is left with nothing mapped (attach_errc::partition_mapper).
+    /// Opens a control operation (see Operation).
+    Operation operation() { return Operation(*this); }
+
+    /// The prefetches queued so far; run them without holding the lock the set is used under.
+    [[nodiscard]] Deferred take_deferred() { return std::exchange(deferred_, {}); }
+
+    /// Adds a partition and maps every window of `visible` into it; `hook` (optional) is its
+    /// quiesce bracket. All or nothing: on failure the partition is left with nothing mapped
+    /// (attach_errc::partition_mapper).
     template <class P>
     Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition,
-                               const std::vector<RegionActivation>& visible)
+                               const std::vector<RegionActivation>& visible, QuiesceHook hook = {})
     {
         static_assert(occurs_once<P, Ps...>,
                       "this partition policy is not one of the manager's partition policies");
+        const Operation op = operation();
         if (!partition)
             return attach_error(make_error(errc::invalid_argument, "no partition given"));
+        if (!hook && (hook.begin || hook.end))
+            return attach_error(
+                make_error(errc::invalid_argument, "a quiesce hook needs both begin and end"));
         if constexpr (!partition_supports<PartitionFeatures::pin, P>) {
             if (options_.pin)
                 return attach_error(
@@ -90,12 +142,19 @@ public:
                                                       " partitions cannot pin mappings, and the "
                                                       "manager was built with pin_mappings"));
         }
+        std::shared_ptr<Quiesce> quiesce;
+        if (hook) {
+            quiesce = std::make_shared<Quiesce>(Quiesce{std::move(hook), {}, false});
+            if constexpr (partition_supports<PartitionFeatures::quiesce_aware, P>)
+                quiesce->notify = [partition](bool held) { partition->set_quiesced(held); };
+        }
         const PartitionId id{next_id_++};
         std::vector<Attached<P>> entries;
         // VTL2 also sees all of memory at the alias offset; that mapping goes first.
         if (vtl == Vtl::vtl2 && options_.vtl0_alias_map)
-            entries.push_back({id, partition, vtl, *options_.vtl0_alias_map, options_.pin});
-        entries.push_back({id, partition, vtl, 0, options_.pin});
+            entries.push_back(
+                {id, partition, vtl, *options_.vtl0_alias_map, options_.pin, quiesce});
+        entries.push_back({id, partition, vtl, 0, options_.pin, quiesce});
 
         // Replay what is visible now; any failure takes everything of this attach back out
         // (the reference keeps the alias mapping when the second registration fails).
@@ -115,6 +174,7 @@ public:
     /// Unmaps every window of `visible` from partition `id` and forgets it. All or nothing.
     Result<void> detach(PartitionId id, const std::vector<RegionActivation>& visible)
     {
+        const Operation op = operation();
         bool found = false;
         UndoLog undo;
         Result<void> result;
@@ -147,6 +207,7 @@ public:
     /// Maps one newly visible window into every partition. All or nothing.
     Result<void> map(const RegionActivation& act)
     {
+        const Operation op = operation();
         UndoLog undo;
         Result<void> result;
         for_each([&](auto& a) {
@@ -166,6 +227,7 @@ public:
     /// Unmaps one window that stops being visible from every partition. All or nothing.
     Result<void> unmap(const RegionActivation& act)
     {
+        const Operation op = operation();
         UndoLog undo;
         Result<void> result;
         for_each([&](auto& a) {
@@ -183,12 +245,13 @@ public:
     }
 
     /// Takes every window of `visible` out of every partition, ignoring failures: for teardown,
-    /// where nothing can be reported.
+    /// where nothing can be reported. No quiesce hook is called: the VMM stops its vCPUs before
+    /// it destroys the manager (a hook might reach a VMM object that is already gone).
     void unmap_all(const std::vector<RegionActivation>& visible) noexcept
     {
         for_each([&](auto& a) {
             for (const RegionActivation& act : visible)
-                (void)unmap_one(a, act.gpa);
+                (void)unmap_one(a, act.gpa, Hold::no);
             return true;
         });
     }
@@ -196,6 +259,7 @@ public:
     /// Partition-wide dirty-page logging, for partitions whose policy can do it.
     Result<void> set_dirty_logging(PartitionId id, bool enabled)
     {
+        const Operation op = operation();
         bool found = false;
         Result<void> result;
         for_each([&](auto& a) {
@@ -203,9 +267,10 @@ public:
                 return true;
             found = true;
             using P = std::remove_cvref_t<decltype(*a.partition)>;
-            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>)
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
+                hold(a); // one slot after the other: not atomic for a running guest
                 result = a.partition->set_dirty_logging(enabled);
-            else
+            } else
                 result = no_dirty_log<P>();
             return false; // one call per partition, even with an alias mapping
         });
@@ -310,9 +375,12 @@ private:
         MEMBACKING_TRY(a.partition->map_range(host, *gpa, act.gpa.size(), act.params.writable,
                                               act.params.executable));
         if constexpr (partition_supports<PartitionFeatures::prefetch, P>) {
-            // Prefetch is advice: a partition that cannot populate now will fault in later.
+            // Advice, given after the operation (see the file comment): a partition that cannot
+            // populate then, or whose window is gone by then, faults in later.
             if (act.params.prefetch)
-                (void)a.partition->prefetch_range(*gpa, act.gpa.size());
+                deferred_.push_back([p = a.partition, at = *gpa, size = act.gpa.size()] {
+                    (void)p->prefetch_range(at, size);
+                });
         }
         if constexpr (partition_supports<PartitionFeatures::pin, P>) {
             if (a.pin) {
@@ -327,9 +395,14 @@ private:
         return {};
     }
 
+    /// Whether a step opens the quiesce bracket (teardown does not).
+    enum class Hold : std::uint8_t { no, yes };
+
     template <class P>
-    Result<void> unmap_one(const Attached<P>& a, const MemoryRange& range)
+    Result<void> unmap_one(const Attached<P>& a, const MemoryRange& range, Hold h = Hold::yes)
     {
+        if (h == Hold::yes)
+            hold(a); // the window goes before anything takes its place: no guest may run now
         const std::uint64_t gpa = range.start() + a.offset; // checked when it was mapped
         if constexpr (partition_supports<PartitionFeatures::pin, P>) {
             if (a.pin)
@@ -346,9 +419,39 @@ private:
         return {};
     }
 
+    /// Opens a's quiesce bracket for the rest of the operation, if it has a hook and it is not
+    /// open yet.
+    template <class P>
+    void hold(const Attached<P>& a)
+    {
+        if (!a.quiesce || a.quiesce->held)
+            return;
+        MEMBACKING_CHECK(depth_ > 0, "PartitionSet: a partition step outside an operation");
+        a.quiesce->hook.begin();
+        a.quiesce->held = true;
+        if (a.quiesce->notify)
+            a.quiesce->notify(true);
+        held_.push_back(a.quiesce);
+    }
+
+    /// Ends every bracket opened in the operation that just ended.
+    void release_all() noexcept
+    {
+        for (const std::shared_ptr<Quiesce>& q : held_) {
+            if (q->notify)
+                q->notify(false);
+            q->held = false;
+            q->hook.end();
+        }
+        held_.clear();
+    }
+
     Options options_;
     std::tuple<std::vector<Attached<Ps>>...> lists_;
     std::uint64_t next_id_ = 1;
+    unsigned depth_ = 0;                         ///< open Operations
+    std::vector<std::shared_ptr<Quiesce>> held_; ///< brackets open in this operation
+    Deferred deferred_;                          ///< prefetches to run after the operation
 };
 
 } // namespace membacking::detail
