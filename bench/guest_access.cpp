@@ -16,6 +16,11 @@
 //   is what the library adds.
 // BM_RandomRW/raw_gapped/<regions>: the same GPAs in a plain private buffer (no library, no shared
 //   memory): what the gaps alone cost against BM_RandomRW/raw.
+// BM_WriteU64/guest_dirty: BM_WriteU64/guest through a dirty-tracked view (DirtyTracking) of the
+//   same memory: the store plus the mark of a page already dirty, a load and a test (target:
+//   <= 1.3x BM_WriteU64/guest).
+// BM_Copy/guest_write_dirty/<n>: BM_Copy/guest_write through the tracked view (target: >= 0.9x
+//   the throughput of BM_Copy/memcpy).
 // BM_Lease/<pages>: take and release a read_write lease of <pages> mapped pages (target: no more
 //   than BM_Copy/guest_read/4096).
 // BM_Lease/disjoint/threads:<n>: the same for one page, each thread at its own GPA, in real
@@ -44,12 +49,15 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace membacking;
 using Va = LinuxMmap<>;
 using Memory = GuestMemory<VaMapper<Va>>;
 using View = GuestMemoryView<VaMapper<Va>>;
+using TrackedMemory = GuestMemory<VaMapper<Va>, Gpa, DirtyTracking>;
+using TrackedView = GuestMemoryView<VaMapper<Va>, Gpa, DirtyTracking>;
 
 namespace {
 
@@ -87,9 +95,11 @@ struct Layout {
 /// A guest with `regions` equal RAM regions over 16 MiB, region i at GPA i * 2 * size.
 class Guest {
 public:
-    explicit Guest(std::uint64_t regions)
+    /// `dirty`: the mappers carry a dirty bitmap, for the tracked handle (tracked()).
+    explicit Guest(std::uint64_t regions, std::shared_ptr<detail::DirtyBitmap> dirty = {})
         : size_(ram_bytes / regions),
-          va_(must(MappingManager<Va>::create(2 * ram_bytes))), sink_{&va_}, rm_(sink_)
+          va_(must(MappingManager<Va>::create(2 * ram_bytes, page_size, std::move(dirty)))),
+          sink_{&va_}, rm_(sink_)
     {
         const Mappable ram = must(Va::create_shared_memory(ram_bytes, "bench-ram"));
         for (std::uint64_t i = 0; i < regions; ++i) {
@@ -108,6 +118,8 @@ public:
     }
 
     [[nodiscard]] const Memory& memory() const { return memory_; }
+    /// A tracked handle of the same mapper (the guest must have been made with a bitmap).
+    [[nodiscard]] TrackedMemory tracked() const { return TrackedMemory(memory_.owner()); }
     [[nodiscard]] Layout layout() const { return Layout{~(size_ - 1)}; }
 
 private:
@@ -132,6 +144,25 @@ Guest& guest(std::uint64_t regions)
     if (!g)
         g = std::make_unique<Guest>(regions);
     return *g;
+}
+
+/// One region, like guest(1), whose mappers carry a dirty bitmap.
+Guest& tracked_guest()
+{
+    static Guest g(1, must(detail::DirtyBitmap::create(2 * ram_bytes)));
+    return g;
+}
+
+/// The handle a benchmark uses: untracked views of guest(1), or tracked ones of tracked_guest().
+template <class Handle>
+Handle handle()
+{
+    if constexpr (std::is_same_v<Handle, TrackedView>) {
+        static const TrackedMemory owner = tracked_guest().tracked();
+        return owner.view();
+    } else {
+        return guest(1).memory();
+    }
 }
 
 constexpr std::uint64_t hot_gpa = 0x12340;
@@ -187,7 +218,7 @@ void write_u64_raw(benchmark::State& state)
 template <class Handle>
 void write_u64_guest(benchmark::State& state)
 {
-    Handle m = guest(1).memory(); // not const: GCC 12 will not scalarise a const local aggregate
+    Handle m = handle<Handle>(); // not const: GCC 12 will not scalarise a const local aggregate
     std::uint64_t gpa = hot_gpa;
     std::uint64_t v = 0;
     for (auto _ : state) {
@@ -225,10 +256,11 @@ void copy_guest_read(benchmark::State& state)
     }
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * state.range(0));
 }
+template <class Handle>
 void copy_guest_write(benchmark::State& state)
 {
     const auto n = static_cast<std::size_t>(state.range(0));
-    View m = guest(1).memory().view();
+    Handle m = handle<Handle>();
     std::vector<std::byte> buf(n, std::byte{1});
     for (auto _ : state) {
         if (!m.write(Gpa{MiB}, buf)) [[unlikely]] {
@@ -368,13 +400,15 @@ const bool registered = [] {
         benchmark::RegisterBenchmark("BM_WriteU64/guest_handle", write_u64_guest<Memory>),
         benchmark::RegisterBenchmark("BM_Copy/memcpy", copy_memcpy),
         benchmark::RegisterBenchmark("BM_Copy/guest_read", copy_guest_read),
-        benchmark::RegisterBenchmark("BM_Copy/guest_write", copy_guest_write),
+        benchmark::RegisterBenchmark("BM_Copy/guest_write", copy_guest_write<View>),
         benchmark::RegisterBenchmark("BM_RandomRW/raw", random_rw_raw),
         benchmark::RegisterBenchmark("BM_RandomRW", random_rw_guest),
         benchmark::RegisterBenchmark("BM_RandomRW/raw_layout", random_rw_raw_layout),
         benchmark::RegisterBenchmark("BM_RandomRW/raw_gapped", random_rw_raw_gapped),
         benchmark::RegisterBenchmark("BM_Lease", lease_pages),
         benchmark::RegisterBenchmark("BM_Lease/disjoint", lease_disjoint),
+        benchmark::RegisterBenchmark("BM_WriteU64/guest_dirty", write_u64_guest<TrackedView>),
+        benchmark::RegisterBenchmark("BM_Copy/guest_write_dirty", copy_guest_write<TrackedView>),
     };
     for (std::size_t i = 6; i < 9; ++i) // the copies
         all.begin()[i]->Arg(4096)->Arg(65536)->Arg(1048576);
@@ -382,6 +416,7 @@ const bool registered = [] {
         all.begin()[i]->Arg(1)->Arg(64)->Arg(1024);
     all.begin()[13]->Arg(1)->Arg(16);
     all.begin()[14]->Threads(1)->Threads(2)->UseRealTime();
+    all.begin()[16]->Arg(4096)->Arg(65536)->Arg(1048576);
     bench::fix_iterations(all);
     return true;
 }();

@@ -1,7 +1,7 @@
 # Sourced by tests/run.sh and examples/run.sh: installs the Debian 12 packages the build needs,
 # only those missing (so a second run costs nothing). Needs root for apt-get.
 deps_packages=(meson ninja-build cmake pkg-config g++ clang-14 libclang-rt-14-dev python3 clang-format-14 clang-tidy-14
-               librange-v3-dev doctest-dev libbenchmark-dev)
+               librange-v3-dev doctest-dev libbenchmark-dev valgrind)
 
 install_deps() {
     local missing=() p

@@ -11,15 +11,18 @@
  * = NestedPriority + the platform's VA policy + the given partitions, MockGuestMemoryManager):
  * - Linux: LinuxGuestMemoryManager<Partitions...> (NestedPriority + LinuxMmap + the partitions);
  *   MockGuestMemoryManager (Linux VA with the mock partition: tests, examples without KVM);
- *   KvmGuestMemoryManager (KVM partitions, and mock partitions to observe).
+ *   KvmGuestMemoryManager (KVM partitions, and mock partitions to observe), and
+ *   TrackedKvmGuestMemoryManager (the same with dirty tracking).
  * - Windows: WindowsGuestMemoryManager<Partitions...> (NestedPriority + WindowsPlaceholder + the
  *   partitions); MockGuestMemoryManager (placeholder VA with the mock partition);
  *   WhpGuestMemoryManager (WHP partitions, and mock partitions to observe).
+ * Both: TrackedMockGuestMemoryManager (the mock with dirty tracking).
  * Any other platform stops here with an #error: the library has no VA policy for it.
  */
 #pragma once
 
 #include <membacking/base/config.hpp>
+#include <membacking/manager/manager_fwd.hpp>
 #include <membacking/partition/mock.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 #include <membacking/region/nested_priority.hpp>
@@ -41,11 +44,6 @@
 
 namespace membacking {
 
-// Plain `class` parameters: the manager checks each policy with static_asserts that name what is
-// missing (see manager/guest_memory_manager.hpp).
-template <class Resolver, class Va, class... Partitions>
-class GuestMemoryManager;
-
 template <class Manager>
 class GuestMemoryBuilder;
 
@@ -65,6 +63,10 @@ using DefaultKvmPartition = KvmPartition<os::LinuxSyscalls>;
 
 /// A KVM VMM's manager: KVM partitions, and mock partitions for observing (tests, dry runs).
 using KvmGuestMemoryManager = LinuxGuestMemoryManager<DefaultKvmPartition, MockPartition>;
+
+/// The same, with dirty tracking: every GuestMemory marks what it writes (live migration).
+using TrackedKvmGuestMemoryManager =
+    TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, DefaultKvmPartition, MockPartition>;
 #elif MEMBACKING_OS_WINDOWS
 /// The Windows VA policy (placeholders) with the real system calls.
 using DefaultVaPolicy = WindowsPlaceholder<os::WindowsSyscalls>;
@@ -80,6 +82,10 @@ using MockGuestMemoryManager = WindowsGuestMemoryManager<MockPartition>;
 /// A WHP VMM's manager: WHP partitions, and mock partitions for observing (tests, dry runs).
 using WhpGuestMemoryManager = WindowsGuestMemoryManager<WhpPartition, MockPartition>;
 #endif
+
+/// Mock partitions with dirty tracking (tests, migration without a hypervisor).
+using TrackedMockGuestMemoryManager =
+    TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, MockPartition>;
 
 /// This platform's VA policy with NestedPriority regions and the given partitions.
 template <class... Partitions>

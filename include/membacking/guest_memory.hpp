@@ -44,6 +44,7 @@
 #if MEMBACKING_HAS_GUARDED_ACCESS
 
 #    include <membacking/access/access_result.hpp>
+#    include <membacking/access/dirty_tracking.hpp>
 #    include <membacking/access/primitives.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
@@ -108,10 +109,11 @@ template <class A>
 concept GuestAddress = std::same_as<A, Gpa> || std::same_as<A, Offset>;
 // clang-format on
 
-template <GuestMemoryBacking Mapper, GuestAddress Address>
+template <GuestMemoryBacking Mapper, GuestAddress Address, DirtyTrackingPolicy Tracking>
 class GuestMemory;
 
-template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa>
+template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa,
+          DirtyTrackingPolicy Tracking = NoDirtyTracking>
 class GuestMemoryView {
 public:
     /// An empty view: every access is out of range.
@@ -119,7 +121,7 @@ public:
 
     /// A view of the mapper's whole guest address space; the caller keeps the mapper alive.
     explicit GuestMemoryView(Mapper& mapper) noexcept requires std::same_as<Address, Gpa>
-        : base_(mapper.base()), size_(mapper.size()), mapper_(&mapper)
+        : base_(mapper.base()), size_(mapper.size()), mapper_(&mapper), marker_(mapper)
     {
         static_assert(std::is_trivially_copyable_v<GuestMemoryView>);
         static_assert(!std::is_polymorphic_v<GuestMemoryView>,
@@ -129,8 +131,8 @@ public:
 
     /// No view of a temporary owning handle: it would dangle at the end of the statement (the
     /// handle's mapper and reservation go with it). Keep the handle in a variable first.
-    GuestMemoryView(GuestMemory<Mapper, Address>&&) = delete;
-    GuestMemoryView(const GuestMemory<Mapper, Address>&&) = delete;
+    GuestMemoryView(GuestMemory<Mapper, Address, Tracking>&&) = delete;
+    GuestMemoryView(const GuestMemory<Mapper, Address, Tracking>&&) = delete;
 
     /// The number of bytes this view spans: addresses Address{0} to Address{size() - 1}.
     [[nodiscard]] Length size() const noexcept { return Length(size_); }
@@ -158,20 +160,22 @@ public:
         const std::span<const std::byte> bytes = std::as_bytes(std::span(src));
         const std::byte* in = bytes.data();
         const std::uint64_t gpa = at.value();
-        return bulk(gpa, bytes.size(), AccessKind::write,
-                    [in, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
-                        return access::try_copy(p + gpa + off, in + off, n);
-                    });
+        return marked(gpa, bytes.size(),
+                      bulk(gpa, bytes.size(), AccessKind::write,
+                           [in, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
+                               return access::try_copy(p + gpa + off, in + off, n);
+                           }));
     }
 
     /// Sets len bytes of guest memory at `at` to value.
     AccessResult<> fill(Address at, std::uint8_t value, Length len) const noexcept
     {
         const std::uint64_t gpa = at.value();
-        return bulk(gpa, len.value(), AccessKind::write,
-                    [value, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
-                        return access::try_fill(p + gpa + off, value, n);
-                    });
+        return marked(gpa, len.value(),
+                      bulk(gpa, len.value(), AccessKind::write,
+                           [value, p = base_, gpa](std::uint64_t off, std::uint64_t n) noexcept {
+                               return access::try_fill(p + gpa + off, value, n);
+                           }));
     }
 
     /// Reads a T. Sizes 1, 2, 4 and 8 are one load (no tearing when aligned); others a copy.
@@ -203,6 +207,8 @@ public:
                 [value](std::byte* p, Done&) noexcept { return access::try_store(p, value); });
             if (!r) [[unlikely]]
                 return r.error();
+            if constexpr (Tracking::enabled)
+                marker_.mark(gpa_base_ + at.value(), sizeof(T));
             return {};
         } else {
             return write(at, std::span<const T, 1>(&value, 1));
@@ -217,7 +223,7 @@ public:
         const std::uint64_t gpa = at.value();
         if (!is_aligned_for<T>(gpa)) [[unlikely]]
             return misaligned(view(), gpa);
-        return single<CompareExchangeOutcome<T>>(
+        auto r = single<CompareExchangeOutcome<T>>(
             gpa, sizeof(T), AccessKind::write,
             [expected, desired](std::byte* p, CompareExchangeOutcome<T>& out) noexcept {
                 T seen = expected;
@@ -227,6 +233,10 @@ public:
                 out = {swapped, seen};
                 return true;
             });
+        if constexpr (Tracking::enabled)
+            if (r && r.value().exchanged) // a failed compare-exchange changed no byte
+                marker_.mark(gpa_base_ + gpa, sizeof(T));
+        return r;
     }
 
     /// Atomic read-modify-write operations on a naturally aligned integer; each returns the old
@@ -238,14 +248,18 @@ public:
         const std::uint64_t gpa = at.value();
         if (!is_aligned_for<T>(gpa)) [[unlikely]]
             return misaligned(view(), gpa);
-        return single<T>(gpa, sizeof(T), AccessKind::write,
-                         [addend](std::byte* p, T& out) noexcept {
-                             U old{};
-                             if (!access::try_fetch_add(p, static_cast<U>(addend), old))
-                                 return false;
-                             out = static_cast<T>(old);
-                             return true;
-                         });
+        auto r =
+            single<T>(gpa, sizeof(T), AccessKind::write, [addend](std::byte* p, T& out) noexcept {
+                U old{};
+                if (!access::try_fetch_add(p, static_cast<U>(addend), old))
+                    return false;
+                out = static_cast<T>(old);
+                return true;
+            });
+        if constexpr (Tracking::enabled)
+            if (r)
+                marker_.mark(gpa_base_ + gpa, sizeof(T));
+        return r;
     }
     template <GuestInteger T>
     AccessResult<T> fetch_sub(Address at, T value) const noexcept
@@ -288,7 +302,14 @@ public:
                               "cannot lease " + to_string(len) + " bytes at " +
                                   MemoryRange::hex(gpa_base_ + start) + ": outside guest memory " +
                                   MemoryRange::hex(gpa_base_) + "+" + MemoryRange::hex(size_));
-        return mapper_->leases().take(gpa_base_ + start, len.value(), access);
+        if constexpr (Tracking::enabled) {
+            auto lease = mapper_->leases().take(gpa_base_ + start, len.value(), access);
+            if (lease && lease_writes(access))
+                lease->mark_on_release(mapper_->dirty_bitmap_owner());
+            return lease;
+        } else {
+            return mapper_->leases().take(gpa_base_ + start, len.value(), access);
+        }
     }
 
     /// How much of [at, at + len) is mapped, and writable, from `at` on (prefix lengths; the
@@ -308,7 +329,8 @@ public:
 #    endif
 
     /// A window over [at, at + len) of this view, addressed by Offset from `at`.
-    [[nodiscard]] Result<GuestMemoryView<Mapper, Offset>> subrange(Address at, Length len) const
+    [[nodiscard]] Result<GuestMemoryView<Mapper, Offset, Tracking>> subrange(Address at,
+                                                                             Length len) const
     {
         const std::uint64_t start = at.value();
         if (!in_bounds(start, len.value()))
@@ -317,17 +339,28 @@ public:
                                                       " lies outside guest memory " +
                                                       MemoryRange::hex(gpa_base_) + "+" +
                                                       MemoryRange::hex(size_));
-        GuestMemoryView<Mapper, Offset> window;
+        GuestMemoryView<Mapper, Offset, Tracking> window;
         window.base_ = base_ + start;
         window.size_ = len.value();
         window.gpa_base_ = gpa_base_ + start;
         window.mapper_ = mapper_;
+        window.marker_ = marker_;
         return window;
     }
 
 private:
-    template <GuestMemoryBacking, GuestAddress>
+    template <GuestMemoryBacking, GuestAddress, DirtyTrackingPolicy>
     friend class GuestMemoryView;
+
+    /// A bulk write's result, after marking what it wrote: all of it, or the part a faulting
+    /// write completed. Untracked, this is the result itself.
+    MEMBACKING_ALWAYS_INLINE AccessResult<> marked(std::uint64_t gpa, std::uint64_t len,
+                                                   AccessResult<> r) const noexcept
+    {
+        if constexpr (Tracking::enabled)
+            marker_.mark(gpa_base_ + gpa, r ? len : r.error().completed.value());
+        return r;
+    }
 
     /// The result type of single-instruction operations that produce no value.
     struct Done {};
@@ -478,8 +511,8 @@ private:
     {
         if (!is_aligned_for<T>(gpa)) [[unlikely]]
             return misaligned(view(), gpa);
-        return single<T>(
-            gpa, sizeof(T), AccessKind::write, [update](std::byte* p, T& out) noexcept {
+        auto r =
+            single<T>(gpa, sizeof(T), AccessKind::write, [update](std::byte* p, T& out) noexcept {
                 T seen;
                 if (!access::try_load(p, seen))
                     return false;
@@ -494,19 +527,26 @@ private:
                     }
                 }
             });
+        if constexpr (Tracking::enabled)
+            if (r)
+                marker_.mark(gpa_base_ + gpa, sizeof(T));
+        return r;
     }
 
     std::byte* base_ = nullptr;
     std::uint64_t size_ = 0;
     std::uint64_t gpa_base_ = 0;
     Mapper* mapper_ = nullptr;
+    /// Empty unless tracked: an untracked view is the four words above.
+    [[no_unique_address]] typename Tracking::Marker marker_;
 };
 
 /// The owning handle: a GuestMemoryView that also keeps its mapper alive. All access methods
 /// are the view's. For hot loops, take view() once and access through it.
-template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa>
-class GuestMemory : public GuestMemoryView<Mapper, Address> {
-    using View = GuestMemoryView<Mapper, Address>;
+template <GuestMemoryBacking Mapper, GuestAddress Address = Gpa,
+          DirtyTrackingPolicy Tracking = NoDirtyTracking>
+class GuestMemory : public GuestMemoryView<Mapper, Address, Tracking> {
+    using View = GuestMemoryView<Mapper, Address, Tracking>;
 
 public:
     /// Marks the handle as an owner of the views it hands out (base/result.hpp, OwnerOfViews).
@@ -532,19 +572,20 @@ public:
     [[nodiscard]] const std::shared_ptr<Mapper>& owner() const noexcept { return owner_; }
 
     /// An owning window over [at, at + len) of this handle, addressed by Offset from `at`.
-    [[nodiscard]] Result<GuestMemory<Mapper, Offset>> subrange(Address at, Length len) const
+    [[nodiscard]] Result<GuestMemory<Mapper, Offset, Tracking>> subrange(Address at,
+                                                                         Length len) const
     {
         auto sub = View::subrange(at, len);
         if (!sub)
             return std::move(sub).error();
-        GuestMemory<Mapper, Offset> out;
-        static_cast<GuestMemoryView<Mapper, Offset>&>(out) = *sub;
+        GuestMemory<Mapper, Offset, Tracking> out;
+        static_cast<GuestMemoryView<Mapper, Offset, Tracking>&>(out) = *sub;
         out.owner_ = owner_;
         return out;
     }
 
 private:
-    template <GuestMemoryBacking, GuestAddress>
+    template <GuestMemoryBacking, GuestAddress, DirtyTrackingPolicy>
     friend class GuestMemory;
 
     std::shared_ptr<Mapper> owner_;

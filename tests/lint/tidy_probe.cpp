@@ -7,7 +7,8 @@
 #include <string_view>
 
 namespace membacking {
-template class detail::ManagerCore<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
+template class detail::ManagerCore<NoDirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
+                                   MockPartition>;
 template class detail::PartitionSet<KvmPartition<>, MockPartition>;
 template class GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
 template class MappingManager<LinuxMmap<>>;

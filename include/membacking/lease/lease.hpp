@@ -31,6 +31,7 @@
 
 #if MEMBACKING_OS_LINUX
 
+#    include <membacking/access/dirty_bitmap.hpp>
 #    include <membacking/base/units.hpp>
 #    include <membacking/lease/lease_window.hpp>
 
@@ -103,11 +104,24 @@ public:
     /// Releases the memory now (the destructor does the same).
     void reset() noexcept
     {
+        // A write lease of a tracked guest marks its pages when it is released: every write
+        // made through it is done by then (file comment of access/dirty_tracking.hpp, and the
+        // README's "Dirty tracking" on why not also when it is taken).
+        if (dirty_ && count_ != 0 && size_ != Length{0})
+            dirty_->mark(gpa_.value(), size_.value());
+        dirty_.reset();
         LeaseWindow* const* w = windows_ptr();
         for (std::size_t i = 0; i < count_; ++i)
             detail::LeaseWindow::drop(w[i], shard_);
         count_ = 0;
         heap_.reset();
+    }
+
+    /// Makes release() mark [gpa(), gpa() + size()) in `bitmap` (GuestMemory::lease of a
+    /// tracked guest calls it for write leases).
+    void mark_on_release(std::shared_ptr<detail::DirtyBitmap> bitmap) noexcept
+    {
+        dirty_ = std::move(bitmap);
     }
 
 private:
@@ -178,6 +192,7 @@ private:
         gpa_ = other.gpa_;
         size_ = other.size_;
         access_ = other.access_;
+        dirty_ = std::move(other.dirty_);
     }
 
     std::array<std::span<std::byte>, inline_pieces> inline_spans_{};
@@ -186,6 +201,7 @@ private:
     std::unique_ptr<Heap> heap_;
     std::size_t count_ = 0;
     std::size_t shard_ = 0; ///< the reference-count shard every piece's reference was taken on
+    std::shared_ptr<detail::DirtyBitmap> dirty_; ///< set for write leases of a tracked guest
     Gpa gpa_{};
     Length size_{};
     LeaseAccess access_ = LeaseAccess::read;

@@ -26,7 +26,7 @@ namespace membacking {
 template <class Core>
 class GuestMemoryClient {
 public:
-    using Memory = GuestMemory<typename Core::Mapper>;
+    using Memory = GuestMemory<typename Core::Mapper, Gpa, typename Core::TrackingPolicy>;
 
     explicit GuestMemoryClient(std::weak_ptr<Core> core) : core_(std::move(core)) {}
 

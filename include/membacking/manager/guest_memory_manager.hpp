@@ -4,11 +4,13 @@
  *
  * GuestMemoryManager<Resolver, Va, Partitions...>: the one type a VMM uses. It is composed at
  * compile time from a region resolver (NestedPriority), a VA policy (LinuxMmap) and any number of
- * partition policies (KvmPartition, MockPartition, ...). Each policy is checked, one sub-concept
- * at a time, by static_asserts whose messages name the missing member and its declaration
- * (detail::check_partition_mapper and friends): the template parameters are plain `class`
- * parameters on purpose, because a constrained parameter makes GCC 12 report only that the whole
- * concept "evaluated to false".
+ * partition policies (KvmPartition, MockPartition, ...). TrackedGuestMemoryManager<...> is the
+ * same with dirty tracking on the access path (manager/manager_fwd.hpp): both are
+ * BasicGuestMemoryManager<Tracking, Resolver, Va, Partitions...>. Each policy is checked, one
+ * sub-concept at a time, by static_asserts whose messages name the missing member and its
+ * declaration (detail::check_partition_mapper and friends): the template parameters are plain
+ * `class` parameters on purpose, because a constrained parameter makes GCC 12 report only that the
+ * whole concept "evaluated to false".
  *
  * Built by GuestMemoryBuilder (manager/builder.hpp). Move-only (a moved-from manager's control
  * calls fail with errc::not_found, its guest_memory() is an empty handle); destroying it takes
@@ -35,6 +37,7 @@
 #include <membacking/manager/client.hpp>
 #include <membacking/manager/detail/manager_core.hpp>
 #include <membacking/manager/device_memory.hpp>
+#include <membacking/manager/manager_fwd.hpp>
 #include <membacking/manager/memory_map.hpp>
 #include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/ram_visibility.hpp>
@@ -47,6 +50,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,21 +60,22 @@ namespace membacking {
 template <class Manager>
 class GuestMemoryBuilder;
 
-template <class Resolver, class Va, class... Partitions>
-class GuestMemoryManager {
+template <class Tracking, class Resolver, class Va, class... Partitions>
+class BasicGuestMemoryManager {
     // First in the class, so that a bad policy's message is the first error the compiler prints.
     static_assert(detail::check_region_resolver<Resolver>());
     static_assert(detail::check_va_policy<Va>());
     static_assert((detail::check_partition_mapper<Partitions>() && ...));
 
 public:
-    using Core = detail::ManagerCore<Resolver, Va, Partitions...>;
+    using Core = detail::ManagerCore<Tracking, Resolver, Va, Partitions...>;
+    using TrackingPolicy = Tracking;
     using VaPolicyType = Va;
     using ResolverType = Resolver;
     using Mapper = VaMapper<Va>;
-    using Memory = GuestMemory<Mapper>;
-    using MemoryView = GuestMemoryView<Mapper>;
-    using Builder = GuestMemoryBuilder<GuestMemoryManager>;
+    using Memory = GuestMemory<Mapper, Gpa, Tracking>;
+    using MemoryView = GuestMemoryView<Mapper, Gpa, Tracking>;
+    using Builder = GuestMemoryBuilder<BasicGuestMemoryManager>;
     using Client = GuestMemoryClient<Core>;
     using VisibilityControl = RamVisibilityControl<Core>;
     using DeviceMapper = DeviceMemoryMapper<Core>;
@@ -80,11 +85,11 @@ public:
 
     [[nodiscard]] static Builder builder() { return Builder(); }
 
-    GuestMemoryManager(GuestMemoryManager&&) noexcept = default;
-    GuestMemoryManager& operator=(GuestMemoryManager&&) noexcept = default;
-    GuestMemoryManager(const GuestMemoryManager&) = delete;
-    GuestMemoryManager& operator=(const GuestMemoryManager&) = delete;
-    ~GuestMemoryManager() = default;
+    BasicGuestMemoryManager(BasicGuestMemoryManager&&) noexcept = default;
+    BasicGuestMemoryManager& operator=(BasicGuestMemoryManager&&) noexcept = default;
+    BasicGuestMemoryManager(const BasicGuestMemoryManager&) = delete;
+    BasicGuestMemoryManager& operator=(const BasicGuestMemoryManager&) = delete;
+    ~BasicGuestMemoryManager() = default;
 
     /// The access API over the primary VA mapper (the one partitions map from): the one
     /// spelling of the primary GuestMemory. Copies share the mapper; hand one to each device.
@@ -117,18 +122,54 @@ public:
         return core_->detach(id);
     }
 
-    /// Turns dirty-page logging on or off in one attached partition (if its policy can).
-    Result<void> set_dirty_logging(PartitionId id, bool enabled)
+    // ---- dirty tracking: the one API of a migration loop (TrackedGuestMemoryManager only) ----
+    // The pages written since the last take: the union of every partition's log (guest writes)
+    // and the marks of every GuestMemory of this manager (VMM writes, write leases on release).
+    // A change of what is visible (a window mapped, moved, toggled back, a mapping replaced)
+    // makes its whole range dirty, so pages are always reported where their bytes now are
+    // (README, "Dirty tracking").
+
+    /// Starts a migration: clears the VMM's marks and turns logging on in every attached
+    /// partition (and in partitions attached later). All or nothing; errc::unsupported if a
+    /// partition's policy cannot log, errc::conflict if tracking is on already.
+    Result<void> start_dirty_tracking() requires(Tracking::enabled)
     {
         MEMBACKING_TRY(live());
-        return core_->set_dirty_logging(id, enabled);
+        return core_->start_dirty_tracking();
     }
-    /// Reads and clears a visible region's dirty bitmap in one partition: bit i of word i/64 is
-    /// page i of the region.
-    Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, RegionId region)
+
+    /// Takes the dirty pages of `range` (page-aligned, inside the address space) and resets
+    /// them: appended to `out` as maximal runs in ascending GPA order. `out` is not cleared, so
+    /// a loop can reuse its capacity. Pages outside `range` keep their state.
+    Result<void> take_dirty_runs(const MemoryRange& range,
+                                 std::vector<DirtyRun>& out) requires(Tracking::enabled)
     {
         MEMBACKING_TRY(live());
-        return core_->take_dirty_log(id, region);
+        return core_->take_dirty(range, [&](const detail::DirtyBitmap& bits) {
+            return bits.take_runs(range.start(), range.size(), out);
+        });
+    }
+
+    /// The same as a bitmap: bit i of out[i / 64] is the page at range.start() + i * 4 KiB
+    /// (OR-ed in; `out` must hold one bit per page of range, errc::invalid_argument otherwise).
+    Result<void> take_dirty_bitmap(const MemoryRange& range,
+                                   std::span<std::uint64_t> out) requires(Tracking::enabled)
+    {
+        MEMBACKING_TRY(live());
+        if (out.size() * 64 < range.size() / page_size)
+            return make_error(errc::invalid_argument,
+                              "a dirty bitmap of " + std::to_string(out.size()) +
+                                  " words cannot hold the pages of " + range.to_string());
+        return core_->take_dirty(range, [&](const detail::DirtyBitmap& bits) {
+            return bits.take_bitmap(range.start(), range.size(), out);
+        });
+    }
+
+    /// Ends a migration: logging off in every partition. errc::conflict if tracking is off.
+    Result<void> stop_dirty_tracking() requires(Tracking::enabled)
+    {
+        MEMBACKING_TRY(live());
+        return core_->stop_dirty_tracking();
     }
 
     [[nodiscard]] VisibilityControl ram_visibility_control() const
@@ -223,7 +264,7 @@ public:
 
 private:
     friend Builder;
-    explicit GuestMemoryManager(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+    explicit BasicGuestMemoryManager(std::shared_ptr<Core> core) : core_(std::move(core)) {}
 
     /// A moved-from manager has no core: its control calls fail with errc::not_found, its
     /// GuestMemory is empty (every access fails) and its facades act as after destruction.

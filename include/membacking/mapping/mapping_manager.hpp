@@ -39,6 +39,7 @@
  */
 #pragma once
 
+#include <membacking/access/dirty_bitmap.hpp>
 #include <membacking/base/config.hpp>
 #include <membacking/base/fatal.hpp>
 #include <membacking/base/memory_range.hpp>
@@ -107,6 +108,14 @@ public:
     /// an allocation failure here ends the process rather than corrupting the books.
     [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept;
 
+    /// The guest's dirty bitmap, if its manager tracks VMM writes (null otherwise). It lives as
+    /// long as this mapper does.
+    [[nodiscard]] detail::DirtyBitmap* dirty_bitmap() const noexcept { return dirty_.get(); }
+    [[nodiscard]] const std::shared_ptr<detail::DirtyBitmap>& dirty_bitmap_owner() const noexcept
+    {
+        return dirty_;
+    }
+
 #if MEMBACKING_OS_LINUX
     /// The guest's lease domain (GuestMemory::lease and ::probe look ranges up there). It
     /// outlives the manager as long as this mapper does.
@@ -124,9 +133,9 @@ private:
     struct Leases {};
 #endif
     VaMapper(V va, std::uint64_t size, std::weak_ptr<detail::MappingCore<V>> core, std::uint64_t id,
-             bool eager, Leases leases)
+             bool eager, Leases leases, std::shared_ptr<detail::DirtyBitmap> dirty)
         : va_(std::move(va)), size_(size), core_(std::move(core)), id_(id), eager_(eager),
-          leases_(std::move(leases))
+          leases_(std::move(leases)), dirty_(std::move(dirty))
     {}
 
     V va_;
@@ -137,6 +146,7 @@ private:
     /// Only registered mappers deregister on destruction; cleared at the manager's shutdown.
     std::atomic<bool> registered_ = false;
     [[no_unique_address]] Leases leases_;
+    std::shared_ptr<detail::DirtyBitmap> dirty_;
 };
 
 namespace detail {
@@ -146,8 +156,9 @@ namespace detail {
 template <VaPolicy V>
 class MappingCore : public std::enable_shared_from_this<MappingCore<V>> {
 public:
-    MappingCore(std::uint64_t max_addr, std::uint64_t min_alignment)
-        : max_addr_(max_addr), min_alignment_(min_alignment)
+    MappingCore(std::uint64_t max_addr, std::uint64_t min_alignment,
+                std::shared_ptr<DirtyBitmap> dirty)
+        : max_addr_(max_addr), min_alignment_(min_alignment), dirty_(std::move(dirty))
     {}
 
     Result<void> add_mapping(const ActiveMapping& m)
@@ -262,7 +273,7 @@ public:
             return std::move(va).error().context("failed to reserve address space for a VA mapper");
         const bool eager = mode == MapperMode::eager;
         std::shared_ptr<VaMapper<V>> mapper(new VaMapper<V>(
-            std::move(*va), max_addr_, this->weak_from_this(), next_id_++, eager, leases_));
+            std::move(*va), max_addr_, this->weak_from_this(), next_id_++, eager, leases_, dirty_));
         if (eager) {
             // A failed replay needs no undo: the unregistered mapper and its whole reservation
             // go away when `mapper` does.
@@ -654,6 +665,7 @@ private:
     mutable std::mutex mutex_;
     const std::uint64_t max_addr_;
     const std::uint64_t min_alignment_;
+    const std::shared_ptr<DirtyBitmap> dirty_; ///< handed to every mapper (null: untracked)
     IntervalMap<Entry, RangeOfEntry> entries_; ///< the active mappings, disjoint, by GPA
     std::vector<Slot> mappers_;                ///< registration order
     std::uint64_t next_id_ = 1;
@@ -695,8 +707,10 @@ class MappingManager {
 public:
     /// A manager for a guest address space of max_addr bytes; min_alignment is the smallest base
     /// alignment of every reservation (the largest hugetlb page size in use).
-    [[nodiscard]] static Result<MappingManager> create(std::uint64_t max_addr,
-                                                       std::uint64_t min_alignment = page_size)
+    /// `dirty`, if given, is the dirty bitmap every mapper hands to its tracked GuestMemory.
+    [[nodiscard]] static Result<MappingManager>
+    create(std::uint64_t max_addr, std::uint64_t min_alignment = page_size,
+           std::shared_ptr<detail::DirtyBitmap> dirty = {})
     {
         if (max_addr == 0)
             return make_error(errc::invalid_argument, "guest address space size is zero");
@@ -704,7 +718,8 @@ public:
             return make_error(errc::invalid_argument, "minimum VA alignment " +
                                                           MemoryRange::hex(min_alignment) +
                                                           " is not a power of two");
-        return MappingManager(std::make_shared<detail::MappingCore<V>>(max_addr, min_alignment));
+        return MappingManager(
+            std::make_shared<detail::MappingCore<V>>(max_addr, min_alignment, std::move(dirty)));
     }
 
     MappingManager(MappingManager&&) noexcept = default;

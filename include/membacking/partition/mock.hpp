@@ -215,6 +215,13 @@ public:
 
     // ---- queries ----
 
+    /// Whether dirty logging is on.
+    [[nodiscard]] bool dirty_logging() const
+    {
+        std::lock_guard lock(mutex_);
+        return dirty_logging_;
+    }
+
     [[nodiscard]] std::vector<Call> calls() const
     {
         std::lock_guard lock(mutex_);

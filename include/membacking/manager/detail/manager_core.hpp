@@ -18,6 +18,8 @@
  */
 #pragma once
 
+#include <membacking/access/dirty_bitmap.hpp>
+#include <membacking/access/dirty_tracking.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
@@ -36,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,19 +46,31 @@
 namespace membacking::detail {
 
 // Plain `class` parameters: GuestMemoryManager checks the policies with readable messages first.
-template <class Resolver, class Va, class... Partitions>
+template <class Tracking, class Resolver, class Va, class... Partitions>
 class ManagerCore {
     /// The region manager's sink: VA events to the mapping manager, window events to the
-    /// partitions.
+    /// partitions. With dirty tracking, what becomes visible is dirty whole (a new mapping's
+    /// bytes, a window that appears): see dirty_since_change().
     struct Sink {
         ManagerCore* core;
-        Result<void> add_mapping(const ActiveMapping& m) { return core->va_.add_mapping(m); }
+        Result<void> add_mapping(const ActiveMapping& m)
+        {
+            MEMBACKING_TRY(core->va_.add_mapping(m));
+            core->dirty_since_change(m.gpa);
+            return {};
+        }
         Result<void> remove_mappings(const MemoryRange& r) { return core->va_.remove_mappings(r); }
-        Result<void> map_region(const RegionActivation& a) { return core->partitions_.map(a); }
+        Result<void> map_region(const RegionActivation& a)
+        {
+            MEMBACKING_TRY(core->partitions_.map(a));
+            core->dirty_since_change(a.gpa);
+            return {};
+        }
         Result<void> unmap_region(const RegionActivation& a) { return core->partitions_.unmap(a); }
     };
 
 public:
+    using TrackingPolicy = Tracking;
     using Mapper = VaMapper<Va>;
     using Regions = RegionManager<Resolver, Sink>;
 
@@ -76,7 +91,15 @@ public:
     /// Reserves the primary (eager) VA mapper. Errors are build_errc::va_mapper.
     static Result<std::shared_ptr<ManagerCore>> create(const Config& config)
     {
-        auto va = MappingManager<Va>::create(config.max_addr, config.min_va_alignment);
+        std::shared_ptr<DirtyBitmap> dirty;
+        if constexpr (Tracking::enabled) {
+            auto bitmap = DirtyBitmap::create(config.max_addr);
+            if (!bitmap)
+                return build_error(build_errc::va_mapper, "failed to create the dirty bitmap",
+                                   std::move(bitmap).error());
+            dirty = std::move(*bitmap);
+        }
+        auto va = MappingManager<Va>::create(config.max_addr, config.min_va_alignment, dirty);
         if (!va)
             return build_error(build_errc::va_mapper, "failed to create VA mapper",
                                std::move(va).error());
@@ -159,9 +182,19 @@ public:
     template <class P>
     Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition, QuiesceHook hook)
     {
-        return control([&](Control& c) {
-            return partitions_.attach(vtl, std::move(partition), c.regions.active_regions(),
-                                      std::move(hook));
+        return control([&](Control& c) -> Result<PartitionId> {
+            auto id = partitions_.attach(vtl, std::move(partition), c.regions.active_regions(),
+                                         std::move(hook));
+            if (!id || !tracking_)
+                return id;
+            // A partition attached during a migration logs from the start; all or nothing.
+            if (auto on = partitions_.set_dirty_logging(*id, true); !on) {
+                if (auto off = partitions_.detach(*id, c.regions.active_regions()); !off)
+                    fatal("detaching a partition whose dirty logging failed: " +
+                          off.error().full_message());
+                return std::move(on).error();
+            }
+            return id;
         });
     }
 
@@ -171,24 +204,61 @@ public:
             [&](Control& c) { return partitions_.detach(id, c.regions.active_regions()); });
     }
 
-    Result<void> set_dirty_logging(PartitionId id, bool enabled)
+    // ---- dirty tracking (tracked managers only; see GuestMemoryManager) ----
+
+    /// Clears the bitmap and turns logging on in every partition (all or nothing).
+    Result<void> start_dirty_tracking() requires(Tracking::enabled)
     {
-        return control([&](Control&) { return partitions_.set_dirty_logging(id, enabled); });
+        return control([&](Control&) -> Result<void> {
+            if (tracking_)
+                return make_error(errc::conflict, "dirty tracking is already on");
+            MEMBACKING_TRY(partitions_.set_dirty_logging_all(true));
+            dirty_->clear(0, config_.max_addr);
+            tracking_ = true;
+            return {};
+        });
     }
 
-    /// The dirty bitmap of one region, which must be visible as one window.
-    Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, RegionId region)
+    /// Turns logging off in every partition; the marks left are discarded by the next start.
+    Result<void> stop_dirty_tracking() requires(Tracking::enabled)
     {
-        return control([&](Control& c) -> Result<std::vector<std::uint64_t>> {
-            const auto* r = c.regions.find(region);
-            if (r == nullptr)
-                return make_error(errc::not_found,
-                                  "no memory region with id " + std::to_string(region.value));
-            if (r->visible.size() != 1)
-                return make_error(errc::conflict,
-                                  "region " + r->describe() + " is not visible as one window");
-            return partitions_.take_dirty_log(id, r->visible.front());
+        return control([&](Control&) -> Result<void> {
+            if (!tracking_)
+                return make_error(errc::conflict, "dirty tracking is off");
+            MEMBACKING_TRY(partitions_.set_dirty_logging_all(false));
+            tracking_ = false;
+            return {};
         });
+    }
+
+    /// The dirty pages of `range`, taken and reset: out(bitmap) gets them after the
+    /// partitions' logs of the windows in range have been merged into the bitmap.
+    template <class Out>
+    Result<void> take_dirty(const MemoryRange& range, Out&& out) requires(Tracking::enabled)
+    {
+        return control([&](Control& c) -> Result<void> {
+            if (!tracking_)
+                return make_error(errc::conflict, "dirty tracking is off");
+            if (range.end() > c.max_addr)
+                return outside_address_space(range, c.max_addr);
+            MEMBACKING_TRY(partitions_.take_dirty_logs(
+                c.regions.active_regions(), range,
+                [&](std::uint64_t gpa, std::span<const std::uint64_t> bits) {
+                    dirty_->merge(gpa, bits);
+                }));
+            if (!out(*dirty_))
+                return Error(std::error_code(errno, std::system_category()),
+                             "the process-wide memory barrier (membarrier) of a dirty harvest "
+                             "failed: the pages taken may miss writes");
+            return {};
+        });
+    }
+
+    /// Whether tracking is on (for tests).
+    [[nodiscard]] bool dirty_tracking() const
+    {
+        std::lock_guard lock(control_);
+        return tracking_;
     }
 
     // ---- access and inspection ----
@@ -247,9 +317,20 @@ private:
         return AtExit<F>(std::move(f));
     }
 
+    /// A change of what is visible at `range` (a mapping added, a window mapped): its bytes
+    /// differ from what a copy made before may hold, so it is dirty whole. This is what makes a
+    /// region that is toggled, moved or removed during a pass lose no dirty page (README, "Dirty
+    /// tracking"): its pages are reported at the GPA where its bytes now are.
+    void dirty_since_change(const MemoryRange& range) noexcept
+    {
+        if constexpr (Tracking::enabled)
+            if (!range.empty())
+                dirty_->mark(range.start(), range.size());
+    }
+
     ManagerCore(const Config& config, MappingManager<Va> va, std::shared_ptr<Mapper> primary)
-        : config_(config), va_(std::move(va)), primary_(std::move(primary)), sink_{this},
-          regions_(sink_),
+        : config_(config), va_(std::move(va)), primary_(std::move(primary)),
+          dirty_(primary_->dirty_bitmap_owner()), sink_{this}, regions_(sink_),
           partitions_({primary_->base(), config.vtl0_alias_map, config.pin_mappings})
     {}
 
@@ -257,6 +338,8 @@ private:
     Config config_;
     MappingManager<Va> va_;
     std::shared_ptr<Mapper> primary_;
+    std::shared_ptr<DirtyBitmap> dirty_; ///< null unless Tracking::enabled
+    bool tracking_ = false;              ///< between start and stop (under control_)
     Sink sink_;
     Regions regions_;
     PartitionSet<Partitions...> partitions_;

@@ -301,6 +301,63 @@ public:
         return result;
     }
 
+    /// Turns dirty-page logging on or off in every attached partition (aliases once), all or
+    /// nothing: a partition whose policy cannot log fails the whole call (errc::unsupported),
+    /// since its guest's writes would be lost; on a failure the ones already switched are
+    /// switched back.
+    Result<void> set_dirty_logging_all(bool enabled)
+    {
+        const Operation op = operation();
+        UndoLog undo;
+        Result<void> result;
+        for_each([&](auto& a) {
+            if (a.offset != 0)
+                return true;
+            using P = std::remove_cvref_t<decltype(*a.partition)>;
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
+                hold(a);
+                result = a.partition->set_dirty_logging(enabled);
+                if (result)
+                    undo.push(
+                        [p = a.partition, enabled] { return p->set_dirty_logging(!enabled); });
+            } else
+                result = no_dirty_log<P>();
+            return static_cast<bool>(result);
+        });
+        if (!result)
+            return result;
+        undo.commit();
+        return {};
+    }
+
+    /// Reads and clears every attached partition's log of the visible windows that intersect
+    /// `range`, and hands each to sink(window start, bits) (bit i = page i of the window).
+    template <class Sink>
+    Result<void> take_dirty_logs(const std::vector<RegionActivation>& visible,
+                                 const MemoryRange& range, Sink&& sink)
+    {
+        Result<void> result;
+        for_each([&](auto& a) {
+            if (a.offset != 0)
+                return true;
+            using P = std::remove_cvref_t<decltype(*a.partition)>;
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
+                for (const RegionActivation& w : visible) {
+                    if (w.gpa.end() <= range.start() || range.end() <= w.gpa.start())
+                        continue;
+                    auto bits = a.partition->take_dirty_log(w.gpa.start(), w.gpa.size());
+                    if (!bits) {
+                        result = std::move(bits).error();
+                        return false;
+                    }
+                    sink(w.gpa.start(), *bits);
+                }
+            }
+            return true;
+        });
+        return result;
+    }
+
     /// One entry per mapping of every attached partition, in policy order, for the memory map.
     [[nodiscard]] std::vector<MemoryMap::Partition> describe() const
     {

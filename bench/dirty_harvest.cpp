@@ -1,0 +1,164 @@
+// Harvesting the dirty pages of a tracked guest, against reading its bitmap once, in one binary.
+//
+// BM_DirtyHarvest/<GiB>/<percent>: TrackedMockGuestMemoryManager::take_dirty_runs over the whole
+//   address space of a <GiB> GiB guest (reserved, not backed: 2 MiB of RAM) whose bitmap holds
+//   <percent> % dirty pages, into a vector that keeps its capacity: the bitmap turned into runs
+//   and reset. The pages are scattered, each dirty with probability <percent> / 100 on its own
+//   (a fixed pseudo-random pattern), so at 10 % nearly every dirty page is a run of its own: the
+//   worst case for runs. At 100 % the whole space is one run.
+// BM_DirtyHarvest/memcpy/<GiB>: a memcpy of the same bitmap's bytes (64 GiB: 2 MiB; 512 GiB:
+//   16 MiB) into a buffer, from the same freshly written bitmap: reading the bitmap once.
+// Target: harvest <= 2x memcpy, and below cloud-hypervisor's published 12 ms (64 GiB, 10 %) and
+// 4.6 ms (512 GiB, 100 %).
+//
+// Each iteration first writes the pattern into the bitmap (not timed: manual time), so both
+// benchmarks start from the same cache state.
+#include <membacking/membacking.hpp>
+
+#include "fixed_iterations.hpp"
+
+#include <benchmark/benchmark.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+using namespace membacking;
+
+namespace {
+
+using Manager = TrackedMockGuestMemoryManager;
+constexpr std::uint64_t GiB = std::uint64_t{1} << 30;
+
+template <class T>
+T must(Result<T> r)
+{
+    if (!r) {
+        std::fprintf(stderr, "benchmark setup failed: %s\n", r.error().full_message().c_str());
+        std::exit(1);
+    }
+    return std::move(r).value();
+}
+
+/// A tracked guest of `gib` GiB with tracking on, and its bitmap's words.
+struct Guest {
+    explicit Guest(std::uint64_t gib)
+        : m(must(Manager::builder()
+                     .add_backing(RamBackingRequest({MemoryRange::constant(0, 2 << 20)}))
+                     .build(Length{gib * GiB}))),
+          words(m.core().primary()->dirty_bitmap()->words()), count(gib * GiB / page_size / 64)
+    {
+        if (auto r = m.start_dirty_tracking(); !r)
+            std::exit(1);
+    }
+    Manager m;
+    std::atomic<std::uint64_t>* words;
+    std::uint64_t count;
+};
+
+Guest& guest(std::uint64_t gib)
+{
+    static std::map<std::uint64_t, std::unique_ptr<Guest>> guests;
+    auto& g = guests[gib];
+    if (!g)
+        g = std::make_unique<Guest>(gib);
+    return *g;
+}
+
+/// The bitmap pattern: each page dirty with probability percent / 100, independently.
+const std::vector<std::uint64_t>& pattern(std::uint64_t words, std::uint64_t percent)
+{
+    static std::map<std::pair<std::uint64_t, std::uint64_t>, std::vector<std::uint64_t>> cache;
+    auto& p = cache[{words, percent}];
+    if (p.empty()) {
+        p.resize(words);
+        std::mt19937_64 rng(42);
+        for (auto& w : p) {
+            if (percent >= 100) {
+                w = ~std::uint64_t{0};
+                continue;
+            }
+            for (unsigned bit = 0; bit < 64; ++bit)
+                if (rng() % 100 < percent)
+                    w |= std::uint64_t{1} << bit;
+        }
+    }
+    return p;
+}
+
+void write_pattern(Guest& g, const std::vector<std::uint64_t>& p)
+{
+    std::memcpy(static_cast<void*>(g.words), p.data(), p.size() * sizeof(std::uint64_t));
+}
+
+void harvest(benchmark::State& state)
+{
+    const auto gib = static_cast<std::uint64_t>(state.range(0));
+    const auto percent = static_cast<std::uint64_t>(state.range(1));
+    Guest& g = guest(gib);
+    const auto& p = pattern(g.count, percent);
+    const MemoryRange all = must(MemoryRange::create(0, gib * GiB));
+    std::vector<DirtyRun> runs;
+    std::uint64_t pages = 0;
+    for (auto _ : state) {
+        write_pattern(g, p);
+        runs.clear();
+        const auto start = std::chrono::steady_clock::now();
+        if (!g.m.take_dirty_runs(all, runs)) {
+            state.SkipWithError("take_dirty_runs failed");
+            return;
+        }
+        const auto end = std::chrono::steady_clock::now();
+        state.SetIterationTime(std::chrono::duration<double>(end - start).count());
+        benchmark::DoNotOptimize(runs.data());
+    }
+    for (const DirtyRun& r : runs)
+        pages += r.length.value() / page_size;
+    state.counters["runs"] = static_cast<double>(runs.size());
+    state.counters["dirty_pages"] = static_cast<double>(pages);
+}
+
+void harvest_memcpy(benchmark::State& state)
+{
+    const auto gib = static_cast<std::uint64_t>(state.range(0));
+    Guest& g = guest(gib);
+    const auto& p = pattern(g.count, gib >= 512 ? 100 : 10); // the bytes do not matter to memcpy
+    std::vector<std::uint64_t> out(g.count);
+    for (auto _ : state) {
+        write_pattern(g, p);
+        const auto start = std::chrono::steady_clock::now();
+        std::memcpy(out.data(), static_cast<const void*>(g.words), g.count * sizeof(std::uint64_t));
+        benchmark::ClobberMemory();
+        const auto end = std::chrono::steady_clock::now();
+        state.SetIterationTime(std::chrono::duration<double>(end - start).count());
+    }
+    // Leave the bitmap clean for the harvests that follow in this run.
+    std::memset(static_cast<void*>(g.words), 0, g.count * sizeof(std::uint64_t));
+}
+
+const bool registered = [] {
+    const std::initializer_list<benchmark::internal::Benchmark*> all{
+        benchmark::RegisterBenchmark("BM_DirtyHarvest/memcpy", harvest_memcpy),
+        benchmark::RegisterBenchmark("BM_DirtyHarvest", harvest),
+    };
+    all.begin()[0]->Arg(64)->Arg(512)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    all.begin()[1]
+        ->Args({64, 10})
+        ->Args({512, 100})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    bench::fix_iterations(all);
+    return true;
+}();
+
+} // namespace
+
+BENCHMARK_MAIN();

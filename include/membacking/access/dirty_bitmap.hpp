@@ -1,0 +1,348 @@
+/**
+ * @file access/dirty_bitmap.hpp
+ * Layer: access (includes base/, and os/windows.hpp on Windows). Linux and Windows.
+ *
+ * DirtyBitmap: one bit per 4 KiB guest page over the whole guest address space, where every
+ * write through a tracked GuestMemory (access/dirty_tracking.hpp) records the pages it wrote, and
+ * where a migration loop takes them back as runs (GPA, length) or as a bitmap.
+ *
+ * Storage: ceil(pages / 64) 64-bit words, reserved as demand-zero anonymous memory (Linux:
+ * MAP_NORESERVE; Windows: committed pages, which Windows also backs only when touched). A 512 GiB
+ * guest has a 16 MiB bitmap, of which only the pages holding set bits ever get backed.
+ *
+ * Marking (mark): test, then set. A plain load of the word; only if one of the page bits is
+ * still clear, one `lock or` (fetch_or). A page written again before the next harvest costs a
+ * load and a branch, no read-modify-write and no cache-line ownership change. No lock, no
+ * system call.
+ *
+ * Why a harvest needs a process-wide barrier (and why that makes test-then-set sound): the writer
+ * stores its data and then loads the word. x86 lets the load complete while the data store is
+ * still in the store buffer. If the bit is already set the writer does nothing more, and a
+ * harvester that clears the bit right then and copies the page could read the page without that
+ * data, after which the page is clean and the write is lost. So take_*() clears the bits it
+ * takes and then runs one process-wide memory barrier (Linux membarrier
+ * MEMBARRIER_CMD_PRIVATE_EXPEDITED, Windows FlushProcessWriteBuffers) before returning: every
+ * thread of the process that is running executes a full barrier (one that is not running has
+ * drained its store buffer at its last context switch), so every write whose test saw a bit that
+ * this harvest cleared is visible before the caller copies the page. Writers that find the bit
+ * clear use `lock or`, which is a full barrier itself. The cost is one system call per harvest,
+ * none per write.
+ *
+ * Clearing: the harvester takes each word that a plain load finds non-zero with one `xchg` (whole
+ * words) or `lock and` (the partial words at either end of a range): a concurrent mark is either
+ * in the value taken or left set for the next harvest, never lost.
+ */
+#pragma once
+
+#include <membacking/base/align.hpp>
+#include <membacking/base/config.hpp>
+#include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
+#include <membacking/base/units.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#if MEMBACKING_OS_LINUX
+#    include <linux/membarrier.h>
+#    include <sys/mman.h>
+#    include <sys/syscall.h>
+#    include <unistd.h>
+#elif MEMBACKING_OS_WINDOWS
+#    include <membacking/os/windows.hpp> // <windows.h>, lean and without min/max macros
+#endif
+
+namespace membacking {
+
+/// A run of dirty pages: [gpa, gpa + length), page-aligned.
+struct DirtyRun {
+    Gpa gpa;
+    Length length;
+    friend bool operator==(const DirtyRun&, const DirtyRun&) noexcept = default;
+};
+
+namespace detail {
+
+/// One full memory barrier on every running thread of this process (see the file comment).
+/// Registration (Linux) happens once, in DirtyBitmap::create.
+[[nodiscard]] inline bool process_memory_barrier() noexcept
+{
+#if MEMBACKING_OS_LINUX
+    return ::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0;
+#elif MEMBACKING_OS_WINDOWS
+    ::FlushProcessWriteBuffers();
+    return true;
+#endif
+}
+
+[[nodiscard]] inline Result<void> register_process_memory_barrier()
+{
+#if MEMBACKING_OS_LINUX
+    static const int registered =
+        ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : errno;
+    if (registered != 0)
+        return Error(std::error_code(registered, std::system_category()),
+                     "membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) failed: dirty "
+                     "tracking needs Linux 4.14 or later");
+#endif
+    return {};
+}
+
+class DirtyBitmap {
+public:
+    static constexpr std::uint64_t page_shift = 12;
+    static constexpr std::uint64_t bits_per_word = 64;
+
+    /// A bitmap for guest addresses [0, address_space), all clear.
+    [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>> create(std::uint64_t address_space)
+    {
+        MEMBACKING_TRY(register_process_memory_barrier());
+        const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
+        const std::uint64_t words = (pages + bits_per_word - 1) / bits_per_word;
+        const std::uint64_t bytes =
+            (words * sizeof(std::uint64_t) + page_size - 1) / page_size * page_size;
+#if MEMBACKING_OS_LINUX
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return Error(std::error_code(errno, std::system_category()),
+                         "cannot reserve the dirty bitmap (" + MemoryRange::hex(bytes) + " bytes)");
+#else
+        void* p = ::VirtualAlloc(nullptr, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
+        if (p == nullptr)
+            return Error(
+                std::error_code(static_cast<int>(::GetLastError()), std::system_category()),
+                "cannot reserve the dirty bitmap (" + MemoryRange::hex(bytes) + " bytes)");
+#endif
+        return std::shared_ptr<DirtyBitmap>(
+            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes));
+    }
+
+    DirtyBitmap(const DirtyBitmap&) = delete;
+    DirtyBitmap& operator=(const DirtyBitmap&) = delete;
+    ~DirtyBitmap()
+    {
+#if MEMBACKING_OS_LINUX
+        ::munmap(words_, bytes_);
+#else
+        ::VirtualFree(words_, 0, MEM_RELEASE);
+#endif
+    }
+
+    /// The pages the bitmap covers, and its words (for the access path's marker).
+    [[nodiscard]] std::uint64_t pages() const noexcept
+    {
+        return pages_;
+    }
+    [[nodiscard]] std::atomic<std::uint64_t>* words() const noexcept
+    {
+        return words_;
+    }
+    /// The bytes reserved for the bitmap.
+    [[nodiscard]] std::uint64_t reserved_bytes() const noexcept
+    {
+        return bytes_;
+    }
+
+    /// Marks every page of [gpa, gpa + len) (len > 0; the caller has bounds-checked it).
+    MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
+    {
+        mark_words(words_, gpa, len);
+    }
+
+    /// The access path's mark, on the bare word array: test, then set (file comment).
+    MEMBACKING_ALWAYS_INLINE static void mark_words(std::atomic<std::uint64_t>* words,
+                                                    std::uint64_t gpa, std::uint64_t len) noexcept
+    {
+        // Keep the data store before the test in program order (the harvest's barrier covers
+        // the hardware's reordering; this covers the compiler's). No instruction.
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+        const std::uint64_t first = gpa >> page_shift;
+        const std::uint64_t last = (gpa + len - 1) >> page_shift;
+        if (first == last) [[likely]] {
+            std::atomic<std::uint64_t>& w = words[first / bits_per_word];
+            const std::uint64_t bit = std::uint64_t{1} << (first % bits_per_word);
+            if ((w.load(std::memory_order_relaxed) & bit) == 0) [[unlikely]]
+                w.fetch_or(bit, std::memory_order_relaxed);
+            return;
+        }
+        mark_pages(words, first, last + 1);
+    }
+
+    /// Sets every bit of [first, end) pages, word by word, test-then-set.
+    static void mark_pages(std::atomic<std::uint64_t>* words, std::uint64_t first,
+                           std::uint64_t end) noexcept
+    {
+        while (first < end) {
+            const std::uint64_t word = first / bits_per_word;
+            const std::uint64_t lo = first % bits_per_word;
+            const std::uint64_t hi = std::min<std::uint64_t>(bits_per_word, lo + (end - first));
+            const std::uint64_t mask = range_mask(lo, hi);
+            std::atomic<std::uint64_t>& w = words[word];
+            if ((w.load(std::memory_order_relaxed) & mask) != mask)
+                w.fetch_or(mask, std::memory_order_relaxed);
+            first += hi - lo;
+        }
+    }
+
+    /// Clears every bit of [gpa, gpa + len) without reporting it (start of tracking).
+    void clear(std::uint64_t gpa, std::uint64_t len) noexcept
+    {
+        for_each_word(gpa, len, [](std::atomic<std::uint64_t>& w, std::uint64_t mask) {
+            if ((w.load(std::memory_order_relaxed) & mask) != 0)
+                w.fetch_and(~mask, std::memory_order_relaxed);
+        });
+    }
+
+    /// ORs `bits` (bit i = page i from gpa, gpa page-aligned) into the bitmap: a partition's log.
+    void merge(std::uint64_t gpa, std::span<const std::uint64_t> bits) noexcept
+    {
+        const std::uint64_t base = gpa >> page_shift;
+        for (std::size_t i = 0; i < bits.size(); ++i) {
+            std::uint64_t b = bits[i];
+            while (b != 0) {
+                const int lo = std::countr_zero(b);
+                const int n = std::countr_one(b >> lo);
+                const std::uint64_t page =
+                    base + i * bits_per_word + static_cast<std::uint64_t>(lo);
+                const std::uint64_t end = std::min(page + static_cast<std::uint64_t>(n), pages_);
+                if (page < end)
+                    mark_pages(words_, page, end);
+                b = n == 64 ? 0
+                            : b & ~range_mask(static_cast<std::uint64_t>(lo),
+                                              static_cast<std::uint64_t>(lo + n));
+            }
+        }
+    }
+
+    /// Takes (reads and clears) the dirty pages of [gpa, gpa + len), page-aligned and inside the
+    /// bitmap, appending them to `out` as maximal runs in ascending order. Ends with the
+    /// process-wide barrier (false if that failed: the caller must not trust the pages' bytes).
+    [[nodiscard]] bool take_runs(std::uint64_t gpa, std::uint64_t len,
+                                 std::vector<DirtyRun>& out) const
+    {
+        std::uint64_t run_start = 0;
+        std::uint64_t run_end = 0; // empty run
+        auto flush = [&] {
+            if (run_end != run_start)
+                out.push_back(
+                    {Gpa(run_start << page_shift), Length((run_end - run_start) << page_shift)});
+        };
+        take_words(gpa, len, [&](std::uint64_t page0, std::uint64_t bits) {
+            if (bits == ~std::uint64_t{0}) { // the common case of a fully dirty word
+                if (run_end != page0) {
+                    flush();
+                    run_start = page0;
+                }
+                run_end = page0 + bits_per_word;
+                return;
+            }
+            while (bits != 0) {
+                const auto lo = static_cast<std::uint64_t>(std::countr_zero(bits));
+                const auto n = static_cast<std::uint64_t>(std::countr_one(bits >> lo));
+                const std::uint64_t p = page0 + lo;
+                if (run_end != p) {
+                    flush();
+                    run_start = p;
+                }
+                run_end = p + n;
+                bits = lo + n == bits_per_word ? 0 : bits & ~range_mask(0, lo + n);
+            }
+        });
+        flush();
+        return process_memory_barrier();
+    }
+
+    /// Takes the dirty pages of [gpa, gpa + len) into `out`: bit i of word i / 64 is the page at
+    /// gpa + i * 4 KiB. `out` must hold ceil(pages / 64) words; the bits are OR-ed in.
+    [[nodiscard]] bool take_bitmap(std::uint64_t gpa, std::uint64_t len,
+                                   std::span<std::uint64_t> out) const noexcept
+    {
+        const std::uint64_t base = gpa >> page_shift;
+        take_words(gpa, len, [&](std::uint64_t page0, std::uint64_t bits) {
+            while (bits != 0) {
+                const auto lo = static_cast<std::uint64_t>(std::countr_zero(bits));
+                const std::uint64_t i = page0 + lo - base;
+                out[i / bits_per_word] |= std::uint64_t{1} << (i % bits_per_word);
+                bits &= bits - 1;
+            }
+        });
+        return process_memory_barrier();
+    }
+
+private:
+    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages,
+                std::uint64_t bytes) noexcept
+        : words_(words), pages_(pages), bytes_(bytes)
+    {}
+
+    /// Bits [lo, hi) of a word, 0 <= lo < hi <= 64.
+    [[nodiscard]] static constexpr std::uint64_t range_mask(std::uint64_t lo,
+                                                            std::uint64_t hi) noexcept
+    {
+        const std::uint64_t upto =
+            hi == bits_per_word ? ~std::uint64_t{0} : (std::uint64_t{1} << hi) - 1;
+        return upto & ~((std::uint64_t{1} << lo) - 1);
+    }
+
+    /// f(word, mask) for every word that [gpa, gpa + len) touches, with the mask of its pages.
+    template <class F>
+    void for_each_word(std::uint64_t gpa, std::uint64_t len, F f) const noexcept
+    {
+        std::uint64_t first = gpa >> page_shift;
+        const std::uint64_t end = (gpa + len) >> page_shift;
+        while (first < end) {
+            const std::uint64_t lo = first % bits_per_word;
+            const std::uint64_t hi = std::min<std::uint64_t>(bits_per_word, lo + (end - first));
+            f(words_[first / bits_per_word], range_mask(lo, hi));
+            first += hi - lo;
+        }
+    }
+
+    /// f(first page of the word, bits taken) for every word of the range that had bits set.
+    /// Whole words: a plain load skips clean ones, one xchg takes the others; partial words
+    /// at the ends: lock and.
+    template <class F>
+    void take_words(std::uint64_t gpa, std::uint64_t len, F f) const noexcept
+    {
+        std::uint64_t first = gpa >> page_shift;
+        const std::uint64_t end = (gpa + len) >> page_shift;
+        auto partial = [&](std::uint64_t lo, std::uint64_t hi) {
+            std::atomic<std::uint64_t>& w = words_[first / bits_per_word];
+            const std::uint64_t mask = range_mask(lo, hi);
+            if ((w.load(std::memory_order_relaxed) & mask) != 0)
+                if (const std::uint64_t bits = w.fetch_and(~mask, std::memory_order_acquire) & mask;
+                    bits != 0)
+                    f(first - lo, bits);
+            first += hi - lo;
+        };
+        if (first < end && first % bits_per_word != 0)
+            partial(first % bits_per_word,
+                    std::min<std::uint64_t>(bits_per_word, first % bits_per_word + (end - first)));
+        while (end - first >= bits_per_word) {
+            std::atomic<std::uint64_t>& w = words_[first / bits_per_word];
+            if (w.load(std::memory_order_relaxed) != 0)
+                f(first, w.exchange(0, std::memory_order_acquire));
+            first += bits_per_word;
+        }
+        if (first < end)
+            partial(0, end - first);
+    }
+
+    std::atomic<std::uint64_t>* words_;
+    std::uint64_t pages_;
+    std::uint64_t bytes_;
+};
+
+} // namespace detail
+} // namespace membacking

@@ -1,0 +1,68 @@
+/**
+ * @file access/dirty_tracking.hpp
+ * Layer: access (includes base/ and access/dirty_bitmap.hpp).
+ *
+ * The dirty-tracking policy of the access path: the third template argument of GuestMemoryView
+ * and GuestMemory, in the spirit of vm-memory's bitmap type parameter. A manager type picks it
+ * where it is composed (TrackedGuestMemoryManager, fwd.hpp), so that every handle it hands out,
+ * primary or lazy, whole guest or window, marks: a migration does not depend on each device
+ * remembering to use a special handle.
+ *
+ * - NoDirtyTracking: the marker is an empty member ([[no_unique_address]]) whose mark() is
+ *   nothing, and GuestMemoryView runs it only under `if constexpr`: the access path is the
+ *   untracked one, instruction for instruction (tests/dirty/untracked_cost checks it).
+ * - DirtyTracking: the marker is the word array of the manager's DirtyBitmap (one pointer more in
+ *   the handle). Every write path marks exactly the pages it wrote, after the write: the whole
+ *   range on success, and on a write that faulted part way the part it completed
+ *   (AccessError::completed). Compare-exchange marks only when it swapped (a failed one changes
+ *   no byte); fetch_* mark always. The mark is DirtyBitmap::mark_words: test, then set.
+ */
+#pragma once
+
+#include <membacking/access/dirty_bitmap.hpp>
+#include <membacking/base/config.hpp>
+
+#include <atomic>
+#include <concepts>
+#include <cstdint>
+
+namespace membacking {
+
+/// The access path records nothing (the default).
+struct NoDirtyTracking {
+    static constexpr bool enabled = false;
+    struct Marker {
+        Marker() noexcept = default;
+        template <class Mapper>
+        explicit Marker(const Mapper& /*mapper*/) noexcept
+        {}
+        MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t /*gpa*/,
+                                           std::uint64_t /*len*/) const noexcept
+        {}
+    };
+};
+
+/// Every write through the access path marks the pages it wrote in the mapper's DirtyBitmap.
+struct DirtyTracking {
+    static constexpr bool enabled = true;
+    struct Marker {
+        Marker() noexcept = default;
+        /// The mapper's bitmap (VaMapper::dirty_bitmap); it lives as long as the mapper.
+        template <class Mapper>
+        explicit Marker(const Mapper& mapper) noexcept : words(mapper.dirty_bitmap()->words())
+        {}
+        /// Marks the pages of [gpa, gpa + len), absolute GPAs (nothing when len is 0).
+        MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
+        {
+            if (len != 0)
+                detail::DirtyBitmap::mark_words(words, gpa, len);
+        }
+        std::atomic<std::uint64_t>* words = nullptr;
+    };
+};
+
+/// What GuestMemoryView accepts as its tracking policy.
+template <class T>
+concept DirtyTrackingPolicy = std::same_as<T, NoDirtyTracking> || std::same_as<T, DirtyTracking>;
+
+} // namespace membacking
