@@ -50,8 +50,8 @@ Manager ram_guest()
                     .build(Length{space}));
 }
 
-/// "gpa+len gpa+len ..." of the runs taken from the whole address space.
-std::string take(Manager& m, MemoryRange r = MemoryRange::constant(0, space))
+/// "gpa+len gpa+len ..." of the runs taken from r.
+std::string take(Manager& m, const MemoryRange& r)
 {
     std::vector<DirtyRun> runs;
     must(m.take_dirty_runs(r, runs));
@@ -60,6 +60,12 @@ std::string take(Manager& m, MemoryRange r = MemoryRange::constant(0, space))
         out += (out.empty() ? "" : " ") + MemoryRange::hex(run.gpa.value()) + "+" +
                MemoryRange::hex(run.length.value());
     return out;
+}
+
+/// The same over the whole address space.
+std::string take(Manager& m)
+{
+    return take(m, range(0, space));
 }
 
 std::string pages(std::uint64_t gpa, std::uint64_t n)

@@ -9,31 +9,46 @@
 namespace membacking {
 template class detail::ManagerCore<NoDirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
                                    MockPartition>;
+template class detail::ManagerCore<DirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
+                                   MockPartition>;
 template class detail::PartitionSet<KvmPartition<>, MockPartition>;
-template class GuestMemoryManager<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
+template class BasicGuestMemoryManager<NoDirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
+                                       MockPartition>;
+template class BasicGuestMemoryManager<DirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
+                                       MockPartition>;
 template class MappingManager<LinuxMmap<>>;
 template class VaMapper<LinuxMmap<>>;
 template class GuestMemoryView<VaMapper<LinuxMmap<>>>;
 template class GuestMemory<VaMapper<LinuxMmap<>>>;
+template class GuestMemoryView<VaMapper<LinuxMmap<>>, Gpa, DirtyTracking>;
+template class GuestMemory<VaMapper<LinuxMmap<>>, Gpa, DirtyTracking>;
+
 template class LinuxMmap<os::LinuxSyscalls>;
 template class KvmPartition<os::LinuxSyscalls>;
 } // namespace membacking
 
-/// The access path's member templates, instantiated for the common types.
-bool tidy_probe_access(
-    const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>>& m)
+/// The access path's member templates, instantiated for the common types, untracked and tracked.
+template <class View>
+bool tidy_probe_access(const View& m)
 {
     using membacking::Gpa;
-    auto a = m.read_plain<std::uint64_t>(Gpa{0});
-    auto b = m.write_plain<std::uint32_t>(Gpa{8}, 1);
-    auto c = m.compare_exchange<std::uint64_t>(Gpa{16}, 0, 1);
-    auto d = m.fetch_or<std::uint16_t>(Gpa{24}, 1);
-    auto e = m.fetch_add<std::int64_t>(Gpa{32}, -1);
+    auto a = m.template read_plain<std::uint64_t>(Gpa{0});
+    auto b = m.template write_plain<std::uint32_t>(Gpa{8}, 1);
+    auto c = m.template compare_exchange<std::uint64_t>(Gpa{16}, 0, 1);
+    auto d = m.template fetch_or<std::uint16_t>(Gpa{24}, 1);
+    auto e = m.template fetch_add<std::int64_t>(Gpa{32}, -1);
     std::array<std::uint8_t, 4> buf{};
     auto f = m.read(Gpa{40}, buf);
     auto g = m.write(Gpa{44}, std::string_view("abc"));
-    const std::uint64_t h = m.read_plain<std::uint64_t>(Gpa{48}).value_or(0);
+    const std::uint64_t h = m.template read_plain<std::uint64_t>(Gpa{48}).value_or(0);
     auto window = m.subrange(Gpa{0}, membacking::Length{0x1000});
-    const bool i = window && window->read_plain<std::uint8_t>(membacking::Offset{1}).has_value();
+    const bool i =
+        window && window->template read_plain<std::uint8_t>(membacking::Offset{1}).has_value();
     return a && b && c && d && e && f && g && h != 0 && i;
 }
+
+template bool tidy_probe_access(
+    const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>>&);
+template bool
+tidy_probe_access(const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>,
+                                                    membacking::Gpa, membacking::DirtyTracking>&);

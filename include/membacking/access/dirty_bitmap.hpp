@@ -211,16 +211,13 @@ public:
         for (std::size_t i = 0; i < bits.size(); ++i) {
             std::uint64_t b = bits[i];
             while (b != 0) {
-                const int lo = std::countr_zero(b);
-                const int n = std::countr_one(b >> lo);
-                const std::uint64_t page =
-                    base + i * bits_per_word + static_cast<std::uint64_t>(lo);
-                const std::uint64_t end = std::min(page + static_cast<std::uint64_t>(n), pages_);
+                const auto lo = static_cast<std::uint64_t>(std::countr_zero(b));
+                const auto n = static_cast<std::uint64_t>(std::countr_one(b >> lo));
+                const std::uint64_t page = base + i * bits_per_word + lo;
+                const std::uint64_t end = std::min(page + n, pages_);
                 if (page < end)
                     mark_pages(words_, page, end);
-                b = n == 64 ? 0
-                            : b & ~range_mask(static_cast<std::uint64_t>(lo),
-                                              static_cast<std::uint64_t>(lo + n));
+                b = lo + n == bits_per_word ? 0 : b & ~range_mask(0, lo + n);
             }
         }
     }

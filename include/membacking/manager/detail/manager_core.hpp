@@ -204,10 +204,10 @@ public:
             [&](Control& c) { return partitions_.detach(id, c.regions.active_regions()); });
     }
 
-    // ---- dirty tracking (tracked managers only; see GuestMemoryManager) ----
+    // ---- dirty tracking: called by tracked managers only (see GuestMemoryManager) ----
 
     /// Clears the bitmap and turns logging on in every partition (all or nothing).
-    Result<void> start_dirty_tracking() requires(Tracking::enabled)
+    Result<void> start_dirty_tracking()
     {
         return control([&](Control&) -> Result<void> {
             if (tracking_)
@@ -220,7 +220,7 @@ public:
     }
 
     /// Turns logging off in every partition; the marks left are discarded by the next start.
-    Result<void> stop_dirty_tracking() requires(Tracking::enabled)
+    Result<void> stop_dirty_tracking()
     {
         return control([&](Control&) -> Result<void> {
             if (!tracking_)
@@ -234,7 +234,7 @@ public:
     /// The dirty pages of `range`, taken and reset: out(bitmap) gets them after the
     /// partitions' logs of the windows in range have been merged into the bitmap.
     template <class Out>
-    Result<void> take_dirty(const MemoryRange& range, Out&& out) requires(Tracking::enabled)
+    Result<void> take_dirty(const MemoryRange& range, Out&& out)
     {
         return control([&](Control& c) -> Result<void> {
             if (!tracking_)
