@@ -163,7 +163,10 @@ void guest_touch(benchmark::State& state, Touch mode)
         state.SkipWithError("setup failed");
         return;
     }
-    (*kvm)->set_prefetch_vcpu(vm->vcpu_fd());
+    if (!(*kvm)->set_prefetch_vcpu(vm->vcpu_fd())) {
+        state.SkipWithError("duplicating the vCPU descriptor failed");
+        return;
+    }
     if (mode == Touch::prefetch && !(*kvm)->capabilities().pre_fault_memory) {
         state.SkipWithError("KVM_PRE_FAULT_MEMORY is not supported on this host");
         return;

@@ -71,6 +71,8 @@ struct LinuxSyscalls {
         return ::fallocate(fd, mode, offset, len);
     }
     static int close(int fd) noexcept { return ::close(fd); }
+    /// fcntl(fd, F_DUPFD_CLOEXEC, 0): a new descriptor for the same open file, closed on exec.
+    static int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }
     static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,
