@@ -22,6 +22,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -785,6 +787,44 @@ TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
     must(m.detach_partition(id));
     CHECK(test::smaps_for(m.guest_memory().mapper()->base()).vm_flags.find(" lo") ==
           std::string::npos);
+}
+
+TEST_CASE("under the VMM's mlockall(MCL_CURRENT | MCL_FUTURE), unpin leaves guest RAM locked")
+{
+    // mlockall changes the whole process, so a child does it, on a VM of its own (a KVM VM
+    // belongs to the process that created it). Exit codes: 0 pass, 2 mlockall refused,
+    // 3 not locked while pinned, 4 unlocked by unpin, 5 setup failed.
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        if (::mlockall(MCL_CURRENT | MCL_FUTURE) != 0)
+            ::_exit(2);
+        std::string why;
+        auto vm = KvmVm::create(why);
+        using Manager = LinuxGuestMemoryManager<KvmPartition<>>;
+        auto m = Manager::builder()
+                     .pin_mappings(true)
+                     .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
+                     .build(Length{4 * MiB});
+        if (!vm || !m)
+            ::_exit(5);
+        auto kvm = KvmPartition<>::create(vm->vm_fd());
+        if (!kvm)
+            ::_exit(5);
+        auto id = m->attach_partition(Vtl::vtl0, *kvm);
+        if (!id || (*kvm)->slots().size() != 1 || !(*kvm)->slots()[0].pinned)
+            ::_exit(5);
+        const void* ram = m->guest_memory().mapper()->base();
+        if (test::smaps_for(ram).vm_flags.find(" lo") == std::string::npos)
+            ::_exit(3);
+        if (!m->detach_partition(*id))
+            ::_exit(5);
+        ::_exit(test::smaps_for(ram).vm_flags.find(" lo") == std::string::npos ? 4 : 0);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(child, &status, 0) == child);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("a pin the kernel refuses part-way leaves nothing locked")

@@ -27,7 +27,10 @@
  *   in the range, RLIMIT_MEMLOCK) the error is returned and whatever part it had already locked
  *   is unlocked again. The lock belongs to the host mappings present at pin time: a mapping
  *   later replaced inside a pinned window (a new object placed into an active region) is a new
- *   host mapping and is not locked; unpin and pin the window again to cover it.
+ *   host mapping and is not locked; unpin and pin the window again to cover it. Memory the
+ *   process had locked itself before the pin (mlockall(MCL_CURRENT | MCL_FUTURE), the usual
+ *   setting for realtime guests, or its own mlock), as /proc/self/smaps shows it, stays locked
+ *   on unpin: only the parts the pin locked are unlocked.
  * - Dirty logging: a partition-wide mode: every slot, present and future, gets
  *   KVM_MEM_LOG_DIRTY_PAGES; take_dirty_log reads and clears one window's bitmap with
  *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page). KVM keeps the bitmap in the slot, so deleting
@@ -45,6 +48,7 @@
 #if MEMBACKING_OS_LINUX
 
 #    include <membacking/base/align.hpp>
+#    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/detail/interval_map.hpp>
@@ -320,7 +324,9 @@ public:
     /// How many EINTR/EAGAIN answers in a row prefetch_range accepts before it gives up.
     static constexpr unsigned max_prefetch_retries = 16;
 
-    /// Keeps the host pages behind one window resident (mlock).
+    /// Keeps the host pages behind one window resident (mlock). Parts the process had locked
+    /// itself before (mlockall(MCL_CURRENT | MCL_FUTURE), its own mlock) are noted, and
+    /// unpin_range leaves them locked: munlock would undo the VMM's own lock.
     Result<void> pin_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
@@ -329,20 +335,24 @@ public:
             return no_window(gpa, size);
         if (s->pinned)
             return {};
+        std::vector<HostSpan> ours = not_yet_locked(s->host_va, size);
         if (Sys::mlock(s->host_va, size) != 0) {
             Error e = os::last_error([&] {
                 return "could not pin (mlock) the memory of KVM memslot " +
                        std::to_string(s->slot) + " (" + span_of(*s).to_string() + ")";
             });
             // mlock works front to back and stops at the first VMA it cannot lock, leaving the
-            // ones before it locked: unlock them so a failed pin holds nothing.
-            (void)Sys::munlock(s->host_va, size);
+            // ones before it locked: unlock them so a failed pin holds nothing (and leave what
+            // the VMM had locked).
+            unlock(ours);
             return e;
         }
+        pin_locks_.emplace_back(s->slot, std::move(ours));
         s->pinned = true;
         return {};
     }
 
+    /// Undoes pin_range's lock: only the parts that were not locked before it.
     Result<void> unpin_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
@@ -351,9 +361,15 @@ public:
             return no_window(gpa, size);
         if (!s->pinned)
             return {};
-        if (Sys::munlock(s->host_va, size) != 0)
-            return os::last_error(
-                [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
+        auto it = std::find_if(pin_locks_.begin(), pin_locks_.end(),
+                               [&](const auto& p) { return p.first == s->slot; });
+        if (it == pin_locks_.end())
+            detail::fatal("KVM: pinned memslot " + std::to_string(s->slot) + " has no lock record");
+        for (const HostSpan& h : it->second)
+            if (Sys::munlock(reinterpret_cast<const void*>(h.first), h.second - h.first) != 0)
+                return os::last_error(
+                    [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
+        pin_locks_.erase(it);
         s->pinned = false;
         return {};
     }
@@ -558,6 +574,32 @@ private:
 
     KvmPartition(OwnedFd vm_fd, const Capabilities& caps) : vm_fd_(std::move(vm_fd)), caps_(caps) {}
 
+    /// A host address range [first, second).
+    using HostSpan = std::pair<std::uintptr_t, std::uintptr_t>;
+
+    /// The parts of [va, va + size) that are not mlock()ed yet.
+    static std::vector<HostSpan> not_yet_locked(const void* va, std::uint64_t size)
+    {
+        const auto lo = reinterpret_cast<std::uintptr_t>(va);
+        const std::uintptr_t hi = lo + size;
+        std::vector<HostSpan> out;
+        std::uintptr_t at = lo;
+        for (const HostSpan& l : Sys::locked_spans(va, size)) {
+            if (l.first > at)
+                out.emplace_back(at, l.first);
+            at = std::max(at, l.second);
+        }
+        if (at < hi)
+            out.emplace_back(at, hi);
+        return out;
+    }
+
+    static void unlock(const std::vector<HostSpan>& spans) noexcept
+    {
+        for (const HostSpan& h : spans)
+            (void)Sys::munlock(reinterpret_cast<const void*>(h.first), h.second - h.first);
+    }
+
     static MemoryRange span_of(const SlotInfo& s)
     {
         return MemoryRange::valid_or_abort(s.gpa, s.gpa + s.size);
@@ -635,6 +677,8 @@ private:
     bool quiesced_ = false;                        ///< the VMM holds the vCPUs (set_quiesced)
     std::vector<PendingDirty> pending_dirty_;      ///< bitmaps of logged slots deleted since
     std::shared_ptr<const OwnedFd> prefetch_vcpu_; ///< its own duplicate, or null
+    /// Per pinned slot number: the host spans pin_range locked (unlocked before it).
+    std::vector<std::pair<std::uint32_t, std::vector<HostSpan>>> pin_locks_;
 };
 
 static_assert(PartitionMapper<KvmPartition<>>);
