@@ -105,7 +105,7 @@ struct LinuxSyscalls {
                 out.emplace_back(b0, e0);
         }
         std::free(line);
-        std::fclose(f);
+        (void)std::fclose(f);
         return out;
     }
     static int memfd_create(const char* name, unsigned flags) noexcept

@@ -344,7 +344,7 @@ public:
             // mlock works front to back and stops at the first VMA it cannot lock, leaving the
             // ones before it locked: unlock them so a failed pin holds nothing (and leave what
             // the VMM had locked).
-            unlock(ours);
+            unlock(s->host_va, ours);
             return e;
         }
         pin_locks_.emplace_back(s->slot, std::move(ours));
@@ -366,7 +366,7 @@ public:
         if (it == pin_locks_.end())
             detail::fatal("KVM: pinned memslot " + std::to_string(s->slot) + " has no lock record");
         for (const HostSpan& h : it->second)
-            if (Sys::munlock(reinterpret_cast<const void*>(h.first), h.second - h.first) != 0)
+            if (Sys::munlock(at(s->host_va, h.first), h.second - h.first) != 0)
                 return os::last_error(
                     [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
         pin_locks_.erase(it);
@@ -594,10 +594,18 @@ private:
         return out;
     }
 
-    static void unlock(const std::vector<HostSpan>& spans) noexcept
+    /// The address `addr` as a pointer derived from `base` (a span lies inside its slot's
+    /// host range), not cast from an integer.
+    static const void* at(const void* base, std::uintptr_t addr) noexcept
+    {
+        return static_cast<const std::byte*>(base) +
+               (addr - reinterpret_cast<std::uintptr_t>(base));
+    }
+
+    static void unlock(const void* base, const std::vector<HostSpan>& spans) noexcept
     {
         for (const HostSpan& h : spans)
-            (void)Sys::munlock(reinterpret_cast<const void*>(h.first), h.second - h.first);
+            (void)Sys::munlock(at(base, h.first), h.second - h.first);
     }
 
     static MemoryRange span_of(const SlotInfo& s)
