@@ -51,6 +51,9 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static inline bool remove_before_failing = false;
     /// Runs right after that removal (another thread's mmap into the hole, for instance).
     static inline void (*after_removal)(void* addr, std::size_t len) = nullptr;
+    /// The last mmap that succeeded: where, and how long.
+    static inline void* last_mmap_addr = nullptr;
+    static inline std::size_t last_mmap_len = 0;
 
     static void reset()
     {
@@ -63,6 +66,8 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         fallocate_plan = {};
         remove_before_failing = false;
         after_removal = nullptr;
+        last_mmap_addr = nullptr;
+        last_mmap_len = 0;
     }
     /// The n-th mmap from now (1 = the next) fails with err.
     static void fail_mmap(long n, int err = ENOMEM) { mmap_plan = Plan{n - 1, err}; }
@@ -78,7 +83,12 @@ struct InjectingSyscalls : os::LinuxSyscalls {
             errno = mmap_plan.error;
             return MAP_FAILED;
         }
-        return os::LinuxSyscalls::mmap(addr, len, prot, flags, fd, off);
+        void* p = os::LinuxSyscalls::mmap(addr, len, prot, flags, fd, off);
+        if (p != MAP_FAILED) {
+            last_mmap_addr = p;
+            last_mmap_len = len;
+        }
+        return p;
     }
     /// The n-th munmap from now (1 = the next) fails with err.
     static void fail_munmap(long n, int err = ENOMEM) { munmap_plan = Plan{n - 1, err}; }
