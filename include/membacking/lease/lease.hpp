@@ -129,7 +129,7 @@ private:
 
     [[nodiscard]] const std::span<std::byte>* spans_ptr() const noexcept
     {
-        return heap_ ? heap_->spans.get() : inline_spans_.data();
+        return heap_ ? heap_->spans.get() : inline_spans_.items.data();
     }
     [[nodiscard]] const iovec* iovs_ptr() const noexcept
     {
@@ -137,7 +137,7 @@ private:
     }
     [[nodiscard]] std::span<std::byte>* spans_ptr() noexcept
     {
-        return heap_ ? heap_->spans.get() : inline_spans_.data();
+        return heap_ ? heap_->spans.get() : inline_spans_.items.data();
     }
     [[nodiscard]] iovec* iovs_ptr() noexcept
     {
@@ -164,7 +164,7 @@ private:
         count_ = std::exchange(other.count_, 0);
         if (!heap_) // only the pieces in use: the rest of the inline arrays is never read
             for (std::size_t i = 0; i < count_; ++i) {
-                inline_spans_[i] = other.inline_spans_[i];
+                inline_spans_.items[i] = other.inline_spans_.items[i];
                 inline_iovs_[i] = other.inline_iovs_[i];
             }
         generation_ = std::exchange(other.generation_, nullptr);
@@ -174,10 +174,17 @@ private:
         access_ = other.access_;
     }
 
-    // The inline arrays are not initialised: only the first count_ pieces are ever read, and
-    // the domain writes them before it sets count_.
-    std::array<std::span<std::byte>, inline_pieces> inline_spans_;
-    std::array<iovec, inline_pieces> inline_iovs_;
+    /// Storage for the inline spans that a lease does not initialise (std::span's default
+    /// constructor would zero them on every lease): only the first count_ pieces are ever read,
+    /// and the domain writes them before it sets count_.
+    union InlineSpans {
+        // NOLINTNEXTLINE(modernize-use-equals-default): = default would initialise `items`
+        InlineSpans() noexcept {}
+        std::array<std::span<std::byte>, inline_pieces> items;
+    };
+
+    InlineSpans inline_spans_;
+    std::array<iovec, inline_pieces> inline_iovs_; ///< not initialised either (a trivial type)
     std::unique_ptr<Heap> heap_;
     std::size_t count_ = 0;
     detail::LeaseGeneration* generation_ = nullptr; ///< the table generation it pins, or nullptr

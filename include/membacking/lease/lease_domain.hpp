@@ -95,16 +95,11 @@ public:
         // Built in place and returned by name from every path, so the lease is never moved.
         Result<Lease> out(std::in_place);
         Lease& lease = *out;
-        if (len == 0 || gpa + len < gpa) [[unlikely]] {
-            out = bad_range(gpa, len);
-            return out;
-        }
         const std::size_t shard = this_thread_shard();
-        std::size_t room = Lease::inline_pieces;
-        for (;;) {
+        if (gpa + len > gpa) [[likely]] { // neither empty nor wrapping
             LeaseGeneration* g = pin(shard);
-            const Scan s = fill(lease, g->table(), gpa, gpa + len, access, room);
-            if (s.failure == Failure::none && s.pieces <= room) [[likely]] {
+            const Scan s = fill(lease, g->table(), gpa, gpa + len, access, Lease::inline_pieces);
+            if (s.failure == Failure::none && s.pieces <= Lease::inline_pieces) [[likely]] {
                 lease.generation_ = g;
                 lease.shard_ = shard;
                 lease.gpa_ = Gpa(gpa);
@@ -113,22 +108,10 @@ public:
                 return out;
             }
             LeaseGeneration::drop(g, shard);
-            if (s.failure != Failure::none) [[unlikely]] {
-                out = scan_error(s, gpa, len, access);
-                return out;
-            }
-            // More pieces than the lease has room for: make room unpinned, then look again (the
-            // table may have changed meanwhile).
-            if (!lease.reserve(s.pieces)) [[unlikely]] {
-                out = make_error(errc::resource_exhausted,
-                                 "no memory for a lease of " + std::to_string(s.pieces) +
-                                     " pieces at " + range_text(gpa, len));
-                return out;
-            }
-            room = s.pieces;
         }
+        take_slow(out, shard, gpa, len, access);
+        return out;
     }
-
     /// How much of [gpa, gpa + len) is mapped and writable, from its start. No copy, no
     /// allocation, no lock.
     [[nodiscard]] RangeProbe probe(std::uint64_t gpa, std::uint64_t len) const noexcept
@@ -210,9 +193,50 @@ private:
         std::uint64_t piece_end = 0;
     };
 
+    /// take() when the fast path did not make it: a bad range, a lookup that failed, or a lease
+    /// of more pieces than Lease::inline_pieces (room is made unpinned, then the table is looked
+    /// up again, since it may have changed meanwhile). Out of line, so that the fast path's code
+    /// stays small.
+    MEMBACKING_NOINLINE MEMBACKING_COLD void take_slow(Result<Lease>& out, std::size_t shard,
+                                                       std::uint64_t gpa, std::uint64_t len,
+                                                       LeaseAccess access)
+    {
+        if (len == 0 || gpa + len < gpa) {
+            out = make_error(errc::invalid_range,
+                             "cannot lease " + range_text(gpa, len) + ": empty or wrapping range");
+            return;
+        }
+        Lease& lease = *out;
+        std::size_t room = Lease::inline_pieces;
+        for (;;) {
+            LeaseGeneration* g = pin(shard);
+            const Scan s = fill(lease, g->table(), gpa, gpa + len, access, room);
+            if (s.failure == Failure::none && s.pieces <= room) {
+                lease.generation_ = g;
+                lease.shard_ = shard;
+                lease.gpa_ = Gpa(gpa);
+                lease.size_ = Length(len);
+                lease.access_ = access;
+                return;
+            }
+            LeaseGeneration::drop(g, shard);
+            if (s.failure != Failure::none) {
+                out = scan_error(s, gpa, len, access);
+                return;
+            }
+            if (!lease.reserve(s.pieces)) {
+                out = make_error(errc::resource_exhausted,
+                                 "no memory for a lease of " + std::to_string(s.pieces) +
+                                     " pieces at " + range_text(gpa, len));
+                return;
+            }
+            room = s.pieces;
+        }
+    }
+
     /// Pins the current generation on `shard` (see the file comment). Lock-free: it retries
     /// only when a publish() made another slot current in between.
-    [[nodiscard]] LeaseGeneration* pin(std::size_t shard) const noexcept
+    [[nodiscard]] MEMBACKING_ALWAYS_INLINE LeaseGeneration* pin(std::size_t shard) const noexcept
     {
         for (;;) {
             LeaseGeneration* g = current_.load(std::memory_order_seq_cst);
@@ -226,7 +250,8 @@ private:
 
     /// The piece containing gpa, or the first one after it, or end (pieces are disjoint and
     /// sorted, so the one containing gpa is the last that starts at or before it).
-    static const LeasePiece* first_at(const LeaseTable& t, std::uint64_t gpa) noexcept
+    MEMBACKING_ALWAYS_INLINE static const LeasePiece* first_at(const LeaseTable& t,
+                                                               std::uint64_t gpa) noexcept
     {
         const LeasePiece* p =
             std::upper_bound(t.begin(), t.end(), gpa, [](std::uint64_t g, const LeasePiece& piece) {
@@ -240,10 +265,12 @@ private:
     /// One pass over the pieces of [gpa, end): checks them, and writes the merged runs (one per
     /// stretch contiguous in one window) into the lease's first `room` slots. The lease's count
     /// is set only when they all fit.
-    static Scan fill(Lease& lease, const LeaseTable& t, std::uint64_t gpa, std::uint64_t end,
-                     LeaseAccess access, std::size_t room) noexcept
+    MEMBACKING_ALWAYS_INLINE static Scan fill(Lease& lease, const LeaseTable& t, std::uint64_t gpa,
+                                              std::uint64_t end, LeaseAccess access,
+                                              std::size_t room) noexcept
     {
         iovec* iov = lease.iovs_ptr();
+        std::span<std::byte>* spans = lease.spans_ptr();
         std::size_t pieces = 0;
         const std::byte* run_end = nullptr;
         const LeaseWindow* run_window = nullptr;
@@ -259,11 +286,15 @@ private:
             std::byte* at = p->host + (cursor - p->gpa_start);
             const std::uint64_t n = std::min(p->gpa_end, end) - cursor;
             if (at == run_end && p->window == run_window) {
-                if (pieces <= room)
+                if (pieces <= room) {
                     iov[pieces - 1].iov_len += n;
+                    spans[pieces - 1] = {spans[pieces - 1].data(), iov[pieces - 1].iov_len};
+                }
             } else {
-                if (pieces < room)
+                if (pieces < room) {
                     iov[pieces] = {at, n};
+                    spans[pieces] = {at, n};
+                }
                 ++pieces;
                 run_window = p->window;
             }
@@ -271,24 +302,14 @@ private:
             cursor += n;
             ++p;
         } while (cursor < end);
-        if (pieces <= room) {
-            std::span<std::byte>* spans = lease.spans_ptr();
-            for (std::size_t i = 0; i < pieces; ++i)
-                spans[i] = {static_cast<std::byte*>(iov[i].iov_base), iov[i].iov_len};
+        if (pieces <= room)
             lease.count_ = pieces;
-        }
         return {pieces, Failure::none, 0, 0, 0};
     }
 
     static std::string range_text(std::uint64_t gpa, std::uint64_t len)
     {
         return MemoryRange::hex(gpa) + "+" + MemoryRange::hex(len);
-    }
-
-    [[nodiscard]] static Error bad_range(std::uint64_t gpa, std::uint64_t len)
-    {
-        return make_error(errc::invalid_range,
-                          "cannot lease " + range_text(gpa, len) + ": empty or wrapping range");
     }
 
     [[nodiscard]] static Error scan_error(const Scan& s, std::uint64_t gpa, std::uint64_t len,
