@@ -29,6 +29,7 @@
 #    include <array>
 #    include <cerrno>
 #    include <cstddef>
+#    include <cstdio>
 #    include <cstring>
 #    include <poll.h>
 #    include <string>
@@ -38,6 +39,15 @@
 #    include <vector>
 
 namespace membacking::ipc {
+
+/// Where rejected messages and disconnections are reported (stderr by default): both ends log
+/// what they reject, then cut the connection.
+using LogFunction = void (*)(const std::string& line);
+
+inline void log_to_stderr(const std::string& line)
+{
+    std::fprintf(stderr, "membacking ipc: %s\n", line.c_str());
+}
 
 /// An owned file descriptor, closed through Sys.
 template <class Sys = os::LinuxSyscalls>

@@ -72,6 +72,7 @@ struct LinuxSyscalls {
     {
         return ::fallocate(fd, mode, offset, len);
     }
+    static int open(const char* path, int flags) noexcept { return ::open(path, flags); }
     static int close(int fd) noexcept { return ::close(fd); }
     static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
