@@ -26,6 +26,8 @@
 #include <membacking/manager/types.hpp>
 #include <membacking/manager/x86_legacy.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/mapping/memory_listener.hpp>
+#include <membacking/mapping/memory_piece.hpp>
 #include <membacking/partition/mock.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 #include <membacking/region/mapping.hpp>
