@@ -75,7 +75,8 @@ public:
     RemoteMapper& operator=(const RemoteMapper&) = delete;
     ~RemoteMapper()
     {
-        channel_.shutdown(); // the reader sees EOF, drops every mapping and exits
+        closing_.store(true); // our own EOF: nothing to log
+        channel_.shutdown();  // the reader sees EOF, drops every mapping and exits
         if (reader_.joinable())
             reader_.join();
     }
@@ -205,7 +206,7 @@ private:
     {
         if (!connected_.exchange(false))
             return;
-        if (options_.log != nullptr)
+        if (options_.log != nullptr && !closing_.load())
             options_.log("disconnected from the guest memory manager: " + why);
         if (auto r = va_.unmap(0, size_); !r)
             membacking::detail::fatal("a disconnected remote mapper could not drop its mappings: " +
@@ -227,6 +228,7 @@ private:
     std::uint32_t awaited_ = 0;
     std::optional<std::uint32_t> reply_;
     std::atomic<bool> connected_ = true;
+    std::atomic<bool> closing_ = false;
     std::atomic<std::uint64_t> served_ = 0;
 };
 
