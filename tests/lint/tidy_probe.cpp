@@ -16,6 +16,9 @@ template class GuestMemoryView<VaMapper<LinuxMmap<>>>;
 template class GuestMemory<VaMapper<LinuxMmap<>>>;
 template class LinuxMmap<os::LinuxSyscalls>;
 template class KvmPartition<os::LinuxSyscalls>;
+template class ipc::Channel<>;
+template class ipc::RemoteMapper<>;
+template class ipc::RemoteListener<>;
 } // namespace membacking
 
 /// The access path's member templates, instantiated for the common types.
