@@ -46,7 +46,7 @@ using LogFunction = void (*)(const std::string& line);
 
 inline void log_to_stderr(const std::string& line)
 {
-    std::fprintf(stderr, "membacking ipc: %s\n", line.c_str());
+    (void)std::fprintf(stderr, "membacking ipc: %s\n", line.c_str());
 }
 
 /// An owned file descriptor, closed through Sys.
@@ -216,7 +216,7 @@ public:
         if (!m)
             return std::move(m).error();
         in.status = Incoming<Sys>::Status::message;
-        in.message = std::move(*m);
+        in.message = *m;
         if (!fds.empty())
             in.fd = std::move(fds.front());
         return in;

@@ -240,28 +240,24 @@ private:
     w.put(static_cast<std::uint16_t>(k));
     w.put(static_cast<std::uint32_t>(e.size));
     w.put(m.seq);
-    std::visit(
-        [&w](const auto& body) noexcept {
-            using T = std::decay_t<decltype(body)>;
-            if constexpr (std::is_same_v<T, Hello>) {
-                w.put(body.guest_size);
-            } else if constexpr (std::is_same_v<T, FaultRequest>) {
-                w.put(body.gpa);
-                w.put(static_cast<std::uint8_t>(body.write ? 1 : 0));
-                w.zeros(7);
-            } else if constexpr (std::is_same_v<T, FaultReply>) {
-                w.put(body.status);
-                w.put(static_cast<std::uint8_t>(body.writable ? 1 : 0));
-                w.zeros(3);
-                w.put(body.gpa);
-                w.put(body.length);
-                w.put(body.object_offset);
-            } else if constexpr (std::is_same_v<T, Invalidate>) {
-                w.put(body.gpa);
-                w.put(body.length);
-            }
-        },
-        m.body);
+    // (get_if rather than std::visit, which may throw bad_variant_access: encode is noexcept)
+    if (const auto* h = std::get_if<Hello>(&m.body)) {
+        w.put(h->guest_size);
+    } else if (const auto* q = std::get_if<FaultRequest>(&m.body)) {
+        w.put(q->gpa);
+        w.put(static_cast<std::uint8_t>(q->write ? 1 : 0));
+        w.zeros(7);
+    } else if (const auto* r = std::get_if<FaultReply>(&m.body)) {
+        w.put(r->status);
+        w.put(static_cast<std::uint8_t>(r->writable ? 1 : 0));
+        w.zeros(3);
+        w.put(r->gpa);
+        w.put(r->length);
+        w.put(r->object_offset);
+    } else if (const auto* v = std::get_if<Invalidate>(&m.body)) {
+        w.put(v->gpa);
+        w.put(v->length);
+    }
     return e;
 }
 

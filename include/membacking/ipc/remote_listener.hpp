@@ -36,6 +36,7 @@
 
 #if MEMBACKING_OS_LINUX
 
+#    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/ipc/channel.hpp>
@@ -149,6 +150,15 @@ private:
 
     void serve() noexcept
     {
+        try {
+            serve_messages();
+        } catch (...) {
+            membacking::detail::fatal("out of memory in a remote client's server thread");
+        }
+    }
+
+    void serve_messages()
+    {
         const DecodeContext ctx{Receiver::manager, guest_size_};
         for (;;) {
             auto in = channel_.receive(-1, ctx);
@@ -209,7 +219,7 @@ private:
         return {};
     }
 
-    void cut_off_locked(const std::string& why) noexcept
+    void cut_off_locked(const std::string& why)
     {
         if (cut_.exchange(true))
             return;

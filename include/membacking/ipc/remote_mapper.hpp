@@ -118,6 +118,18 @@ public:
     /// std::nullopt: retry; otherwise the access's error.
     [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept
     {
+        // The cold path may allocate (error text); an allocation failure here ends the process
+        // through the one fatal path rather than escaping a noexcept function.
+        try {
+            return ask(gpa, write);
+        } catch (...) {
+            membacking::detail::fatal("out of memory in a remote mapper's fault path");
+        }
+    }
+
+private:
+    std::optional<errc> ask(std::uint64_t gpa, bool write)
+    {
         if (gpa >= size_)
             return errc::out_of_range;
         const std::lock_guard one_at_a_time(fault_mutex_);
@@ -145,12 +157,20 @@ public:
         return std::nullopt;
     }
 
-private:
     RemoteMapper(LinuxMmap<Sys> va, std::uint64_t size, Channel<Sys> channel, Options options)
         : va_(std::move(va)), size_(size), channel_(std::move(channel)), options_(options)
     {}
 
     void read_loop() noexcept
+    {
+        try {
+            read_messages();
+        } catch (...) {
+            membacking::detail::fatal("out of memory in a remote mapper's reader thread");
+        }
+    }
+
+    void read_messages()
     {
         const DecodeContext ctx{Receiver::client, size_};
         for (;;) {
@@ -202,7 +222,7 @@ private:
     }
 
     /// Drops every mapping and wakes the waiting fault. Under mutex_.
-    void disconnect_locked(const std::string& why) noexcept
+    void disconnect_locked(const std::string& why)
     {
         if (!connected_.exchange(false))
             return;
