@@ -224,13 +224,15 @@ private:
     /// Drops every mapping and wakes the waiting fault. Under mutex_.
     void disconnect_locked(const std::string& why)
     {
-        if (!connected_.exchange(false))
+        if (!connected_.load())
             return;
         if (options_.log != nullptr && !closing_.load())
             options_.log("disconnected from the guest memory manager: " + why);
         if (auto r = va_.unmap(0, size_); !r)
             membacking::detail::fatal("a disconnected remote mapper could not drop its mappings: " +
                                       r.error().full_message());
+        // Only now: connected() == false promises that nothing is mapped any more.
+        connected_.store(false);
         channel_.shutdown();
         cv_.notify_all();
     }
