@@ -4,7 +4,10 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <string_view>
+#include <utility>
 
 namespace membacking {
 template class detail::ManagerCore<NestedPriority, LinuxMmap<>, KvmPartition<>, MockPartition>;
@@ -38,4 +41,21 @@ bool tidy_probe_access(
     auto window = m.subrange(Gpa{0}, membacking::Length{0x1000});
     const bool i = window && window->read_plain<std::uint8_t>(membacking::Offset{1}).has_value();
     return a && b && c && d && e && f && g && h != 0 && i;
+}
+
+/// The memory-table listener registration, instantiated with a minimal listener.
+struct TidyProbeListener {
+    [[nodiscard]] std::string name() const { return "probe"; }
+    membacking::Result<void> apply(const membacking::MemoryTableChange& change)
+    {
+        return membacking::require_shareable(change.added);
+    }
+};
+
+membacking::Result<membacking::ListenerId> tidy_probe_listener(
+    membacking::GuestMemoryManager<membacking::NestedPriority, membacking::LinuxMmap<>,
+                                   membacking::KvmPartition<>, membacking::MockPartition>& m,
+    std::shared_ptr<TidyProbeListener> listener)
+{
+    return m.add_memory_listener(std::move(listener));
 }
