@@ -169,7 +169,6 @@ struct LinuxSyscalls {
         return ::poll(fds, n, timeout_ms);
     }
     static int shutdown(int fd, int how) noexcept { return ::shutdown(fd, how); }
-    static int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 };
 
 /// The Error for the errno left by the call that just failed. errno is read before `message()`
