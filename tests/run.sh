@@ -3,7 +3,8 @@
 # then builds and runs every test in three configurations:
 #   build-ci        gcc, debugoptimized (unit, KVM, examples, install, lint, benchmark smoke runs)
 #   build-ci-asan   clang, AddressSanitizer + UndefinedBehaviorSanitizer (so both compilers build
-#                   everything with warnings as errors)
+#                   everything with warnings as errors); also the 40 s libFuzzer run of the IPC
+#                   protocol decoder (suite fuzz, tests/ipc/meson.build)
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
 #   build-ci-release gcc, --buildtype=release (-O3, NDEBUG): what a user's release build compiles
 # then the Windows test set under Wine (tests/windows/run.sh), and ends with one line:

@@ -26,6 +26,8 @@
 #include <membacking/manager/types.hpp>
 #include <membacking/manager/x86_legacy.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/mapping/memory_listener.hpp>
+#include <membacking/mapping/memory_piece.hpp>
 #include <membacking/partition/mock.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 #include <membacking/region/mapping.hpp>
@@ -36,7 +38,12 @@
 #include <membacking/va/va_policy.hpp>
 #include <membacking/version.hpp>
 
+#include <membacking/ipc/protocol.hpp>
+
 #if MEMBACKING_OS_LINUX
+#    include <membacking/ipc/channel.hpp>
+#    include <membacking/ipc/remote_listener.hpp>
+#    include <membacking/ipc/remote_mapper.hpp>
 #    include <membacking/os/linux.hpp>
 #    include <membacking/partition/kvm.hpp>
 #    include <membacking/va/linux_mmap.hpp>

@@ -4,7 +4,10 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <string_view>
+#include <utility>
 
 namespace membacking {
 template class detail::ManagerCore<NoDirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
@@ -25,6 +28,9 @@ template class GuestMemory<VaMapper<LinuxMmap<>>, Gpa, DirtyTracking>;
 
 template class LinuxMmap<os::LinuxSyscalls>;
 template class KvmPartition<os::LinuxSyscalls>;
+template class ipc::Channel<>;
+template class ipc::RemoteMapper<>;
+template class ipc::RemoteListener<>;
 } // namespace membacking
 
 /// The access path's member templates, instantiated for the common types, untracked and tracked.
@@ -52,3 +58,20 @@ template bool tidy_probe_access(
 template bool
 tidy_probe_access(const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>,
                                                     membacking::Gpa, membacking::DirtyTracking>&);
+
+/// The memory-table listener registration, instantiated with a minimal listener.
+struct TidyProbeListener {
+    [[nodiscard]] std::string name() const { return "probe"; }
+    membacking::Result<void> apply(const membacking::MemoryTableChange& change)
+    {
+        return membacking::require_shareable(change.added);
+    }
+};
+
+membacking::Result<membacking::ListenerId> tidy_probe_listener(
+    membacking::GuestMemoryManager<membacking::NestedPriority, membacking::LinuxMmap<>,
+                                   membacking::KvmPartition<>, membacking::MockPartition>& m,
+    std::shared_ptr<TidyProbeListener> listener)
+{
+    return m.add_memory_listener(std::move(listener));
+}

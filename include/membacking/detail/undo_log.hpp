@@ -6,6 +6,10 @@
  * outside world pushes the step that reverses it; a failure runs the list backwards. An undo step
  * that itself fails leaves the guest's view and the library's books disagreeing with no way back,
  * so that is fatal (base/fatal.hpp) rather than silent.
+ *
+ * rolling_back() tells a step's callee that it is being called to undo (on this thread, by any
+ * UndoLog): a run-time listener (mapping/memory_listener.hpp) cannot refuse such a call, and one
+ * that fails it is cut off instead of making the rollback fatal.
  */
 #pragma once
 
@@ -45,6 +49,9 @@ public:
     /// Reverses every recorded step, newest first.
     void rollback() noexcept
     {
+        if (steps_.empty())
+            return;
+        ++depth(); // int: trivially destructible, as MinGW's emulated TLS needs (veh_handler.hpp)
         while (!steps_.empty()) {
             auto step = std::move(steps_.back());
             steps_.pop_back();
@@ -52,11 +59,21 @@ public:
                 fatal("rollback step failed, guest memory state is now inconsistent: " +
                       r.error().full_message());
         }
+        --depth();
     }
+
+    /// Whether an UndoLog on this thread is running its steps.
+    [[nodiscard]] static bool rolling_back() noexcept { return depth() > 0; }
 
     [[nodiscard]] bool empty() const noexcept { return steps_.empty(); }
 
 private:
+    static int& depth() noexcept
+    {
+        static thread_local int rollbacks = 0;
+        return rollbacks;
+    }
+
     std::vector<std::function<Result<void>()>> steps_;
 };
 

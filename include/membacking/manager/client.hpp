@@ -11,17 +11,41 @@
  * The primary GuestMemory (the eager mapper partitions map from) has one spelling:
  * GuestMemoryManager::guest_memory(). Give a device that GuestMemory handle (a copy keeps the
  * mapper alive, and accesses after the manager is gone are errors), not the client.
+ *
+ * serve_process() (Linux) shares guest memory with another process: the manager serves one end
+ * of a SOCK_SEQPACKET socket (ipc::Channel<>::pair() makes one), the other process connects its
+ * own lazy mapper to the other end (ipc::connect_guest_memory). The manager's side is a memory
+ * listener (ipc/remote_listener.hpp), registered like any other: its invalidations happen inside
+ * the control call, bounded by a deadline after which the process is cut off.
  */
 #pragma once
 
+#include <membacking/base/config.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/guest_memory.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/mapping/memory_listener.hpp>
+
+#if MEMBACKING_OS_LINUX
+#    include <membacking/ipc/channel.hpp>
+#    include <membacking/ipc/remote_listener.hpp>
+#endif
 
 #include <memory>
+#include <string>
 #include <utility>
 
 namespace membacking {
+
+#if MEMBACKING_OS_LINUX
+/// A process served by serve_process(): its listener (cut_off(), faults_served()) and the id to
+/// disconnect it with (remove_memory_listener).
+template <class Sys = os::LinuxSyscalls>
+struct ServedProcess {
+    ListenerId id;
+    std::shared_ptr<ipc::RemoteListener<Sys>> listener;
+};
+#endif
 
 template <class Core>
 class GuestMemoryClient {
@@ -40,6 +64,30 @@ public:
             return std::move(mapper).error();
         return Memory(std::move(*mapper));
     }
+
+#if MEMBACKING_OS_LINUX
+    /// Serves guest memory to another process over `socket` (the manager's end; give the other
+    /// end to the process, which calls ipc::connect_guest_memory on it). errc::unsupported if
+    /// the guest has private memory (it has no fd to pass); errc::not_found once the manager is
+    /// gone.
+    template <class Sys = os::LinuxSyscalls>
+    [[nodiscard]] Result<ServedProcess<Sys>>
+    serve_process(ipc::Channel<Sys> socket, std::string name,
+                  ipc::RemoteListenerOptions options = {}) const
+    {
+        auto core = core_.lock();
+        if (!core)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        auto listener = ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
+                                                         std::move(name), options);
+        if (!listener)
+            return std::move(listener).error();
+        auto id = core->add_listener(*listener);
+        if (!id)
+            return std::move(id).error().context("sharing guest memory with another process");
+        return ServedProcess<Sys>{*id, std::move(*listener)};
+    }
+#endif
 
 private:
     std::weak_ptr<Core> core_;

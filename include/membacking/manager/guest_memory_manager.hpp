@@ -43,6 +43,8 @@
 #include <membacking/manager/ram_visibility.hpp>
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/types.hpp>
+#include <membacking/mapping/memory_listener.hpp>
+#include <membacking/mapping/memory_piece.hpp>
 #include <membacking/partition/partition_mapper.hpp>
 #include <membacking/region/resolver.hpp>
 #include <membacking/va/va_policy.hpp>
@@ -207,6 +209,35 @@ public:
                                                              std::move(backing.ranges)));
         }
         return out;
+    }
+
+    // ---- the memory table (vhost-user SET_MEM_TABLE, VFIO MAP_DMA) and its listeners ----
+
+    /// The active guest memory as pieces (GPA range, object and its fd/handle, offset,
+    /// writable), by GPA. Private memory appears with an empty object (shareable() false);
+    /// require_shareable(table) turns it into an error naming the range.
+    [[nodiscard]] std::vector<MemoryPiece> memory_table() const
+    {
+        return core_ ? core_->memory_table() : std::vector<MemoryPiece>{};
+    }
+
+    /// Registers a run-time listener (mapping/memory_listener.hpp has the whole contract): it
+    /// gets the whole table now, then every change inside the control call that makes it, all or
+    /// nothing (its refusal rolls the call back). Fails, with the listener's error, if it refuses
+    /// the initial table.
+    template <MemoryListener L>
+    Result<ListenerId> add_memory_listener(std::shared_ptr<L> listener)
+    {
+        MEMBACKING_TRY(live());
+        return core_->add_listener(std::move(listener));
+    }
+
+    /// Unregisters a listener; safe from any thread while control calls run. Once it returns the
+    /// listener is not called again. errc::not_found if it is not registered (or was cut off).
+    Result<void> remove_memory_listener(ListenerId id)
+    {
+        MEMBACKING_TRY(live());
+        return core_->remove_listener(id);
     }
 
     /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).

@@ -26,9 +26,11 @@
 #    include <cstdlib>
 #    include <cstring>
 #    include <fcntl.h>
+#    include <poll.h>
 #    include <sys/ioctl.h>
 #    include <sys/mman.h>
 #    include <sys/prctl.h>
+#    include <sys/socket.h>
 #    include <sys/stat.h>
 #    include <sys/syscall.h>
 #    include <unistd.h>
@@ -117,6 +119,7 @@ struct LinuxSyscalls {
     {
         return ::fallocate(fd, mode, offset, len);
     }
+    static int open(const char* path, int flags) noexcept { return ::open(path, flags); }
     static int close(int fd) noexcept { return ::close(fd); }
     /// fcntl(fd, F_DUPFD_CLOEXEC, 0): a new descriptor for the same open file, closed on exec.
     static int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }
@@ -147,6 +150,25 @@ struct LinuxSyscalls {
         return ::ioctl(fd, request, arg);
     }
     static long sysconf(int name) noexcept { return ::sysconf(name); }
+    // The cross-process client's socket (ipc/): tests inject short sends, EAGAIN, forged
+    // control messages and EOF here.
+    static int socketpair(int domain, int type, int protocol, int fds[2]) noexcept
+    {
+        return ::socketpair(domain, type, protocol, fds);
+    }
+    static ssize_t sendmsg(int fd, const struct msghdr* msg, int flags) noexcept
+    {
+        return ::sendmsg(fd, msg, flags);
+    }
+    static ssize_t recvmsg(int fd, struct msghdr* msg, int flags) noexcept
+    {
+        return ::recvmsg(fd, msg, flags);
+    }
+    static int poll(struct pollfd* fds, nfds_t n, int timeout_ms) noexcept
+    {
+        return ::poll(fds, n, timeout_ms);
+    }
+    static int shutdown(int fd, int how) noexcept { return ::shutdown(fd, how); }
 };
 
 /// The Error for the errno left by the call that just failed. errno is read before `message()`

@@ -8,13 +8,14 @@
  * - MappingManager (mapping/mapping_manager.hpp): the VA mappers; the primary one is what
  *   partitions map from and what guest_memory() accesses;
  * - PartitionSet (manager/detail/partition_set.hpp): the attached partitions and the fan-out;
+ * - ListenerSet (mapping/detail/listener_set.hpp): the memory table and the run-time listeners;
  * - RamBooks (manager/detail/ram_books.hpp): what the builder created.
- * The region manager's sink sends VA events to the mapping manager and window events to the
- * partition set. The façades (GuestMemoryManager, RamVisibilityControl, DeviceMemoryMapper,
- * GuestMemoryClient) hold the core by shared or weak pointer and run their operations through
- * control(): one control operation, under the one control mutex, which returns only after every
- * VA mapper and every partition reflects it. No virtual call anywhere; the access path
- * (GuestMemory) never comes here.
+ * The region manager's sink sends VA events through the listener set to the mapping manager
+ * (listeners first, see listener_set.hpp) and window events to the partition set. The façades
+ * (GuestMemoryManager, RamVisibilityControl, DeviceMemoryMapper, GuestMemoryClient) hold the core
+ * by shared or weak pointer and run their operations through control(): one control operation,
+ * under the one control mutex, which returns only after every VA mapper and every partition
+ * reflects it. No virtual call anywhere; the access path (GuestMemory) never comes here.
  */
 #pragma once
 
@@ -30,7 +31,10 @@
 #include <membacking/manager/memory_map.hpp>
 #include <membacking/manager/quiesce_hook.hpp>
 #include <membacking/manager/types.hpp>
+#include <membacking/mapping/detail/listener_set.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/mapping/memory_listener.hpp>
+#include <membacking/mapping/memory_piece.hpp>
 #include <membacking/region/mapping.hpp>
 #include <membacking/region/region_manager.hpp>
 
@@ -55,11 +59,16 @@ class ManagerCore {
         ManagerCore* core;
         Result<void> add_mapping(const ActiveMapping& m)
         {
-            MEMBACKING_TRY(core->va_.add_mapping(m));
+            MEMBACKING_TRY(
+                core->listeners_.add_mapping(m, [&] { return core->va_.add_mapping(m); }));
             core->dirty_since_change(m.gpa);
             return {};
         }
-        Result<void> remove_mappings(const MemoryRange& r) { return core->va_.remove_mappings(r); }
+        Result<void> remove_mappings(const MemoryRange& r)
+        {
+            return core->listeners_.remove_mappings(r,
+                                                    [&] { return core->va_.remove_mappings(r); });
+        }
         Result<void> map_region(const RegionActivation& a)
         {
             MEMBACKING_TRY(core->partitions_.map(a));
@@ -261,6 +270,33 @@ public:
         return tracking_;
     }
 
+    // ---- the memory table and its run-time listeners ----
+
+    /// Registers a listener and gives it the whole table, in one control operation.
+    template <MemoryListener L>
+    Result<ListenerId> add_listener(std::shared_ptr<L> listener)
+    {
+        return control([&](Control&) { return listeners_.add(std::move(listener)); });
+    }
+
+    /// Waits for a running control operation; afterwards the listener is never called again.
+    Result<void> remove_listener(ListenerId id)
+    {
+        return control([&](Control&) { return listeners_.remove(id); });
+    }
+
+    [[nodiscard]] std::vector<MemoryPiece> memory_table() const
+    {
+        std::lock_guard lock(control_);
+        return listeners_.pieces();
+    }
+
+    [[nodiscard]] std::vector<ListenerSet::Info> memory_listeners() const
+    {
+        std::lock_guard lock(control_);
+        return listeners_.describe();
+    }
+
     // ---- access and inspection ----
 
     [[nodiscard]] const std::shared_ptr<Mapper>& primary() const noexcept { return primary_; }
@@ -340,6 +376,7 @@ private:
     std::shared_ptr<Mapper> primary_;
     std::shared_ptr<DirtyBitmap> dirty_; ///< null unless Tracking::enabled
     bool tracking_ = false;              ///< between start and stop (under control_)
+    ListenerSet listeners_;              // before the region manager, whose sink uses it
     Sink sink_;
     Regions regions_;
     PartitionSet<Partitions...> partitions_;

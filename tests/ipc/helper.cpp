@@ -1,0 +1,141 @@
+// The other process of the cross-process tests (tests/ipc/remote.cpp), exec'd fresh (never a
+// fork that keeps running the test's code: TSan and threads after fork do not mix).
+//
+//   ipc_helper client   fd 3 = its end of the guest memory socket, fd 4 = the script socket.
+//       Connects a RemoteMapper and answers one command per line on fd 4:
+//         read GPA            -> "ok VALUE" | "err CODE"     (a u64 at GPA, hex)
+//         write GPA VALUE     -> "ok" | "err CODE"
+//         read_until_error GPA MS -> "err CODE MS_TAKEN" | "ok VALUE" (reads until an error, at
+//                                most MS milliseconds)
+//         exit
+//   ipc_helper manager  fd 3 = the manager's end of the guest memory socket, fd 4 = script.
+//       Builds a 16 MiB guest (shared RAM 0..4 MiB), writes 0x600d at GPA 0x1000, serves fd 3,
+//       says "ready" on fd 4, then waits to be killed.
+#include <membacking/ipc/channel.hpp>
+#include <membacking/ipc/remote_mapper.hpp>
+#include <membacking/membacking.hpp>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <unistd.h>
+
+using namespace membacking;
+
+namespace {
+
+constexpr int socket_fd = 3;
+constexpr int script_fd = 4;
+
+std::string read_line()
+{
+    std::string line;
+    char c = 0;
+    while (::read(script_fd, &c, 1) == 1) {
+        if (c == '\n')
+            return line;
+        line.push_back(c);
+    }
+    return "exit";
+}
+
+void say(const std::string& s)
+{
+    const std::string line = s + "\n";
+    if (::write(script_fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
+        std::_Exit(3);
+}
+
+std::string code_of(const AccessError& e)
+{
+    return std::to_string(static_cast<int>(e.code));
+}
+
+void quiet(const std::string&) {}
+
+int client()
+{
+    ipc::RemoteMapperOptions options;
+    options.log = &quiet;
+    auto memory = ipc::connect_guest_memory(socket_fd, options);
+    if (!memory) {
+        std::fprintf(stderr, "helper: %s\n", memory.error().full_message().c_str());
+        return 2;
+    }
+    say("connected");
+    for (;;) {
+        const std::string line = read_line();
+        char cmd[32] = {};
+        std::uint64_t gpa = 0;
+        std::uint64_t value = 0;
+        const int n = std::sscanf(line.c_str(), "%31s %" SCNx64 " %" SCNx64, cmd, &gpa, &value);
+        if (n < 1 || std::strcmp(cmd, "exit") == 0)
+            return 0;
+        if (std::strcmp(cmd, "read") == 0) {
+            auto r = memory->read_plain<std::uint64_t>(Gpa{gpa});
+            char buf[64];
+            std::snprintf(buf, sizeof buf, "ok %" PRIx64, r ? *r : 0);
+            say(r ? buf : "err " + code_of(r.error()));
+        } else if (std::strcmp(cmd, "write") == 0) {
+            auto r = memory->write_plain<std::uint64_t>(Gpa{gpa}, value);
+            say(r ? "ok" : "err " + code_of(r.error()));
+        } else if (std::strcmp(cmd, "read_until_error") == 0) {
+            const auto start = std::chrono::steady_clock::now();
+            const auto limit = std::chrono::milliseconds(value);
+            for (;;) {
+                auto r = memory->read_plain<std::uint64_t>(Gpa{gpa});
+                const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::steady_clock::now() - start);
+                if (!r) {
+                    say("err " + code_of(r.error()) + " " + std::to_string(took.count()));
+                    break;
+                }
+                if (took > limit) {
+                    say("ok " + std::to_string(*r));
+                    break;
+                }
+                std::this_thread::yield();
+            }
+        } else
+            say("bad command");
+    }
+}
+
+int manager()
+{
+    constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+    auto m = MockGuestMemoryManager::builder()
+                 .add_backing(RamBackingRequest({MemoryRange::valid_or_abort(0, 4 * MiB)}))
+                 .build(Length{16 * MiB});
+    if (!m)
+        return 2;
+    auto mem = m->guest_memory();
+    if (!mem.write_plain<std::uint64_t>(Gpa{0x1000}, 0x600d))
+        return 2;
+    ipc::RemoteListenerOptions options;
+    options.log = &quiet;
+    auto served = m->client().serve_process(ipc::Channel<>(socket_fd), "test-client", options);
+    if (!served) {
+        std::fprintf(stderr, "helper: %s\n", served.error().full_message().c_str());
+        return 2;
+    }
+    say("ready");
+    for (;;)
+        ::pause();
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc == 2 && std::strcmp(argv[1], "client") == 0)
+        return client();
+    if (argc == 2 && std::strcmp(argv[1], "manager") == 0)
+        return manager();
+    std::fprintf(stderr, "usage: ipc_helper client|manager\n");
+    return 2;
+}

@@ -1,0 +1,338 @@
+// The wire protocol (ipc/protocol.hpp) and its transport (ipc/channel.hpp): the encoding, every
+// validation rule of the decoder, and the fds of rejected messages being closed.
+#include <membacking/ipc/channel.hpp>
+#include <membacking/ipc/protocol.hpp>
+
+#include "test_support.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <set>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <vector>
+
+namespace mb = membacking;
+namespace ipc = membacking::ipc;
+
+namespace {
+
+constexpr std::uint64_t guest = 0x100000;
+const ipc::DecodeContext client_ctx{ipc::Receiver::client, guest};
+const ipc::DecodeContext manager_ctx{ipc::Receiver::manager, guest};
+
+std::vector<std::byte> wire(const ipc::Message& m)
+{
+    const auto e = ipc::encode(m);
+    return {e.bytes().begin(), e.bytes().end()};
+}
+
+mb::errc code_of(const mb::Result<ipc::Message>& r)
+{
+    REQUIRE_FALSE(r.has_value());
+    return static_cast<mb::errc>(r.error().code().value());
+}
+
+const ipc::ObjectInfo memfd_of_64k{true, 0x10000};
+
+} // namespace
+
+TEST_CASE("every message kind round-trips, little-endian, at its fixed size")
+{
+    const ipc::Message m{7, ipc::FaultReply{0, true, 0x2000, 0x1000, 0x3000}};
+    const auto bytes = wire(m);
+    REQUIRE(bytes.size() == 48);
+    // magic "MBIP", version 1, kind 3, size 48, seq 7: all little-endian.
+    CHECK(bytes[0] == std::byte{'M'});
+    CHECK(bytes[3] == std::byte{'P'});
+    CHECK(bytes[4] == std::byte{1});
+    CHECK(bytes[6] == std::byte{3});
+    CHECK(bytes[8] == std::byte{48});
+    CHECK(bytes[12] == std::byte{7});
+    auto d = ipc::decode(bytes, std::span(&memfd_of_64k, 1), client_ctx);
+    REQUIRE(d.has_value());
+    const auto& r = std::get<ipc::FaultReply>(d->body);
+    CHECK(d->seq == 7);
+    CHECK(r.writable);
+    CHECK(r.gpa == 0x2000);
+    CHECK(r.length == 0x1000);
+    CHECK(r.object_offset == 0x3000);
+
+    auto q = ipc::decode(wire({9, ipc::FaultRequest{0x5000, true}}), {}, manager_ctx);
+    REQUIRE(q.has_value());
+    CHECK(std::get<ipc::FaultRequest>(q->body).gpa == 0x5000);
+    CHECK(std::get<ipc::FaultRequest>(q->body).write);
+    CHECK(ipc::decode(wire({1, ipc::Invalidate{0x1000, 0x2000}}), {}, client_ctx).has_value());
+    CHECK(ipc::decode(wire({1, ipc::InvalidateAck{}}), {}, manager_ctx).has_value());
+    CHECK(ipc::decode(wire({1, ipc::Hello{guest}}), {}, {ipc::Receiver::client, 0}).has_value());
+}
+
+TEST_CASE("the decoder rejects malformed headers")
+{
+    auto bytes = wire({1, ipc::Invalidate{0x1000, 0x1000}});
+    SUBCASE("short")
+    {
+        CHECK(code_of(ipc::decode(std::span(bytes).first(15), {}, client_ctx)) ==
+              mb::errc::invalid_argument);
+    }
+    SUBCASE("magic")
+    {
+        bytes[0] = std::byte{'X'};
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::invalid_argument);
+    }
+    SUBCASE("version")
+    {
+        bytes[4] = std::byte{2};
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::unsupported);
+    }
+    SUBCASE("unknown kind")
+    {
+        bytes[6] = std::byte{9};
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::invalid_argument);
+    }
+    SUBCASE("header size disagrees with the datagram")
+    {
+        bytes[8] = std::byte{40};
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::invalid_argument);
+    }
+    SUBCASE("a longer datagram than the kind's size")
+    {
+        bytes.push_back(std::byte{0});
+        bytes[8] = std::byte{33};
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::invalid_argument);
+    }
+    SUBCASE("a kind the receiving side never accepts")
+    {
+        // A client cannot send the manager a reply (or an invalidate), nor a manager a request.
+        CHECK(code_of(ipc::decode(bytes, {}, manager_ctx)) == mb::errc::invalid_argument);
+        CHECK(code_of(ipc::decode(wire({1, ipc::FaultRequest{0, false}}), {}, client_ctx)) ==
+              mb::errc::invalid_argument);
+    }
+    SUBCASE("anything before hello, and a second hello")
+    {
+        CHECK(code_of(ipc::decode(bytes, {}, {ipc::Receiver::client, 0})) ==
+              mb::errc::invalid_argument);
+        CHECK(code_of(ipc::decode(wire({1, ipc::Hello{guest}}), {}, client_ctx)) ==
+              mb::errc::invalid_argument);
+    }
+}
+
+TEST_CASE("the decoder rejects ranges that are empty, unaligned, overflowing or outside the guest")
+{
+    for (const auto& range :
+         std::vector<std::pair<std::uint64_t, std::uint64_t>>{{0x1000, 0},
+                                                              {0x1800, 0x1000},
+                                                              {0x1000, 0x800},
+                                                              {guest, 0x1000},
+                                                              {guest - 0x1000, 0x2000},
+                                                              {0xfffffffffffff000, 0x2000}}) {
+        const std::uint64_t gpa = range.first;
+        const std::uint64_t len = range.second;
+        CAPTURE(gpa);
+        CAPTURE(len);
+        CHECK(code_of(ipc::decode(wire({1, ipc::Invalidate{gpa, len}}), {}, client_ctx)) ==
+              mb::errc::invalid_argument);
+        CHECK(code_of(ipc::decode(wire({1, ipc::FaultReply{0, false, gpa, len, 0}}),
+                                  std::span(&memfd_of_64k, 1), client_ctx)) ==
+              mb::errc::invalid_argument);
+    }
+    CHECK(code_of(ipc::decode(wire({1, ipc::FaultRequest{guest, false}}), {}, manager_ctx)) ==
+          mb::errc::invalid_argument);
+    for (std::uint64_t size : {std::uint64_t{0}, std::uint64_t{0x1800}, ipc::max_guest_size * 2})
+        CHECK(code_of(ipc::decode(wire({1, ipc::Hello{size}}), {}, {ipc::Receiver::client, 0})) ==
+              mb::errc::invalid_argument);
+}
+
+TEST_CASE("a fault reply's piece must lie inside the object its fd names, with exactly one fd")
+{
+    const ipc::Message inside{1, ipc::FaultReply{0, false, 0, 0x10000, 0}};
+    CHECK(ipc::decode(wire(inside), std::span(&memfd_of_64k, 1), client_ctx).has_value());
+    // One page past the object's end; an offset past it; an offset that overflows.
+    for (const auto& piece : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
+             {0x10000, 0x1000}, {0x1000, 0x10000}, {0x1000, 0xfffffffffffff000}}) {
+        const std::uint64_t len = piece.first;
+        const std::uint64_t off = piece.second;
+        CAPTURE(off);
+        const ipc::Message m{1, ipc::FaultReply{0, false, 0, len, off}};
+        CHECK(code_of(ipc::decode(wire(m), std::span(&memfd_of_64k, 1), client_ctx)) ==
+              mb::errc::invalid_argument);
+    }
+    const ipc::ObjectInfo not_a_file{false, 0x10000};
+    CHECK(code_of(ipc::decode(wire(inside), std::span(&not_a_file, 1), client_ctx)) ==
+          mb::errc::invalid_argument);
+    const ipc::ObjectInfo two[2] = {memfd_of_64k, memfd_of_64k};
+    CHECK(code_of(ipc::decode(wire(inside), two, client_ctx)) == mb::errc::invalid_argument);
+    CHECK(code_of(ipc::decode(wire(inside), {}, client_ctx)) == mb::errc::invalid_argument);
+    // An error reply carries no fd and no piece.
+    const ipc::Message error{1, ipc::FaultReply{static_cast<std::uint32_t>(mb::errc::unmapped)}};
+    CHECK(ipc::decode(wire(error), {}, client_ctx).has_value());
+    CHECK(code_of(ipc::decode(wire(error), std::span(&memfd_of_64k, 1), client_ctx)) ==
+          mb::errc::invalid_argument);
+    CHECK(code_of(ipc::decode(wire({1, ipc::FaultReply{999}}), {}, client_ctx)) ==
+          mb::errc::invalid_argument);
+    // Reserved bytes and booleans are canonical.
+    auto bytes = wire(inside);
+    bytes[21] = std::byte{1};
+    CHECK(code_of(ipc::decode(bytes, std::span(&memfd_of_64k, 1), client_ctx)) ==
+          mb::errc::invalid_argument);
+    bytes = wire(inside);
+    bytes[20] = std::byte{2};
+    CHECK(code_of(ipc::decode(bytes, std::span(&memfd_of_64k, 1), client_ctx)) ==
+          mb::errc::invalid_argument);
+}
+
+namespace {
+
+/// Records the fds that recvmsg delivered and the ones closed, so a test can check that every
+/// fd of a rejected message was closed.
+struct RecordingSys : mb::os::LinuxSyscalls {
+    static inline std::vector<int> received;
+    static inline std::set<int> closed;
+    static inline int fail_fstat = 0;
+    static ssize_t recvmsg(int fd, struct msghdr* h, int flags) noexcept
+    {
+        const ssize_t n = ::recvmsg(fd, h, flags);
+        if (n > 0)
+            for (cmsghdr* c = CMSG_FIRSTHDR(h); c != nullptr; c = CMSG_NXTHDR(h, c))
+                if (c->cmsg_type == SCM_RIGHTS)
+                    for (std::size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
+                        int f = -1;
+                        std::memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                        received.push_back(f);
+                    }
+        return n;
+    }
+    static int close(int fd) noexcept
+    {
+        closed.insert(fd);
+        return ::close(fd);
+    }
+    static int fstat(int fd, struct stat* st) noexcept
+    {
+        if (fail_fstat != 0) {
+            errno = fail_fstat;
+            return -1;
+        }
+        return ::fstat(fd, st);
+    }
+    static void reset()
+    {
+        received.clear();
+        closed.clear();
+        fail_fstat = 0;
+    }
+};
+
+/// Sends raw bytes with `fds` attached, as a hostile peer could.
+void send_raw(int sock, std::span<const std::byte> bytes, const std::vector<int>& fds)
+{
+    iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+    msghdr h{};
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+    if (!fds.empty()) {
+        h.msg_control = control.data();
+        h.msg_controllen = control.size();
+        cmsghdr* c = CMSG_FIRSTHDR(&h);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+        std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+    }
+    REQUIRE(::sendmsg(sock, &h, 0) == static_cast<ssize_t>(bytes.size()));
+}
+
+bool fd_open(int fd)
+{
+    return ::fcntl(fd, F_GETFD) >= 0;
+}
+
+} // namespace
+
+TEST_CASE("the channel passes a fault reply's fd close-on-exec, and closes every fd it rejects")
+{
+    RecordingSys::reset();
+    auto pair = ipc::Channel<RecordingSys>::pair();
+    REQUIRE(pair.has_value());
+    auto& [manager, client] = *pair;
+    const mb::Mappable object = mb::test::make_memfd(0x10000);
+    const int fd = object.native_handle();
+
+    SUBCASE("accepted: the fd arrives, close-on-exec, naming the same object")
+    {
+        REQUIRE(manager.send({3, ipc::FaultReply{0, true, 0x4000, 0x2000, 0x8000}}, fd));
+        auto in = client.receive(1000, client_ctx);
+        REQUIRE(in.has_value());
+        REQUIRE(in->status == ipc::Incoming<RecordingSys>::Status::message);
+        REQUIRE(in->fd.valid());
+        CHECK((::fcntl(in->fd.get(), F_GETFD) & FD_CLOEXEC) != 0);
+        struct stat a {};
+        struct stat b {};
+        REQUIRE(::fstat(fd, &a) == 0);
+        REQUIRE(::fstat(in->fd.get(), &b) == 0);
+        CHECK(a.st_ino == b.st_ino);
+    }
+    SUBCASE("rejected: an offset outside the object")
+    {
+        REQUIRE(manager.send({3, ipc::FaultReply{0, true, 0, 0x2000, 0xf000}}, fd));
+        auto in = client.receive(1000, client_ctx);
+        CHECK_FALSE(in.has_value());
+        REQUIRE(RecordingSys::received.size() == 1);
+        CHECK(RecordingSys::closed.count(RecordingSys::received[0]) == 1);
+        CHECK_FALSE(fd_open(RecordingSys::received[0]));
+    }
+    SUBCASE("rejected: three fds where one is expected, and fds on an invalidate")
+    {
+        const auto reply = wire({3, ipc::FaultReply{0, true, 0, 0x1000, 0}});
+        send_raw(manager.native_handle(), reply, {fd, fd, fd});
+        CHECK_FALSE(client.receive(1000, client_ctx).has_value());
+        const auto inval = wire({4, ipc::Invalidate{0, 0x1000}});
+        send_raw(manager.native_handle(), inval, {fd});
+        CHECK_FALSE(client.receive(1000, client_ctx).has_value());
+        REQUIRE(RecordingSys::received.size() == 4);
+        for (int r : RecordingSys::received)
+            CHECK_FALSE(fd_open(r));
+    }
+    SUBCASE("rejected: more fds than a datagram may carry (the kernel truncates: MSG_CTRUNC)")
+    {
+        const auto reply = wire({3, ipc::FaultReply{0, true, 0, 0x1000, 0}});
+        send_raw(manager.native_handle(), reply, std::vector<int>(20, fd));
+        CHECK_FALSE(client.receive(1000, client_ctx).has_value());
+        CHECK(RecordingSys::received.size() <= ipc::Channel<RecordingSys>::max_fds);
+        for (int r : RecordingSys::received)
+            CHECK_FALSE(fd_open(r));
+    }
+    SUBCASE("rejected: an fd that cannot be inspected")
+    {
+        RecordingSys::fail_fstat = EBADF;
+        REQUIRE(manager.send({3, ipc::FaultReply{0, true, 0, 0x1000, 0}}, fd));
+        CHECK_FALSE(client.receive(1000, client_ctx).has_value());
+        REQUIRE(RecordingSys::received.size() == 1);
+        CHECK_FALSE(fd_open(RecordingSys::received[0]));
+    }
+    SUBCASE("a timeout, then EOF when the peer shuts the socket down")
+    {
+        auto t = client.receive(10, client_ctx);
+        REQUIRE(t.has_value());
+        CHECK(t->status == ipc::Incoming<RecordingSys>::Status::timeout);
+        manager.shutdown();
+        auto e = client.receive(1000, client_ctx);
+        REQUIRE(e.has_value());
+        CHECK(e->status == ipc::Incoming<RecordingSys>::Status::closed);
+    }
+    SUBCASE("a send to a peer that stopped reading fails at once (EAGAIN), never blocks")
+    {
+        mb::Result<void> r;
+        int sent = 0;
+        while ((r = manager.send({1, ipc::Invalidate{0, 0x1000}})) && sent < 1'000'000)
+            ++sent;
+        REQUIRE_FALSE(r.has_value());
+        CHECK(r.error().code() == std::error_code(EAGAIN, std::system_category()));
+    }
+}

@@ -1,0 +1,390 @@
+// Guest memory in another process (ipc/remote_mapper.hpp, ipc/remote_listener.hpp): a child
+// process (tests/ipc/helper.cpp, exec'd fresh) reads and writes through its own GuestMemory while
+// this process, the manager, moves device memory, toggles RAM visibility and unmaps regions; a
+// child killed or stopped in the middle; a manager killed under its client; private memory.
+#include <membacking/ipc/channel.hpp>
+#include <membacking/ipc/remote_listener.hpp>
+#include <membacking/ipc/remote_mapper.hpp>
+#include <membacking/membacking.hpp>
+
+#include "platform.hpp"
+#include "test_support.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <poll.h>
+#include <spawn.h>
+#include <string>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+using namespace membacking;
+using test::must;
+using test::range;
+
+extern char** environ;
+
+namespace {
+
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+using Manager = MockGuestMemoryManager;
+using Clock = std::chrono::steady_clock;
+
+void quiet(const std::string&) {}
+
+/// The helper program, exec'd with fd 3 = its guest memory socket and fd 4 = a script socket.
+class Helper {
+public:
+    Helper(const char* mode, int socket)
+    {
+        const char* path = std::getenv("MEMBACKING_IPC_HELPER");
+        REQUIRE(path != nullptr);
+        int script[2] = {-1, -1};
+        REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, script) == 0);
+        posix_spawn_file_actions_t actions;
+        REQUIRE(posix_spawn_file_actions_init(&actions) == 0);
+        // dup2 clears close-on-exec on the new numbers; the originals stay close-on-exec.
+        REQUIRE(posix_spawn_file_actions_adddup2(&actions, socket, 3) == 0);
+        REQUIRE(posix_spawn_file_actions_adddup2(&actions, script[1], 4) == 0);
+        char* argv[] = {const_cast<char*>(path), const_cast<char*>(mode), nullptr};
+        const int rc = posix_spawn(&pid_, path, &actions, nullptr, argv, environ);
+        posix_spawn_file_actions_destroy(&actions);
+        ::close(script[1]);
+        script_ = script[0];
+        REQUIRE(rc == 0);
+    }
+    Helper(const Helper&) = delete;
+    Helper& operator=(const Helper&) = delete;
+    ~Helper()
+    {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            ::waitpid(pid_, nullptr, 0);
+        }
+        ::close(script_);
+    }
+
+    /// Sends one command line, returns the answer line (fails the test after 10 s).
+    std::string ask(const std::string& command)
+    {
+        const std::string line = command + "\n";
+        REQUIRE(::write(script_, line.data(), line.size()) == static_cast<ssize_t>(line.size()));
+        return answer();
+    }
+    std::string answer()
+    {
+        std::string out;
+        for (;;) {
+            pollfd p{script_, POLLIN, 0};
+            REQUIRE(::poll(&p, 1, 10'000) == 1);
+            char c = 0;
+            REQUIRE(::read(script_, &c, 1) == 1);
+            if (c == '\n')
+                return out;
+            out.push_back(c);
+        }
+    }
+    std::string read(std::uint64_t gpa) { return ask("read " + hex(gpa)); }
+    std::string write(std::uint64_t gpa, std::uint64_t v)
+    {
+        return ask("write " + hex(gpa) + " " + hex(v));
+    }
+    void signal(int sig) const { REQUIRE(::kill(pid_, sig) == 0); }
+    /// SIGSTOP, and waits until the process has really stopped (the signal is asynchronous).
+    void stop() const
+    {
+        signal(SIGSTOP);
+        int status = 0;
+        REQUIRE(::waitpid(pid_, &status, WUNTRACED) == pid_);
+        REQUIRE(WIFSTOPPED(status));
+    }
+    void resume() const
+    {
+        signal(SIGCONT);
+        int status = 0;
+        REQUIRE(::waitpid(pid_, &status, WCONTINUED) == pid_);
+    }
+    /// Kills and reaps the process.
+    void kill()
+    {
+        signal(SIGKILL);
+        REQUIRE(::waitpid(pid_, nullptr, 0) == pid_);
+        pid_ = -1;
+    }
+
+    static std::string hex(std::uint64_t v)
+    {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%llx", static_cast<unsigned long long>(v));
+        return buf;
+    }
+
+private:
+    pid_t pid_ = -1;
+    int script_ = -1;
+};
+
+std::string ok(std::uint64_t v)
+{
+    return "ok " + Helper::hex(v);
+}
+std::string err(errc e)
+{
+    return "err " + std::to_string(static_cast<int>(e));
+}
+
+Manager legacy_guest()
+{
+    return must(Manager::builder()
+                    .x86_legacy_support(true)
+                    .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
+                    .build(Length{16 * MiB}));
+}
+
+/// A manager serving a freshly exec'd client process.
+struct Served {
+    std::shared_ptr<ipc::RemoteListener<>> listener;
+    std::unique_ptr<Helper> child;
+};
+
+Served serve_child(Manager& m, std::chrono::milliseconds deadline = std::chrono::milliseconds(500))
+{
+    auto pair = must(ipc::Channel<>::pair());
+    ipc::RemoteListenerOptions options;
+    options.deadline = deadline;
+    options.log = &quiet;
+    auto served = must(m.client().serve_process(std::move(pair.first), "child", options));
+    Served s{served.listener, std::make_unique<Helper>("client", pair.second.native_handle())};
+    // pair.second closes here: the child has its own copy.
+    REQUIRE(s.child->answer() == "connected");
+    return s;
+}
+
+} // namespace
+
+TEST_CASE("a child process sees the current topology and shares writes both ways")
+{
+    Manager m = legacy_guest();
+    auto mem = m.guest_memory();
+    auto s = serve_child(m);
+    Helper& child = *s.child;
+
+    // RAM: writes from either side are seen by the other.
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0x10000}, 0xaaaa).has_value());
+    CHECK(child.read(0x10000) == ok(0xaaaa));
+    CHECK(child.write(0x20008, 0xbbbb) == "ok");
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0x20008})) == 0xbbbb);
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0x10000}, 0xcccc).has_value());
+    CHECK(child.read(0x10000) == ok(0xcccc)); // the same page, mapped once: shared memory
+    // Nothing beyond RAM; nothing outside the guest.
+    CHECK(child.read(6 * MiB) == err(errc::unmapped));
+    CHECK(child.read(16 * MiB) == err(errc::out_of_range));
+
+    // Device memory moved around: the child never sees it where it no longer is.
+    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
+    must(bar.map({.offset = Offset{0},
+                  .length = Length{0x10000},
+                  .object = test::make_object(0x10000),
+                  .object_offset = Offset{0},
+                  .protection = Protection::read_write}));
+    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB + 8}, 0x1234).has_value());
+    for (int i = 0; i < 20; ++i) {
+        const std::uint64_t here = (i % 2 == 0) ? 8 * MiB : 12 * MiB;
+        const std::uint64_t there = (i % 2 == 0) ? 12 * MiB : 8 * MiB;
+        CHECK(child.read(here + 8) == ok(0x1234 + static_cast<std::uint64_t>(i)));
+        CHECK(child.write(here + 8, 0x1235 + static_cast<std::uint64_t>(i)) == "ok");
+        must(bar.map_to_guest(Gpa{there}, Protection::read_write));
+        // The child had `here` mapped; the move returned only after it dropped it.
+        CHECK(child.read(here + 8) == err(errc::unmapped));
+        CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{there + 8})) ==
+              0x1235 + static_cast<std::uint64_t>(i));
+    }
+    // Read-only placement: reads work, writes are refused (by the manager's answer).
+    must(bar.map_to_guest(Gpa{12 * MiB}, Protection::read_only));
+    CHECK(child.read(12 * MiB + 8) == ok(0x1234 + 20));
+    CHECK(child.write(12 * MiB + 8, 1) == err(errc::read_only));
+    CHECK(child.write(12 * MiB + 0x2000, 1) == err(errc::read_only)); // a page not faulted yet
+    must(bar.unmap_from_guest());
+    CHECK(child.read(12 * MiB + 8) == err(errc::unmapped));
+
+    // RAM visibility toggled under the child.
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    CHECK(child.write(0xc0000, 0x77) == "ok");
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    CHECK(child.read(0xc0000) == err(errc::unmapped));
+    must(control.set_ram_visibility(pam, RamVisibility::read_only));
+    CHECK(child.read(0xc0000) == ok(0x77));
+    CHECK(child.write(0xc0000, 0x78) == err(errc::read_only));
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    CHECK(child.write(0xc0000, 0x79) == "ok");
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0xc0000})) == 0x79);
+
+    CHECK_FALSE(s.listener->cut_off());
+    CHECK(s.listener->faults_served() > 20);
+}
+
+TEST_CASE("a child killed in the middle of an operation: the manager goes on")
+{
+    Manager m = legacy_guest();
+    auto mem = m.guest_memory();
+    // A long deadline: the operation must end because the child died, not because time ran out.
+    auto s = serve_child(m, std::chrono::seconds(20));
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    CHECK(s.child->read(0xc0000) == ok(0));
+    // Stopped, the child cannot acknowledge: the toggle below waits for it until it is killed.
+    s.child->stop();
+    const auto start = Clock::now();
+    std::thread killer([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        s.child->kill();
+    });
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    killer.join();
+    CHECK(Clock::now() - start < std::chrono::seconds(10));
+    CHECK(s.listener->cut_off());
+    // The manager keeps working: control calls, its own accesses, new clients.
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0xc0000}, 5).has_value());
+    auto again = serve_child(m);
+    CHECK(again.child->read(0xc0000) == ok(5));
+}
+
+TEST_CASE("a child that stops reading its socket is cut off within the deadline")
+{
+    Manager m = legacy_guest();
+    const auto deadline = std::chrono::milliseconds(300);
+    auto s = serve_child(m, deadline);
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    CHECK(s.child->write(0xc0000, 0x42) == "ok");
+    CHECK(s.child->read(0x1000) == ok(0));
+    s.child->stop();
+    const auto start = Clock::now();
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    const auto took = Clock::now() - start;
+    CHECK(took >= deadline);
+    CHECK(took < deadline + std::chrono::seconds(2));
+    CHECK(s.listener->cut_off());
+    // The next control call does not wait for it at all.
+    const auto start2 = Clock::now();
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    CHECK(Clock::now() - start2 < deadline);
+    // Resumed, the child finds its socket shut down and has dropped every mapping: its accesses
+    // fail, even to a page it had mapped and the manager never touched.
+    s.child->resume();
+    const std::string r = s.child->ask("read_until_error 1000 2000");
+    CHECK(r.rfind(err(errc::unmapped) + " ", 0) == 0);
+    CHECK(s.child->read(0xc0000) == err(errc::unmapped));
+}
+
+TEST_CASE("a manager killed under its client: the client's accesses fail within 2 s")
+{
+    auto pair = must(ipc::Channel<>::pair());
+    Helper manager("manager", pair.first.native_handle());
+    {
+        const ipc::Channel<> ours = std::move(pair.first); // only the helper keeps that end
+    }
+    REQUIRE(manager.answer() == "ready");
+    ipc::RemoteMapperOptions options;
+    options.log = &quiet;
+    auto memory = must(ipc::connect_guest_memory(pair.second.release(), options));
+    CHECK(test::value_of(memory.read_plain<std::uint64_t>(Gpa{0x1000})) == 0x600d);
+
+    manager.kill();
+    // A page it had mapped: fails as soon as the reader sees EOF.
+    const auto start = Clock::now();
+    AccessResult<std::uint64_t> r = memory.read_plain<std::uint64_t>(Gpa{0x1000});
+    while (r.has_value() && Clock::now() - start < std::chrono::seconds(2)) {
+        std::this_thread::yield();
+        r = memory.read_plain<std::uint64_t>(Gpa{0x1000});
+    }
+    CHECK(test::error_of(r) == errc::unmapped);
+    CHECK(Clock::now() - start < std::chrono::seconds(2));
+    // A page it never mapped: the fault path does not wait for a dead manager.
+    const auto start2 = Clock::now();
+    CHECK(test::error_of(memory.read_plain<std::uint64_t>(Gpa{0x2000})) == errc::unmapped);
+    CHECK(Clock::now() - start2 < std::chrono::seconds(2));
+    CHECK_FALSE(memory.owner()->connected());
+}
+
+TEST_CASE("a manager that stops answering faults: the client's fault fails after its timeout")
+{
+    // The "manager" end is a bare socket nobody serves after hello.
+    auto pair = must(ipc::Channel<>::pair());
+    REQUIRE(pair.first.send({0, ipc::Hello{16 * MiB}}));
+    ipc::RemoteMapperOptions options;
+    options.log = &quiet;
+    options.fault_timeout = std::chrono::milliseconds(200);
+    auto memory = must(ipc::connect_guest_memory(pair.second.release(), options));
+    const auto start = Clock::now();
+    CHECK(test::error_of(memory.read_plain<std::uint64_t>(Gpa{0x1000})) == errc::unmapped);
+    const auto took = Clock::now() - start;
+    CHECK(took >= std::chrono::milliseconds(200));
+    CHECK(took < std::chrono::seconds(2));
+    CHECK_FALSE(memory.owner()->connected());
+}
+
+TEST_CASE("private memory cannot be shared with another process")
+{
+    Manager m = must(Manager::builder()
+                         .add_backing(RamBackingRequest({range(0, 4 * MiB)}).private_memory(true))
+                         .build(Length{16 * MiB}));
+    auto pair = must(ipc::Channel<>::pair());
+    ipc::RemoteListenerOptions options;
+    options.log = &quiet;
+    auto served = m.client().serve_process(std::move(pair.first), "child", options);
+    REQUIRE_FALSE(served.has_value());
+    CHECK(served.error().code() == errc::unsupported);
+    CHECK(served.error().full_message().find("0x0-0x400000") != std::string::npos);
+}
+
+TEST_CASE("a hostile client is cut off; it never obtains memory the manager does not share")
+{
+    Manager m = legacy_guest();
+    auto pair = must(ipc::Channel<>::pair());
+    ipc::RemoteListenerOptions options;
+    options.log = &quiet;
+    auto served = must(m.client().serve_process(std::move(pair.first), "hostile", options));
+    ipc::Channel<> client = std::move(pair.second);
+    const ipc::DecodeContext ctx{ipc::Receiver::client, 0};
+    auto hello = must(client.receive(1000, ctx));
+    REQUIRE(hello.status == ipc::Incoming<>::Status::message);
+    const ipc::DecodeContext live{ipc::Receiver::client, 16 * MiB};
+    // A gap: an error reply, no fd.
+    REQUIRE(client.send({1, ipc::FaultRequest{6 * MiB, false}}));
+    auto gap = must(client.receive(1000, live));
+    REQUIRE(gap.status == ipc::Incoming<>::Status::message);
+    CHECK(std::get<ipc::FaultReply>(gap.message.body).status ==
+          static_cast<std::uint32_t>(errc::unmapped));
+    CHECK_FALSE(gap.fd.valid());
+    // Read-only memory comes with a read-only fd: the client's kernel refuses a writable map.
+    must(m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                       RamVisibility::read_only));
+    REQUIRE(client.send({2, ipc::FaultRequest{0xc0000, false}}));
+    auto ro = must(client.receive(1000, live));
+    REQUIRE(ro.fd.valid());
+    const auto& piece = std::get<ipc::FaultReply>(ro.message.body);
+    CHECK_FALSE(piece.writable);
+    void* p = ::mmap(nullptr, piece.length, PROT_READ | PROT_WRITE, MAP_SHARED, ro.fd.get(),
+                     static_cast<off_t>(piece.object_offset));
+    CHECK(p == MAP_FAILED);
+    CHECK(errno == EACCES);
+    // A message a client may not send (a reply): cut off.
+    REQUIRE(client.send({3, ipc::Invalidate{0, 0x1000}}));
+    auto eof = must(client.receive(2000, live));
+    CHECK(eof.status == ipc::Incoming<>::Status::closed);
+    CHECK(served.listener->cut_off());
+    // The manager goes on.
+    must(m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                       RamVisibility::read_write));
+}
