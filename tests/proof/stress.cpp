@@ -1,7 +1,7 @@
 // Access stress: 8 threads read, write and compare-exchange RAM and device memory, through the
 // primary mapper and a lazy one, while a control thread performs 10,000 topology changes (2,000
-// under TSan): a RAM segment's visibility toggled, a region mapped and unmapped over another, a
-// device region moved between four GPAs and taken out.
+// under TSan and ASan): a RAM segment's visibility toggled, a region mapped and unmapped over
+// another, a device region moved between four GPAs and taken out.
 //
 // What "consistent" means here. The control thread numbers its operations 1..N. Before operation
 // k it publishes the state it is about to reach (log[k]), then sets the epoch to 2k-1; after the
@@ -38,8 +38,17 @@ constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
 using Manager = MockGuestMemoryManager;
 
 constexpr int workers = 8;
-constexpr int control_ops = MEMBACKING_TSAN ? 2000 : 10000;
-constexpr int accesses_per_state = 32; // by each worker, at most
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool asan = true;
+#elif defined(__has_feature)
+constexpr bool asan = __has_feature(address_sanitizer);
+#else
+constexpr bool asan = false;
+#endif
+// Fewer changes under the sanitizers (each access costs ten times more there); still every
+// kind of change hundreds of times.
+constexpr int control_ops = (MEMBACKING_TSAN || asan) ? 2000 : 10000;
+constexpr int accesses_per_state = 8; // by each worker, at most
 
 // The three areas.
 constexpr std::uint64_t seg_start = 0xc0000; // a PAM segment: its visibility is toggled
