@@ -3,8 +3,8 @@
 # then builds and runs every test in three configurations:
 #   build-ci        gcc, debugoptimized (unit, KVM, examples, install, lint, benchmark smoke runs)
 #   build-ci-asan   clang, AddressSanitizer + UndefinedBehaviorSanitizer (so both compilers build
-#                   everything with warnings as errors); also the 40 s libFuzzer run of the IPC
-#                   protocol decoder (suite fuzz, tests/ipc/meson.build)
+#                   everything with warnings as errors); also two libFuzzer runs: the IPC
+#                   protocol decoder (40 s, tests/ipc) and the control/access harness (60 s, tests/fuzz)
 #   build-ci-tsan   gcc, ThreadSanitizer (the concurrency tests)
 #   build-ci-release gcc, --buildtype=release (-O3, NDEBUG): what a user's release build compiles
 # then the Windows test set under Wine (tests/windows/run.sh), and ends with one line:
@@ -74,6 +74,15 @@ run_config build-ci g++ || status=1
 TEST_ARGS=(--no-suite bench --no-suite lint --no-suite install)
 run_config build-ci-asan clang++-14 -Db_sanitize=address,undefined -Db_lundef=false \
     -Dbenchmarks=disabled || status=1
+# The fuzzer (tests/fuzz, a bounded 60 s run) exists only in the clang configuration: it must
+# have run there, never dropped out silently.
+if [ -f build-ci-asan/meson-logs/testlog.json ] && ! python3 -c '
+import json, sys
+sys.exit(0 if any(json.loads(l)["name"].endswith(" / fuzz") for l in open(sys.argv[1])) else 1)
+' build-ci-asan/meson-logs/testlog.json; then
+    echo "   build-ci-asan: the fuzz test did not run (counted as one failure)"
+    total_fail=$((total_fail + 1))
+fi
 run_config build-ci-tsan g++ -Db_sanitize=thread -Dbenchmarks=disabled || status=1
 # What a user gets from `--buildtype=release` (-O3, NDEBUG): it must build with warnings as errors,
 # and the unit tests and the example must pass there too.

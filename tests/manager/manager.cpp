@@ -200,6 +200,21 @@ TEST_CASE("a failed attach leaves the partition with nothing mapped (the alias m
     CHECK(m.memory_map().partitions.empty());
 }
 
+TEST_CASE("a failed attach consumes no partition id")
+{
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    p->fail_nth_call(3, make_error(errc::resource_exhausted, "no slots"));
+    REQUIRE_FALSE(m.attach_partition(Vtl::vtl0, p));
+    REQUIRE_FALSE(m.attach_partition(Vtl::vtl0, std::shared_ptr<MockPartition>()));
+    // The first attach that succeeds gets the id a fresh manager's first attach gets.
+    const PartitionId first = must(legacy_guest().attach_partition(Vtl::vtl0, p));
+    p = std::make_shared<MockPartition>();
+    CHECK(must(m.attach_partition(Vtl::vtl0, p)) == first);
+    CHECK(m.memory_map().to_text().find("#" + std::to_string(first.value) + " mock") !=
+          std::string::npos);
+}
+
 TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is refused")
 {
     Manager m = must(Manager::builder()

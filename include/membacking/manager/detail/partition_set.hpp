@@ -148,7 +148,8 @@ public:
             if constexpr (partition_supports<PartitionFeatures::quiesce_aware, P>)
                 quiesce->notify = [partition](bool held) { partition->set_quiesced(held); };
         }
-        const PartitionId id{next_id_++};
+        // The id is taken only when the attach succeeds: a failed one consumes none.
+        const PartitionId id{next_id_};
         std::vector<Attached<P>> entries;
         // VTL2 also sees all of memory at the alias offset; that mapping goes first.
         if (vtl == Vtl::vtl2 && options_.vtl0_alias_map)
@@ -168,6 +169,7 @@ public:
         undo.commit();
         auto& list = std::get<std::vector<Attached<P>>>(lists_);
         list.insert(list.end(), entries.begin(), entries.end());
+        ++next_id_;
         return id;
     }
 
