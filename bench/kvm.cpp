@@ -148,7 +148,11 @@ void map_region_manager(benchmark::State& state)
     }
 }
 
-enum class Touch { no_prefetch, prefetch, host_populated };
+/// no_prefetch: nothing populated; prefetch: KVM_PRE_FAULT_MEMORY only (MapParams::prefetch);
+/// va_prefetch: what RamBackingRequest::prefetch(true) asks for (the mapping's
+/// MemoryPolicy::prefetch and MapParams::prefetch): the manager populates the primary VA mapper's
+/// host pages when it maps them; host_populated: the benchmark does that by hand.
+enum class Touch : std::uint8_t { no_prefetch, prefetch, va_prefetch, host_populated };
 
 void guest_touch(benchmark::State& state, Touch mode)
 {
@@ -163,7 +167,10 @@ void guest_touch(benchmark::State& state, Touch mode)
         state.SkipWithError("setup failed");
         return;
     }
-    (*kvm)->set_prefetch_vcpu(vm->vcpu_fd());
+    if (!(*kvm)->set_prefetch_vcpu(vm->vcpu_fd())) {
+        state.SkipWithError("duplicating the vCPU descriptor failed");
+        return;
+    }
     if (mode == Touch::prefetch && !(*kvm)->capabilities().pre_fault_memory) {
         state.SkipWithError("KVM_PRE_FAULT_MEMORY is not supported on this host");
         return;
@@ -189,12 +196,13 @@ void guest_touch(benchmark::State& state, Touch mode)
         // A fresh region: new, never-touched pages every iteration.
         auto object = LinuxMmap<>::create_shared_memory(touch_size, "bench-touch");
         auto id = m->add_region("touch", window, 10, MappingType::Ram);
+        const bool va_prefetch = mode == Touch::va_prefetch;
         if (!object || !id ||
             !m->add_mapping(*id, {MemoryRange::valid_or_abort(0, touch_size),
                                   MappingBacking::file(*object, Offset{0}),
                                   true,
-                                  {}}) ||
-            !m->map_region(*id, {true, true, mode == Touch::prefetch})) {
+                                  {std::nullopt, false, va_prefetch}}) ||
+            !m->map_region(*id, {true, true, mode == Touch::prefetch || va_prefetch})) {
             state.SkipWithError("mapping the fresh region failed");
             return;
         }
@@ -225,6 +233,7 @@ const bool registered = [] {
     for (const auto& entry :
          {std::pair{"BM_KvmGuestTouch/no_prefetch", Touch::no_prefetch},
           std::pair{"BM_KvmGuestTouch/prefetch", Touch::prefetch},
+          std::pair{"BM_KvmGuestTouch/va_prefetch", Touch::va_prefetch},
           std::pair{"BM_KvmGuestTouch/host_populated", Touch::host_populated}}) {
         const Touch mode = entry.second; // clang 14 cannot capture a structured binding
         benchmark::RegisterBenchmark(entry.first,

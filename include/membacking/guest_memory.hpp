@@ -284,11 +284,18 @@ public:
     {
         const std::uint64_t start = at.value();
         if (mapper_ == nullptr || !in_bounds(start, len.value())) [[unlikely]]
-            return make_error(errc::out_of_range,
-                              "cannot lease " + to_string(len) + " bytes at " +
-                                  MemoryRange::hex(gpa_base_ + start) + ": outside guest memory " +
-                                  MemoryRange::hex(gpa_base_) + "+" + MemoryRange::hex(size_));
+            return lease_outside(gpa_base_, size_, start, len);
         return mapper_->leases().take(gpa_base_ + start, len.value(), access);
+    }
+
+    /// lease()'s error for a range outside this handle (out of line: keeps lease() small).
+    [[nodiscard]] MEMBACKING_NOINLINE MEMBACKING_COLD static Error
+    lease_outside(std::uint64_t gpa_base, std::uint64_t size, std::uint64_t start, Length len)
+    {
+        return make_error(errc::out_of_range,
+                          "cannot lease " + to_string(len) + " bytes at " +
+                              MemoryRange::hex(gpa_base + start) + ": outside guest memory " +
+                              MemoryRange::hex(gpa_base) + "+" + MemoryRange::hex(size));
     }
 
     /// How much of [at, at + len) is mapped, and writable, from `at` on (prefix lengths; the

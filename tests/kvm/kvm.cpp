@@ -18,10 +18,15 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <fcntl.h>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 using namespace membacking;
@@ -146,6 +151,50 @@ TEST_CASE("a higher-priority region over RAM is what the guest sees, and RAM com
     must(g.manager.unmap_region(high));
     g.run_to_halt();
     CHECK(g.result_byte() == 0xaa);
+}
+
+TEST_CASE("the partition owns a duplicate of the VM fd: the VMM's number closed and reused, "
+          "map and unmap still reach the VM and the guest still runs")
+{
+    Guest<> g;
+    const int vmm_fd = g.vm.vm_fd();
+    REQUIRE(g.kvm->vm_fd() != vmm_fd);
+    // The VMM closes its VM fd and the number is reused by an unrelated file: a partition that
+    // issued its ioctls on the VMM's number would get ENOTTY from the memfd.
+    const int saved = ::fcntl(vmm_fd, F_DUPFD_CLOEXEC, 0);
+    REQUIRE(saved >= 0);
+    REQUIRE(::close(vmm_fd) == 0);
+    Mappable unrelated = test::make_memfd(MiB);
+    REQUIRE(::dup2(unrelated.native_handle(), vmm_fd) == vmm_fd);
+
+    const MemoryRange window = range(4 * MiB, 5 * MiB);
+    const RegionId r = must(g.manager.add_region("after-close", window, 100, MappingType::Ram));
+    must(g.manager.add_mapping(
+        r, {range(0, MiB), MappingBacking::file(filled_memfd(MiB, 0x5c), Offset{0}), true, {}}));
+    must(g.manager.map_region(r, {true, true, false}));
+    CHECK(g.kvm->slots().size() == 17);
+    g.load(copy_byte(4 * MiB + 0x20));
+    g.run_to_halt();
+    CHECK(g.result_byte() == 0x5c);
+    must(g.manager.unmap_region(r));
+    CHECK(g.kvm->slots().size() == 16);
+
+    // The prefetch vCPU is duplicated too: closing the caller's number leaves the partition's.
+    const int vcpu_copy = ::fcntl(g.vm.vcpu_fd(), F_DUPFD_CLOEXEC, 0);
+    REQUIRE(vcpu_copy >= 0);
+    must(g.kvm->set_prefetch_vcpu(vcpu_copy));
+    REQUIRE(::close(vcpu_copy) == 0);
+    auto pf = g.kvm->prefetch_range(MiB, MiB);
+    if (g.kvm->capabilities().pre_fault_memory) {
+        CHECK(pf.has_value());
+    } else {
+        REQUIRE_FALSE(pf);
+        CHECK(pf.error().code() == errc::unsupported);
+    }
+
+    // The VMM's fd back where KvmVm closes it.
+    REQUIRE(::dup2(saved, vmm_fd) == vmm_fd);
+    ::close(saved);
 }
 
 TEST_CASE("unmapped RAM is an MMIO exit at the right GPA; read-only RAM reads, writes exit")
@@ -618,7 +667,7 @@ TEST_CASE("prefetch uses KVM_PRE_FAULT_MEMORY where the kernel has it, else says
     auto r = g.kvm->prefetch_range(MiB, MiB);
     REQUIRE_FALSE(r); // no vCPU given yet
     CHECK(r.error().code() == errc::unsupported);
-    g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd());
+    must(g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd()));
     auto with_vcpu = g.kvm->prefetch_range(MiB, MiB);
     if (g.kvm->capabilities().pre_fault_memory) {
         CHECK(with_vcpu.has_value());
@@ -638,7 +687,7 @@ TEST_CASE("prefetch drives KVM_PRE_FAULT_MEMORY to the end of the range (scripte
     test::InjectingKvm::pre_fault_script = {{0x10000, 0}, {0, EINTR}, {0, EAGAIN}, {0x1000, 0}};
     Guest<test::InjectingKvm> g;
     REQUIRE(g.kvm->capabilities().pre_fault_memory);
-    g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd());
+    must(g.kvm->set_prefetch_vcpu(g.vm.vcpu_fd()));
 
     must(g.kvm->prefetch_range(MiB, MiB));
     const auto& calls = test::InjectingKvm::pre_fault_calls;
@@ -739,6 +788,49 @@ TEST_CASE("pin_mappings keeps the RAM behind every slot resident (mlock)")
     must(m.detach_partition(id));
     CHECK(test::smaps_for(m.guest_memory().mapper()->base()).vm_flags.find(" lo") ==
           std::string::npos);
+}
+
+TEST_CASE("under the VMM's mlockall(MCL_FUTURE), unpin leaves guest RAM locked")
+{
+    // mlockall changes the whole process, so a child does it, on a VM of its own (a KVM VM
+    // belongs to the process that created it). Exit codes: 0 pass, 2 mlockall refused,
+    // 3 not locked while pinned, 4 unlocked by unpin, 5 setup failed.
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        // MCL_FUTURE is the part that matters: guest RAM is mapped after this call, so the
+        // kernel locks it as it is created, before any pin. MCL_CURRENT is left out because it
+        // would also fault in and lock a sanitizer runtime's terabytes of shadow reservations.
+        // A raw system call: sanitizer runtimes intercept mlockall() and make it a no-op, so
+        // under ASan the libc call would lock nothing and the test would check nothing.
+        if (::syscall(SYS_mlockall, MCL_FUTURE) != 0)
+            ::_exit(2);
+        std::string why;
+        auto vm = KvmVm::create(why);
+        using Manager = LinuxGuestMemoryManager<KvmPartition<>>;
+        auto m = Manager::builder()
+                     .pin_mappings(true)
+                     .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
+                     .build(Length{4 * MiB});
+        if (!vm || !m)
+            ::_exit(5);
+        auto kvm = KvmPartition<>::create(vm->vm_fd());
+        if (!kvm)
+            ::_exit(5);
+        auto id = m->attach_partition(Vtl::vtl0, *kvm);
+        if (!id || (*kvm)->slots().size() != 1 || !(*kvm)->slots()[0].pinned)
+            ::_exit(5);
+        const void* ram = m->guest_memory().mapper()->base();
+        if (test::smaps_for(ram).vm_flags.find(" lo") == std::string::npos)
+            ::_exit(3);
+        if (!m->detach_partition(*id))
+            ::_exit(5);
+        ::_exit(test::smaps_for(ram).vm_flags.find(" lo") == std::string::npos ? 4 : 0);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(child, &status, 0) == child);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("a pin the kernel refuses part-way leaves nothing locked")

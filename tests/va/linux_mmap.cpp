@@ -1,6 +1,7 @@
 // LinuxMmap: the VA conformance suite (the reference's sparse_mmap tests that apply everywhere),
 // plus what is Linux's own: THP advice, NUMA binding, VMA names, memfd objects, and the seam
 // (injected failures leave the range as it was).
+#include <membacking/membacking.hpp>
 #include <membacking/va/linux_mmap.hpp>
 
 #include "injecting_syscalls.hpp"
@@ -260,4 +261,31 @@ TEST_CASE("shared memory objects: memfd sizes and hugetlb page-size validation")
     CHECK(membacking::test::error_of(InjectedVa::create_shared_memory(page_size, "x")) ==
           std::errc::too_many_files_open);
     test::InjectingSyscalls::reset();
+}
+
+namespace {
+/// How many pages of [p, p + len) are resident (mincore).
+std::size_t resident_pages(const std::byte* p, std::size_t len)
+{
+    std::vector<unsigned char> vec(len / page_size);
+    REQUIRE(::mincore(const_cast<std::byte*>(p), len, vec.data()) == 0);
+    std::size_t n = 0;
+    for (unsigned char v : vec)
+        n += v & 1U;
+    return n;
+}
+} // namespace
+
+TEST_CASE("RamBackingRequest::prefetch populates the host pages of the primary VA mapper")
+{
+    constexpr std::uint64_t ram = std::uint64_t{2} << 20;
+    for (const bool prefetch : {false, true}) {
+        CAPTURE(prefetch);
+        auto m = must(MockGuestMemoryManager::builder()
+                          .add_backing(RamBackingRequest({test::range(0, ram)}).prefetch(prefetch))
+                          .build(Length{4 * ram}));
+        const std::byte* base = m.guest_memory().mapper()->base();
+        // A fresh memfd has no pages until something touches them.
+        CHECK(resident_pages(base, ram) == (prefetch ? ram / page_size : 0));
+    }
 }

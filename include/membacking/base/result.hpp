@@ -194,6 +194,11 @@ public:
 
     Result(T value) : state_(std::in_place_index<0>, std::move(value)) {}     // NOLINT: implicit
     Result(Error error) : state_(std::in_place_index<1>, std::move(error)) {} // NOLINT: implicit
+    /// A value built in place from `args` (no move of a T that is costly to move).
+    template <class... Args>
+    explicit Result(std::in_place_t /*tag*/, Args&&... args)
+        : state_(std::in_place_index<0>, std::forward<Args>(args)...)
+    {}
 
     [[nodiscard]] bool has_value() const noexcept { return state_.index() == 0; }
     explicit operator bool() const noexcept { return has_value(); }

@@ -26,6 +26,17 @@
  * its own.
  *
  * Cost of acquire + release while live: two atomic read-modify-writes of the caller's shard.
+ *
+ * try_acquire() is for callers that cannot guarantee "no acquire after retire": it increments,
+ * and if the value it got back already had the bit, retire() did not count it (its fetch_or on
+ * that shard came first), so it undoes its own increment on the shard (never through `central`)
+ * and fails. A caller that finds the object through a pointer must still validate that pointer
+ * after a successful try_acquire (the lease domain's generations, lease/lease_domain.hpp).
+ *
+ * recycle() makes a freed RetirableRef live again (the domain reuses its generation slots). Only
+ * a try_acquire that is going to fail can still touch a freed one (a reader that loaded the slot
+ * before it was retired): recycle() waits for each such transient increment to be undone, which
+ * takes two instructions of that reader, never a lease's lifetime.
  */
 #pragma once
 
@@ -35,6 +46,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <thread>
 
 namespace membacking::detail {
 
@@ -48,6 +60,18 @@ public:
     void acquire(std::size_t shard) noexcept
     {
         shards_[shard].value.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    /// Takes a reference on `shard` unless retire() already reached that shard: false then
+    /// (nothing is held). Sequentially consistent, so that a caller can validate the pointer it
+    /// found this object through after it (see the file comment).
+    [[nodiscard]] bool try_acquire(std::size_t shard) noexcept
+    {
+        std::atomic<std::uint64_t>& s = shards_[shard].value;
+        if ((s.fetch_add(1, std::memory_order_seq_cst) & retired_bit) == 0) [[likely]]
+            return true;
+        s.fetch_sub(1, std::memory_order_relaxed); // not counted by retire(): undo on the shard
+        return false;
     }
 
     /// Drops a reference taken on `shard`. Returns true if the caller must free the object now:
@@ -71,6 +95,19 @@ public:
         retired_ = true;
         central_.fetch_add(held + 1, std::memory_order_acq_rel);
         return central_.fetch_sub(1, std::memory_order_acq_rel) == 1;
+    }
+
+    /// Makes a RetirableRef that was retired and then freed (retire() or the last release()
+    /// returned true) live again, with no reference. Waits only for failing try_acquire()s
+    /// still under way (see the file comment). Callers serialise it with retire().
+    void recycle() noexcept
+    {
+        for (Padded<std::atomic<std::uint64_t>>& s : shards_)
+            for (std::uint64_t expected = retired_bit;
+                 !s.value.compare_exchange_weak(expected, 0, std::memory_order_acq_rel);
+                 expected = retired_bit)
+                std::this_thread::yield();
+        retired_ = false;
     }
 
     /// References held, while no acquire, release or retire runs (for tests).

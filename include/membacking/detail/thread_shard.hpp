@@ -3,7 +3,7 @@
  * Internal (namespace membacking::detail); includes nothing from the library.
  *
  * Which shard of a sharded counter the calling thread uses, and the padded slot such a counter
- * is made of. Sharded counters (detail/sharded_readers.hpp, detail/retirable_ref.hpp) give each
+ * is made of. Sharded counters (detail/retirable_ref.hpp) give each
  * thread its own cache line to write, so that threads working on disjoint data never write one
  * line between them (the lease fast path must scale across threads).
  *

@@ -16,9 +16,10 @@
  *   through whatever the GPA maps now.
  * - The guest's own access follows the manager: partitions and VA mappers change as they always
  *   do; a lease gives the guest nothing.
- * - A stuck lease stalls nothing. It keeps its windows' address space (and the object's pages,
- *   through the mapping) alive until it is released. A window is unmapped once its object is in
- *   no active mapping and no lease references it.
+ * - A stuck lease stalls nothing. It pins the generation of the lease table it was taken from
+ *   (lease/lease_generation.hpp), and with it that table's windows' address space (and the
+ *   object's pages, through the mapping), until it is released. A window is unmapped once its
+ *   object is in no active mapping and no pinned table names it.
  * - Leases that outlive their manager stay valid until released.
  *
  * spans() and iovecs() list the same pieces in GPA order: one per run of guest memory that is
@@ -32,7 +33,7 @@
 #if MEMBACKING_OS_LINUX
 
 #    include <membacking/base/units.hpp>
-#    include <membacking/lease/lease_window.hpp>
+#    include <membacking/lease/lease_generation.hpp>
 
 #    include <array>
 #    include <cstddef>
@@ -72,8 +73,10 @@ public:
     /// Pieces a lease holds without allocating.
     static constexpr std::size_t inline_pieces = 4;
 
-    /// An empty lease: no pieces.
-    Lease() noexcept = default;
+    /// An empty lease: no pieces. User-provided on purpose: a defaulted one would make `Lease()`
+    /// (value-initialisation, as in the domain's in-place Result) zero the whole object first.
+    // NOLINTNEXTLINE(modernize-use-equals-default)
+    Lease() noexcept {}
     Lease(Lease&& other) noexcept { take_from(other); }
     Lease& operator=(Lease&& other) noexcept
     {
@@ -100,43 +103,45 @@ public:
     [[nodiscard]] LeaseAccess access() const noexcept { return access_; }
     [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
 
-    /// Releases the memory now (the destructor does the same).
+    /// Releases the memory now (the destructor does the same): one atomic decrement.
     void reset() noexcept
     {
-        LeaseWindow* const* w = windows_ptr();
-        for (std::size_t i = 0; i < count_; ++i)
-            detail::LeaseWindow::drop(w[i], shard_);
+        if (generation_ != nullptr) {
+            detail::LeaseGeneration::drop(generation_, shard_);
+            generation_ = nullptr;
+        }
         count_ = 0;
         heap_.reset();
     }
 
 private:
     friend class detail::LeaseDomain;
-    using LeaseWindow = detail::LeaseWindow;
 
     /// The arrays of a lease with more than inline_pieces pieces, allocated together.
     struct Heap {
         explicit Heap(std::size_t n)
-            : spans(new (std::nothrow) std::span<std::byte>[n]), iovs(new (std::nothrow) iovec[n]),
-              windows(new (std::nothrow) LeaseWindow*[n])
+            : spans(new (std::nothrow) std::span<std::byte>[n]), iovs(new (std::nothrow) iovec[n])
         {}
-        [[nodiscard]] bool ok() const noexcept { return spans && iovs && windows; }
+        [[nodiscard]] bool ok() const noexcept { return spans && iovs; }
         std::unique_ptr<std::span<std::byte>[]> spans;
         std::unique_ptr<iovec[]> iovs;
-        std::unique_ptr<LeaseWindow*[]> windows;
     };
 
     [[nodiscard]] const std::span<std::byte>* spans_ptr() const noexcept
     {
-        return heap_ ? heap_->spans.get() : inline_spans_.data();
+        return heap_ ? heap_->spans.get() : inline_spans_.items.data();
     }
     [[nodiscard]] const iovec* iovs_ptr() const noexcept
     {
         return heap_ ? heap_->iovs.get() : inline_iovs_.data();
     }
-    [[nodiscard]] LeaseWindow* const* windows_ptr() const noexcept
+    [[nodiscard]] std::span<std::byte>* spans_ptr() noexcept
     {
-        return heap_ ? heap_->windows.get() : inline_windows_.data();
+        return heap_ ? heap_->spans.get() : inline_spans_.items.data();
+    }
+    [[nodiscard]] iovec* iovs_ptr() noexcept
+    {
+        return heap_ ? heap_->iovs.get() : inline_iovs_.data();
     }
 
     /// Gives the lease room for n pieces (the domain calls it before filling). False: no memory.
@@ -152,40 +157,38 @@ private:
         heap_.reset(h);
         return true;
     }
-    /// Appends a piece whose reference the caller took on window w (room was reserved).
-    void push(std::byte* p, std::uint64_t n, LeaseWindow* w) noexcept
-    {
-        const std::size_t i = count_++;
-        if (heap_) {
-            heap_->spans[i] = {p, n};
-            heap_->iovs[i] = {p, n};
-            heap_->windows[i] = w;
-        } else {
-            inline_spans_[i] = {p, n};
-            inline_iovs_[i] = {p, n};
-            inline_windows_[i] = w;
-        }
-    }
 
     void take_from(Lease& other) noexcept
     {
-        inline_spans_ = other.inline_spans_;
-        inline_iovs_ = other.inline_iovs_;
-        inline_windows_ = other.inline_windows_;
         heap_ = std::move(other.heap_);
         count_ = std::exchange(other.count_, 0);
+        if (!heap_) // only the pieces in use: the rest of the inline arrays is never read
+            for (std::size_t i = 0; i < count_; ++i) {
+                inline_spans_.items[i] = other.inline_spans_.items[i];
+                inline_iovs_[i] = other.inline_iovs_[i];
+            }
+        generation_ = std::exchange(other.generation_, nullptr);
         shard_ = other.shard_;
         gpa_ = other.gpa_;
         size_ = other.size_;
         access_ = other.access_;
     }
 
-    std::array<std::span<std::byte>, inline_pieces> inline_spans_{};
-    std::array<iovec, inline_pieces> inline_iovs_{};
-    std::array<LeaseWindow*, inline_pieces> inline_windows_{};
+    /// Storage for the inline spans that a lease does not initialise (std::span's default
+    /// constructor would zero them on every lease): only the first count_ pieces are ever read,
+    /// and the domain writes them before it sets count_.
+    union InlineSpans {
+        // NOLINTNEXTLINE(modernize-use-equals-default): = default would initialise `items`
+        InlineSpans() noexcept {}
+        std::array<std::span<std::byte>, inline_pieces> items;
+    };
+
+    InlineSpans inline_spans_;
+    std::array<iovec, inline_pieces> inline_iovs_; ///< not initialised either (a trivial type)
     std::unique_ptr<Heap> heap_;
     std::size_t count_ = 0;
-    std::size_t shard_ = 0; ///< the reference-count shard every piece's reference was taken on
+    detail::LeaseGeneration* generation_ = nullptr; ///< the table generation it pins, or nullptr
+    std::size_t shard_ = 0;                         ///< the shard that pin was taken on
     Gpa gpa_{};
     Length size_{};
     LeaseAccess access_ = LeaseAccess::read;

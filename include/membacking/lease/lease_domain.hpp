@@ -7,24 +7,33 @@
  * manager; every VA mapper shares it (GuestMemory::lease and ::probe reach it through their
  * mapper), so a lazy mapper's handle leases exactly as the primary's does.
  *
- * The table: an immutable, sorted array of the active pieces (GPA range -> the host address of
- * its first byte in the object's lease window, writable, window), published through an atomic
- * pointer and replaced as a whole on every topology change (publish(), on the control path,
- * under the mapping manager's lock). Readers (take, probe) bracket their lookup with a read-side
- * section (detail/sharded_readers.hpp); publish() waits for the sections that may still use the
- * old table (a lookup: short, never blocking) before freeing it.
+ * The table: an immutable, sorted array of the active pieces (lease/lease_generation.hpp),
+ * replaced as a whole on every topology change (publish(), on the control path, under the
+ * mapping manager's lock). publish() puts the new table in a generation slot, makes that slot
+ * current (an atomic pointer) and retires the previous one at once: it never waits, neither for
+ * leases nor for lookups under way.
+ *
+ * Readers (take, probe) pin the current generation: one try_pin() (an atomic increment of the
+ * thread's own shard of the slot's count), then a second load of the current pointer. If the
+ * slot is still current, the pin was counted before any retirement of it (both are sequentially
+ * consistent: the reader increments, then loads the pointer; the writer stores the pointer, then
+ * retires, which reads every shard; at least one sees the other), so the table stays alive while
+ * the pin is held. Otherwise the reader drops the pin and retries with the new slot. A lease
+ * keeps its pin (the lease's only reference) until it is released; a probe drops it at once.
  *
  * The windows: one per mappable object in the table (lease/lease_window.hpp), made by the VA
- * policy when the object first becomes leasable (add_window), retired by publish() once the new
- * table no longer references it. Retiring happens after the grace period, so no lookup can take
- * a new reference on a retired window; references already taken keep it mapped until released.
+ * policy when the object first becomes leasable (add_window). The registry holds one reference
+ * while the object is in the current table, every table one per piece; publish() drops the
+ * registry's reference of the windows the new table no longer names, so a window is unmapped
+ * once no current or pinned table names it.
  * Private (anonymous) memory has no object and no window: its pieces are in the table (probe
  * sees them) but a lease of them is refused (errc::unsupported).
  *
- * Fast path of take(): a read-side section (two epoch loads, increment and decrement of the
- * thread's shard), a binary search in the table, one sharded reference per piece; no lock, no
- * allocation up to Lease::inline_pieces pieces, no system call, no write to a line that another
- * thread leasing other memory writes.
+ * Fast path of take(): the thread's shard index (a thread-local), the pin (one atomic increment,
+ * two loads of the current pointer), a binary search in the table, and one pass over the pieces
+ * that checks the range and writes the lease's iovecs; release is one atomic decrement. No
+ * lock, no allocation up to Lease::inline_pieces pieces, no system call, no write to a line that
+ * another thread leasing other memory writes.
  */
 #pragma once
 
@@ -35,9 +44,9 @@
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
-#    include <membacking/detail/sharded_readers.hpp>
 #    include <membacking/detail/thread_shard.hpp>
 #    include <membacking/lease/lease.hpp>
+#    include <membacking/lease/lease_generation.hpp>
 #    include <membacking/lease/lease_window.hpp>
 
 #    include <algorithm>
@@ -52,27 +61,26 @@
 
 namespace membacking::detail {
 
-/// One active piece of guest memory, as leases see it.
-struct LeasePiece {
-    std::uint64_t gpa_start;
-    std::uint64_t gpa_end; ///< exclusive
-    std::byte* host;       ///< its first byte in the window; nullptr: not leasable (private)
-    bool writable;         ///< the guest may write it (and so may a lease)
-    LeaseWindow* window;   ///< nullptr: not leasable
-};
-
 class LeaseDomain {
 public:
-    LeaseDomain() = default;
+    /// A domain whose table is empty.
+    LeaseDomain() : generations_(LeaseGenerations::make())
+    {
+        current_.store(
+            generations_->activate(std::make_unique<const LeaseTable>(std::vector<LeasePiece>{})),
+            std::memory_order_relaxed);
+    }
     LeaseDomain(const LeaseDomain&) = delete;
     LeaseDomain& operator=(const LeaseDomain&) = delete;
-    /// Retires every window (leases still held keep theirs until released). No lookup can run:
-    /// every handle that looks up holds a mapper, and every mapper holds the domain.
+    /// Retires the current table and lets go of the windows (leases still held keep theirs, and
+    /// the generations they pin, until released). No lookup can run: every handle that looks up
+    /// holds a mapper, and every mapper holds the domain.
     ~LeaseDomain()
     {
-        delete table_.load(std::memory_order_relaxed);
+        LeaseGenerations::retire(current_.load(std::memory_order_relaxed));
         for (const auto& [object, w] : windows_)
-            LeaseWindow::retire(w);
+            LeaseWindow::drop(w);
+        generations_->drop_owner();
     }
 
     // ---- readers: any thread, lock-free ----
@@ -84,37 +92,26 @@ public:
     /// many pieces cannot get memory for its arrays.
     [[nodiscard]] Result<Lease> take(std::uint64_t gpa, std::uint64_t len, LeaseAccess access)
     {
-        if (len == 0 || gpa + len < gpa) [[unlikely]]
-            return bad_range(gpa, len);
-        Lease lease;
-        lease.shard_ = this_thread_shard();
-        lease.gpa_ = Gpa(gpa);
-        lease.size_ = Length(len);
-        lease.access_ = access;
-        std::size_t room = Lease::inline_pieces;
-        for (;;) {
-            Scan s;
-            {
-                const ShardedReaders::Ticket ticket = readers_.enter(lease.shard_);
-                s = scan(table_.load(std::memory_order_seq_cst), gpa, gpa + len, access);
-                if (s.failure == Failure::none && s.pieces <= room)
-                    fill(lease, s, gpa + len);
-                readers_.exit(ticket);
+        // Built in place and returned by name from every path, so the lease is never moved.
+        Result<Lease> out(std::in_place);
+        Lease& lease = *out;
+        const std::size_t shard = this_thread_shard();
+        if (gpa + len > gpa) [[likely]] { // neither empty nor wrapping
+            LeaseGeneration* g = pin(shard);
+            const Scan s = fill(lease, g->table(), gpa, gpa + len, access, Lease::inline_pieces);
+            if (s.failure == Failure::none && s.pieces <= Lease::inline_pieces) [[likely]] {
+                lease.generation_ = g;
+                lease.shard_ = shard;
+                lease.gpa_ = Gpa(gpa);
+                lease.size_ = Length(len);
+                lease.access_ = access;
+                return out;
             }
-            if (s.failure != Failure::none) [[unlikely]]
-                return scan_error(s, gpa, len, access);
-            if (s.pieces <= room) [[likely]]
-                return lease;
-            // More pieces than the lease has room for: make room outside the section, then look
-            // again (the table may have changed meanwhile).
-            if (!lease.reserve(s.pieces)) [[unlikely]]
-                return make_error(errc::resource_exhausted,
-                                  "no memory for a lease of " + std::to_string(s.pieces) +
-                                      " pieces at " + range_text(gpa, len));
-            room = s.pieces;
+            LeaseGeneration::drop(g, shard);
         }
+        take_slow(out, shard, gpa, len, access);
+        return out;
     }
-
     /// How much of [gpa, gpa + len) is mapped and writable, from its start. No copy, no
     /// allocation, no lock.
     [[nodiscard]] RangeProbe probe(std::uint64_t gpa, std::uint64_t len) const noexcept
@@ -123,16 +120,17 @@ public:
         std::uint64_t mapped = gpa;
         std::uint64_t writable = gpa;
         bool still_writable = true;
-        const ShardedReaders::Ticket ticket = readers_.enter(this_thread_shard());
-        const Table* t = table_.load(std::memory_order_seq_cst);
-        for (const LeasePiece* p = t ? first_at(*t, gpa) : nullptr;
-             p != nullptr && p != t->end() && p->gpa_start <= mapped && mapped < end; ++p) {
+        const std::size_t shard = this_thread_shard();
+        LeaseGeneration* g = pin(shard);
+        const LeaseTable& t = g->table();
+        for (const LeasePiece* p = first_at(t, gpa);
+             p != t.end() && p->gpa_start <= mapped && mapped < end; ++p) {
             mapped = std::min(p->gpa_end, end);
             still_writable = still_writable && p->writable;
             if (still_writable)
                 writable = mapped;
         }
-        readers_.exit(ticket);
+        LeaseGeneration::drop(g, shard);
         return {Length(mapped - gpa), Length(writable - gpa)};
     }
 
@@ -145,8 +143,9 @@ public:
         return it == windows_.end() ? nullptr : it->second;
     }
 
-    /// Registers a window the VA policy mapped for an object (it is unmapped when retired and
-    /// unreferenced). Windows that the next publish() does not reference are retired there.
+    /// Registers a window the VA policy mapped for an object (it is unmapped when no current
+    /// or pinned table names it). Windows that the next publish() does not name leave the
+    /// registry there.
     void add_window(std::uintptr_t object, std::byte* base, std::uint64_t size, bool writable,
                     LeaseWindow::Unmap unmap)
     {
@@ -155,15 +154,15 @@ public:
         owned.release(); // NOLINT(bugprone-unused-return-value): the registry owns it now
     }
 
-    /// Replaces the table with `pieces` (sorted, disjoint), waits until no lookup uses the old
-    /// one, then retires the windows that no piece references any more.
+    /// Makes `pieces` (sorted, disjoint) the current table and retires the previous one (freed
+    /// when its last pin goes; never waits). Then lets go of the windows no piece names.
     void publish(std::vector<LeasePiece> pieces)
     {
-        auto next = std::make_unique<Table>(std::move(pieces));
-        const Table* old = table_.exchange(next.release(), std::memory_order_seq_cst);
-        readers_.synchronize();
-        delete old;
-        const Table& now = *table_.load(std::memory_order_relaxed);
+        LeaseGeneration* next =
+            generations_->activate(std::make_unique<const LeaseTable>(std::move(pieces)));
+        LeaseGeneration* old = current_.exchange(next, std::memory_order_seq_cst);
+        LeaseGenerations::retire(old);
+        const LeaseTable& now = next->table();
         for (auto it = windows_.begin(); it != windows_.end();) {
             LeaseWindow* w = it->second;
             const bool used = std::any_of(now.begin(), now.end(),
@@ -173,33 +172,20 @@ public:
                 continue;
             }
             it = windows_.erase(it);
-            LeaseWindow::retire(w);
+            LeaseWindow::drop(w);
         }
     }
 
-    /// Windows mapped and not yet retired (for tests).
+    /// Windows in the registry (for tests).
     [[nodiscard]] std::size_t window_count() const noexcept { return windows_.size(); }
+    /// Generation slots made so far (for tests).
+    [[nodiscard]] std::size_t generation_slots() const noexcept { return generations_->slots(); }
 
 private:
-    /// The published table: immutable once published.
-    class Table {
-    public:
-        explicit Table(std::vector<LeasePiece> p) : pieces_(std::move(p)) {}
-        [[nodiscard]] const LeasePiece* begin() const noexcept { return pieces_.data(); }
-        [[nodiscard]] const LeasePiece* end() const noexcept
-        {
-            return pieces_.data() + pieces_.size();
-        }
-
-    private:
-        std::vector<LeasePiece> pieces_;
-    };
-
     enum class Failure : std::uint8_t { none, unmapped, read_only, unsupported };
 
-    /// What a lookup found: the first piece and how many merged pieces, or why it failed.
+    /// What a lookup found: how many pieces the lease needs, or why it failed.
     struct Scan {
-        const LeasePiece* first = nullptr;
         std::size_t pieces = 0;
         Failure failure = Failure::none;
         std::uint64_t at = 0; ///< the failing GPA
@@ -207,9 +193,65 @@ private:
         std::uint64_t piece_end = 0;
     };
 
+    /// take() when the fast path did not make it: a bad range, a lookup that failed, or a lease
+    /// of more pieces than Lease::inline_pieces (room is made unpinned, then the table is looked
+    /// up again, since it may have changed meanwhile). Out of line, so that the fast path's code
+    /// stays small.
+    MEMBACKING_NOINLINE MEMBACKING_COLD void take_slow(Result<Lease>& out, std::size_t shard,
+                                                       std::uint64_t gpa, std::uint64_t len,
+                                                       LeaseAccess access)
+    {
+        if (len == 0 || gpa + len < gpa) {
+            out = make_error(errc::invalid_range,
+                             "cannot lease " + range_text(gpa, len) + ": empty or wrapping range");
+            return;
+        }
+        Lease& lease = *out;
+        std::size_t room = Lease::inline_pieces;
+        for (;;) {
+            LeaseGeneration* g = pin(shard);
+            const Scan s = fill(lease, g->table(), gpa, gpa + len, access, room);
+            if (s.failure == Failure::none && s.pieces <= room) {
+                lease.generation_ = g;
+                lease.shard_ = shard;
+                lease.gpa_ = Gpa(gpa);
+                lease.size_ = Length(len);
+                lease.access_ = access;
+                return;
+            }
+            LeaseGeneration::drop(g, shard);
+            if (s.failure != Failure::none) {
+                out = scan_error(s, gpa, len, access);
+                return;
+            }
+            if (!lease.reserve(s.pieces)) {
+                out = make_error(errc::resource_exhausted,
+                                 "no memory for a lease of " + std::to_string(s.pieces) +
+                                     " pieces at " + range_text(gpa, len));
+                return;
+            }
+            room = s.pieces;
+        }
+    }
+
+    /// Pins the current generation on `shard` (see the file comment). Lock-free: it retries
+    /// only when a publish() made another slot current in between.
+    [[nodiscard]] MEMBACKING_ALWAYS_INLINE LeaseGeneration* pin(std::size_t shard) const noexcept
+    {
+        for (;;) {
+            LeaseGeneration* g = current_.load(std::memory_order_seq_cst);
+            if (g->try_pin(shard)) [[likely]] {
+                if (current_.load(std::memory_order_seq_cst) == g) [[likely]]
+                    return g;
+                LeaseGeneration::drop(g, shard);
+            }
+        }
+    }
+
     /// The piece containing gpa, or the first one after it, or end (pieces are disjoint and
     /// sorted, so the one containing gpa is the last that starts at or before it).
-    static const LeasePiece* first_at(const Table& t, std::uint64_t gpa) noexcept
+    MEMBACKING_ALWAYS_INLINE static const LeasePiece* first_at(const LeaseTable& t,
+                                                               std::uint64_t gpa) noexcept
     {
         const LeasePiece* p =
             std::upper_bound(t.begin(), t.end(), gpa, [](std::uint64_t g, const LeasePiece& piece) {
@@ -220,69 +262,54 @@ private:
         return p;
     }
 
-    /// Whether b continues a in host memory too (same window, adjacent bytes): one iovec.
-    static bool continues(const LeasePiece& a, const LeasePiece& b) noexcept
+    /// One pass over the pieces of [gpa, end): checks them, and writes the merged runs (one per
+    /// stretch contiguous in one window) into the lease's first `room` slots. The lease's count
+    /// is set only when they all fit.
+    MEMBACKING_ALWAYS_INLINE static Scan fill(Lease& lease, const LeaseTable& t, std::uint64_t gpa,
+                                              std::uint64_t end, LeaseAccess access,
+                                              std::size_t room) noexcept
     {
-        return a.window == b.window && a.host + (a.gpa_end - a.gpa_start) == b.host;
-    }
-
-    static Scan scan(const Table* t, std::uint64_t gpa, std::uint64_t end,
-                     LeaseAccess access) noexcept
-    {
-        Scan s;
-        const LeasePiece* p = t ? first_at(*t, gpa) : nullptr;
-        s.first = p;
+        iovec* iov = lease.iovs_ptr();
+        std::span<std::byte>* spans = lease.spans_ptr();
+        std::size_t pieces = 0;
+        const std::byte* run_end = nullptr;
+        const LeaseWindow* run_window = nullptr;
         std::uint64_t cursor = gpa;
-        const LeasePiece* prev = nullptr;
-        for (; cursor < end; ++p) {
-            if (p == nullptr || p == t->end() || p->gpa_start > cursor)
-                return {nullptr, 0, Failure::unmapped, cursor, 0, 0};
-            if (p->window == nullptr)
-                return {nullptr, 0, Failure::unsupported, cursor, p->gpa_start, p->gpa_end};
-            if (lease_writes(access) && !p->writable)
-                return {nullptr, 0, Failure::read_only, cursor, p->gpa_start, p->gpa_end};
-            if (prev == nullptr || !continues(*prev, *p))
-                ++s.pieces;
-            prev = p;
-            cursor = p->gpa_end;
-        }
-        return s;
-    }
-
-    /// Takes the references and fills the lease (inside the read-side section).
-    static void fill(Lease& lease, const Scan& s, std::uint64_t end) noexcept
-    {
-        std::uint64_t cursor = lease.gpa_.value();
-        std::byte* run = nullptr;
-        std::uint64_t run_len = 0;
-        LeaseWindow* run_window = nullptr;
-        for (const LeasePiece* p = s.first; cursor < end; ++p) {
+        const LeasePiece* p = first_at(t, gpa);
+        do {
+            if (p == t.end() || p->gpa_start > cursor) [[unlikely]]
+                return {0, Failure::unmapped, cursor, 0, 0};
+            if (p->window == nullptr) [[unlikely]]
+                return {0, Failure::unsupported, cursor, p->gpa_start, p->gpa_end};
+            if (lease_writes(access) && !p->writable) [[unlikely]]
+                return {0, Failure::read_only, cursor, p->gpa_start, p->gpa_end};
             std::byte* at = p->host + (cursor - p->gpa_start);
             const std::uint64_t n = std::min(p->gpa_end, end) - cursor;
-            if (run != nullptr && run_window == p->window && run + run_len == at) {
-                run_len += n;
+            if (at == run_end && p->window == run_window) {
+                if (pieces <= room) {
+                    iov[pieces - 1].iov_len += n;
+                    spans[pieces - 1] = {spans[pieces - 1].data(), iov[pieces - 1].iov_len};
+                }
             } else {
-                if (run != nullptr)
-                    lease.push(run, run_len, run_window);
-                p->window->refs.acquire(lease.shard_);
-                run = at;
-                run_len = n;
+                if (pieces < room) {
+                    iov[pieces] = {at, n};
+                    spans[pieces] = {at, n};
+                }
+                ++pieces;
                 run_window = p->window;
             }
+            run_end = at + n;
             cursor += n;
-        }
-        lease.push(run, run_len, run_window);
+            ++p;
+        } while (cursor < end);
+        if (pieces <= room)
+            lease.count_ = pieces;
+        return {pieces, Failure::none, 0, 0, 0};
     }
 
     static std::string range_text(std::uint64_t gpa, std::uint64_t len)
     {
         return MemoryRange::hex(gpa) + "+" + MemoryRange::hex(len);
-    }
-
-    [[nodiscard]] static Error bad_range(std::uint64_t gpa, std::uint64_t len)
-    {
-        return make_error(errc::invalid_range,
-                          "cannot lease " + range_text(gpa, len) + ": empty or wrapping range");
     }
 
     [[nodiscard]] static Error scan_error(const Scan& s, std::uint64_t gpa, std::uint64_t len,
@@ -309,8 +336,8 @@ private:
                               "lease windows)");
     }
 
-    std::atomic<const Table*> table_{nullptr};
-    mutable ShardedReaders readers_;
+    LeaseGenerations* const generations_; ///< shared with the generations leases pin
+    std::atomic<LeaseGeneration*> current_{nullptr};
     std::map<std::uintptr_t, LeaseWindow*> windows_; ///< object identity -> its live window
 };
 

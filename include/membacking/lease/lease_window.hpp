@@ -6,15 +6,19 @@
  * leases to point into (lease/lease.hpp). It is not a VA mapper's range: topology changes never
  * touch it, so memory reached through a lease stays the object's memory whatever the guest's
  * layout becomes. The lease domain (lease/lease_domain.hpp) creates a window on the control path
- * when an object first becomes leasable and retires it when the object leaves every active
- * mapping; the window then lives until its last lease is released (deferred reclamation: the
- * control path never waits for a lease), and whoever drops the last reference unmaps it and
- * frees it (drop()).
+ * when an object first becomes leasable.
+ *
+ * Who keeps it mapped: the domain's registry while the object is in an active mapping, and every
+ * lease table that has a piece in it (one reference per piece). Leases never count on windows
+ * themselves: a lease holds its table's generation, and the generation its table (deferred
+ * reclamation: the control path never waits for a lease). Whoever drops the last reference (the
+ * control path, or the thread that releases the last lease of an old table) unmaps the window
+ * and frees it. These counts change on the control path and when a table is freed, never on a
+ * lease's fast path.
  */
 #pragma once
 
-#include <membacking/detail/retirable_ref.hpp>
-
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -24,6 +28,7 @@ struct LeaseWindow {
     /// How the VA policy that mapped the window unmaps it (cold: once per window).
     using Unmap = void (*)(std::byte* base, std::uint64_t size) noexcept;
 
+    /// A window with one reference: the registry's.
     LeaseWindow(std::byte* b, std::uint64_t s, bool w, Unmap u) noexcept
         : base(b), size(s), writable(w), unmap(u)
     {}
@@ -31,16 +36,12 @@ struct LeaseWindow {
     LeaseWindow& operator=(const LeaseWindow&) = delete;
     ~LeaseWindow() { unmap(base, size); }
 
-    /// Drops one reference taken on `shard`; the last one after retirement frees the window.
-    static void drop(LeaseWindow* w, std::size_t shard) noexcept
+    /// Takes one more reference (a table's piece; the caller holds one already).
+    static void hold(LeaseWindow* w) noexcept { w->refs.fetch_add(1, std::memory_order_relaxed); }
+    /// Drops one reference; the last one unmaps and frees the window.
+    static void drop(LeaseWindow* w) noexcept
     {
-        if (w->refs.release(shard)) [[unlikely]]
-            delete w;
-    }
-    /// Retires the window (no reference may be taken any more); frees it if none is held.
-    static void retire(LeaseWindow* w) noexcept
-    {
-        if (w->refs.retire())
+        if (w->refs.fetch_sub(1, std::memory_order_acq_rel) == 1)
             delete w;
     }
 
@@ -48,7 +49,7 @@ struct LeaseWindow {
     const std::uint64_t size;
     const bool writable; ///< mapped read-write (a read-only file is mapped read-only)
     const Unmap unmap;
-    RetirableRef refs;
+    std::atomic<std::size_t> refs{1};
 };
 
 } // namespace membacking::detail

@@ -80,7 +80,7 @@ enum class MapperMode : std::uint8_t { eager, lazy };
 /// Counters for tests and dumps.
 struct MappingStats {
     std::uint64_t lazy_faults = 0;   ///< mappings faulted into lazy mappers
-    std::uint64_t hint_failures = 0; ///< THP advice that the kernel refused (advisory only)
+    std::uint64_t hint_failures = 0; ///< THP or prefetch advice the kernel refused (advisory)
 };
 
 /// One linear VA range for guest memory in this process. Created by MappingManager::new_mapper,
@@ -625,6 +625,14 @@ private:
         }
         if (m.policy.transparent_hugepages && !va.advise_hugepages(off, len))
             ++stats_.hint_failures;
+        // Prefetch (RamBackingRequest::prefetch): the host pages are populated in eager mappers
+        // (the primary is one), so neither the VMM nor a partition without its own prefetch
+        // (KVM without KVM_PRE_FAULT_MEMORY) takes a host page fault on first touch. Lazy
+        // mappers map on demand and are left so. Advice: a kernel that refuses is counted.
+        if constexpr (requires { va.populate(off, len, m.writable); }) {
+            if (m.policy.prefetch && mapper.is_eager() && !va.populate(off, len, m.writable))
+                ++stats_.hint_failures;
+        }
         return {};
     }
 

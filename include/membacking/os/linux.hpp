@@ -18,9 +18,13 @@
 
 #    include <membacking/base/result.hpp>
 
+#    include <algorithm>
 #    include <cerrno>
 #    include <cstddef>
 #    include <cstdint>
+#    include <cstdio>
+#    include <cstdlib>
+#    include <cstring>
 #    include <fcntl.h>
 #    include <sys/ioctl.h>
 #    include <sys/mman.h>
@@ -28,6 +32,8 @@
 #    include <sys/stat.h>
 #    include <sys/syscall.h>
 #    include <unistd.h>
+#    include <utility>
+#    include <vector>
 
 namespace membacking::os {
 
@@ -61,6 +67,47 @@ struct LinuxSyscalls {
     {
         return static_cast<int>(::syscall(SYS_munlock, addr, len));
     }
+    /// The parts of [addr, addr + len) that are already mlock()ed (VmFlags "lo" in
+    /// /proc/self/smaps), as [begin, end) address pairs in ascending order: memory the process
+    /// locked itself, e.g. with mlockall(MCL_CURRENT | MCL_FUTURE). Empty when smaps cannot be
+    /// read.
+    static std::vector<std::pair<std::uintptr_t, std::uintptr_t>> locked_spans(const void* addr,
+                                                                               std::size_t len)
+    {
+        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> out;
+        const auto lo = reinterpret_cast<std::uintptr_t>(addr);
+        const std::uintptr_t hi = lo + len;
+        std::FILE* f = std::fopen("/proc/self/smaps", "re");
+        if (f == nullptr)
+            return out;
+        char* line = nullptr;
+        std::size_t cap = 0;
+        std::uintptr_t vma_lo = 0;
+        std::uintptr_t vma_hi = 0;
+        while (::getline(&line, &cap, f) >= 0) {
+            unsigned long a = 0;
+            unsigned long b = 0;
+            char dash = 0;
+            if (std::sscanf(line, "%lx%c%lx", &a, &dash, &b) == 3 && dash == '-') {
+                vma_lo = a;
+                vma_hi = b;
+                continue;
+            }
+            if (std::strncmp(line, "VmFlags:", 8) != 0 || vma_hi <= lo || vma_lo >= hi)
+                continue;
+            if (std::strstr(line, " lo") == nullptr)
+                continue;
+            const std::uintptr_t b0 = std::max(vma_lo, lo);
+            const std::uintptr_t e0 = std::min(vma_hi, hi);
+            if (!out.empty() && out.back().second == b0)
+                out.back().second = e0;
+            else
+                out.emplace_back(b0, e0);
+        }
+        std::free(line);
+        (void)std::fclose(f);
+        return out;
+    }
     static int memfd_create(const char* name, unsigned flags) noexcept
     {
         return ::memfd_create(name, flags);
@@ -71,6 +118,8 @@ struct LinuxSyscalls {
         return ::fallocate(fd, mode, offset, len);
     }
     static int close(int fd) noexcept { return ::close(fd); }
+    /// fcntl(fd, F_DUPFD_CLOEXEC, 0): a new descriptor for the same open file, closed on exec.
+    static int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }
     static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,

@@ -3,9 +3,11 @@
  * Layer: partition (includes base/, detail/, os/linux.hpp, partition/partition_mapper.hpp). The
  * whole body is Linux-only.
  *
- * KvmPartition<Sys>: the KVM partition policy. It is given a VM file descriptor, which it never
- * closes (it owns nothing it did not create), and maps each window the manager gives it as one
- * memslot pointing at the VA mapper's range.
+ * KvmPartition<Sys>: the KVM partition policy. It is given a VM file descriptor, which it
+ * duplicates (F_DUPFD_CLOEXEC) and owns: the VMM may close its own descriptor, or see its number
+ * reused, while the partition lives, and the partition's ioctls still reach the same VM. The
+ * duplicate is closed by the destructor. It maps each window the manager gives it as one memslot
+ * pointing at the VA mapper's range.
  *
  * - Memslots: KVM_SET_USER_MEMORY_REGION2 where the kernel has it (KVM_CAP_USER_MEMORY2), else
  *   KVM_SET_USER_MEMORY_REGION. Slot numbers come from a free list and are reused; the limit is
@@ -16,15 +18,19 @@
  * - Unmapping part of a slot is an error (errc::invalid_range), not an abort: KVM cannot shrink a
  *   slot. Several whole slots can be unmapped at once, all or nothing.
  * - Prefetch: KVM_PRE_FAULT_MEMORY (Linux 6.10+), which is a vCPU ioctl, so it needs a vCPU
- *   (set_prefetch_vcpu). Where the kernel lacks it (KVM_CAP_PRE_FAULT_MEMORY is 0, e.g. without
- *   TDP) or no vCPU is set, prefetch is errc::unsupported. OpenVMM does nothing here.
+ *   (set_prefetch_vcpu, which duplicates and owns the vCPU descriptor too). Where the kernel lacks
+ * it (KVM_CAP_PRE_FAULT_MEMORY is 0, e.g. without TDP) or no vCPU is set, prefetch is
+ * errc::unsupported. OpenVMM does nothing here.
  * - Pin: KVM itself never pins guest memory; devices that DMA pin through VFIO. Here "pinned"
  *   means resident: pin_range mlock()s the host range behind the slot, so it cannot be swapped
  *   out or reclaimed (it can still be migrated by compaction). When the kernel refuses (a hole
  *   in the range, RLIMIT_MEMLOCK) the error is returned and whatever part it had already locked
  *   is unlocked again. The lock belongs to the host mappings present at pin time: a mapping
  *   later replaced inside a pinned window (a new object placed into an active region) is a new
- *   host mapping and is not locked; unpin and pin the window again to cover it.
+ *   host mapping and is not locked; unpin and pin the window again to cover it. Memory the
+ *   process had locked itself before the pin (mlockall(MCL_CURRENT | MCL_FUTURE), the usual
+ *   setting for realtime guests, or its own mlock), as /proc/self/smaps shows it, stays locked
+ *   on unpin: only the parts the pin locked are unlocked.
  * - Dirty logging: a partition-wide mode: every slot, present and future, gets
  *   KVM_MEM_LOG_DIRTY_PAGES; take_dirty_log reads and clears one window's bitmap with
  *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page). KVM keeps the bitmap in the slot, so deleting
@@ -42,6 +48,7 @@
 #if MEMBACKING_OS_LINUX
 
 #    include <membacking/base/align.hpp>
+#    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/detail/interval_map.hpp>
@@ -58,6 +65,7 @@
 #    include <optional>
 #    include <string>
 #    include <string_view>
+#    include <utility>
 #    include <vector>
 
 namespace membacking {
@@ -121,11 +129,64 @@ public:
         friend bool operator==(const SlotInfo&, const SlotInfo&) noexcept = default;
     };
 
-    /// A partition over the VM `vm_fd`, which the caller keeps open for the partition's life.
+    /// A partition over the VM `vm_fd`. The partition works on its own duplicate of it, so the
+    /// caller may close `vm_fd` at any time.
     [[nodiscard]] static Result<std::shared_ptr<KvmPartition>> create(int vm_fd)
     {
         if (vm_fd < 0)
             return make_error(errc::invalid_argument, "no KVM VM file descriptor");
+        const int own = Sys::dup_cloexec(vm_fd);
+        if (own < 0)
+            return os::last_error([&] {
+                return "duplicating the KVM VM file descriptor " + std::to_string(vm_fd) +
+                       " failed";
+            });
+        OwnedFd owned(own);
+        auto caps = query_capabilities(own);
+        if (!caps)
+            return std::move(caps).error();
+        return std::shared_ptr<KvmPartition>(new KvmPartition(std::move(owned), *caps));
+    }
+
+    KvmPartition(const KvmPartition&) = delete;
+    KvmPartition& operator=(const KvmPartition&) = delete;
+    KvmPartition(KvmPartition&&) = delete;
+    KvmPartition& operator=(KvmPartition&&) = delete;
+    ~KvmPartition() = default;
+
+private:
+    /// A descriptor the partition owns: closed when it goes (or is replaced).
+    class OwnedFd {
+    public:
+        OwnedFd() = default;
+        explicit OwnedFd(int fd) noexcept : fd_(fd) {}
+        OwnedFd(OwnedFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+        OwnedFd& operator=(OwnedFd&& o) noexcept
+        {
+            if (this != &o) {
+                reset();
+                fd_ = std::exchange(o.fd_, -1);
+            }
+            return *this;
+        }
+        OwnedFd(const OwnedFd&) = delete;
+        OwnedFd& operator=(const OwnedFd&) = delete;
+        ~OwnedFd() { reset(); }
+        [[nodiscard]] int get() const noexcept { return fd_; }
+        [[nodiscard]] bool valid() const noexcept { return fd_ >= 0; }
+
+    private:
+        void reset() noexcept
+        {
+            if (fd_ >= 0)
+                Sys::close(fd_);
+            fd_ = -1;
+        }
+        int fd_ = -1;
+    };
+
+    static Result<Capabilities> query_capabilities(int vm_fd)
+    {
         Capabilities caps;
         const int slots = Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS);
         if (slots < 0)
@@ -138,12 +199,10 @@ public:
         caps.readonly_memory = Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
         caps.pre_fault_memory =
             Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, detail::kvm_abi::cap_pre_fault_memory) > 0;
-        return std::shared_ptr<KvmPartition>(new KvmPartition(vm_fd, caps));
+        return caps;
     }
 
-    KvmPartition(const KvmPartition&) = delete;
-    KvmPartition& operator=(const KvmPartition&) = delete;
-
+public:
     Result<void> map_range(void* host_va, std::uint64_t gpa, std::uint64_t size, bool writable,
                            bool /*executable: KVM has no such permission*/)
     {
@@ -219,7 +278,9 @@ public:
     /// kernel fail the call (ENOENT); nothing else happens.
     Result<void> prefetch_range(std::uint64_t gpa, std::uint64_t size)
     {
-        std::optional<int> vcpu;
+        // A reference keeps the descriptor open while the ioctl runs outside the lock, even if
+        // set_prefetch_vcpu replaces it meanwhile.
+        std::shared_ptr<const OwnedFd> vcpu;
         {
             std::lock_guard lock(mutex_);
             vcpu = prefetch_vcpu_;
@@ -242,7 +303,7 @@ public:
         unsigned retries = 0;
         while (pf.size != 0) {
             const std::uint64_t before = pf.size;
-            if (Sys::ioctl(*vcpu, detail::kvm_abi::pre_fault_memory, &pf) < 0) {
+            if (Sys::ioctl(vcpu->get(), detail::kvm_abi::pre_fault_memory, &pf) < 0) {
                 const int err = errno;
                 if ((err == EINTR || err == EAGAIN) && ++retries <= max_prefetch_retries)
                     continue;
@@ -263,7 +324,9 @@ public:
     /// How many EINTR/EAGAIN answers in a row prefetch_range accepts before it gives up.
     static constexpr unsigned max_prefetch_retries = 16;
 
-    /// Keeps the host pages behind one window resident (mlock).
+    /// Keeps the host pages behind one window resident (mlock). Parts the process had locked
+    /// itself before (mlockall(MCL_CURRENT | MCL_FUTURE), its own mlock) are noted, and
+    /// unpin_range leaves them locked: munlock would undo the VMM's own lock.
     Result<void> pin_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
@@ -272,20 +335,24 @@ public:
             return no_window(gpa, size);
         if (s->pinned)
             return {};
+        std::vector<HostSpan> ours = not_yet_locked(s->host_va, size);
         if (Sys::mlock(s->host_va, size) != 0) {
             Error e = os::last_error([&] {
                 return "could not pin (mlock) the memory of KVM memslot " +
                        std::to_string(s->slot) + " (" + span_of(*s).to_string() + ")";
             });
             // mlock works front to back and stops at the first VMA it cannot lock, leaving the
-            // ones before it locked: unlock them so a failed pin holds nothing.
-            (void)Sys::munlock(s->host_va, size);
+            // ones before it locked: unlock them so a failed pin holds nothing (and leave what
+            // the VMM had locked).
+            unlock(s->host_va, ours);
             return e;
         }
+        pin_locks_.emplace_back(s->slot, std::move(ours));
         s->pinned = true;
         return {};
     }
 
+    /// Undoes pin_range's lock: only the parts that were not locked before it.
     Result<void> unpin_range(std::uint64_t gpa, std::uint64_t size)
     {
         std::lock_guard lock(mutex_);
@@ -294,9 +361,15 @@ public:
             return no_window(gpa, size);
         if (!s->pinned)
             return {};
-        if (Sys::munlock(s->host_va, size) != 0)
-            return os::last_error(
-                [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
+        auto it = std::find_if(pin_locks_.begin(), pin_locks_.end(),
+                               [&](const auto& p) { return p.first == s->slot; });
+        if (it == pin_locks_.end())
+            detail::fatal("KVM: pinned memslot " + std::to_string(s->slot) + " has no lock record");
+        for (const HostSpan& h : it->second)
+            if (Sys::munlock(at(s->host_va, h.first), h.second - h.first) != 0)
+                return os::last_error(
+                    [&] { return "could not unpin KVM memslot " + std::to_string(s->slot); });
+        pin_locks_.erase(it);
         s->pinned = false;
         return {};
     }
@@ -391,11 +464,29 @@ public:
         quiesced_ = quiesced;
     }
 
-    /// The vCPU that KVM_PRE_FAULT_MEMORY runs on (the caller keeps it open).
-    void set_prefetch_vcpu(std::optional<int> vcpu_fd)
+    /// The vCPU that KVM_PRE_FAULT_MEMORY runs on (nullopt: none). The partition duplicates the
+    /// descriptor and owns the duplicate, so the caller may close its own; the one set before is
+    /// closed. On failure the previous vCPU stays.
+    [[nodiscard]] Result<void> set_prefetch_vcpu(std::optional<int> vcpu_fd)
     {
+        OwnedFd owned;
+        if (vcpu_fd) {
+            const int own = *vcpu_fd < 0 ? -1 : Sys::dup_cloexec(*vcpu_fd);
+            if (own < 0) {
+                if (*vcpu_fd < 0)
+                    return make_error(errc::invalid_argument, "no KVM vCPU file descriptor");
+                return os::last_error([&] {
+                    return "duplicating the KVM vCPU file descriptor " + std::to_string(*vcpu_fd) +
+                           " failed";
+                });
+            }
+            owned = OwnedFd(own);
+        }
+        std::shared_ptr<const OwnedFd> next =
+            owned.valid() ? std::make_shared<OwnedFd>(std::move(owned)) : nullptr;
         std::lock_guard lock(mutex_);
-        prefetch_vcpu_ = vcpu_fd;
+        prefetch_vcpu_.swap(next);
+        return {};
     }
 
     [[nodiscard]] const Capabilities& capabilities() const noexcept { return caps_; }
@@ -407,7 +498,8 @@ public:
             out.push_back(s);
         return out;
     }
-    [[nodiscard]] int vm_fd() const noexcept { return vm_fd_; }
+    /// The partition's own duplicate of the VM descriptor (closed when the partition goes).
+    [[nodiscard]] int vm_fd() const noexcept { return vm_fd_.get(); }
     /// Pages logged in slots since deleted and not yet taken (for tests and dumps).
     [[nodiscard]] std::uint64_t pending_dirty_pages() const
     {
@@ -439,7 +531,7 @@ private:
         kvm_dirty_log log{};
         log.slot = s.slot;
         log.dirty_bitmap = bitmap.data();
-        if (Sys::ioctl(vm_fd_, KVM_GET_DIRTY_LOG, &log) != 0)
+        if (Sys::ioctl(vm_fd_.get(), KVM_GET_DIRTY_LOG, &log) != 0)
             return os::last_error([&] {
                 return "KVM_GET_DIRTY_LOG of memslot " + std::to_string(s.slot) + " (" +
                        span_of(s).to_string() + ") failed";
@@ -480,7 +572,41 @@ private:
             pending_dirty_.push_back(std::move(p));
     }
 
-    KvmPartition(int vm_fd, const Capabilities& caps) : vm_fd_(vm_fd), caps_(caps) {}
+    KvmPartition(OwnedFd vm_fd, const Capabilities& caps) : vm_fd_(std::move(vm_fd)), caps_(caps) {}
+
+    /// A host address range [first, second).
+    using HostSpan = std::pair<std::uintptr_t, std::uintptr_t>;
+
+    /// The parts of [va, va + size) that are not mlock()ed yet.
+    static std::vector<HostSpan> not_yet_locked(const void* va, std::uint64_t size)
+    {
+        const auto lo = reinterpret_cast<std::uintptr_t>(va);
+        const std::uintptr_t hi = lo + size;
+        std::vector<HostSpan> out;
+        std::uintptr_t at = lo;
+        for (const HostSpan& l : Sys::locked_spans(va, size)) {
+            if (l.first > at)
+                out.emplace_back(at, l.first);
+            at = std::max(at, l.second);
+        }
+        if (at < hi)
+            out.emplace_back(at, hi);
+        return out;
+    }
+
+    /// The address `addr` as a pointer derived from `base` (a span lies inside its slot's
+    /// host range), not cast from an integer.
+    static const void* at(const void* base, std::uintptr_t addr) noexcept
+    {
+        return static_cast<const std::byte*>(base) +
+               (addr - reinterpret_cast<std::uintptr_t>(base));
+    }
+
+    static void unlock(const void* base, const std::vector<HostSpan>& spans) noexcept
+    {
+        for (const HostSpan& h : spans)
+            (void)Sys::munlock(at(base, h.first), h.second - h.first);
+    }
 
     static MemoryRange span_of(const SlotInfo& s)
     {
@@ -525,7 +651,7 @@ private:
             r.guest_phys_addr = s.gpa;
             r.memory_size = size;
             r.userspace_addr = reinterpret_cast<std::uint64_t>(s.host_va);
-            rc = Sys::ioctl(vm_fd_, detail::kvm_abi::set_user_memory_region2, &r);
+            rc = Sys::ioctl(vm_fd_.get(), detail::kvm_abi::set_user_memory_region2, &r);
         } else {
             kvm_userspace_memory_region r{};
             r.slot = s.slot;
@@ -533,7 +659,7 @@ private:
             r.guest_phys_addr = s.gpa;
             r.memory_size = size;
             r.userspace_addr = reinterpret_cast<std::uint64_t>(s.host_va);
-            rc = Sys::ioctl(vm_fd_, KVM_SET_USER_MEMORY_REGION, &r);
+            rc = Sys::ioctl(vm_fd_.get(), KVM_SET_USER_MEMORY_REGION, &r);
         }
         if (rc != 0)
             return os::last_error([&] {
@@ -550,15 +676,17 @@ private:
     }
 
     mutable std::mutex mutex_;
-    const int vm_fd_;
+    const OwnedFd vm_fd_; ///< the partition's duplicate of the VMM's VM descriptor
     const Capabilities caps_;
     detail::IntervalMap<SlotInfo, SlotSpan> slots_; ///< by GPA
     std::vector<std::uint32_t> free_;               ///< released slot numbers, reused first
     std::uint32_t next_ = 0;                        ///< the lowest never-used slot number
     bool dirty_logging_ = false;
-    bool quiesced_ = false;                   ///< the VMM holds the vCPUs (set_quiesced)
-    std::vector<PendingDirty> pending_dirty_; ///< bitmaps of logged slots deleted since
-    std::optional<int> prefetch_vcpu_;
+    bool quiesced_ = false;                        ///< the VMM holds the vCPUs (set_quiesced)
+    std::vector<PendingDirty> pending_dirty_;      ///< bitmaps of logged slots deleted since
+    std::shared_ptr<const OwnedFd> prefetch_vcpu_; ///< its own duplicate, or null
+    /// Per pinned slot number: the host spans pin_range locked (unlocked before it).
+    std::vector<std::pair<std::uint32_t, std::vector<HostSpan>>> pin_locks_;
 };
 
 static_assert(PartitionMapper<KvmPartition<>>);
