@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
+#include <vector>
 
 using namespace membacking;
 using test::must;
@@ -285,6 +286,37 @@ TEST_CASE("a child that stops reading its socket is cut off within the deadline"
     const std::string r = s.child->ask("read_until_error 1000 2000");
     CHECK(r.rfind(err(errc::unmapped) + " ", 0) == 0);
     CHECK(s.child->read(0xc0000) == err(errc::unmapped));
+}
+
+TEST_CASE("clients that stop answering together cost one deadline, not one each")
+{
+    // The step is sent to every client before any is awaited (AwaitsTableChanges), so the
+    // deadlines run at the same time. In turn, four stopped clients would take 4 x 700 ms.
+    Manager m = legacy_guest();
+    const auto deadline = std::chrono::milliseconds(700);
+    constexpr int stopped = 4;
+    std::vector<Served> clients;
+    for (int i = 0; i < stopped + 1; ++i)
+        clients.push_back(serve_child(m, deadline));
+    auto control = m.ram_visibility_control();
+    const MemoryRange pam = range(0xc0000, 0xc4000);
+    for (Served& c : clients)
+        REQUIRE(c.child->read(0xc0000) == ok(0));
+    for (int i = 0; i < stopped; ++i)
+        clients[static_cast<std::size_t>(i)].child->stop();
+    const auto start = Clock::now();
+    must(control.set_ram_visibility(pam, RamVisibility::unmapped));
+    const auto took = Clock::now() - start;
+    CHECK(took >= deadline);
+    CHECK(took < stopped * deadline);
+    for (int i = 0; i < stopped; ++i)
+        CHECK(clients[static_cast<std::size_t>(i)].listener->cut_off());
+    // The one that answered was awaited too, and is still served.
+    Served& live = clients.back();
+    CHECK_FALSE(live.listener->cut_off());
+    CHECK(live.child->read(0xc0000) == err(errc::unmapped));
+    must(control.set_ram_visibility(pam, RamVisibility::read_write));
+    CHECK(live.child->read(0xc0000) == ok(0));
 }
 
 TEST_CASE("a manager killed under its client: the client's accesses fail within 2 s")

@@ -558,6 +558,84 @@ TEST_CASE("a listener that cuts itself off is dropped and the operation goes on"
     CHECK(m.core().memory_listeners().size() == 1);
 }
 
+/// A two-phase listener (AwaitsTableChanges) that writes "<name>.apply" / "<name>.await" into a
+/// shared log, so a test sees the order in which the manager calls the phases.
+class TwoPhaseListener {
+public:
+    TwoPhaseListener(std::string name, std::vector<std::string>& log)
+        : name_(std::move(name)), log_(&log)
+    {}
+    [[nodiscard]] std::string name() const { return name_; }
+    Result<void> apply(const MemoryTableChange& change)
+    {
+        log_->push_back(name_ + (change.kind == Kind::rollback ? ".rollback" : ".apply"));
+        if (refuse_updates && change.kind == Kind::update)
+            return make_error(errc::resource_exhausted, "no IOMMU entries left");
+        ++pending_;
+        return {};
+    }
+    Result<void> await_applied()
+    {
+        log_->push_back(name_ + ".await");
+        if (pending_ != 1)
+            ++violations; // awaited without exactly one apply since the last await
+        pending_ = 0;
+        if (fail_await)
+            return Error(make_error_code(listener_errc::cut_off), "no acknowledgement");
+        return {};
+    }
+    bool refuse_updates = false;
+    bool fail_await = false;
+    int violations = 0;
+
+private:
+    std::string name_;
+    std::vector<std::string>* log_;
+    int pending_ = 0;
+};
+static_assert(AwaitsTableChanges<TwoPhaseListener>);
+static_assert(!AwaitsTableChanges<RecordingListener>);
+
+TEST_CASE("two-phase listeners: every one is sent a step before any is awaited")
+{
+    Manager m = legacy_guest();
+    std::vector<std::string> log;
+    auto a = std::make_shared<TwoPhaseListener>("a", log);
+    auto b = std::make_shared<TwoPhaseListener>("b", log);
+    must(m.add_memory_listener(a));
+    must(m.add_memory_listener(b));
+    CHECK(log == std::vector<std::string>{"a.apply", "a.await", "b.apply", "b.await"});
+
+    // One step (a PAM segment unmapped): both sent, then both awaited.
+    log.clear();
+    auto control = m.ram_visibility_control();
+    must(control.set_ram_visibility(x86_legacy::pam_segments[0], RamVisibility::unmapped));
+    CHECK(log == std::vector<std::string>{"a.apply", "b.apply", "a.await", "b.await"});
+
+    // b refuses: a (which was sent the step) is awaited first, then sent the inverse and awaited
+    // again; the operation fails with b's error and changes nothing.
+    log.clear();
+    b->refuse_updates = true;
+    const auto table = m.memory_table();
+    auto r = control.set_ram_visibility(x86_legacy::pam_segments[1], RamVisibility::unmapped);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::resource_exhausted);
+    CHECK(m.memory_table() == table);
+    CHECK(log ==
+          std::vector<std::string>{"a.apply", "b.apply", "a.await", "a.rollback", "a.await"});
+    b->refuse_updates = false;
+
+    // An await that fails drops that listener (it cannot refuse); the operation goes on.
+    log.clear();
+    a->fail_await = true;
+    must(control.set_ram_visibility(x86_legacy::pam_segments[1], RamVisibility::unmapped));
+    CHECK(log == std::vector<std::string>{"a.apply", "b.apply", "a.await", "b.await"});
+    CHECK(m.core().memory_listeners().size() == 1);
+    CHECK(a.use_count() == 1);
+    CHECK(a->violations == 0);
+    CHECK(b->violations == 0);
+}
+
 // ---- a random sequence of 1,000 operations ----
 
 TEST_CASE("after each of 1,000 random operations a listener sees exactly what the map shows")

@@ -16,12 +16,14 @@
  *   reply. The pieces handed out are remembered.
  * - apply() (inside the control call, under the manager's control lock): the table copy is
  *   updated first; then every removed piece that was handed out is invalidated: one invalidate
- *   message each, then one wait for the last acknowledgement, bounded by Options::deadline
- *   (default 500 ms). A client that does not acknowledge in time, whose socket is full, or that has
- *   gone away is cut off: its socket is shut down and apply() returns listener_errc::cut_off, so
- *   the manager drops this listener and completes the operation. One control call waits at most
- *   one deadline per client that stops answering during it; a client cut off is never waited for
- *   again.
+ *   message each. await_applied() (the second phase, AwaitsTableChanges: the manager sends a step
+ *   to every client before it awaits any) waits for the last acknowledgement, at most
+ *   Options::deadline (default 500 ms) after the invalidations were sent. A client that does not
+ *   acknowledge in time, whose socket is full, or that has gone away is cut off: its socket is
+ *   shut down and the call returns listener_errc::cut_off, so the manager drops this listener and
+ *   completes the operation. The clients' deadlines of one step run at the same time, so a step
+ *   waits about one deadline however many clients stop answering during it (an operation of k
+ *   steps at most k); a client cut off is never waited for again.
  * - Replies and invalidates are sent under one lock, in the order the table changed, and the
  *   client applies them in socket order: a reply can never re-map memory that an invalidate sent
  *   before it removed.
@@ -101,10 +103,11 @@ public:
     /// Pieces handed out so far (for tests and benchmarks).
     [[nodiscard]] std::uint64_t faults_served() const noexcept { return served_.load(); }
 
-    /// The listener call (mapping/memory_listener.hpp): see the file comment.
+    /// The listener call (mapping/memory_listener.hpp): updates the table copy and sends the
+    /// invalidations; await_applied() waits for their acknowledgement. See the file comment.
     Result<void> apply(const MemoryTableChange& change)
     {
-        std::unique_lock lock(mutex_);
+        const std::lock_guard lock(mutex_);
         if (cut_)
             return Error(make_error_code(listener_errc::cut_off), "client already cut off");
         if (change.kind != MemoryTableChange::Kind::rollback)
@@ -120,18 +123,29 @@ public:
                 table_.insert_or_assign(p.gpa.start(), p);
         if (invalidate.empty())
             return {};
-        std::uint32_t last = 0;
         for (const MemoryRange& r : invalidate) {
-            last = ++seq_;
-            if (auto s = channel_.send({last, Invalidate{r.start(), r.size()}}); !s) {
+            const std::uint32_t seq = ++seq_;
+            if (auto s = channel_.send({seq, Invalidate{r.start(), r.size()}}); !s) {
                 cut_off_locked("sending an invalidation of " + r.to_string() +
                                " failed: " + s.error().full_message());
                 return Error(make_error_code(listener_errc::cut_off), name_ + " cut off");
             }
+            awaited_ack_ = seq;
         }
-        awaited_ack_ = last;
-        const bool acked = cv_.wait_for(lock, options_.deadline,
-                                        [&] { return acked_ == awaited_ack_ || cut_.load(); });
+        await_until_ = std::chrono::steady_clock::now() + options_.deadline;
+        return {};
+    }
+
+    /// The second phase (AwaitsTableChanges): waits until the client has acknowledged every
+    /// invalidation sent so far, at most until Options::deadline after the last apply() sent
+    /// them; otherwise cuts the client off.
+    Result<void> await_applied()
+    {
+        std::unique_lock lock(mutex_);
+        if (cut_)
+            return Error(make_error_code(listener_errc::cut_off), "client already cut off");
+        const bool acked = cv_.wait_until(lock, await_until_,
+                                          [&] { return acked_ == awaited_ack_ || cut_.load(); });
         if (!acked || cut_) {
             cut_off_locked(acked ? "the client went away during an invalidation"
                                  : "no acknowledgement of an invalidation within " +
@@ -242,10 +256,13 @@ private:
     std::set<std::uint64_t> held_;               ///< starts of the pieces handed out
     std::uint32_t seq_ = 0;
     std::uint32_t awaited_ack_ = 0;
+    std::chrono::steady_clock::time_point await_until_{}; ///< deadline of the last invalidations
     std::uint32_t acked_ = 0;
     std::atomic<bool> cut_ = false;
     std::atomic<std::uint64_t> served_ = 0;
 };
+
+static_assert(AwaitsTableChanges<RemoteListener<>>);
 
 } // namespace membacking::ipc
 

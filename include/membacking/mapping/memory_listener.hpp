@@ -32,6 +32,15 @@
  * as if it had accepted. A listener that fails a rollback is dropped the same way (a rollback
  * cannot be refused). A listener must bound its own time: the control call waits for it.
  *
+ * Two-phase listeners (optional, the AwaitsTableChanges sub-concept): a listener whose consumer
+ * acknowledges asynchronously (a client process) may also implement
+ *   Result<void> await_applied();   // waits for the consumer of the last apply()
+ * Then apply() only decides (it may refuse, as above) and sends, and the manager gives each step
+ * to every listener first and then awaits them all, so that N client processes cost one
+ * round trip and at most one deadline per step, not N in a row. await_applied() cannot refuse:
+ * any error drops the listener, as a cut-off does. It is called exactly once after every apply()
+ * that succeeded, before the next apply().
+ *
  * Threads and locks: apply runs on the thread of the control call, under the manager's control
  * lock; calls to one manager's listeners never overlap. It must not call back into that manager
  * (every control call, memory_table() and memory_map() take the same lock: a deadlock), nor
@@ -113,6 +122,12 @@ concept AppliesTableChanges = requires(L& listener, const MemoryTableChange& cha
 
 template <class L>
 concept MemoryListener = NamedListener<L> && AppliesTableChanges<L>;
+
+/// Optional: apply() sends, await_applied() waits for the consumer (see the file comment).
+template <class L>
+concept AwaitsTableChanges = MemoryListener<L> && requires(L& listener) {
+    { listener.await_applied() } -> std::same_as<Result<void>>;
+};
 // clang-format on
 
 } // namespace membacking

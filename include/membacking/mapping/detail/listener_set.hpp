@@ -10,7 +10,9 @@
  * fails, the listeners get the inverse too. The table changes only when both succeeded.
  *
  * Listeners come first so that a device stops using a piece before the VMM's own view of it
- * goes, and so that a refusal costs no VA work. Events that arrive while an UndoLog rolls back
+ * goes, and so that a refusal costs no VA work. Two-phase listeners (AwaitsTableChanges: client
+ * processes) are sent each change before any is awaited, so a step waits for its slowest client
+ * once rather than for every client in turn. Events that arrive while an UndoLog rolls back
  * (UndoLog::rolling_back) are rollbacks: a listener that fails one is dropped, never fatal.
  *
  * Listeners are type-erased (std::function): they come and go at run time with different types,
@@ -52,11 +54,17 @@ public:
         if (!listener)
             return make_error(errc::invalid_argument, "no memory listener given");
         Entry e{ListenerId{next_id_++}, std::string(std::as_const(*listener).name()),
-                [l = listener.get()](const MemoryTableChange& c) { return l->apply(c); },
+                [l = listener.get()](const MemoryTableChange& c) { return l->apply(c); }, nullptr,
                 std::move(listener)};
+        if constexpr (AwaitsTableChanges<L>)
+            e.await = [l = static_cast<L*>(e.owner.get())] { return l->await_applied(); };
         MemoryTableChange initial{MemoryTableChange::Kind::initial, {}, table_.pieces()};
         if (auto r = e.apply(initial); !r)
             return refused(e, initial, std::move(r).error());
+        if (e.await) {
+            if (auto r = e.await(); !r)
+                return refused(e, initial, std::move(r).error());
+        }
         listeners_.push_back(std::move(e));
         return listeners_.back().id;
     }
@@ -104,8 +112,9 @@ private:
         ListenerId id;
         std::string name;
         std::function<Result<void>(const MemoryTableChange&)> apply;
-        std::shared_ptr<void> owner; ///< keeps the listener alive while it is registered
-        bool dropped = false;        ///< cut off during the current delivery
+        std::function<Result<void>()> await; ///< empty unless AwaitsTableChanges
+        std::shared_ptr<void> owner;         ///< keeps the listener alive while it is registered
+        bool dropped = false;                ///< cut off during the current delivery
     };
 
     template <class VaStep>
@@ -126,7 +135,8 @@ private:
 
     /// Gives one change to every listener, all or nothing. A refusal of an update gives the
     /// listeners that accepted it the inverse, newest first, and is returned. A cut-off, or any
-    /// failure of a rollback, drops the listener and counts as accepted.
+    /// failure of a rollback, drops the listener and counts as accepted. Two-phase listeners
+    /// are all sent the change first and awaited after (in parallel, in effect).
     Result<void> deliver(const TableDiff& diff, MemoryTableChange::Kind kind)
     {
         const MemoryTableChange change{kind, diff.removed, diff.added};
@@ -146,15 +156,34 @@ private:
                 continue;
             }
             result = refused(e, change, std::move(r).error());
+            break;
+        }
+        await_all(accepted);
+        if (!result) {
             const MemoryTableChange inverse{MemoryTableChange::Kind::rollback, diff.added,
                                             diff.removed};
-            for (auto it = accepted.rbegin(); it != accepted.rend(); ++it)
-                if (!(*it)->apply(inverse))
+            std::vector<Entry*> undone;
+            for (auto it = accepted.rbegin(); it != accepted.rend(); ++it) {
+                if ((*it)->dropped)
+                    continue;
+                if ((*it)->apply(inverse))
+                    undone.push_back(*it);
+                else
                     (*it)->dropped = true;
-            break;
+            }
+            await_all(undone);
         }
         std::erase_if(listeners_, [](const Entry& e) { return e.dropped; });
         return result;
+    }
+
+    /// The second phase of the two-phase listeners among `sent`: it cannot refuse; any error
+    /// drops the listener (mapping/memory_listener.hpp).
+    static void await_all(const std::vector<Entry*>& sent)
+    {
+        for (Entry* e : sent)
+            if (e->await && !e->dropped && !e->await())
+                e->dropped = true;
     }
 
     static Error refused(const Entry& e, const MemoryTableChange& change, Error cause)
