@@ -380,6 +380,44 @@ TEST_CASE("private memory cannot be shared with another process")
     CHECK(served.error().full_message().find("0x0-0x400000") != std::string::npos);
 }
 
+TEST_CASE("a client's listener refuses a change that would add private memory, applying none")
+{
+    // Through the public API private RAM is mapped at build, where serve_process already refuses
+    // it; the listener still refuses any change that adds private memory, so that a control call
+    // that would add some is rolled back while a client is connected (listener refusal).
+    auto pair = must(ipc::Channel<>::pair());
+    ipc::RemoteListenerOptions lo;
+    lo.log = &quiet;
+    auto listener =
+        must(ipc::RemoteListener<>::create(std::move(pair.first), 16 * MiB, "child", lo));
+    const MemoryPiece shared{range(0x10000, 0x14000),
+                             test::make_object(0x4000),
+                             Offset{0},
+                             true,
+                             MappingType::Ram,
+                             RegionId{1}};
+    const MemoryPiece private_piece{range(0x20000, 0x24000), Mappable{}, Offset{0}, true,
+                                    MappingType::Ram,        RegionId{2}};
+    auto r = listener->apply({MemoryTableChange::Kind::update, {}, {shared, private_piece}});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::unsupported);
+    CHECK(r.error().full_message().find("0x20000-0x24000") != std::string::npos);
+    CHECK_FALSE(listener->cut_off());
+
+    // None of it was applied: the shared piece of the refused change is not served.
+    ipc::RemoteMapperOptions mo;
+    mo.log = &quiet;
+    auto memory = must(ipc::connect_guest_memory(pair.second.release(), mo));
+    auto before = memory.read_plain<std::uint64_t>(Gpa{0x10000});
+    REQUIRE_FALSE(before);
+    CHECK(before.error().code == errc::unmapped);
+    // The same change without the private piece is taken, and served.
+    must(listener->apply({MemoryTableChange::Kind::update, {}, {shared}}));
+    must(listener->await_applied());
+    CHECK(memory.read_plain<std::uint64_t>(Gpa{0x10000}).has_value());
+    CHECK_FALSE(listener->cut_off());
+}
+
 TEST_CASE("a hostile client is cut off; it never obtains memory the manager does not share")
 {
     Manager m = legacy_guest();
