@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <latch>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -757,6 +758,73 @@ TEST_CASE("controls outliving the manager report that it is gone")
     CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
                                                      RamVisibility::unmapped)) == errc::not_found);
     CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
+}
+
+TEST_CASE("destruction tears down before it returns while another thread is in a control call")
+{
+    // Issue 10, defect 2: the façades keep the core alive for their call, so the teardown used to
+    // run when that call ended, after ~GuestMemoryManager had returned (293 of 300 tries).
+    constexpr int tries = 100;
+    int torn_down_late = 0;
+    int accessible_after = 0;
+    int calls_after_not_gone = 0;
+    for (int t = 0; t < tries; ++t) {
+        auto p = std::make_shared<MockPartition>();
+        p->set_recording(false);
+        std::optional<Manager> m(legacy_guest());
+        must(m->attach_partition(Vtl::vtl0, p));
+        auto primary = m->guest_memory();
+        auto lazy = must(m->client().lazy_guest_memory());
+        auto control = m->ram_visibility_control();
+        auto devices = m->device_memory_mapper();
+        Mappable bar_object = test::make_object(0x1000);
+        std::atomic<bool> started{false};
+        std::atomic<bool> destroyed{false};
+        std::thread churn([&] {
+            auto bar = must(devices.new_region("bar", Length{0x1000}));
+            must(bar.map({.offset = Offset{0},
+                          .length = Length{0x1000},
+                          .object = bar_object,
+                          .object_offset = Offset{0},
+                          .protection = Protection::read_write}));
+            const MemoryRange pam = range(0xc0000, 0xc4000);
+            for (int i = 0;; ++i) {
+                const bool toggled =
+                    control.set_ram_visibility(pam, static_cast<RamVisibility>(i % 3)).has_value();
+                const bool moved =
+                    bar.map_to_guest(Gpa{8 * MiB + static_cast<std::uint64_t>(i % 2) * 0x1000},
+                                     Protection::read_write)
+                        .has_value();
+                started.store(true);
+                if (!toggled || !moved) {
+                    // Only the manager's end makes these calls fail, and then for good.
+                    if (!destroyed.load())
+                        ++calls_after_not_gone;
+                    const auto again = control.set_ram_visibility(pam, RamVisibility::read_write);
+                    if (test::error_of(again) != errc::not_found)
+                        ++calls_after_not_gone;
+                    break;
+                }
+            }
+        });
+        while (!started.load())
+            std::this_thread::yield();
+        m.reset(); // while `churn` is (almost always) inside a call
+        destroyed.store(true);
+        // Torn down already, whatever `churn` is doing: the partition holds nothing and no
+        // surviving handle reaches guest memory.
+        if (!p->windows().empty())
+            ++torn_down_late;
+        std::array<std::byte, 8> buf{};
+        for (auto gpa : {Gpa{0}, Gpa{0xc0000}, Gpa{8 * MiB}, Gpa{8 * MiB + 0x1000}})
+            if (primary.read(gpa, buf) || lazy.read(gpa, buf))
+                ++accessible_after;
+        churn.join();
+        CHECK(p->windows().empty());
+    }
+    CHECK(torn_down_late == 0);
+    CHECK(accessible_after == 0);
+    CHECK(calls_after_not_gone == 0);
 }
 
 TEST_CASE("an out-of-range RamVisibility value is an error, not read-only")
