@@ -496,6 +496,52 @@ TEST_CASE("device memory moved to where it already is: no unmap, a permission ch
     CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
 }
 
+TEST_CASE("a failed device move restores the region exactly: its twin on the same range stays "
+          "hidden")
+{
+    // Two device regions of equal priority on an identical range: the earlier registered one is
+    // visible. A move of the visible one that fails at any partition call must leave it visible
+    // (it used to come back under a new id, behind its twin).
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto devices = m.device_memory_mapper();
+    const auto make_bar = [&](const char* name) {
+        auto bar = must(devices.new_region(name, Length{0x1000}));
+        must(bar.map({.offset = Offset{0},
+                      .length = Length{0x1000},
+                      .object = test::make_object(0x1000),
+                      .object_offset = Offset{0},
+                      .protection = Protection::read_write}));
+        must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+        return bar;
+    };
+    auto first = make_bar("first");
+    auto twin = make_bar("twin");
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 0xf1f1).has_value()); // into `first`
+    const std::string before = m.memory_map().to_text();
+    const auto windows_before = p->windows();
+
+    std::size_t failures = 0;
+    for (std::size_t n = 1;; ++n) {
+        REQUIRE(n < 20);
+        p->fail_nth_call(n, make_error(errc::resource_exhausted, "injected"));
+        auto moved = first.map_to_guest(Gpa{9 * MiB}, Protection::read_write);
+        p->clear_failure();
+        if (moved)
+            break;
+        ++failures;
+        CHECK(m.memory_map().to_text() == before);
+        CHECK(p->windows() == windows_before);
+        CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 0xf1f1);
+    }
+    CHECK(failures >= 3); // the removal's unmap and the twin's map, then the new placement's map
+    // The retry succeeded: `first` is at 9 MiB, the twin shows at 8 MiB.
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{9 * MiB})) == 0xf1f1);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 0);
+}
+
 TEST_CASE("dropping a device region removes it from the guest")
 {
     Manager m = must(
