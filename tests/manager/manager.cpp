@@ -741,6 +741,52 @@ TEST_CASE("the memory map dump, as text and as JSON")
 #endif
 }
 
+TEST_CASE("the dumps show the permission each partition was given, not only the params")
+{
+    // A region mapped read-write over a read-only file mapping: its params say rw, the
+    // partitions get a read-only window (a VTL2 partition twice, at its alias offset too).
+    auto m = must(Manager::builder()
+                      .vtl0_alias_map(Length{16 * MiB})
+                      .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
+                      .build(Length{16 * MiB}));
+    auto p0 = std::make_shared<MockPartition>();
+    auto p2 = std::make_shared<MockPartition>();
+    const PartitionId id0 = must(m.attach_partition(Vtl::vtl0, p0));
+    const PartitionId id2 = must(m.attach_partition(Vtl::vtl2, p2));
+    const RegionId rom =
+        must(m.add_region("rom", range(8 * MiB, 8 * MiB + 0x1000), 1, MappingType::Ram));
+    must(
+        m.add_mapping(rom, RegionMapping{range(0, 0x1000),
+                                         MappingBacking::file(test::make_object(0x1000), Offset{0}),
+                                         false,
+                                         {}}));
+    must(m.map_region(rom, MapParams{true, false, false}));
+    REQUIRE(p0->lookup(8 * MiB).has_value());
+    CHECK_FALSE(p0->lookup(8 * MiB)->writable);
+    REQUIRE(p2->lookup(24 * MiB).has_value());
+    CHECK_FALSE(p2->lookup(24 * MiB)->writable);
+
+    const MemoryMap map = m.memory_map();
+    const std::string text = map.to_text();
+    INFO(text);
+    const std::string s0 = std::to_string(id0.value);
+    const std::string s2 = std::to_string(id2.value);
+    CHECK(text.find("(prio 1, ram, rw-): rom [active] given #" + s0 + " r--, #" + s2 +
+                    "@0x1000000 r--, #" + s2 + " r--\n") != std::string::npos);
+    CHECK(text.find("ram [active] given #" + s0 + " rwx") != std::string::npos);
+    const std::string json = map.to_json();
+    INFO(json);
+    CHECK(json.find("\"given\":[{\"partition\":" + s0 +
+                    ",\"offset\":0,\"writable\":false,\"executable\":false},"
+                    "{\"partition\":" +
+                    s2 + ",\"offset\":16777216,\"writable\":false") != std::string::npos);
+    // Unmapped regions were given nothing.
+    must(m.unmap_region(rom));
+    const MemoryMap after = m.memory_map();
+    REQUIRE(after.find_region("rom") != nullptr);
+    CHECK(after.find_region("rom")->given.empty());
+}
+
 TEST_CASE("dumps stay one line per region and valid JSON whatever a region's name holds")
 {
     Manager m = legacy_guest();
