@@ -871,7 +871,7 @@ TEST_CASE("destruction tears down before it returns while another thread is in a
         auto devices = m->device_memory_mapper();
         Mappable bar_object = test::make_object(0x1000);
         std::atomic<bool> started{false};
-        std::atomic<bool> destroyed{false};
+        std::atomic<bool> destroying{false};
         std::thread churn([&] {
             auto bar = must(devices.new_region("bar", Length{0x1000}));
             must(bar.map({.offset = Offset{0},
@@ -890,7 +890,7 @@ TEST_CASE("destruction tears down before it returns while another thread is in a
                 started.store(true);
                 if (!toggled || !moved) {
                     // Only the manager's end makes these calls fail, and then for good.
-                    if (!destroyed.load())
+                    if (!destroying.load())
                         ++calls_after_not_gone;
                     const auto again = control.set_ram_visibility(pam, RamVisibility::read_write);
                     if (test::error_of(again) != errc::not_found)
@@ -901,8 +901,8 @@ TEST_CASE("destruction tears down before it returns while another thread is in a
         });
         while (!started.load())
             std::this_thread::yield();
+        destroying.store(true);
         m.reset(); // while `churn` is (almost always) inside a call
-        destroyed.store(true);
         // Torn down already, whatever `churn` is doing: the partition holds nothing and no
         // surviving handle reaches guest memory.
         if (!p->windows().empty())

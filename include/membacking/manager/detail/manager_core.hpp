@@ -126,8 +126,17 @@ public:
     ManagerCore(const ManagerCore&) = delete;
     ManagerCore& operator=(const ManagerCore&) = delete;
 
-    /// Tears down (shut_down()); partition failures here cannot be reported and are ignored.
-    ~ManagerCore() { shut_down(); }
+    /// The last reference is gone (shut_down() may have run already): partitions stop
+    /// referencing guest memory first, then every VA mapper is invalidated by the
+    /// MappingManager's destructor, after the primary mapper has released its reservation (the
+    /// order that needs the fewest system calls, for a build that fails on a failing host).
+    /// Partition failures here cannot be reported and are ignored.
+    ~ManagerCore()
+    {
+        std::lock_guard lock(control_);
+        if (!closed_)
+            partitions_.unmap_all(regions_.active_regions());
+    }
 
     /// Tears down now, even while a façade (RamVisibilityControl, DeviceMemoryMapper, DeviceRegion,
     /// GuestMemoryClient) keeps this core alive for a call: waits for the control operation in
