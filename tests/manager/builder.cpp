@@ -172,6 +172,23 @@ TEST_CASE("build validation: the VTL0 alias map must fit")
               .vtl0_alias_map(Length{2 * MiB})
               .add_backing(ram({range(0, MiB)}))
               .build(Length{2 * MiB}));
+    // Refused at build, not by every VTL2 attach later: an unaligned offset...
+    auto unaligned = Manager::builder()
+                         .vtl0_alias_map(Length{2 * MiB + 1})
+                         .add_backing(ram({range(0, MiB)}))
+                         .build(Length{2 * MiB});
+    REQUIRE_FALSE(unaligned);
+    CHECK(unaligned.error().code() == errc::invalid_range);
+    CHECK(unaligned.error().full_message().find("0x200001") != std::string::npos);
+    // ... and one whose alias of the address space would end beyond 2^64.
+    const std::uint64_t top = ~std::uint64_t{0} & ~(page_size - 1);
+    auto overflowing = Manager::builder()
+                           .vtl0_alias_map(Length{top})
+                           .add_backing(ram({range(0, MiB)}))
+                           .build(Length{2 * MiB});
+    REQUIRE_FALSE(overflowing);
+    CHECK(overflowing.error().code() == build_errc::alias_map_wont_fit);
+    CHECK(overflowing.error().full_message().find("2^64") != std::string::npos);
 }
 
 TEST_CASE("build failures: no address space, allocation, RAM too large, bad layout, enable")

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <latch>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -495,6 +496,52 @@ TEST_CASE("device memory moved to where it already is: no unmap, a permission ch
     CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 42);
 }
 
+TEST_CASE("a failed device move restores the region exactly: its twin on the same range stays "
+          "hidden")
+{
+    // Two device regions of equal priority on an identical range: the earlier registered one is
+    // visible. A move of the visible one that fails at any partition call must leave it visible
+    // (it used to come back under a new id, behind its twin).
+    Manager m = legacy_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    auto mem = m.guest_memory();
+    auto devices = m.device_memory_mapper();
+    const auto make_bar = [&](const char* name) {
+        auto bar = must(devices.new_region(name, Length{0x1000}));
+        must(bar.map({.offset = Offset{0},
+                      .length = Length{0x1000},
+                      .object = test::make_object(0x1000),
+                      .object_offset = Offset{0},
+                      .protection = Protection::read_write}));
+        must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+        return bar;
+    };
+    auto first = make_bar("first");
+    auto twin = make_bar("twin");
+    REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 0xf1f1).has_value()); // into `first`
+    const std::string before = m.memory_map().to_text();
+    const auto windows_before = p->windows();
+
+    std::size_t failures = 0;
+    for (std::size_t n = 1;; ++n) {
+        REQUIRE(n < 20);
+        p->fail_nth_call(n, make_error(errc::resource_exhausted, "injected"));
+        auto moved = first.map_to_guest(Gpa{9 * MiB}, Protection::read_write);
+        p->clear_failure();
+        if (moved)
+            break;
+        ++failures;
+        CHECK(m.memory_map().to_text() == before);
+        CHECK(p->windows() == windows_before);
+        CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 0xf1f1);
+    }
+    CHECK(failures >= 3); // the removal's unmap and the twin's map, then the new placement's map
+    // The retry succeeded: `first` is at 9 MiB, the twin shows at 8 MiB.
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{9 * MiB})) == 0xf1f1);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{8 * MiB})) == 0);
+}
+
 TEST_CASE("dropping a device region removes it from the guest")
 {
     Manager m = must(
@@ -694,6 +741,52 @@ TEST_CASE("the memory map dump, as text and as JSON")
 #endif
 }
 
+TEST_CASE("the dumps show the permission each partition was given, not only the params")
+{
+    // A region mapped read-write over a read-only file mapping: its params say rw, the
+    // partitions get a read-only window (a VTL2 partition twice, at its alias offset too).
+    auto m = must(Manager::builder()
+                      .vtl0_alias_map(Length{16 * MiB})
+                      .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
+                      .build(Length{16 * MiB}));
+    auto p0 = std::make_shared<MockPartition>();
+    auto p2 = std::make_shared<MockPartition>();
+    const PartitionId id0 = must(m.attach_partition(Vtl::vtl0, p0));
+    const PartitionId id2 = must(m.attach_partition(Vtl::vtl2, p2));
+    const RegionId rom =
+        must(m.add_region("rom", range(8 * MiB, 8 * MiB + 0x1000), 1, MappingType::Ram));
+    must(
+        m.add_mapping(rom, RegionMapping{range(0, 0x1000),
+                                         MappingBacking::file(test::make_object(0x1000), Offset{0}),
+                                         false,
+                                         {}}));
+    must(m.map_region(rom, MapParams{true, false, false}));
+    REQUIRE(p0->lookup(8 * MiB).has_value());
+    CHECK_FALSE(p0->lookup(8 * MiB)->writable);
+    REQUIRE(p2->lookup(24 * MiB).has_value());
+    CHECK_FALSE(p2->lookup(24 * MiB)->writable);
+
+    const MemoryMap map = m.memory_map();
+    const std::string text = map.to_text();
+    INFO(text);
+    const std::string s0 = std::to_string(id0.value);
+    const std::string s2 = std::to_string(id2.value);
+    CHECK(text.find("(prio 1, ram, rw-): rom [active] given #" + s0 + " r--, #" + s2 +
+                    "@0x1000000 r--, #" + s2 + " r--\n") != std::string::npos);
+    CHECK(text.find("ram [active] given #" + s0 + " rwx") != std::string::npos);
+    const std::string json = map.to_json();
+    INFO(json);
+    CHECK(json.find("\"given\":[{\"partition\":" + s0 +
+                    ",\"offset\":0,\"writable\":false,\"executable\":false},"
+                    "{\"partition\":" +
+                    s2 + ",\"offset\":16777216,\"writable\":false") != std::string::npos);
+    // Unmapped regions were given nothing.
+    must(m.unmap_region(rom));
+    const MemoryMap after = m.memory_map();
+    REQUIRE(after.find_region("rom") != nullptr);
+    CHECK(after.find_region("rom")->given.empty());
+}
+
 TEST_CASE("dumps stay one line per region and valid JSON whatever a region's name holds")
 {
     Manager m = legacy_guest();
@@ -757,6 +850,73 @@ TEST_CASE("controls outliving the manager report that it is gone")
     CHECK(test::error_of(control->set_ram_visibility(range(0xc0000, 0xc4000),
                                                      RamVisibility::unmapped)) == errc::not_found);
     CHECK(test::error_of(client->lazy_guest_memory()) == errc::not_found);
+}
+
+TEST_CASE("destruction tears down before it returns while another thread is in a control call")
+{
+    // Issue 10, defect 2: the façades keep the core alive for their call, so the teardown used to
+    // run when that call ended, after ~GuestMemoryManager had returned (293 of 300 tries).
+    constexpr int tries = 100;
+    int torn_down_late = 0;
+    int accessible_after = 0;
+    int calls_after_not_gone = 0;
+    for (int t = 0; t < tries; ++t) {
+        auto p = std::make_shared<MockPartition>();
+        p->set_recording(false);
+        std::optional<Manager> m(legacy_guest());
+        must(m->attach_partition(Vtl::vtl0, p));
+        auto primary = m->guest_memory();
+        auto lazy = must(m->client().lazy_guest_memory());
+        auto control = m->ram_visibility_control();
+        auto devices = m->device_memory_mapper();
+        Mappable bar_object = test::make_object(0x1000);
+        std::atomic<bool> started{false};
+        std::atomic<bool> destroying{false};
+        std::thread churn([&] {
+            auto bar = must(devices.new_region("bar", Length{0x1000}));
+            must(bar.map({.offset = Offset{0},
+                          .length = Length{0x1000},
+                          .object = bar_object,
+                          .object_offset = Offset{0},
+                          .protection = Protection::read_write}));
+            const MemoryRange pam = range(0xc0000, 0xc4000);
+            for (int i = 0;; ++i) {
+                const bool toggled =
+                    control.set_ram_visibility(pam, static_cast<RamVisibility>(i % 3)).has_value();
+                const bool moved =
+                    bar.map_to_guest(Gpa{8 * MiB + static_cast<std::uint64_t>(i % 2) * 0x1000},
+                                     Protection::read_write)
+                        .has_value();
+                started.store(true);
+                if (!toggled || !moved) {
+                    // Only the manager's end makes these calls fail, and then for good.
+                    if (!destroying.load())
+                        ++calls_after_not_gone;
+                    const auto again = control.set_ram_visibility(pam, RamVisibility::read_write);
+                    if (test::error_of(again) != errc::not_found)
+                        ++calls_after_not_gone;
+                    break;
+                }
+            }
+        });
+        while (!started.load())
+            std::this_thread::yield();
+        destroying.store(true);
+        m.reset(); // while `churn` is (almost always) inside a call
+        // Torn down already, whatever `churn` is doing: the partition holds nothing and no
+        // surviving handle reaches guest memory.
+        if (!p->windows().empty())
+            ++torn_down_late;
+        std::array<std::byte, 8> buf{};
+        for (auto gpa : {Gpa{0}, Gpa{0xc0000}, Gpa{8 * MiB}, Gpa{8 * MiB + 0x1000}})
+            if (primary.read(gpa, buf) || lazy.read(gpa, buf))
+                ++accessible_after;
+        churn.join();
+        CHECK(p->windows().empty());
+    }
+    CHECK(torn_down_late == 0);
+    CHECK(accessible_after == 0);
+    CHECK(calls_after_not_gone == 0);
 }
 
 TEST_CASE("an out-of-range RamVisibility value is an error, not read-only")

@@ -152,6 +152,7 @@ struct Fixture {
     PartitionId id{};
     RegionId low{}, high{}, low2{}, high2{};
     std::optional<Manager::Device> bar;
+    std::optional<Manager::Device> twin; // same range and priority as bar, registered after it
     Manager::Memory lazy;
     Mappable extra = test::make_object(0x10000);
 };
@@ -210,6 +211,14 @@ std::unique_ptr<Fixture> make_fixture()
                       .object_offset = Offset{0},
                       .protection = Protection::read_write}));
     must(f->bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    // Hidden behind bar (the earlier registered wins): a failed move of bar must not show it.
+    f->twin = must(f->m.device_memory_mapper().new_region("twin", Length{0x10000}));
+    must(f->twin->map({.offset = Offset{0},
+                       .length = Length{0x10000},
+                       .object = test::make_object(0x10000),
+                       .object_offset = Offset{0},
+                       .protection = Protection::read_write}));
+    must(f->twin->map_to_guest(Gpa{bar_at}, Protection::read_write));
     must(f->m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
                                                           RamVisibility::unmapped));
     f->lazy = must(f->m.client().lazy_guest_memory());

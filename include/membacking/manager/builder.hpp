@@ -192,7 +192,22 @@ public:
                     return std::move(hp).error();
                 min_alignment = std::max(min_alignment, *hp);
             }
-        // 4. Allocate the backings.
+        // 4. The alias map must fit in the address space, above guest memory, on a page
+        // boundary, and end below 2^64: otherwise every VTL2 attach would fail later.
+        if (vtl0_alias_map_) {
+            const std::uint64_t alias = *vtl0_alias_map_;
+            if (!is_page_aligned(alias))
+                return make_error(errc::invalid_range, "vtl0 alias map offset " +
+                                                           MemoryRange::hex(alias) +
+                                                           " is not page aligned");
+            if (max_addr > alias)
+                return build_error(build_errc::alias_map_wont_fit);
+            if (max_addr > ~std::uint64_t{0} - alias)
+                return build_error(build_errc::alias_map_wont_fit,
+                                   "the vtl0 alias map at " + MemoryRange::hex(alias) + " of " +
+                                       MemoryRange::hex(max_addr) + " bytes would end beyond 2^64");
+        }
+        // 5. Allocate the backings.
         std::vector<Mappable> objects;
         for (std::size_t i = 0; i < backings_.size(); ++i) {
             auto object = allocate(backings_[i], i);
@@ -200,9 +215,6 @@ public:
                 return std::move(object).error();
             objects.push_back(std::move(*object));
         }
-        // 5. The alias map must fit in the address space.
-        if (vtl0_alias_map_ && max_addr > *vtl0_alias_map_)
-            return build_error(build_errc::alias_map_wont_fit);
         // 6. The manager, with its primary VA mapper.
         typename Core::Config config;
         config.max_addr = max_addr;

@@ -171,7 +171,7 @@ public:
     Result<DeviceRegion<Core>> new_region(std::string name, Length size,
                                           std::uint8_t priority = device_priority) const
     {
-        if (core_.expired())
+        if (const auto core = core_.lock(); !core || core->closed())
             return make_error(errc::not_found, "cannot create device region '" + name +
                                                    "': the guest memory manager is gone");
         if (size == Length{0} || !is_page_aligned(size.value()))

@@ -88,10 +88,20 @@ public:
     [[nodiscard]] static Builder builder() { return Builder(); }
 
     BasicGuestMemoryManager(BasicGuestMemoryManager&&) noexcept = default;
-    BasicGuestMemoryManager& operator=(BasicGuestMemoryManager&&) noexcept = default;
+    BasicGuestMemoryManager& operator=(BasicGuestMemoryManager&& other) noexcept
+    {
+        if (this != &other) {
+            shut_down();
+            core_ = std::move(other.core_);
+        }
+        return *this;
+    }
     BasicGuestMemoryManager(const BasicGuestMemoryManager&) = delete;
     BasicGuestMemoryManager& operator=(const BasicGuestMemoryManager&) = delete;
-    ~BasicGuestMemoryManager() = default;
+    /// Tears down before it returns, even while another thread is inside a control call through
+    /// a façade that keeps the core alive: it waits for that call, then unmaps every partition
+    /// and invalidates every VA mapper; later façade calls fail with errc::not_found.
+    ~BasicGuestMemoryManager() { shut_down(); }
 
     /// The access API over the primary VA mapper (the one partitions map from): the one
     /// spelling of the primary GuestMemory. Copies share the mapper; hand one to each device.
@@ -296,6 +306,12 @@ public:
 private:
     friend Builder;
     explicit BasicGuestMemoryManager(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+
+    void shut_down() noexcept
+    {
+        if (core_)
+            core_->shut_down();
+    }
 
     /// A moved-from manager has no core: its control calls fail with errc::not_found, its
     /// GuestMemory is empty (every access fails) and its facades act as after destruction.

@@ -3,7 +3,8 @@
  * Layer: manager (includes base/, region/, manager/types.hpp).
  *
  * MemoryMap: a snapshot of the live state (every region with its range, priority, type, params,
- * whether it is visible, and its mappings; the attached partitions; the VA mappers), rendered as
+ * whether it is visible, the permission each partition was given for it, and its mappings; the
+ * attached partitions; the VA mappers), rendered as
  * text in the spirit of QEMU's `info mtree` (nested regions indented under the region that
  * contains them, ends inclusive) or as JSON for tools.
  *
@@ -43,6 +44,14 @@ struct MemoryMap {
         std::uintptr_t object = 0; ///< Mappable identity (0 for private memory)
         std::uint64_t file_offset = 0;
     };
+    /// The permission one partition was given for a visible region's window: the region's params
+    /// narrowed by its mappings (a read-only mapping makes the window read-only).
+    struct PartitionAccess {
+        PartitionId partition;
+        std::uint64_t offset = 0; ///< the window's GPA offset (a VTL2 alias map: two entries)
+        bool writable = false;
+        bool executable = false;
+    };
     struct Region {
         RegionId id;
         std::string name;
@@ -52,6 +61,7 @@ struct MemoryMap {
         std::optional<MapParams> params; ///< nullopt: unmapped
         bool active = false;             ///< visible to the guest
         std::vector<Mapping> mappings;
+        std::vector<PartitionAccess> given; ///< per attached partition, while active
     };
     struct Partition {
         PartitionId id;
@@ -121,7 +131,7 @@ struct MemoryMap {
             const std::string indent(2 * (open.size() + 1), ' ');
             out += indent + span(r.range) + " (prio " + std::to_string(r.priority) + ", " +
                    std::string(to_string(r.type)) + ", " + params_text(r.params) +
-                   "): " + printable(r.name) + (r.active ? " [active]" : "") + "\n";
+                   "): " + printable(r.name) + (r.active ? " [active]" : "") + given_text(r) + "\n";
             for (const Mapping& m : r.mappings)
                 out += indent + "  " + span(m.gpa) + ": " + names.describe(m) +
                        (m.writable ? " rw" : " ro") + "\n";
@@ -178,6 +188,16 @@ struct MemoryMap {
                     field(out, "file_offset", std::to_string(m.file_offset));
                 out += "}";
             }
+            out += "],\"given\":[";
+            for (std::size_t j = 0; j < r.given.size(); ++j) {
+                const PartitionAccess& g = r.given[j];
+                out += j ? ",{" : "{";
+                field(out, "partition", std::to_string(g.partition.value), true);
+                field(out, "offset", std::to_string(g.offset));
+                field(out, "writable", boolean(g.writable));
+                field(out, "executable", boolean(g.executable));
+                out += "}";
+            }
             out += "]}";
         }
         out += "],\"partitions\":[";
@@ -231,6 +251,20 @@ private:
         s += p->writable ? "w" : "-";
         s += p->executable ? "x" : "-";
         return p->prefetch ? s + " prefetch" : s;
+    }
+    /// " given #1 r-x, #2@0x100000000 r-x": what each partition was given for the region.
+    static std::string given_text(const Region& r)
+    {
+        std::string out;
+        for (const PartitionAccess& g : r.given) {
+            out += out.empty() ? " given #" : ", #";
+            out += std::to_string(g.partition.value);
+            if (g.offset != 0)
+                out += "@" + MemoryRange::hex(g.offset);
+            out += g.writable ? " rw" : " r-";
+            out += g.executable ? "x" : "-";
+        }
+        return out;
     }
     static std::string boolean(bool b) { return b ? "true" : "false"; }
     /// Appends `,"key":value` (or `"key":value` for the first field of an object).

@@ -743,6 +743,14 @@ public:
     MappingManager& operator=(const MappingManager&) = delete;
     ~MappingManager() { shut_down(); }
 
+    /// Invalidates every mapper (their accesses fail from now on) and forgets every mapping;
+    /// new_mapper() fails afterwards. Idempotent; the destructor does it too.
+    void shut_down() noexcept
+    {
+        if (core_)
+            core_->shut_down();
+    }
+
     // VaEventSink
     Result<void> add_mapping(const ActiveMapping& m) { return core_->add_mapping(m); }
     Result<void> remove_mappings(const MemoryRange& r) { return core_->remove_mappings(r); }
@@ -775,11 +783,6 @@ public:
 private:
     explicit MappingManager(std::shared_ptr<detail::MappingCore<V>> core) : core_(std::move(core))
     {}
-    void shut_down() noexcept
-    {
-        if (core_)
-            core_->shut_down();
-    }
 
     std::shared_ptr<detail::MappingCore<V>> core_;
 };

@@ -8,8 +8,10 @@
  * - A higher-priority region must contain every lower-priority region it overlaps; equal
  *   priorities may overlap only with identical ranges. Anything else is a conflict.
  * - The highest-priority mapped region is visible; among equal priorities (identical ranges) the
- *   earliest registered wins. Mapping a region under a visible higher one only records that it is
- *   mapped; it reappears, with the other best mapped regions below, when the higher one goes.
+ *   earliest registered wins: the lowest id, so a region re-inserted under its old id (an undo
+ *   step, RegionManager::restore_region) takes back its old place. Mapping a region under a visible
+ * higher one only records that it is mapped; it reappears, with the other best mapped regions
+ * below, when the higher one goes.
  *
  * Those rules make the regions a laminar family: any two are disjoint or nested. We keep them as a
  * forest in which a node's parent is the region that *dominates* it (contains it, with higher
@@ -152,17 +154,22 @@ private:
         return parent ? nodes_.at(*parent).children : roots_;
     }
 
-    /// Existing region `n` dominates the new entry `e` (which registers after it).
-    static bool dominates(const Node& n, const ResolverEntry& e)
+    /// Existing region `n` (id `n_id`) dominates the new entry `e`: higher priority, or equal
+    /// priority on an identical range and registered earlier (a lower id; new regions always
+    /// have the highest, a restored one its old id).
+    static bool dominates(RegionId n_id, const Node& n, const ResolverEntry& e)
     {
         return n.range.contains(e.range) &&
-               (n.priority > e.priority || (n.priority == e.priority && n.range == e.range));
+               (n.priority > e.priority ||
+                (n.priority == e.priority && n.range == e.range && n_id < e.id));
     }
 
-    /// The new entry `e` dominates existing region `n`.
-    static bool dominated_by(const Node& n, const ResolverEntry& e)
+    /// The new entry `e` dominates existing region `n` (id `n_id`).
+    static bool dominated_by(RegionId n_id, const Node& n, const ResolverEntry& e)
     {
-        return e.range.contains(n.range) && e.priority > n.priority;
+        return e.range.contains(n.range) &&
+               (e.priority > n.priority ||
+                (e.priority == n.priority && e.range == n.range && e.id < n_id));
     }
 
     /// Walks down from the roots along the regions that dominate e. At the level where none
@@ -184,12 +191,13 @@ private:
             for (; it != level.end() && it->first < e.range.end(); ++it)
                 overlapping.push_back(it->second);
 
-            if (overlapping.size() == 1 && dominates(nodes_.at(overlapping.front()), e)) {
+            if (overlapping.size() == 1 &&
+                dominates(overlapping.front(), nodes_.at(overlapping.front()), e)) {
                 place.parent = overlapping.front();
                 continue;
             }
             for (RegionId r : overlapping) {
-                if (!dominated_by(nodes_.at(r), e)) {
+                if (!dominated_by(r, nodes_.at(r), e)) {
                     place.conflict = r;
                     return place;
                 }

@@ -23,6 +23,7 @@
  */
 #pragma once
 
+#include <membacking/base/fatal.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/params.hpp>
 #include <membacking/base/result.hpp>
@@ -76,27 +77,20 @@ public:
     Result<RegionId> add_region(std::string_view name, MemoryRange range, std::uint8_t priority,
                                 MappingType type)
     {
-        if (range.empty())
-            return make_error(errc::invalid_range, "memory region '" + std::string(name) + "' (" +
-                                                       range.to_string() + ") is empty");
-        const RegionId id{next_id_};
-        const ResolverEntry entry{id, range, priority};
-        if (auto clash = resolver_.find_conflict(entry))
-            return make_error(errc::overlap, "memory region '" + std::string(name) + "' (" +
-                                                 range.to_string() +
-                                                 ") overlaps with existing region " +
-                                                 regions_.at(*clash).describe());
-        resolver_.insert(entry);
-        ++next_id_;
-        regions_.emplace(id, Region{.id = id,
-                                    .name = std::string(name),
-                                    .range = range,
-                                    .priority = priority,
-                                    .type = type,
-                                    .map_params = std::nullopt,
-                                    .visible = {},
-                                    .mappings = {}});
-        return id;
+        MEMBACKING_TRY(register_region(RegionId{next_id_}, name, range, priority, type));
+        return RegionId{next_id_++};
+    }
+
+    /// Registers, unmapped, a region removed earlier under its old id, so that it takes back its
+    /// place among regions of equal priority on an identical range (the earliest registered,
+    /// the lowest id, wins there): the undo of a removal, which must leave the topology exactly
+    /// as before. `id` must be one this manager handed out and is not using.
+    Result<void> restore_region(RegionId id, std::string_view name, MemoryRange range,
+                                std::uint8_t priority, MappingType type)
+    {
+        MEMBACKING_CHECK(id.value < next_id_ && !regions_.contains(id),
+                         "RegionManager::restore_region of an id in use or never handed out");
+        return register_region(id, name, range, priority, type);
     }
 
     /// Maps a region. Same params again: no-op. Different params on a visible region: an
@@ -316,6 +310,30 @@ private:
 
     using Counts = MappingList::Counts;
     using MappingEdit = MappingList::Edit;
+
+    Result<void> register_region(RegionId id, std::string_view name, MemoryRange range,
+                                 std::uint8_t priority, MappingType type)
+    {
+        if (range.empty())
+            return make_error(errc::invalid_range, "memory region '" + std::string(name) + "' (" +
+                                                       range.to_string() + ") is empty");
+        const ResolverEntry entry{id, range, priority};
+        if (auto clash = resolver_.find_conflict(entry))
+            return make_error(errc::overlap, "memory region '" + std::string(name) + "' (" +
+                                                 range.to_string() +
+                                                 ") overlaps with existing region " +
+                                                 regions_.at(*clash).describe());
+        resolver_.insert(entry);
+        regions_.emplace(id, Region{.id = id,
+                                    .name = std::string(name),
+                                    .range = range,
+                                    .priority = priority,
+                                    .type = type,
+                                    .map_params = std::nullopt,
+                                    .visible = {},
+                                    .mappings = {}});
+        return {};
+    }
 
     static Error no_such_region(RegionId id)
     {

@@ -109,16 +109,21 @@ public:
         }
         UndoLog undo;
         if (d.placed) {
-            MEMBACKING_TRY(regions_.remove_region(*d.placed));
+            const RegionId old_id = *d.placed;
+            MEMBACKING_TRY(regions_.remove_region(old_id));
             d.placed.reset();
-            undo.push([this, &d, old_gpa = d.gpa, old_writable = d.writable]() -> Result<void> {
-                auto id =
-                    place(d, MemoryRange::valid_or_abort(old_gpa, old_gpa + d.size), old_writable);
-                if (!id)
-                    return std::move(id).error();
-                d.placed = *id;
-                return {};
-            });
+            // Back under its old id: among device regions of equal priority on an identical
+            // range, the earliest registered is the one visible, so a new id would hand the
+            // range to another region after a failed, supposedly all-or-nothing move.
+            undo.push(
+                [this, &d, old_id, old_gpa = d.gpa, old_writable = d.writable]() -> Result<void> {
+                    auto id = place(d, MemoryRange::valid_or_abort(old_gpa, old_gpa + d.size),
+                                    old_writable, old_id);
+                    if (!id)
+                        return std::move(id).error();
+                    d.placed = *id;
+                    return {};
+                });
         }
         auto id = place(d, *range, writable);
         if (!id)
@@ -161,11 +166,22 @@ private:
         return *rel;
     }
 
-    /// Registers the device region at `range` with its mappings and maps it. On failure nothing
-    /// of it remains.
-    Result<RegionId> place(const DeviceRegionState& d, const MemoryRange& range, bool writable)
+    Result<RegionId> register_at(const DeviceRegionState& d, const MemoryRange& range,
+                                 std::optional<RegionId> restore_id)
     {
-        auto id = regions_.add_region(d.name, range, d.priority, MappingType::Device);
+        if (!restore_id)
+            return regions_.add_region(d.name, range, d.priority, MappingType::Device);
+        MEMBACKING_TRY(
+            regions_.restore_region(*restore_id, d.name, range, d.priority, MappingType::Device));
+        return *restore_id;
+    }
+
+    /// Registers the device region at `range` with its mappings and maps it: under a new id, or
+    /// under `restore_id` (one it had before). On failure nothing of it remains.
+    Result<RegionId> place(const DeviceRegionState& d, const MemoryRange& range, bool writable,
+                           std::optional<RegionId> restore_id = std::nullopt)
+    {
+        auto id = register_at(d, range, restore_id);
         if (!id)
             return std::move(id).error();
         auto fail = [&](Error e) -> Result<RegionId> {

@@ -38,12 +38,15 @@
 #include <membacking/region/mapping.hpp>
 #include <membacking/region/region_manager.hpp>
 
+#include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -123,35 +126,73 @@ public:
     ManagerCore(const ManagerCore&) = delete;
     ManagerCore& operator=(const ManagerCore&) = delete;
 
-    /// Tears down: partitions stop referencing guest memory first, then every VA mapper is
-    /// invalidated (by the MappingManager's destructor), so surviving GuestMemory handles see
-    /// errors, not stale memory. Partition failures here cannot be reported and are ignored.
+    /// The last reference is gone (shut_down() may have run already): partitions stop
+    /// referencing guest memory first, then every VA mapper is invalidated by the
+    /// MappingManager's destructor, after the primary mapper has released its reservation (the
+    /// order that needs the fewest system calls, for a build that fails on a failing host).
+    /// Partition failures here cannot be reported and are ignored.
     ~ManagerCore()
     {
         std::lock_guard lock(control_);
+        if (!closed_)
+            partitions_.unmap_all(regions_.active_regions());
+    }
+
+    /// Tears down now, even while a façade (RamVisibilityControl, DeviceMemoryMapper, DeviceRegion,
+    /// GuestMemoryClient) keeps this core alive for a call: waits for the control operation in
+    /// flight (and for the advice it gives after it), then takes guest memory out of every
+    /// partition and invalidates every VA mapper, so that surviving GuestMemory handles see
+    /// errors, not stale memory. Every control operation that starts afterwards fails with
+    /// errc::not_found ("the guest memory manager is gone"). ~GuestMemoryManager calls it, so the
+    /// teardown is done when the manager's destructor returns (issue 10, defect 2). Idempotent.
+    void shut_down() noexcept
+    {
+        std::unique_lock lock(control_);
+        if (closed_)
+            return;
+        closed_ = true;
+        advice_given_.wait(lock, [&] { return advising_ == 0; });
         partitions_.unmap_all(regions_.active_regions());
+        va_.shut_down();
+    }
+
+    /// Whether shut_down() began: control operations fail from then on.
+    [[nodiscard]] bool closed() const
+    {
+        std::lock_guard lock(control_);
+        return closed_;
     }
 
     /// Runs f(Control&) as one control operation and returns what it returns: under the control
     /// lock, inside one partition operation (so each partition's quiesce bracket opens at most
     /// once and ends after f, rollback included); then, with the lock released, the advice the
     /// partitions were given (prefetch), so that a partition waiting for a vCPU there holds up
-    /// no other control call.
+    /// no other control call. After shut_down() began, f is not called: the result is the
+    /// "manager is gone" error (errc::not_found), an empty optional, or nothing, by f's type.
     template <class F>
-    decltype(auto) control(F&& f)
+    std::invoke_result_t<F, Control&> control(F&& f)
     {
-        // Destroyed in reverse order: the partition operation ends (quiesce brackets close), its
-        // advice is taken, the lock is released, and only then is the advice given.
-        typename PartitionSet<Partitions...>::Deferred advice;
-        const auto give_advice = at_exit([&] {
-            for (const auto& give : advice)
-                give();
-        });
-        std::lock_guard lock(control_);
-        const auto take_advice = at_exit([&] { advice = partitions_.take_deferred(); });
-        const auto op = partitions_.operation();
-        Control c{regions_, ram_, config_.max_addr};
-        return std::forward<F>(f)(c);
+        using R = std::invoke_result_t<F, Control&>;
+        std::unique_lock lock(control_);
+        if (closed_)
+            return gone<R>();
+        if constexpr (std::is_void_v<R>) {
+            {
+                const auto op = partitions_.operation(); // ends (quiesce brackets close) first
+                Control c{regions_, ram_, config_.max_addr};
+                std::forward<F>(f)(c);
+            }
+            give_advice(lock);
+        } else {
+            std::optional<R> result;
+            {
+                const auto op = partitions_.operation();
+                Control c{regions_, ram_, config_.max_addr};
+                result.emplace(std::forward<F>(f)(c));
+            }
+            give_advice(lock);
+            return std::move(*result);
+        }
     }
 
     // ---- the region API ----
@@ -304,6 +345,8 @@ public:
     Result<std::shared_ptr<Mapper>> new_mapper(MapperMode mode)
     {
         std::lock_guard lock(control_);
+        if (closed_)
+            return make_error(errc::not_found, "the guest memory manager is gone");
         return va_.new_mapper(mode);
     }
 
@@ -338,19 +381,32 @@ public:
     }
 
 private:
-    /// Calls f when it goes out of scope.
-    template <class F>
-    struct AtExit {
-        explicit AtExit(F f) : f_(std::move(f)) {}
-        AtExit(const AtExit&) = delete;
-        AtExit& operator=(const AtExit&) = delete;
-        ~AtExit() { f_(); }
-        F f_;
-    };
-    template <class F>
-    static AtExit<F> at_exit(F f)
+    /// The end of a control operation: takes the advice the partitions were given and gives it
+    /// with the lock released; shut_down() waits for it, since it may touch partitions.
+    void give_advice(std::unique_lock<std::mutex>& lock)
     {
-        return AtExit<F>(std::move(f));
+        auto advice = partitions_.take_deferred();
+        if (advice.empty())
+            return;
+        ++advising_;
+        lock.unlock();
+        for (const auto& give : advice)
+            give();
+        lock.lock();
+        if (--advising_ == 0)
+            advice_given_.notify_all();
+    }
+
+    /// What control() returns after shut_down() began, for an operation returning R.
+    template <class R>
+    static R gone()
+    {
+        if constexpr (std::is_void_v<R>)
+            return;
+        else if constexpr (std::is_constructible_v<R, Error>)
+            return R(make_error(errc::not_found, "the guest memory manager is gone"));
+        else
+            return R{}; // an optional: nothing
     }
 
     /// A change of what is visible at `range` (a mapping added, a window mapped): its bytes
@@ -371,6 +427,9 @@ private:
     {}
 
     mutable std::mutex control_;
+    bool closed_ = false;                  ///< shut_down() began (under control_)
+    std::size_t advising_ = 0;             ///< control calls giving advice (under control_)
+    std::condition_variable advice_given_; ///< advising_ went to 0
     Config config_;
     MappingManager<Va> va_;
     std::shared_ptr<Mapper> primary_;

@@ -3,17 +3,22 @@
  * Internal (namespace membacking::detail); layer: manager (includes base/, manager/memory_map.hpp).
  *
  * Builds the MemoryMap snapshot (manager/memory_map.hpp) from the region manager's books, the
- * attached partitions (PartitionSet::describe) and the VA mapper count. The manager calls it
- * under its control lock; it only reads.
+ * attached partitions (PartitionSet::describe) and the VA mapper count. What each partition was
+ * given for a visible region is the window the partition set maps into every attached partition
+ * (RegionActivation: the region's params narrowed by its mappings), at each partition's offset. The
+ * manager calls it under its control lock; it only reads.
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/units.hpp>
 #include <membacking/manager/memory_map.hpp>
+#include <membacking/region/mapping.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -29,8 +34,8 @@ template <class Regions>
     map.max_address = max_address;
     map.va_mappers = va_mappers;
     for (const auto& [id, r] : regions.regions()) {
-        MemoryMap::Region out{id,     r.name,       r.range,    r.priority,
-                              r.type, r.map_params, r.active(), {}};
+        MemoryMap::Region out{id,           r.name,     r.range, r.priority, r.type,
+                              r.map_params, r.active(), {},      {}};
         for (const auto& [off, m] : r.mappings)
             out.mappings.push_back({MemoryRange::valid_or_abort(r.range.start() + m.range.start(),
                                                                 r.range.start() + m.range.end()),
@@ -38,6 +43,15 @@ template <class Regions>
                                     m.backing.is_private(), m.backing.object.identity(),
                                     m.backing.file_offset});
         map.regions.push_back(std::move(out));
+    }
+    // Regions are still in id order here (regions() is a map by id): find each window's region.
+    for (const RegionActivation& act : regions.active_regions()) {
+        const auto it = std::ranges::lower_bound(map.regions, act.region, std::less<>{},
+                                                 &MemoryMap::Region::id);
+        if (it == map.regions.end() || it->id != act.region)
+            continue;
+        for (const MemoryMap::Partition& p : partitions)
+            it->given.push_back({p.id, p.offset, act.params.writable, act.params.executable});
     }
     map.partitions = std::move(partitions);
     map.sort();
