@@ -468,6 +468,142 @@ TEST_CASE("without a quiesce hook, a deleted logged slot is reported whole: no w
     CHECK(g.kvm->pending_dirty_pages() == 0);
 }
 
+namespace {
+/// The guest: one byte written in each of these pages of the RAM above 1 MiB (256 pages).
+X86Asm write_pages(const std::vector<std::uint32_t>& pages)
+{
+    X86Asm a;
+    for (const std::uint32_t p : pages)
+        a.mov(X86Asm::edi, static_cast<std::uint32_t>(MiB + p * page_size)).store_byte_edi(1);
+    a.hlt();
+    return a;
+}
+
+/// The pages (of the RAM above 1 MiB) set in a bitmap that starts at page `first`.
+std::vector<std::uint64_t> pages_in(const std::vector<std::uint64_t>& bits, std::uint64_t first)
+{
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
+        if (((bits[i / 64] >> (i % 64)) & 1U) != 0)
+            out.push_back(first + i);
+    return out;
+}
+
+/// A take of part of a window, then of the rest, in either kernel mode (hide: play a kernel
+/// without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, where KVM_GET_DIRTY_LOG clears on read).
+void check_part_take(bool hide)
+{
+    test::InjectingKvm::reset();
+    test::InjectingKvm::hide_manual_protect = hide;
+    Guest<test::InjectingKvm> g;
+    const bool manual = !hide;
+    REQUIRE(g.kvm->capabilities().manual_dirty_log_protect == manual);
+    g.kvm->set_clear_chunk_pages(100); // rounded up to 128: two chunks per 256-page window
+    CHECK(g.kvm->clear_chunk_pages() == 128);
+    must(g.manager.start_dirty_tracking());
+    g.load(write_pages({3, 70, 130, 200, 255}));
+    std::vector<std::uint64_t> everything(64);
+    must(g.manager.take_dirty_bitmap(range(0, 16 * MiB), everything)); // what loading touched
+    test::InjectingKvm::clear_calls.clear();
+    g.run_to_halt();
+
+    // Pages [65, 199) of the window: neither end 64-page aligned.
+    const MemoryRange part = range(MiB + 65 * page_size, MiB + 199 * page_size);
+    auto bits = must(g.kvm->take_dirty_log(part));
+    CHECK(pages_in(bits, 65) == std::vector<std::uint64_t>{70, 130});
+    const auto& calls = test::InjectingKvm::clear_calls;
+    if (manual) {
+        // Chunks of 128 pages from the 64-aligned page below the part: [64, 192) holds both
+        // pages, [192, 256) none of the part's (200 is past it), so it is not sent. The mask
+        // holds the part's pages only.
+        REQUIRE(calls.size() == 1);
+        CHECK(calls[0].first_page == 64);
+        CHECK(calls[0].num_pages == 128);
+        CHECK(calls[0].mask == std::vector<std::uint64_t>{std::uint64_t{1} << 6, 1U << 2});
+        CHECK(g.kvm->pending_dirty_pages() == 0); // the rest stays in KVM's bitmap
+    } else {
+        CHECK(calls.empty());
+        CHECK(g.kvm->pending_dirty_pages() == 3); // the rest, read and cleared, waits by GPA
+    }
+    // Taken is taken; the pages outside the part are still reported, once.
+    CHECK(pages_in(must(g.kvm->take_dirty_log(part)), 65).empty());
+    const MemoryRange ram = range(MiB, 2 * MiB);
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0) == std::vector<std::uint64_t>{3, 200, 255});
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0).empty());
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+    if (manual) {
+        // The whole window: chunk [0, 128) for page 3, [128, 256) for 200 and 255; the last
+        // chunk ends the slot.
+        REQUIRE(calls.size() == 3);
+        CHECK(calls[1].first_page == 0);
+        CHECK(calls[1].mask == std::vector<std::uint64_t>{8, 0});
+        CHECK(calls[2].first_page == 128);
+        CHECK(calls[2].num_pages == 128);
+        CHECK(calls[2].mask ==
+              std::vector<std::uint64_t>{0, (std::uint64_t{1} << 8) | (std::uint64_t{1} << 63)});
+    }
+
+    // The pages cleared are protected again: the guest's next writes are logged.
+    g.load(write_pages({70, 200}));
+    g.run_to_halt();
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0) == std::vector<std::uint64_t>{70, 200});
+
+    // A slot smaller than 64 pages: a PAM segment of 4 pages, cleared as [0, 4), its end.
+    const MemoryRange pam = MemoryRange::constant(0xc0000, 0xc4000);
+    X86Asm a;
+    a.mov(X86Asm::edi, 0xc1000).store_byte_edi(1).hlt();
+    g.load(a);
+    g.run_to_halt();
+    test::InjectingKvm::clear_calls.clear();
+    CHECK(pages_in(must(g.kvm->take_dirty_log(range(0xc1000, 0xc2000))), 1) ==
+          std::vector<std::uint64_t>{1});
+    if (manual) {
+        REQUIRE(calls.size() == 1);
+        CHECK(calls[0].first_page == 0);
+        CHECK(calls[0].num_pages == 4);
+        CHECK(calls[0].mask == std::vector<std::uint64_t>{2});
+    }
+    CHECK(pages_in(must(g.kvm->take_dirty_log(pam)), 0).empty());
+
+    // Through the manager: a range across windows takes the guest's pages in it, and the
+    // VMM's marks, and leaves the rest.
+    g.load(write_pages({10, 100}));
+    g.run_to_halt();
+    std::vector<std::uint64_t> low(1);
+    must(g.manager.take_dirty_bitmap(range(MiB + 64 * page_size, MiB + 128 * page_size), low));
+    CHECK(pages_in(low, 64) == std::vector<std::uint64_t>{100});
+    std::vector<std::uint64_t> whole(4);
+    must(g.manager.take_dirty_bitmap(ram, whole));
+    CHECK(pages_in(whole, 0) == std::vector<std::uint64_t>{10});
+    must(g.manager.stop_dirty_tracking());
+    test::InjectingKvm::reset();
+}
+} // namespace
+
+TEST_CASE("a take of part of a window resets only that part, with or without manual protect")
+{
+    // The kernel in the emulated VM (6.1) has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
+    SUBCASE("manual protect: KVM_CLEAR_DIRTY_LOG of the part, in 64-page aligned chunks")
+    {
+        check_part_take(false);
+    }
+    SUBCASE("clear-on-read: the rest of the slot waits in the pending log")
+    {
+        check_part_take(true);
+    }
+}
+
+TEST_CASE("a part that is not a page-aligned piece of one window is refused")
+{
+    Guest<> g;
+    must(g.manager.start_dirty_tracking());
+    CHECK(g.kvm->take_dirty_log(range(MiB - page_size, MiB + page_size)).error().code() ==
+          errc::not_found); // two windows
+    CHECK(g.kvm->take_dirty_log(range(16 * MiB, 17 * MiB)).error().code() == errc::not_found);
+    must(g.manager.stop_dirty_tracking());
+    CHECK(g.kvm->take_dirty_log(range(MiB, 2 * MiB)).error().code() == errc::conflict);
+}
+
 TEST_CASE("a failed stop_dirty_tracking leaves logging on and every logged page reported")
 {
     test::InjectingKvm::reset();
