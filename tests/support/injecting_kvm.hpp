@@ -7,7 +7,8 @@
  * called after every memslot update the kernel accepted, with its GPA and size (0: a deletion):
  * a test can stop there, inside a replacement, and look at what a running guest sees.
  * hide_manual_protect plays an old kernel without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, and every
- * KVM_CLEAR_DIRTY_LOG is recorded in clear_calls (then done by the kernel).
+ * KVM_CLEAR_DIRTY_LOG is recorded in clear_calls (then done by the kernel); drop_dirty_log
+ * hides the guest's log from the partition.
  */
 #pragma once
 
@@ -58,6 +59,9 @@ struct InjectingKvm : os::LinuxSyscalls {
     static inline std::function<void(std::uint64_t gpa, std::uint64_t size)> after_memslot;
     /// Say KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is missing (an old kernel: clear-on-read).
     static inline bool hide_manual_protect = false;
+    /// Drop the guest's dirty log: KVM_GET_DIRTY_LOG succeeds without asking the kernel, so the
+    /// partition sees the zeroed buffer it passed (a loop's check must notice).
+    static inline bool drop_dirty_log = false;
     /// Every KVM_CLEAR_DIRTY_LOG, recorded and then passed to the kernel.
     static inline std::vector<ClearCall> clear_calls;
 
@@ -71,6 +75,7 @@ struct InjectingKvm : os::LinuxSyscalls {
         pre_fault_calls.clear();
         after_memslot = nullptr;
         hide_manual_protect = false;
+        drop_dirty_log = false;
         clear_calls.clear();
     }
 
@@ -89,6 +94,8 @@ struct InjectingKvm : os::LinuxSyscalls {
         if (request == detail::kvm_abi::set_user_memory_region2 && after_memslot)
             return reported(fd, request,
                             *static_cast<detail::kvm_abi::UserspaceMemoryRegion2*>(arg));
+        if (request == KVM_GET_DIRTY_LOG && drop_dirty_log)
+            return 0;
         if (request == KVM_CLEAR_DIRTY_LOG) {
             const auto& c = *static_cast<const kvm_clear_dirty_log*>(arg);
             const auto* words = static_cast<const std::uint64_t*>(c.dirty_bitmap);
