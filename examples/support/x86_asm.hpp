@@ -39,6 +39,7 @@ public:
     X86Asm& store_byte_edi(std::uint8_t v) { return op(0xc6).op(0x07).op(v); }  // mov byte [edi], v
     X86Asm& add_esi(std::uint8_t imm) { return op(0x83).op(0xc6).op(imm); }     // add esi, imm8
     X86Asm& add_edi(std::uint32_t imm) { return op(0x81).op(0xc7).imm32(imm); } // add edi, imm32
+    X86Asm& inc_dword_edi() { return op(0xff).op(0x07); }                       // inc dword [edi]
     X86Asm& imul_eax(std::uint8_t imm) { return op(0x6b).op(0xc0).op(imm); } // imul eax, eax, imm8
     X86Asm& add_eax(std::uint32_t imm) { return op(0x05).imm32(imm); }       // add eax, imm32
     X86Asm& test_al() { return op(0x84).op(0xc0); }                          // test al, al

@@ -9,12 +9,14 @@
 
 #include "injecting_kvm.hpp"
 #include "kvm_vcpu.hpp"
+#include "migration_loop.hpp"
 #include "partition_conformance.hpp"
 #include "smaps.hpp"
 #include "test_support.hpp"
 #include "vcpu_gate.hpp"
 #include "x86_asm.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -466,6 +468,142 @@ TEST_CASE("without a quiesce hook, a deleted logged slot is reported whole: no w
     for (const std::uint64_t word : log)
         CHECK(word == ~std::uint64_t{0});
     CHECK(g.kvm->pending_dirty_pages() == 0);
+}
+
+namespace {
+/// The guest: one byte written in each of these pages of the RAM above 1 MiB (256 pages).
+X86Asm write_pages(const std::vector<std::uint32_t>& pages)
+{
+    X86Asm a;
+    for (const std::uint32_t p : pages)
+        a.mov(X86Asm::edi, static_cast<std::uint32_t>(MiB + p * page_size)).store_byte_edi(1);
+    a.hlt();
+    return a;
+}
+
+/// The pages (of the RAM above 1 MiB) set in a bitmap that starts at page `first`.
+std::vector<std::uint64_t> pages_in(const std::vector<std::uint64_t>& bits, std::uint64_t first)
+{
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
+        if (((bits[i / 64] >> (i % 64)) & 1U) != 0)
+            out.push_back(first + i);
+    return out;
+}
+
+/// A take of part of a window, then of the rest, in either kernel mode (hide: play a kernel
+/// without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, where KVM_GET_DIRTY_LOG clears on read).
+void check_part_take(bool hide)
+{
+    test::InjectingKvm::reset();
+    test::InjectingKvm::hide_manual_protect = hide;
+    Guest<test::InjectingKvm> g;
+    const bool manual = !hide;
+    REQUIRE(g.kvm->capabilities().manual_dirty_log_protect == manual);
+    g.kvm->set_clear_chunk_pages(100); // rounded up to 128: two chunks per 256-page window
+    CHECK(g.kvm->clear_chunk_pages() == 128);
+    must(g.manager.start_dirty_tracking());
+    g.load(write_pages({3, 70, 130, 200, 255}));
+    std::vector<std::uint64_t> everything(64);
+    must(g.manager.take_dirty_bitmap(range(0, 16 * MiB), everything)); // what loading touched
+    test::InjectingKvm::clear_calls.clear();
+    g.run_to_halt();
+
+    // Pages [65, 199) of the window: neither end 64-page aligned.
+    const MemoryRange part = range(MiB + 65 * page_size, MiB + 199 * page_size);
+    auto bits = must(g.kvm->take_dirty_log(part));
+    CHECK(pages_in(bits, 65) == std::vector<std::uint64_t>{70, 130});
+    const auto& calls = test::InjectingKvm::clear_calls;
+    if (manual) {
+        // Chunks of 128 pages from the 64-aligned page below the part: [64, 192) holds both
+        // pages, [192, 256) none of the part's (200 is past it), so it is not sent. The mask
+        // holds the part's pages only.
+        REQUIRE(calls.size() == 1);
+        CHECK(calls[0].first_page == 64);
+        CHECK(calls[0].num_pages == 128);
+        CHECK(calls[0].mask == std::vector<std::uint64_t>{std::uint64_t{1} << 6, 1U << 2});
+        CHECK(g.kvm->pending_dirty_pages() == 0); // the rest stays in KVM's bitmap
+    } else {
+        CHECK(calls.empty());
+        CHECK(g.kvm->pending_dirty_pages() == 3); // the rest, read and cleared, waits by GPA
+    }
+    // Taken is taken; the pages outside the part are still reported, once.
+    CHECK(pages_in(must(g.kvm->take_dirty_log(part)), 65).empty());
+    const MemoryRange ram = range(MiB, 2 * MiB);
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0) == std::vector<std::uint64_t>{3, 200, 255});
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0).empty());
+    CHECK(g.kvm->pending_dirty_pages() == 0);
+    if (manual) {
+        // The whole window: chunk [0, 128) for page 3, [128, 256) for 200 and 255; the last
+        // chunk ends the slot.
+        REQUIRE(calls.size() == 3);
+        CHECK(calls[1].first_page == 0);
+        CHECK(calls[1].mask == std::vector<std::uint64_t>{8, 0});
+        CHECK(calls[2].first_page == 128);
+        CHECK(calls[2].num_pages == 128);
+        CHECK(calls[2].mask ==
+              std::vector<std::uint64_t>{0, (std::uint64_t{1} << 8) | (std::uint64_t{1} << 63)});
+    }
+
+    // The pages cleared are protected again: the guest's next writes are logged.
+    g.load(write_pages({70, 200}));
+    g.run_to_halt();
+    CHECK(pages_in(must(g.kvm->take_dirty_log(ram)), 0) == std::vector<std::uint64_t>{70, 200});
+
+    // A slot smaller than 64 pages: a PAM segment of 4 pages, cleared as [0, 4), its end.
+    const MemoryRange pam = MemoryRange::constant(0xc0000, 0xc4000);
+    X86Asm a;
+    a.mov(X86Asm::edi, 0xc1000).store_byte_edi(1).hlt();
+    g.load(a);
+    g.run_to_halt();
+    test::InjectingKvm::clear_calls.clear();
+    CHECK(pages_in(must(g.kvm->take_dirty_log(range(0xc1000, 0xc2000))), 1) ==
+          std::vector<std::uint64_t>{1});
+    if (manual) {
+        REQUIRE(calls.size() == 1);
+        CHECK(calls[0].first_page == 0);
+        CHECK(calls[0].num_pages == 4);
+        CHECK(calls[0].mask == std::vector<std::uint64_t>{2});
+    }
+    CHECK(pages_in(must(g.kvm->take_dirty_log(pam)), 0).empty());
+
+    // Through the manager: a range across windows takes the guest's pages in it, and the
+    // VMM's marks, and leaves the rest.
+    g.load(write_pages({10, 100}));
+    g.run_to_halt();
+    std::vector<std::uint64_t> low(1);
+    must(g.manager.take_dirty_bitmap(range(MiB + 64 * page_size, MiB + 128 * page_size), low));
+    CHECK(pages_in(low, 64) == std::vector<std::uint64_t>{100});
+    std::vector<std::uint64_t> whole(4);
+    must(g.manager.take_dirty_bitmap(ram, whole));
+    CHECK(pages_in(whole, 0) == std::vector<std::uint64_t>{10});
+    must(g.manager.stop_dirty_tracking());
+    test::InjectingKvm::reset();
+}
+} // namespace
+
+TEST_CASE("a take of part of a window resets only that part, with or without manual protect")
+{
+    // The kernel in the emulated VM (6.1) has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
+    SUBCASE("manual protect: KVM_CLEAR_DIRTY_LOG of the part, in 64-page aligned chunks")
+    {
+        check_part_take(false);
+    }
+    SUBCASE("clear-on-read: the rest of the slot waits in the pending log")
+    {
+        check_part_take(true);
+    }
+}
+
+TEST_CASE("a part that is not a page-aligned piece of one window is refused")
+{
+    Guest<> g;
+    must(g.manager.start_dirty_tracking());
+    CHECK(g.kvm->take_dirty_log(range(MiB - page_size, MiB + page_size)).error().code() ==
+          errc::not_found); // two windows
+    CHECK(g.kvm->take_dirty_log(range(16 * MiB, 17 * MiB)).error().code() == errc::not_found);
+    must(g.manager.stop_dirty_tracking());
+    CHECK(g.kvm->take_dirty_log(range(MiB, 2 * MiB)).error().code() == errc::conflict);
 }
 
 TEST_CASE("a failed stop_dirty_tracking leaves logging on and every logged page reported")
@@ -963,6 +1101,101 @@ struct KvmFixture {
     std::byte* host(std::uint64_t offset) { return memory + offset; }
 };
 } // namespace
+
+// ---- a live migration with a running guest ----
+
+namespace {
+/// The migration guest's counters: one dword in every third page of RAM above 1 MiB.
+constexpr std::uint32_t counter_first = 1 * MiB + 8;
+constexpr std::uint32_t counter_stride = 3 * page_size;
+constexpr std::uint32_t counters =
+    (test::migration::ram_end - MiB) / counter_stride; // 597, over 7 MiB of RAM
+
+/// The guest: increments every counter, round after round, forever.
+X86Asm counting_guest()
+{
+    X86Asm a;
+    a.label("round")
+        .mov(X86Asm::edi, counter_first)
+        .mov(X86Asm::ecx, counters)
+        .label("next")
+        .inc_dword_edi()
+        .add_edi(counter_stride)
+        .dec_ecx()
+        .jnz("next")
+        .jmp("round");
+    return a;
+}
+
+using KvmManager =
+    TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, KvmPartition<test::InjectingKvm>>;
+using KvmSide = test::migration::Side<KvmManager>;
+
+/// A source under KVM (its guest counting on a vCPU thread through the gate, three VMM writers)
+/// migrated into a destination, pass after pass; the last pass with the vCPU stopped and the
+/// writers joined. `drop_guest_log` hides the partition's log from every take (the loop's check
+/// must then fail). Returns the pages that differ at the end.
+std::uint64_t migrate_running_guest(bool drop_guest_log)
+{
+    using namespace test::migration;
+    test::InjectingKvm::reset();
+    KvmVm vm = make_vm();
+    KvmSide src = KvmSide::make();
+    KvmSide dst = KvmSide::make();
+    auto kvm = must(KvmPartition<test::InjectingKvm>::create(vm.vm_fd()));
+    example::VcpuGate gate{vm};
+    must(src.m.attach_partition(Vtl::vtl0, kvm, gate.hook()));
+    REQUIRE(src.mem.write(Gpa{code_gpa}, counting_guest().code()));
+    REQUIRE(vm.start_at(code_gpa));
+
+    must(src.m.start_dirty_tracking());
+    copy_runs({{Gpa{0}, Length{space}}}, src, dst); // pass 0: everything
+
+    std::atomic<bool> stop{false};
+    std::string vcpu_failure;
+    std::thread vcpu([&] {
+        const Exit e = gate.run(); // only a stop ends it: the guest never exits on its own
+        if (e.kind != Exit::Kind::interrupted)
+            vcpu_failure = "unexpected exit, kind " + std::to_string(static_cast<int>(e.kind)) +
+                           " at " + MemoryRange::hex(e.address);
+    });
+    std::vector<std::thread> writers =
+        start_vmm_writers(src.mem, stop, range(code_gpa, code_gpa + page_size));
+    test::InjectingKvm::drop_dirty_log = drop_guest_log;
+    const PassesDone done = run_passes(src, dst, 21); // 7 PAM toggles: it ends read-only
+    stop.store(true);
+    for (auto& w : writers)
+        w.join();
+    gate.stop();
+    vcpu.join();
+    CHECK(vcpu_failure.empty());
+    last_pass(src, dst, done);
+    test::InjectingKvm::reset();
+
+    // The guest ran: its counters moved, and each is read from the source's memory.
+    std::uint64_t rounds = 0;
+    for (std::uint32_t i = 0; i < counters; i += 100)
+        rounds +=
+            src.mem.read_plain<std::uint32_t>(Gpa{counter_first + i * counter_stride}).value();
+    CHECK(rounds > 0);
+    CHECK(done.copied > 0);
+    std::uint64_t compared = 0;
+    const std::uint64_t differing = differing_pages(src, dst, compared);
+    CHECK(done.pam_state == RamVisibility::read_only);
+    CHECK(compared == (ram_end + bar_size) / page); // RAM and the BAR
+    return differing;
+}
+} // namespace
+
+TEST_CASE("migration with a running KVM guest: the guest's log and the VMM's marks, PAM, a BAR")
+{
+    CHECK(migrate_running_guest(false) == 0);
+}
+
+TEST_CASE("the KVM loop's check has teeth: without the guest's log, the copy differs")
+{
+    CHECK(migrate_running_guest(true) > 0);
+}
 
 TEST_CASE_TEMPLATE_INVOKE(partition_conformance, KvmFixture);
 

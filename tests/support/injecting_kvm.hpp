@@ -6,6 +6,9 @@
  * partition's use of it (progress, retries, errors) is tested somewhere. after_memslot, if set, is
  * called after every memslot update the kernel accepted, with its GPA and size (0: a deletion):
  * a test can stop there, inside a replacement, and look at what a running guest sees.
+ * hide_manual_protect plays an old kernel without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, and every
+ * KVM_CLEAR_DIRTY_LOG is recorded in clear_calls (then done by the kernel); drop_dirty_log
+ * hides the guest's log from the partition.
  */
 #pragma once
 
@@ -36,6 +39,14 @@ struct PreFaultCall {
     std::uint64_t size;
 };
 
+/// A KVM_CLEAR_DIRTY_LOG the partition issued: its slot, pages and mask (bit i = first_page + i).
+struct ClearCall {
+    std::uint32_t slot;
+    std::uint64_t first_page;
+    std::uint32_t num_pages;
+    std::vector<std::uint64_t> mask;
+};
+
 struct InjectingKvm : os::LinuxSyscalls {
     static inline long memslot_limit = -1; ///< < 0: the kernel's own limit
     static inline Plan memslot_plan;       ///< failures of memslot updates
@@ -46,6 +57,13 @@ struct InjectingKvm : os::LinuxSyscalls {
     static inline std::vector<PreFaultStep> pre_fault_script;
     static inline std::vector<PreFaultCall> pre_fault_calls;
     static inline std::function<void(std::uint64_t gpa, std::uint64_t size)> after_memslot;
+    /// Say KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is missing (an old kernel: clear-on-read).
+    static inline bool hide_manual_protect = false;
+    /// Drop the guest's dirty log: KVM_GET_DIRTY_LOG succeeds without asking the kernel, so the
+    /// partition sees the zeroed buffer it passed (a loop's check must notice).
+    static inline bool drop_dirty_log = false;
+    /// Every KVM_CLEAR_DIRTY_LOG, recorded and then passed to the kernel.
+    static inline std::vector<ClearCall> clear_calls;
 
     static void reset()
     {
@@ -56,6 +74,9 @@ struct InjectingKvm : os::LinuxSyscalls {
         pre_fault_script.clear();
         pre_fault_calls.clear();
         after_memslot = nullptr;
+        hide_manual_protect = false;
+        drop_dirty_log = false;
+        clear_calls.clear();
     }
 
     static int ioctl(int fd, unsigned long request, void* arg) noexcept
@@ -73,6 +94,15 @@ struct InjectingKvm : os::LinuxSyscalls {
         if (request == detail::kvm_abi::set_user_memory_region2 && after_memslot)
             return reported(fd, request,
                             *static_cast<detail::kvm_abi::UserspaceMemoryRegion2*>(arg));
+        if (request == KVM_GET_DIRTY_LOG && drop_dirty_log)
+            return 0;
+        if (request == KVM_CLEAR_DIRTY_LOG) {
+            const auto& c = *static_cast<const kvm_clear_dirty_log*>(arg);
+            const auto* words = static_cast<const std::uint64_t*>(c.dirty_bitmap);
+            clear_calls.push_back(
+                {c.slot, c.first_page, c.num_pages,
+                 std::vector<std::uint64_t>(words, words + (c.num_pages + 63) / 64)});
+        }
         if (request == detail::kvm_abi::pre_fault_memory && fake_pre_fault)
             return pre_fault(*static_cast<detail::kvm_abi::PreFaultMemory*>(arg));
         return os::LinuxSyscalls::ioctl(fd, request, arg);
@@ -81,6 +111,9 @@ struct InjectingKvm : os::LinuxSyscalls {
     {
         if (request == KVM_CHECK_EXTENSION && arg == KVM_CAP_NR_MEMSLOTS && memslot_limit >= 0)
             return static_cast<int>(memslot_limit);
+        if (request == KVM_CHECK_EXTENSION && arg == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 &&
+            hide_manual_protect)
+            return 0;
         if (request == KVM_CHECK_EXTENSION && arg == detail::kvm_abi::cap_pre_fault_memory &&
             fake_pre_fault)
             return 1;

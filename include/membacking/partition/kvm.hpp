@@ -32,11 +32,22 @@
  *   setting for realtime guests, or its own mlock), as /proc/self/smaps shows it, stays locked
  *   on unpin: only the parts the pin locked are unlocked.
  * - Dirty logging: a partition-wide mode: every slot, present and future, gets
- *   KVM_MEM_LOG_DIRTY_PAGES; take_dirty_log reads and clears one window's bitmap with
- *   KVM_GET_DIRTY_LOG (one bit per 4 KiB page). KVM keeps the bitmap in the slot, so deleting
- *   a slot would lose it: before a logged slot is deleted its bitmap is read into a pending log
- *   (by GPA), which the next take_dirty_log over those pages merges and clears. Only guest
- *   writes are logged; the VMM's own writes through GuestMemory are not.
+ *   KVM_MEM_LOG_DIRTY_PAGES (one bit per 4 KiB page). take_dirty_log takes the bits of a part
+ *   of one window (or the whole window) and resets them. Two kernel modes:
+ *   - manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, Linux 5.8+; enabled by create() with
+ *     KVM_ENABLE_CAP where the kernel has it): KVM_GET_DIRTY_LOG only reads the slot's bitmap,
+ *     and KVM_CLEAR_DIRTY_LOG clears (and write-protects again) exactly the pages taken, in
+ *     chunks of at most clear_chunk_pages() pages (64-page aligned, as KVM demands), so that a
+ *     migration can harvest a big guest piece by piece, holding KVM's MMU lock for one chunk at
+ *     a time. The bits of the slot outside the part stay in KVM's bitmap. Without
+ *     KVM_DIRTY_LOG_INITIALLY_SET: a take reports the pages written since logging started,
+ *     not every page (a diff snapshot needs that; a migration copies everything first anyway).
+ *   - clear-on-read (older kernels): KVM_GET_DIRTY_LOG reads and clears the whole slot; the
+ *     bits outside the part go to the pending log below, so they are reported by a later take.
+ *   KVM keeps the bitmap in the slot, so deleting a slot would lose it: before a logged slot is
+ *   deleted its bitmap is read into a pending log (by GPA), which the next take_dirty_log over
+ *   those pages merges and clears. Only guest writes are logged; the VMM's own writes through
+ *   GuestMemory are not.
  *
  * Every ioctl goes through Sys (os/linux.hpp), so tests can lower the slot limit or fail the
  * n-th memslot update. Every call leaves the partition as it was when it fails. Thread-safe.
@@ -72,8 +83,9 @@ namespace membacking {
 
 namespace detail::kvm_abi {
 // Newer than Debian 12's <linux/kvm.h> (6.1); the layouts are the kernel's uapi ABI.
-inline constexpr int cap_user_memory2 = 231;     // KVM_CAP_USER_MEMORY2
-inline constexpr int cap_pre_fault_memory = 236; // KVM_CAP_PRE_FAULT_MEMORY
+inline constexpr int cap_user_memory2 = 231;              // KVM_CAP_USER_MEMORY2
+inline constexpr int cap_pre_fault_memory = 236;          // KVM_CAP_PRE_FAULT_MEMORY
+inline constexpr std::uint64_t manual_protect_enable = 1; // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 
 struct UserspaceMemoryRegion2 { // struct kvm_userspace_memory_region2
     std::uint32_t slot;
@@ -116,6 +128,9 @@ public:
         bool user_memory2 = false;
         bool readonly_memory = false;
         bool pre_fault_memory = false;
+        /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, enabled on the VM: dirty bits are cleared by
+        /// KVM_CLEAR_DIRTY_LOG, a part at a time, not by KVM_GET_DIRTY_LOG.
+        bool manual_dirty_log_protect = false;
     };
 
     /// One memslot, as the partition sees it.
@@ -199,6 +214,17 @@ private:
         caps.readonly_memory = Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
         caps.pre_fault_memory =
             Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, detail::kvm_abi::cap_pre_fault_memory) > 0;
+        // Manual protect is a VM-wide mode; no slot logs yet (the partition logs only once it is
+        // asked to). A kernel that lists the cap but refuses it keeps clear-on-read, which is as
+        // exact, only not chunked.
+        if ((static_cast<unsigned>(
+                 Sys::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) &
+             detail::kvm_abi::manual_protect_enable) != 0) {
+            kvm_enable_cap cap{};
+            cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+            cap.args[0] = detail::kvm_abi::manual_protect_enable;
+            caps.manual_dirty_log_protect = Sys::ioctl(vm_fd, KVM_ENABLE_CAP, &cap) == 0;
+        }
         return caps;
     }
 
@@ -427,32 +453,34 @@ public:
         const SlotInfo* s = exact(gpa, size);
         if (s == nullptr)
             return no_window(gpa, size);
-        if (!dirty_logging_)
-            return make_error(errc::conflict, "KVM dirty logging is off");
-        auto bitmap = read_dirty_bitmap(*s);
-        if (!bitmap)
-            return bitmap;
-        // Merge what earlier incarnations of these pages' slots logged before being deleted.
-        const MemoryRange window = span_of(*s);
-        for (auto it = pending_dirty_.begin(); it != pending_dirty_.end();) {
-            PendingDirty& p = *it;
-            const MemoryRange span =
-                MemoryRange::valid_or_abort(p.gpa, p.gpa + p.pages * page_size);
-            const MemoryRange common = span.intersection(window);
-            for (std::uint64_t page = common.start(); page < common.end(); page += page_size) {
-                const std::uint64_t from = (page - p.gpa) / page_size;
-                const std::uint64_t to = (page - window.start()) / page_size;
-                if (test_bit(p.bits, from)) {
-                    (*bitmap)[to / 64] |= std::uint64_t{1} << (to % 64);
-                    p.bits[from / 64] &= ~(std::uint64_t{1} << (from % 64));
-                }
-            }
-            if (std::all_of(p.bits.begin(), p.bits.end(), [](std::uint64_t w) { return w == 0; }))
-                it = pending_dirty_.erase(it);
-            else
-                ++it;
-        }
-        return bitmap;
+        return take_part(*s, span_of(*s));
+    }
+
+    /// Reads and clears the dirty bits of `part`, page-aligned and inside one mapped window (bit
+    /// i = page i of `part`). The window's other pages keep their bits for a later take.
+    Result<std::vector<std::uint64_t>> take_dirty_log(const MemoryRange& part)
+    {
+        std::lock_guard lock(mutex_);
+        const SlotInfo* s = part.empty() ? nullptr : slots_.first_overlap(part);
+        if (s == nullptr || !span_of(*s).contains(part) || !is_page_aligned(part.start()) ||
+            !is_page_aligned(part.end()))
+            return make_error(errc::not_found, "KVM: " + part.to_string() +
+                                                   " is not a page-aligned part of one memslot");
+        return take_part(*s, part);
+    }
+
+    /// Pages per KVM_CLEAR_DIRTY_LOG (manual protect): a multiple of 64.
+    [[nodiscard]] std::uint64_t clear_chunk_pages() const
+    {
+        std::lock_guard lock(mutex_);
+        return clear_chunk_pages_;
+    }
+    /// Sets it, rounded up to a multiple of 64 (KVM's alignment), from 64 to 2^31. Smaller chunks
+    /// hold KVM's MMU lock for less time each, in more ioctls.
+    void set_clear_chunk_pages(std::uint64_t pages)
+    {
+        std::lock_guard lock(mutex_);
+        clear_chunk_pages_ = std::clamp<std::uint64_t>((pages + 63) / 64 * 64, 64, max_clear_chunk);
     }
 
     /// The quiesce bracket's notice: true while the VMM holds every vCPU out of KVM_RUN. In
@@ -524,7 +552,99 @@ private:
         return (bits[i / 64] >> (i % 64)) & 1U;
     }
 
-    /// KVM_GET_DIRTY_LOG of one slot: reads and clears its bitmap.
+    /// The bits of `part` (inside slot s), taken: from KVM's bitmap and the pending log.
+    Result<std::vector<std::uint64_t>> take_part(const SlotInfo& s, const MemoryRange& part)
+    {
+        if (!dirty_logging_)
+            return make_error(errc::conflict, "KVM dirty logging is off");
+        auto slot_bits = read_dirty_bitmap(s);
+        if (!slot_bits)
+            return std::move(slot_bits).error();
+        const std::uint64_t first = (part.start() - s.gpa) / page_size; // in the slot
+        const std::uint64_t pages = part.size() / page_size;
+        std::vector<std::uint64_t> bitmap((pages + 63) / 64, 0);
+        for (std::uint64_t i = 0; i < pages; ++i)
+            if (test_bit(*slot_bits, first + i))
+                bitmap[i / 64] |= std::uint64_t{1} << (i % 64);
+        if (caps_.manual_dirty_log_protect) {
+            MEMBACKING_TRY(clear_dirty_bits(s, first, bitmap));
+        } else if (first != 0 || pages != s.size / page_size) {
+            // The read cleared the whole slot: what lies outside the part waits by GPA.
+            PendingDirty rest{s.gpa, s.size / page_size, std::move(*slot_bits)};
+            for (std::uint64_t i = first; i < first + pages; ++i)
+                rest.bits[i / 64] &= ~(std::uint64_t{1} << (i % 64));
+            keep_pending(std::move(rest));
+        }
+        merge_pending(part, bitmap);
+        return bitmap;
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG of the pages set in `bits` (bit i = page first + i of slot s), in
+    /// chunks of clear_chunk_pages_ that start at a multiple of 64 pages (KVM's rule; a chunk's
+    /// length is a multiple of 64 too unless it ends the slot). A chunk with no bit set is not
+    /// sent. A failure part-way leaves the pages not yet cleared in KVM's log (reported again
+    /// later: too often, never too rarely).
+    Result<void> clear_dirty_bits(const SlotInfo& s, std::uint64_t first,
+                                  const std::vector<std::uint64_t>& bits)
+    {
+        const std::uint64_t slot_pages = s.size / page_size;
+        const std::uint64_t end =
+            first + bits.size() * 64 > slot_pages ? slot_pages : first + bits.size() * 64;
+        std::vector<std::uint64_t> mask;
+        for (std::uint64_t chunk = first / 64 * 64; chunk < end; chunk += clear_chunk_pages_) {
+            const std::uint64_t chunk_end = std::min(chunk + clear_chunk_pages_, slot_pages);
+            mask.assign((chunk_end - chunk + 63) / 64, 0);
+            bool any = false;
+            for (std::uint64_t page = std::max(chunk, first); page < std::min(chunk_end, end);
+                 ++page) {
+                const std::uint64_t i = page - first;
+                if (test_bit(bits, i)) {
+                    mask[(page - chunk) / 64] |= std::uint64_t{1} << ((page - chunk) % 64);
+                    any = true;
+                }
+            }
+            if (!any)
+                continue;
+            kvm_clear_dirty_log clear{};
+            clear.slot = s.slot;
+            clear.first_page = chunk;
+            clear.num_pages = static_cast<std::uint32_t>(chunk_end - chunk);
+            clear.dirty_bitmap = mask.data();
+            if (Sys::ioctl(vm_fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear) != 0)
+                return os::last_error([&] {
+                    return "KVM_CLEAR_DIRTY_LOG of pages " + std::to_string(chunk) + "+" +
+                           std::to_string(chunk_end - chunk) + " of memslot " +
+                           std::to_string(s.slot) + " (" + span_of(s).to_string() + ") failed";
+                });
+        }
+        return {};
+    }
+
+    /// Merges into `bitmap` (bit i = page i of `part`) and clears the pending log's bits of
+    /// `part`, left by slots deleted while logging.
+    void merge_pending(const MemoryRange& part, std::vector<std::uint64_t>& bitmap)
+    {
+        for (auto it = pending_dirty_.begin(); it != pending_dirty_.end();) {
+            PendingDirty& p = *it;
+            const MemoryRange span =
+                MemoryRange::valid_or_abort(p.gpa, p.gpa + p.pages * page_size);
+            const MemoryRange common = span.intersection(part);
+            for (std::uint64_t page = common.start(); page < common.end(); page += page_size) {
+                const std::uint64_t from = (page - p.gpa) / page_size;
+                const std::uint64_t to = (page - part.start()) / page_size;
+                if (test_bit(p.bits, from)) {
+                    bitmap[to / 64] |= std::uint64_t{1} << (to % 64);
+                    p.bits[from / 64] &= ~(std::uint64_t{1} << (from % 64));
+                }
+            }
+            if (std::all_of(p.bits.begin(), p.bits.end(), [](std::uint64_t w) { return w == 0; }))
+                it = pending_dirty_.erase(it);
+            else
+                ++it;
+        }
+    }
+
+    /// KVM_GET_DIRTY_LOG of one slot: reads its bitmap (and clears it, unless manual protect).
     Result<std::vector<std::uint64_t>> read_dirty_bitmap(const SlotInfo& s)
     {
         std::vector<std::uint64_t> bitmap((s.size / page_size + 63) / 64, 0);
@@ -675,6 +795,8 @@ private:
         return range ? slots_.find_exact(*range) : nullptr;
     }
 
+    static constexpr std::uint64_t max_clear_chunk = std::uint64_t{1} << 31; // num_pages is 32-bit
+
     mutable std::mutex mutex_;
     const OwnedFd vm_fd_; ///< the partition's duplicate of the VMM's VM descriptor
     const Capabilities caps_;
@@ -685,6 +807,8 @@ private:
     bool quiesced_ = false;                        ///< the VMM holds the vCPUs (set_quiesced)
     std::vector<PendingDirty> pending_dirty_;      ///< bitmaps of logged slots deleted since
     std::shared_ptr<const OwnedFd> prefetch_vcpu_; ///< its own duplicate, or null
+    /// KVM_CLEAR_DIRTY_LOG's chunk: 1 GiB of guest pages (QEMU's default clear size too).
+    std::uint64_t clear_chunk_pages_ = std::uint64_t{1} << 18;
     /// Per pinned slot number: the host spans pin_range locked (unlocked before it).
     std::vector<std::pair<std::uint32_t, std::vector<HostSpan>>> pin_locks_;
 };

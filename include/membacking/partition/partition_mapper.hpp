@@ -28,6 +28,8 @@
  *               windows: a page written before its window was unmapped and mapped again (a
  *               visibility or permission change re-creates windows) is still reported by the
  *               next take_dirty_log that covers it. Turning logging off discards the log.
+ *               Optionally also Result<std::vector<uint64_t>> take_dirty_log(const MemoryRange&
+ *               part): the log of a part of one window only (PartitionMapper_dirty_log_part).
  *   quiesce_aware: void set_quiesced(bool quiesced) noexcept;
  *               Told when the VMM's quiesce hook (GuestMemoryManager::attach_partition) holds
  *               this partition's vCPUs out of guest mode (true) and when it lets them go (false).
@@ -36,6 +38,7 @@
  */
 #pragma once
 
+#include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 
 #include <concepts>
@@ -104,6 +107,14 @@ concept PartitionMapper_dirty_log = requires(P& p, std::uint64_t gpa, std::uint6
                                              bool enabled) {
     { p.set_dirty_logging(enabled) } -> std::same_as<Result<void>>;
     { p.take_dirty_log(gpa, size) } -> std::same_as<Result<std::vector<std::uint64_t>>>;
+};
+
+/// Optional with dirty_log: takes the log of a part of one window (bit i = page i of `part`),
+/// leaving the window's other pages for a later take, so that a harvest of a GPA range resets
+/// only that range (KVM's manual protect). Without it a take covers whole windows.
+template <class P>
+concept PartitionMapper_dirty_log_part = requires(P& p, const MemoryRange& part) {
+    { p.take_dirty_log(part) } -> std::same_as<Result<std::vector<std::uint64_t>>>;
 };
 
 template <class P>

@@ -347,12 +347,22 @@ public:
                 for (const RegionActivation& w : visible) {
                     if (w.gpa.end() <= range.start() || range.end() <= w.gpa.start())
                         continue;
-                    auto bits = a.partition->take_dirty_log(w.gpa.start(), w.gpa.size());
+                    // Only the part in range where the partition can (the rest of the
+                    // window keeps its log); else the whole window, whose bits outside
+                    // range the sink keeps for a later take.
+                    const MemoryRange part =
+                        PartitionMapper_dirty_log_part<P> ? w.gpa.intersection(range) : w.gpa;
+                    auto bits = [&] {
+                        if constexpr (PartitionMapper_dirty_log_part<P>)
+                            return a.partition->take_dirty_log(part);
+                        else
+                            return a.partition->take_dirty_log(w.gpa.start(), w.gpa.size());
+                    }();
                     if (!bits) {
                         result = std::move(bits).error();
                         return false;
                     }
-                    sink(w.gpa.start(), *bits);
+                    sink(part.start(), *bits);
                 }
             }
             return true;
