@@ -179,6 +179,28 @@ public:
         mark_pages(words, first, last + 1);
     }
 
+    /// The mark of a fixed-size access (Size a power of two, at most 8): one page, test-then-set
+    /// on one bit. A naturally aligned access cannot cross a page, so the hot path is a shift, a
+    /// load, a bit test and a branch; `Aligned` says the caller has checked the alignment (the
+    /// atomics); otherwise a misaligned one takes the general mark, out of line.
+    template <std::uint64_t Size, bool Aligned>
+    MEMBACKING_ALWAYS_INLINE static void mark_one(std::atomic<std::uint64_t>* words,
+                                                  std::uint64_t gpa) noexcept
+    {
+        static_assert(Size != 0 && Size <= bits_per_word / 8 && (Size & (Size - 1)) == 0);
+        // The data store stays before the test in program order, as in mark_words.
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+        if constexpr (!Aligned && Size > 1)
+            if (gpa % Size != 0) [[unlikely]] {
+                mark_misaligned(words, gpa, Size);
+                return;
+            }
+        const std::uint64_t page = gpa >> page_shift;
+        const std::uint64_t w = words[page / bits_per_word].load(std::memory_order_relaxed);
+        if (((w >> (page % bits_per_word)) & 1) == 0) [[unlikely]]
+            set_bit(words, page);
+    }
+
     /// Sets every bit of [first, end) pages, word by word, test-then-set.
     static void mark_pages(std::atomic<std::uint64_t>* words, std::uint64_t first,
                            std::uint64_t end) noexcept
@@ -278,6 +300,20 @@ public:
     }
 
 private:
+    /// mark_one's rare paths, out of line so that the hot path keeps its registers.
+    MEMBACKING_NOINLINE MEMBACKING_COLD static void set_bit(std::atomic<std::uint64_t>* words,
+                                                            std::uint64_t page) noexcept
+    {
+        words[page / bits_per_word].fetch_or(std::uint64_t{1} << (page % bits_per_word),
+                                             std::memory_order_relaxed);
+    }
+    MEMBACKING_NOINLINE MEMBACKING_COLD static void
+    mark_misaligned(std::atomic<std::uint64_t>* words, std::uint64_t gpa,
+                    std::uint64_t len) noexcept
+    {
+        mark_words(words, gpa, len);
+    }
+
     DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages,
                 std::uint64_t bytes) noexcept
         : words_(words), pages_(pages), bytes_(bytes)
