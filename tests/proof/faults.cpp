@@ -481,9 +481,50 @@ TEST_CASE("fault injection: every single failure of every control operation is a
     CHECK(points > 100);
 }
 
+/// Tallies of the persistent-failure runs, over every operation.
+struct PersistentTally {
+    long points = 0, survived = 0, fatal = 0, inconsistent = 0;
+};
+
+/// Runs `child_body(n)` in a forked child for n = 1, 2, ... until it exits 2 (the n-th call is
+/// never reached) and classifies each exit: 0 consistent, SIGABRT fatal() (defect 7), anything
+/// else inconsistent (a failed check).
+template <class ChildBody>
+void run_persistent(const std::string& name, PersistentTally& tally, ChildBody child_body)
+{
+    long op_points = 0, op_fatal = 0;
+    for (long n = 1;; ++n) {
+        std::fflush(nullptr);
+        const pid_t child = ::fork();
+        REQUIRE(child >= 0);
+        if (child == 0) {
+            (void)::freopen("/dev/null", "w", stderr); // fatal()'s message, counted below
+            ::_exit(child_body(n));
+        }
+        int status = 0;
+        REQUIRE(::waitpid(child, &status, 0) == child);
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 2)
+            break;
+        ++tally.points;
+        ++op_points;
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+            ++tally.survived;
+        } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) {
+            ++tally.fatal;
+            ++op_fatal;
+        } else {
+            ++tally.inconsistent;
+            FAIL_CHECK(name << ": calls " << n << ".. failing: inconsistent (status " << status
+                            << ")");
+        }
+    }
+    MESSAGE(name << ": " << op_points << " persistent injection points, " << op_fatal
+                 << " reached fatal() (defect 7)");
+}
+
 TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
 {
-    long points = 0, survived = 0, fatal = 0, inconsistent = 0;
+    PersistentTally tally;
     for (const Operation& op : operations()) {
         Snapshot after;
         {
@@ -491,80 +532,31 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             must(op.run(*f));
             after = snapshot(*f);
         }
-        long op_points = 0, op_fatal = 0;
-        for (long n = 1;; ++n) {
-            std::fflush(nullptr);
-            const pid_t child = ::fork();
-            REQUIRE(child >= 0);
-            if (child == 0) {
-                // 0: consistent; 1: diverged or retry failed; 2: not reached (the end).
-                bool succeeded = false, reached = false;
-                (void)::freopen("/dev/null", "w", stderr); // fatal()'s message, counted below
-                const Verdict v = run_injected(op, after, n, true, succeeded, reached);
-                ::_exit(!reached ? 2 : v == Verdict::consistent ? 0 : 1);
-            }
-            int status = 0;
-            REQUIRE(::waitpid(child, &status, 0) == child);
-            if (WIFEXITED(status) && WEXITSTATUS(status) == 2)
-                break;
-            ++points;
-            ++op_points;
-            if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-                ++survived;
-            } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) {
-                ++fatal;
-                ++op_fatal;
-            } else {
-                ++inconsistent;
-                FAIL_CHECK(op.name << ": calls " << n << ".. failing: inconsistent (status "
-                                   << status << ")");
-            }
-        }
-        MESSAGE(op.name << ": " << op_points << " persistent injection points, " << op_fatal
-                        << " reached fatal() (defect 7)");
+        run_persistent(op.name, tally, [&](long n) {
+            // 0: consistent; 1: diverged or retry failed; 2: not reached (the end).
+            bool succeeded = false, reached = false;
+            const Verdict v = run_injected(op, after, n, true, succeeded, reached);
+            return !reached ? 2 : v == Verdict::consistent ? 0 : 1;
+        });
     }
     for (const BuildVariant& b : builds()) {
-        long op_points = 0, op_fatal = 0;
-        for (long n = 1;; ++n) {
-            std::fflush(nullptr);
-            const pid_t child = ::fork();
-            REQUIRE(child >= 0);
-            if (child == 0) {
-                (void)::freopen("/dev/null", "w", stderr);
-                const std::size_t fds = open_fds();
-                Injector::arm(n, true);
-                bool ok = b.build().has_value();
-                const bool reached = Injector::fired > 0;
-                Injector::disarm();
-                if (!reached)
-                    ::_exit(2);
-                // Failed: no fd left behind, and a retry succeeds.
-                ok = ok || (open_fds() == fds && b.build().has_value());
-                ::_exit(ok ? 0 : 1);
-            }
-            int status = 0;
-            REQUIRE(::waitpid(child, &status, 0) == child);
-            if (WIFEXITED(status) && WEXITSTATUS(status) == 2)
-                break;
-            ++points;
-            ++op_points;
-            if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-                ++survived;
-            } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) {
-                ++fatal;
-                ++op_fatal;
-            } else {
-                ++inconsistent;
-                FAIL_CHECK(b.name << ": calls " << n << ".. failing: inconsistent (status "
-                                  << status << ")");
-            }
-        }
-        MESSAGE(b.name << ": " << op_points << " persistent injection points, " << op_fatal
-                       << " reached fatal() (defect 7)");
+        run_persistent(b.name, tally, [&](long n) {
+            const std::size_t fds = open_fds();
+            Injector::arm(n, true);
+            bool ok = b.build().has_value();
+            const bool reached = Injector::fired > 0;
+            Injector::disarm();
+            if (!reached)
+                return 2;
+            // Failed: no fd left behind, and a retry succeeds.
+            ok = ok || (open_fds() == fds && b.build().has_value());
+            return ok ? 0 : 1;
+        });
     }
-    MESSAGE("persistent injection points: " << points << ", survived consistent: " << survived
-                                            << ", reached fatal() (defect 7, open): " << fatal
-                                            << ", inconsistent: " << inconsistent);
-    CHECK(points > 50);
-    CHECK(inconsistent == 0);
+    MESSAGE("persistent injection points: " << tally.points
+                                            << ", survived consistent: " << tally.survived
+                                            << ", reached fatal() (defect 7, open): " << tally.fatal
+                                            << ", inconsistent: " << tally.inconsistent);
+    CHECK(tally.points > 50);
+    CHECK(tally.inconsistent == 0);
 }
