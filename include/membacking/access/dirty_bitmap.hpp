@@ -30,7 +30,20 @@
  *
  * Clearing: the harvester takes each word that a plain load finds non-zero with one `xchg` (whole
  * words) or `lock and` (the partial words at either end of a range): a concurrent mark is either
- * in the value taken or left set for the next harvest, never lost.
+ * in the value taken or left set for the next harvest, never lost. A whole word that the load
+ * finds all ones is cleared with a plain store instead (the floor of a fully dirty guest was one
+ * locked instruction per word): its 64 pages are all in the result, so a mark that lands between
+ * the load and the store (a `lock or` of a bit already set, or a test that finds it set) belongs
+ * to a page that is taken, and the barrier above makes its data visible; harvests themselves are
+ * serialised by the manager, so nothing else writes the word. A word with any bit clear must not
+ * be cleared this way: a mark landing in between would be wiped and not taken
+ * (tests/dirty/harvest.cpp proves the difference).
+ *
+ * Rejected: moving the bitmap's pages away atomically (MREMAP_DONTUNMAP leaves zero pages
+ * behind) would turn every writer's next mark into a page fault, which the access path must not
+ * take on success; and cmpxchg16b halves the locked instructions where the plain store removes
+ * them. A byte per page (a mark would be one compare) makes the bitmap 8x larger: 128 MiB to scan
+ * for 512 GiB, above the 4.6 ms goal at any memory bandwidth this machine has.
  */
 #pragma once
 
