@@ -6,10 +6,18 @@
 //   and reset. The pages are scattered, each dirty with probability <percent> / 100 on its own
 //   (a fixed pseudo-random pattern), so at 10 % nearly every dirty page is a run of its own: the
 //   worst case for runs. At 100 % the whole space is one run.
+// BM_DirtyHarvest/clustered64/<GiB>/<percent>: the same with the dirty pages in runs of 64
+//   pages (blocks of 64 pages, starting 17 pages off a word boundary so that every run straddles
+//   two words, each block dirty with probability <percent> / 100): how a guest's writes usually
+//   cluster, and the case where the 2x bound below is meaningful.
 // BM_DirtyHarvest/memcpy/<GiB>: a memcpy of the same bitmap's bytes (64 GiB: 2 MiB; 512 GiB:
 //   16 MiB) into a buffer, from the same freshly written bitmap: reading the bitmap once.
 // Target: harvest <= 2x memcpy, and below cloud-hypervisor's published 12 ms (64 GiB, 10 %) and
 // 4.6 ms (512 GiB, 100 %).
+// Why 2x memcpy cannot hold for 64 GiB at 10 % scattered: 16.8 M pages, 1.68 M dirty, in 1.51 M
+// separate runs; at 16 bytes a run the result alone is 24 MB written, 11.5x the 2 MiB that the
+// memcpy reads and writes. There the goal is the absolute one (12 ms); the 2x bound is checked on
+// the clustered distribution (26 K runs, 0.4 MB of result) and at 100 % (one run).
 //
 // Each iteration first writes the pattern into the bitmap (not timed: manual time), so both
 // benchmarks start from the same cache state. The runs vector keeps its capacity from an untimed
@@ -20,6 +28,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -30,6 +39,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 using namespace membacking;
@@ -74,22 +84,28 @@ Guest& guest(std::uint64_t gib)
     return *g;
 }
 
-/// The bitmap pattern: each page dirty with probability percent / 100, independently.
-const std::vector<std::uint64_t>& pattern(std::uint64_t words, std::uint64_t percent)
+/// The bitmap pattern: blocks of `run` pages (the first starting at page 17 when run > 1, so
+/// that blocks straddle words), each dirty with probability percent / 100, independently.
+const std::vector<std::uint64_t>& pattern(std::uint64_t words, std::uint64_t percent,
+                                          std::uint64_t run = 1)
 {
-    static std::map<std::pair<std::uint64_t, std::uint64_t>, std::vector<std::uint64_t>> cache;
-    auto& p = cache[{words, percent}];
+    static std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>,
+                    std::vector<std::uint64_t>>
+        cache;
+    auto& p = cache[{words, percent, run}];
     if (p.empty()) {
         p.resize(words);
+        if (percent >= 100) {
+            std::fill(p.begin(), p.end(), ~std::uint64_t{0});
+            return p;
+        }
         std::mt19937_64 rng(42);
-        for (auto& w : p) {
-            if (percent >= 100) {
-                w = ~std::uint64_t{0};
+        const std::uint64_t pages = words * 64;
+        for (std::uint64_t block = run > 1 ? 17 : 0; block < pages; block += run) {
+            if (rng() % 100 >= percent)
                 continue;
-            }
-            for (unsigned bit = 0; bit < 64; ++bit)
-                if (rng() % 100 < percent)
-                    w |= std::uint64_t{1} << bit;
+            for (std::uint64_t page = block; page < std::min(block + run, pages); ++page)
+                p[page / 64] |= std::uint64_t{1} << (page % 64);
         }
     }
     return p;
@@ -100,12 +116,13 @@ void write_pattern(Guest& g, const std::vector<std::uint64_t>& p)
     std::memcpy(static_cast<void*>(g.words), p.data(), p.size() * sizeof(std::uint64_t));
 }
 
+template <std::uint64_t Run>
 void harvest(benchmark::State& state)
 {
     const auto gib = static_cast<std::uint64_t>(state.range(0));
     const auto percent = static_cast<std::uint64_t>(state.range(1));
     Guest& g = guest(gib);
-    const auto& p = pattern(g.count, percent);
+    const auto& p = pattern(g.count, percent, Run);
     const MemoryRange all = must(MemoryRange::create(0, gib * GiB));
     std::vector<DirtyRun> runs;
     // One untimed harvest first: a migration loop's vector has its capacity from earlier passes.
@@ -154,7 +171,8 @@ void harvest_memcpy(benchmark::State& state)
 const bool registered = [] {
     const std::initializer_list<benchmark::internal::Benchmark*> all{
         benchmark::RegisterBenchmark("BM_DirtyHarvest/memcpy", harvest_memcpy),
-        benchmark::RegisterBenchmark("BM_DirtyHarvest", harvest),
+        benchmark::RegisterBenchmark("BM_DirtyHarvest", harvest<1>),
+        benchmark::RegisterBenchmark("BM_DirtyHarvest/clustered64", harvest<64>),
     };
     all.begin()[0]->Arg(64)->Arg(512)->UseManualTime()->Unit(benchmark::kMicrosecond);
     all.begin()[1]
@@ -162,6 +180,7 @@ const bool registered = [] {
         ->Args({512, 100})
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
+    all.begin()[2]->Args({64, 10})->UseManualTime()->Unit(benchmark::kMicrosecond);
     bench::fix_iterations(all);
     return true;
 }();

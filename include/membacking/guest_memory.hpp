@@ -208,7 +208,7 @@ public:
             if (!r) [[unlikely]]
                 return r.error();
             if constexpr (Tracking::enabled)
-                marker_.mark(gpa_base_ + at.value(), sizeof(T));
+                marker_.template mark_one<sizeof(T), false>(gpa_base_ + at.value());
             return {};
         } else {
             return write(at, std::span<const T, 1>(&value, 1));
@@ -235,7 +235,7 @@ public:
             });
         if constexpr (Tracking::enabled)
             if (r && r.value().exchanged) // a failed compare-exchange changed no byte
-                marker_.mark(gpa_base_ + gpa, sizeof(T));
+                marker_.template mark_one<sizeof(T), true>(gpa_base_ + gpa);
         return r;
     }
 
@@ -258,7 +258,7 @@ public:
             });
         if constexpr (Tracking::enabled)
             if (r)
-                marker_.mark(gpa_base_ + gpa, sizeof(T));
+                marker_.template mark_one<sizeof(T), true>(gpa_base_ + gpa);
         return r;
     }
     template <GuestInteger T>
@@ -536,7 +536,7 @@ private:
             });
         if constexpr (Tracking::enabled)
             if (r)
-                marker_.mark(gpa_base_ + gpa, sizeof(T));
+                marker_.template mark_one<sizeof(T), true>(gpa_base_ + gpa);
         return r;
     }
 

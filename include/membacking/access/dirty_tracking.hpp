@@ -39,6 +39,9 @@ struct NoDirtyTracking {
         MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t /*gpa*/,
                                            std::uint64_t /*len*/) const noexcept
         {}
+        template <std::uint64_t Size, bool Aligned>
+        MEMBACKING_ALWAYS_INLINE void mark_one(std::uint64_t /*gpa*/) const noexcept
+        {}
     };
 };
 
@@ -56,6 +59,14 @@ struct DirtyTracking {
         {
             if (len != 0)
                 detail::DirtyBitmap::mark_words(words, gpa, len);
+        }
+        /// Marks the page of a fixed-size access of Size (1, 2, 4 or 8) bytes at gpa, absolute;
+        /// `Aligned`: the caller has checked that gpa is a multiple of Size, so the access lies
+        /// in one page (DirtyBitmap::mark_one).
+        template <std::uint64_t Size, bool Aligned>
+        MEMBACKING_ALWAYS_INLINE void mark_one(std::uint64_t gpa) const noexcept
+        {
+            detail::DirtyBitmap::mark_one<Size, Aligned>(words, gpa);
         }
         std::atomic<std::uint64_t>* words = nullptr;
     };
