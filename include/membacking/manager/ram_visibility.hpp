@@ -40,6 +40,7 @@
 #include <membacking/detail/undo_log.hpp>
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/types.hpp>
+#include <membacking/region/region_id.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <cstdint>
