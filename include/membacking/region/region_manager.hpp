@@ -215,9 +215,9 @@ public:
             if (o.active() && o.priority < r->priority && o.range.overlaps(r->range))
                 affected.push_back({&o, exposed_params(o, *o.map_params)});
         detail::UndoLog undo;
-        r->read_only_cap = cap; // exposed_params now answers with the new cap
-        undo.push([r, cap]() -> Result<void> {
-            r->read_only_cap = !cap;
+        record_cap(*r, cap); // exposed_params now answers with the new cap
+        undo.push([this, r, cap]() -> Result<void> {
+            record_cap(*r, !cap);
             return {};
         });
         for (const Affected& a : affected)
@@ -369,11 +369,13 @@ public:
     {
         if (!params.writable)
             return params;
-        for (const auto& [id, c] : regions_)
-            if (c.read_only_cap && c.priority > r.priority && c.range.overlaps(r.range)) {
+        for (const RegionId id : capping_) { // usually none; a PC has at most 13 PAM ranges
+            const Region& c = regions_.at(id);
+            if (c.priority > r.priority && c.range.overlaps(r.range)) {
                 params.writable = false;
                 break;
             }
+        }
         return params;
     }
 
@@ -391,6 +393,17 @@ private:
     static Error no_such_region(RegionId id)
     {
         return make_error(errc::not_found, "no memory region with id " + std::to_string(id.value));
+    }
+
+    /// The cap flag and the list of capping regions, which exposed_params scans instead of
+    /// every region (it runs for each region a change touches).
+    void record_cap(Region& r, bool cap)
+    {
+        r.read_only_cap = cap;
+        if (cap)
+            capping_.push_back(r.id);
+        else
+            capping_.erase(std::find(capping_.begin(), capping_.end(), r.id));
     }
 
     Region* find_mutable(RegionId id)
@@ -604,6 +617,7 @@ private:
     Sink& sink_;
     Resolver resolver_;
     std::map<RegionId, Region> regions_;
+    std::vector<RegionId> capping_; ///< regions whose read_only_cap is set
     std::uint64_t next_id_ = 1;
 };
 
