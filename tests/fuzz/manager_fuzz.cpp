@@ -168,8 +168,8 @@ struct World {
             bool writable = true;
             if (gpa >= pam_start && gpa < pam_start + pam_count * pam_size) {
                 const RamVisibility v = pam.at((gpa - pam_start) / pam_size);
-                if (v == RamVisibility::unmapped)
-                    return {};
+                if (v == RamVisibility::unmapped || v == RamVisibility::write_only)
+                    return {}; // nothing lies below a PAM segment here
                 writable = v == RamVisibility::read_write;
             }
             return {ram.data() + gpa, writable};
@@ -329,7 +329,7 @@ void control(World& w, Input& in)
     const std::uint8_t op = in.byte();
     const std::uint8_t arg = in.byte();
     switch (op % 4) {
-    case 0: w.set_pam(arg % pam_count, static_cast<RamVisibility>(arg / pam_count % 3)); return;
+    case 0: w.set_pam(arg % pam_count, static_cast<RamVisibility>(arg / pam_count % 4)); return;
     case 1: {
         Region& r = w.regions.at(arg % 2);
         const bool writable = (arg & 2) != 0;

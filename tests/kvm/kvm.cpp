@@ -295,7 +295,7 @@ TEST_CASE("a 64 KiB ROM over four PAM segments (place_split): the guest reads ea
     CHECK(seen(2) == 'C');
 }
 
-TEST_CASE("shadowing recipe: the guest reads the ROM, its writes exit into the hidden RAM")
+TEST_CASE("write-only PAM over a ROM: the guest reads the ROM, its writes exit into the shadow RAM")
 {
     Guest<> g;
     const MemoryRange seg = x86_legacy::pam_segments[2]; // 0xc8000
@@ -303,19 +303,21 @@ TEST_CASE("shadowing recipe: the guest reads the ROM, its writes exit into the h
     Mappable rom = test::make_memfd(0x4000);
     const std::uint32_t rom_word = 0x11223344;
     REQUIRE(::pwrite(rom.native_handle(), &rom_word, 4, 0x10) == 4);
+    // Placed writable: write-only must still expose it read-only (a KVM_MEM_READONLY slot).
     auto pieces =
         must(g.manager.device_memory_mapper().place_split({.name = "rom",
                                                            .gpa = Gpa{at},
                                                            .length = Length{0x4000},
                                                            .object = rom,
                                                            .object_offset = Offset{0},
-                                                           .protection = Protection::read_only}));
-    // The BIOS's shadowing loop, one word of it: read from the ROM, write to the same address.
+                                                           .protection = Protection::read_write}));
+    // The BIOS's shadowing loop, one word of it: read from the ROM, write to the same address,
+    // and keep what it read.
     X86Asm a;
-    a.load_eax(at + 0x10).add_eax(1).store_eax(at + 0x10).hlt();
+    a.load_eax(at + 0x10).store_eax(result_gpa).add_eax(1).store_eax(at + 0x10).hlt();
     g.load(a);
     auto control = g.manager.ram_visibility_control();
-    must(control.set_ram_visibility(seg, RamVisibility::unmapped)); // PAM WE=1, RE=0
+    must(control.set_ram_visibility(seg, x86_legacy::pam_visibility(2))); // PAM WE=1, RE=0
     REQUIRE(g.vm.start_at(code_gpa));
     Exit e = g.vm.run();
     REQUIRE(e.kind == Exit::Kind::mmio); // the read came from the ROM, the write exits
@@ -323,17 +325,18 @@ TEST_CASE("shadowing recipe: the guest reads the ROM, its writes exit into the h
     CHECK(e.address == at + 0x10);
     CHECK(e.length == 4);
     CHECK(e.data == rom_word + 1);
-    // The VMM forwards it into the shadow RAM, at the GPA's offset in the RAM's object.
-    const auto backing = g.manager.shared_memory_backing();
-    REQUIRE(backing.has_value());
-    const auto offset = backing->offset_of(Gpa{e.address});
-    REQUIRE(offset.has_value());
+    // The VMM forwards it into the shadow RAM through the helper.
+    const auto target = must(control.shadow_ram_target(Gpa{e.address}, Length{e.length}));
     const auto word = static_cast<std::uint32_t>(e.data);
-    REQUIRE(::pwrite(backing->mappable().native_handle(), &word, 4,
-                     static_cast<off_t>(offset->value())) == 4);
+    REQUIRE(::pwrite(target.object.native_handle(), &word, 4,
+                     static_cast<off_t>(target.offset.value())) == 4);
     REQUIRE(g.vm.run().kind == Exit::Kind::halt);
-    // PAM RE=1, WE=0: the guest now reads its shadow copy.
-    must(control.set_ram_visibility(seg, RamVisibility::read_only));
+    CHECK(g.memory.read_plain<std::uint32_t>(Gpa{result_gpa}).value() == rom_word);
+    std::uint32_t rom_now = 0;
+    REQUIRE(::pread(rom.native_handle(), &rom_now, 4, 0x10) == 4);
+    CHECK(rom_now == rom_word); // the guest's write did not land in the ROM
+    // PAM RE=1, WE=1: the guest now reads its shadow copy.
+    must(control.set_ram_visibility(seg, x86_legacy::pam_visibility(3)));
     X86Asm b;
     b.load_eax(at + 0x10).store_eax(result_gpa).hlt();
     g.load(b);

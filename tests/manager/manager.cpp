@@ -1151,3 +1151,118 @@ TEST_CASE("private memory keeps its contents through permission changes")
     CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{0x8000})) == 0x0123456789abcdef);
     REQUIRE(mem.write_plain<std::uint64_t>(Gpa{0x8000}, 1).has_value());
 }
+
+// ---- write-only RAM: every visibility over a writable device (portable: Linux and Wine) ----
+
+namespace {
+
+constexpr std::array<RamVisibility, 4> all_visibilities = {
+    RamVisibility::unmapped, RamVisibility::read_only, RamVisibility::read_write,
+    RamVisibility::write_only};
+
+const char* name_of(RamVisibility v)
+{
+    switch (v) {
+    case RamVisibility::unmapped: return "unmapped";
+    case RamVisibility::read_only: return "read_only";
+    case RamVisibility::read_write: return "read_write";
+    case RamVisibility::write_only: return "write_only";
+    }
+    return "?";
+}
+
+/// A PC guest whose PAM segment 0xc8000 holds 'R' (its RAM) over a device region placed
+/// *writable* with 'A' at its start, so that write-only's read-only cap is observable.
+struct CappedSegment {
+    Manager m = legacy_guest();
+    std::shared_ptr<MockPartition> p = std::make_shared<MockPartition>();
+    MemoryRange seg = x86_legacy::pam_segments[2];
+    Mappable rom = test::make_object(0x4000);
+    std::vector<Manager::Device> pieces;
+
+    CappedSegment()
+    {
+        must(m.attach_partition(Vtl::vtl0, p));
+        const char device_byte = 'A';
+        test::write_object(rom, 0, &device_byte, 1);
+        REQUIRE(m.guest_memory().write_plain<std::uint8_t>(Gpa{seg.start()}, 'R').has_value());
+        pieces = must(m.device_memory_mapper().place_split({.name = "dev",
+                                                            .gpa = Gpa{seg.start()},
+                                                            .length = Length{0x4000},
+                                                            .object = rom,
+                                                            .object_offset = Offset{0},
+                                                            .protection = Protection::read_write}));
+    }
+
+    /// Checks what the partition and GuestMemory see at the segment's first byte in state v.
+    void check_state(RamVisibility v) const
+    {
+        INFO("state " << name_of(v));
+        const Gpa at{seg.start()};
+        CHECK(must(m.ram_visibility_control().ram_visibility(seg)) == v);
+        const auto window = p->lookup(seg.start());
+        REQUIRE(window.has_value()); // RAM or the device: something is always mapped here
+        CHECK(window->gpa == seg.start());
+        CHECK(window->size == seg.size());
+        auto mem = m.guest_memory();
+        const bool ram_shows = v == RamVisibility::read_only || v == RamVisibility::read_write;
+        const bool writable = v == RamVisibility::read_write || v == RamVisibility::unmapped;
+        CHECK(window->writable == writable);
+        const std::uint8_t expected = ram_shows ? 'R' : 'A';
+        CHECK(test::value_of(mem.read_plain<std::uint8_t>(at)) == expected);
+        if (writable)
+            CHECK(mem.write_plain<std::uint8_t>(at, expected).has_value());
+        else
+            CHECK(test::error_of(mem.write_plain<std::uint8_t>(at, 'x')) == errc::read_only);
+        const MemoryMap map = m.memory_map();
+        const MemoryMap::Region* ram = map.find_region("ram-pam-0xc8000");
+        REQUIRE(ram != nullptr);
+        CHECK(ram->read_only_cap == (v == RamVisibility::write_only));
+        const MemoryMap::Region* dev = map.find_region("dev@0xc8000");
+        REQUIRE(dev != nullptr);
+        REQUIRE(dev->mappings.size() == 1);
+        CHECK(dev->mappings.front().writable == (v != RamVisibility::write_only));
+        CHECK(dev->active == !ram_shows);
+    }
+};
+
+} // namespace
+
+TEST_CASE("RAM visibility over a writable device: every state and every transition between two")
+{
+    CappedSegment s;
+    auto control = s.m.ram_visibility_control();
+    for (const RamVisibility from : all_visibilities)
+        for (const RamVisibility to : all_visibilities) {
+            INFO(name_of(from) << " -> " << name_of(to));
+            must(control.set_ram_visibility(s.seg, from));
+            s.check_state(from);
+            must(control.set_ram_visibility(s.seg, to));
+            s.check_state(to);
+        }
+}
+
+TEST_CASE("RAM visibility transitions are all or nothing: a failed map or unmap changes nothing")
+{
+    CappedSegment s;
+    auto control = s.m.ram_visibility_control();
+    for (const RamVisibility from : all_visibilities)
+        for (const RamVisibility to : all_visibilities) {
+            if (from == to)
+                continue;
+            for (const MockPartition::Op op : {MockPartition::Op::map, MockPartition::Op::unmap}) {
+                INFO(name_of(from) << " -> " << name_of(to) << ", failing the next "
+                                   << (op == MockPartition::Op::map ? "map" : "unmap"));
+                must(control.set_ram_visibility(s.seg, from));
+                const auto windows = s.p->windows();
+                const std::string dump = s.m.memory_map().to_text();
+                s.p->fail_next(op);
+                const auto r = control.set_ram_visibility(s.seg, to);
+                REQUIRE_FALSE(r.has_value());
+                CHECK(r.error().code() == errc::resource_exhausted);
+                CHECK(s.p->windows() == windows);
+                CHECK(s.m.memory_map().to_text() == dump);
+                s.check_state(from);
+            }
+        }
+}

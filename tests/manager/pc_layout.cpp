@@ -354,9 +354,16 @@ TEST_CASE("place_split is all or nothing, and a piece outside RAM is one region"
     CHECK(mem.write_plain<std::uint8_t>(Gpa{4 * MiB + 0x4000}, 'x').has_value());
 }
 
-// ---- write-only shadowing, as the README's recipe does it with today's API ----
+// ---- write-only RAM (i440FX PAM WE=1, RE=0) ----
 
-TEST_CASE("shadowing recipe: reads from the ROM, guest writes exit and land in the hidden RAM")
+static_assert(x86_legacy::pam_visibility(0) == RamVisibility::unmapped);
+static_assert(x86_legacy::pam_visibility(1) == RamVisibility::read_only);  // RE
+static_assert(x86_legacy::pam_visibility(2) == RamVisibility::write_only); // WE
+static_assert(x86_legacy::pam_visibility(3) == RamVisibility::read_write);
+static_assert(x86_legacy::pam_visibility(0x32) == RamVisibility::write_only); // one nibble only
+static_assert(is_valid(RamVisibility::write_only));
+
+TEST_CASE("write-only: the guest and GuestMemory read the ROM, writes exit, the VMM forwards them")
 {
     Manager m = pc_guest();
     auto p = std::make_shared<MockPartition>();
@@ -371,24 +378,74 @@ TEST_CASE("shadowing recipe: reads from the ROM, guest writes exit and land in t
                                                              .protection = Protection::read_only}));
     auto control = m.ram_visibility_control();
     auto mem = m.guest_memory();
-    // WE=1, RE=0: the segment's RAM steps aside; the read-only ROM shows.
-    must(control.set_ram_visibility(seg, RamVisibility::unmapped));
+    must(control.set_ram_visibility(seg, x86_legacy::pam_visibility(2))); // WE=1, RE=0
+    CHECK(must(control.ram_visibility(seg)) == RamVisibility::write_only);
     CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start()})) == 'A');
     const auto window = p->lookup(seg.start());
     REQUIRE(window.has_value());
     CHECK_FALSE(window->writable); // so a guest write exits to the VMM
-    CHECK(test::error_of(mem.write_plain<std::uint8_t>(Gpa{seg.start()}, 'x')) == errc::read_only);
-    // The VMM forwards the exiting write into the hidden shadow RAM, at the GPA's offset in its
-    // backing object.
+    const auto refused = mem.write_plain<std::uint8_t>(Gpa{seg.start() + 0x10}, 'x');
+    CHECK(test::error_of(refused) == errc::read_only);
+    CHECK(refused.error().gpa == Gpa{seg.start() + 0x10});
+    CHECK(refused.error().message().find("write at 0xc8010") != std::string::npos);
+
+    // The exiting write, forwarded into the hidden shadow RAM.
+    const auto target = must(control.shadow_ram_target(Gpa{seg.start() + 0x10}, Length{1}));
     const auto backing = m.shared_memory_backing();
     REQUIRE(backing.has_value());
-    const auto offset = backing->offset_of(Gpa{seg.start() + 0x10});
-    REQUIRE(offset.has_value());
+    CHECK(target.object.identity() == backing->mappable().identity());
+    CHECK(target.offset == *backing->offset_of(Gpa{seg.start() + 0x10}));
+    CHECK(target.ram == seg);
     const char copied = 'S';
-    REQUIRE(::pwrite(backing->mappable().native_handle(), &copied, 1,
-                     static_cast<off_t>(offset->value())) == 1);
+    REQUIRE(::pwrite(target.object.native_handle(), &copied, 1,
+                     static_cast<off_t>(target.offset.value())) == 1);
     CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start() + 0x10})) == 0); // the ROM's
+
+    // Only bytes inside one write-only range are forwarded.
+    const auto outside = control.shadow_ram_target(Gpa{seg.end() - 1}, Length{2});
+    CHECK(test::error_of(outside) == errc::not_found);
+    CHECK(outside.error().full_message().find("is not inside a write-only RAM range") !=
+          std::string::npos);
+    CHECK(test::error_of(control.shadow_ram_target(Gpa{seg.end()}, Length{1})) ==
+          errc::not_found); // segment 3 is read_write
+    CHECK(test::error_of(control.shadow_ram_target(Gpa{seg.start()}, Length{0})) ==
+          errc::invalid_range);
+
+    // The memory map shows the cap on the RAM region and the ROM active below it.
+    const std::string text = m.memory_map().to_text();
+    CHECK(text.find("ram-pam-0xc8000 [caps below read-only]") != std::string::npos);
+    CHECK(m.memory_map().to_json().find("\"name\":\"ram-pam-0xc8000\"") != std::string::npos);
+    CHECK(m.memory_map().to_json().find("\"read_only_cap\":true") != std::string::npos);
+    const MemoryMap map = m.memory_map();
+    const MemoryMap::Region* rom_piece = map.region_at(Gpa{seg.start()});
+    REQUIRE(rom_piece != nullptr);
+    CHECK(rom_piece->name == "rom@0xc8000");
+
     // RE=1 again: the shadow RAM holds what the guest wrote.
     must(control.set_ram_visibility(seg, RamVisibility::read_only));
     CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start() + 0x10})) == 'S');
+    CHECK(test::error_of(control.shadow_ram_target(Gpa{seg.start()}, Length{1})) ==
+          errc::not_found);
+    CHECK(m.memory_map().to_json().find("\"read_only_cap\":true") == std::string::npos);
+}
+
+TEST_CASE("write-only with nothing below: no memory for the guest or the VMM")
+{
+    Manager m = pc_guest();
+    auto p = std::make_shared<MockPartition>();
+    must(m.attach_partition(Vtl::vtl0, p));
+    const MemoryRange seg = x86_legacy::pam_segments[4];
+    auto control = m.ram_visibility_control();
+    auto mem = m.guest_memory();
+    REQUIRE(mem.write_plain<std::uint8_t>(Gpa{seg.start()}, 'R').has_value());
+    must(control.set_ram_visibility(seg, RamVisibility::write_only));
+    CHECK_FALSE(p->lookup(seg.start()).has_value()); // reads and writes exit (open bus)
+    CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{seg.start()})) == errc::unmapped);
+    CHECK(test::error_of(mem.write_plain<std::uint8_t>(Gpa{seg.start()}, 'x')) == errc::unmapped);
+    const auto target = must(control.shadow_ram_target(Gpa{seg.start()}, Length{1}));
+    const char forwarded = 'W';
+    REQUIRE(::pwrite(target.object.native_handle(), &forwarded, 1,
+                     static_cast<off_t>(target.offset.value())) == 1);
+    must(control.set_ram_visibility(seg, RamVisibility::read_write));
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{seg.start()})) == 'W');
 }

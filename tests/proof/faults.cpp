@@ -153,6 +153,9 @@ struct Fixture {
     RegionId low{}, high{}, low2{}, high2{};
     std::optional<Manager::Device> bar;
     std::optional<Manager::Device> twin; // same range and priority as bar, registered after it
+    /// Writable device regions under PAM segments 0xc4000 (unmapped) and 0xc8000 (write-only,
+    /// which exposes it read-only).
+    std::optional<Manager::Device> under_c4, under_c8;
     Manager::Memory lazy;
     Mappable extra = test::make_object(0x10000);
 };
@@ -221,6 +224,20 @@ std::unique_ptr<Fixture> make_fixture()
     must(f->twin->map_to_guest(Gpa{bar_at}, Protection::read_write));
     must(f->m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
                                                           RamVisibility::unmapped));
+    const auto place_under = [&](std::uint64_t at) {
+        auto d = must(f->m.device_memory_mapper().new_region("under", Length{0x4000}));
+        must(d.map({.offset = Offset{0},
+                    .length = Length{0x4000},
+                    .object = test::make_object(0x4000),
+                    .object_offset = Offset{0},
+                    .protection = Protection::read_write}));
+        must(d.map_to_guest(Gpa{at}, Protection::read_write));
+        return d;
+    };
+    f->under_c4 = place_under(0xc4000);
+    f->under_c8 = place_under(0xc8000);
+    must(f->m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
+                                                          RamVisibility::write_only));
     f->lazy = must(f->m.client().lazy_guest_memory());
     const std::uint64_t pattern = 0x9e3779b97f4a7c15;
     for (const std::uint64_t g : probe_gpas())
@@ -323,6 +340,26 @@ std::vector<Operation> operations()
         {"set_ram_visibility read_write (from unmapped)",
          [](Fixture& f) {
              return f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
+                                                                    RamVisibility::read_write);
+         }},
+        {"set_ram_visibility write_only (from read_write, nothing below)",
+         [](Fixture& f) {
+             return f.m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
+                                                                    RamVisibility::write_only);
+         }},
+        {"set_ram_visibility write_only (from unmapped, the device below becomes read-only)",
+         [](Fixture& f) {
+             return f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
+                                                                    RamVisibility::write_only);
+         }},
+        {"set_ram_visibility unmapped (from write_only, the device below becomes writable)",
+         [](Fixture& f) {
+             return f.m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
+                                                                    RamVisibility::unmapped);
+         }},
+        {"set_ram_visibility read_write (from write_only)",
+         [](Fixture& f) {
+             return f.m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
                                                                     RamVisibility::read_write);
          }},
         {"map_region over a mapped region",

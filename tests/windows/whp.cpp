@@ -243,6 +243,10 @@ TEST_CASE("without WinHvPlatform.dll a VMM gets a clear error")
 
 #include <membacking/membacking.hpp>
 
+#include "platform.hpp"
+
+#include <optional>
+
 TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition in sync")
 {
     Standin standin;
@@ -271,4 +275,41 @@ TEST_CASE("the Windows composition: WhpGuestMemoryManager keeps a WHP partition 
     CHECK(after[0].flags == (R | X));
     CHECK(test::error_of(m.guest_memory().write_plain<std::uint32_t>(Gpa{0x1000}, 1)) ==
           errc::read_only);
+}
+
+TEST_CASE("write-only PAM under WHP: the device below is mapped read-only, then writable again")
+{
+    Standin standin;
+    constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+    auto m = must(WhpGuestMemoryManager::builder()
+                      .x86_legacy_support(true)
+                      .add_backing(RamBackingRequest({test::range(0, 4 * MiB)}))
+                      .build(Length{8 * MiB}));
+    auto whp = must(WhpPartition::create(handle));
+    must(m.attach_partition(Vtl::vtl0, whp));
+    const MemoryRange seg = x86_legacy::pam_segments[2];
+    auto device = must(m.device_memory_mapper().new_region("rom", Length{0x4000}));
+    must(device.map({.offset = Offset{0},
+                     .length = Length{0x4000},
+                     .object = test::make_object(0x4000),
+                     .object_offset = Offset{0},
+                     .protection = Protection::read_write}));
+    must(device.map_to_guest(Gpa{seg.start()}, Protection::read_write));
+    const auto flags_at_segment = [&]() -> std::optional<std::uint32_t> {
+        for (const auto& w : standin.mapped())
+            if (w.gpa == seg.start() && w.size == seg.size())
+                return w.flags;
+        return std::nullopt;
+    };
+    auto control = m.ram_visibility_control();
+    must(control.set_ram_visibility(seg, RamVisibility::unmapped));
+    CHECK(flags_at_segment() == std::optional<std::uint32_t>(R | W | X)); // the device, writable
+    must(control.set_ram_visibility(seg, RamVisibility::write_only));
+    CHECK(flags_at_segment() == std::optional<std::uint32_t>(R | X)); // capped: writes exit
+    CHECK(test::error_of(m.guest_memory().write_plain<std::uint8_t>(Gpa{seg.start()}, 1)) ==
+          errc::read_only);
+    must(control.set_ram_visibility(seg, RamVisibility::unmapped));
+    CHECK(flags_at_segment() == std::optional<std::uint32_t>(R | W | X));
+    must(control.set_ram_visibility(seg, RamVisibility::read_write));
+    CHECK(flags_at_segment() == std::optional<std::uint32_t>(R | W | X)); // the RAM
 }

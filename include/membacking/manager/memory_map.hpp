@@ -60,6 +60,8 @@ struct MemoryMap {
         MappingType type = MappingType::Ram;
         std::optional<MapParams> params; ///< nullopt: unmapped
         bool active = false;             ///< visible to the guest
+        /// Lower regions showing through this one are exposed read-only (write-only RAM).
+        bool read_only_cap = false;
         std::vector<Mapping> mappings;
         std::vector<PartitionAccess> given; ///< per attached partition, while active
     };
@@ -131,7 +133,8 @@ struct MemoryMap {
             const std::string indent(2 * (open.size() + 1), ' ');
             out += indent + span(r.range) + " (prio " + std::to_string(r.priority) + ", " +
                    std::string(to_string(r.type)) + ", " + params_text(r.params) +
-                   "): " + printable(r.name) + (r.active ? " [active]" : "") + given_text(r) + "\n";
+                   "): " + printable(r.name) + (r.active ? " [active]" : "") +
+                   (r.read_only_cap ? " [caps below read-only]" : "") + given_text(r) + "\n";
             for (const Mapping& m : r.mappings)
                 out += indent + "  " + span(m.gpa) + ": " + names.describe(m) +
                        (m.writable ? " rw" : " ro") + "\n";
@@ -169,6 +172,7 @@ struct MemoryMap {
             field(out, "type", quote(to_string(r.type)));
             field(out, "mapped", boolean(r.params.has_value()));
             field(out, "active", boolean(r.active));
+            field(out, "read_only_cap", boolean(r.read_only_cap));
             if (r.params) {
                 out += ",\"params\":{";
                 field(out, "writable", boolean(r.params->writable), true);

@@ -16,11 +16,16 @@ namespace membacking {
 /// configured. No per-VTL protections are modelled (as in the reference).
 enum class Vtl : std::uint8_t { vtl0 = 0, vtl1 = 1, vtl2 = 2 };
 
-/// What the guest sees in a controllable RAM range (PAM, VGA window).
+/// What the guest sees in a controllable RAM range (PAM, VGA window). The values are stable
+/// (write_only came last); x86_legacy::pam_visibility maps an i440FX PAM nibble onto them.
 enum class RamVisibility : std::uint8_t {
     unmapped,   ///< RAM gone: lower regions (device memory) or MMIO show through
     read_only,  ///< reads see RAM; writes exit to the VMM even over device memory
     read_write, ///< plain RAM
+    /// PAM WE=1, RE=0 (a BIOS shadowing itself): reads see what lies below (a ROM), which is
+    /// exposed read-only, so guest writes exit to the VMM, which forwards them into the hidden
+    /// RAM (RamVisibilityControl::shadow_ram_target); with nothing below, reads and writes exit.
+    write_only,
 };
 
 /// Whether v is one of RamVisibility's enumerators (a value cast from an integer may not be).
@@ -29,7 +34,8 @@ enum class RamVisibility : std::uint8_t {
     switch (v) { // no default: a new enumerator must be added here (-Wswitch)
     case RamVisibility::unmapped:
     case RamVisibility::read_only:
-    case RamVisibility::read_write: return true;
+    case RamVisibility::read_write:
+    case RamVisibility::write_only: return true;
     }
     return false;
 }

@@ -1,6 +1,6 @@
 /**
  * @file manager/x86_legacy.hpp
- * Layer: manager (includes base/ only).
+ * Layer: manager (includes base/ and manager/types.hpp only).
  *
  * The PC's legacy first megabyte, as GuestMemoryBuilder::x86_legacy_support splits it and as a
  * VMM's chipset model addresses it: named ranges, the twelve 16 KiB PAM segments, the region
@@ -9,12 +9,13 @@
  *
  *     // i440FX config write: PAM register `reg` (0..6, config 0x59 + reg), nibble 0 or 1
  *     if (auto r = x86_legacy::pam_range(reg, nibble))
- *         control.set_ram_visibility(*r, visibility);
+ *         control.set_ram_visibility(*r, x86_legacy::pam_visibility(value >> (4 * nibble)));
  */
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/units.hpp>
+#include <membacking/manager/types.hpp>
 
 #include <array>
 #include <cstddef>
@@ -97,6 +98,19 @@ inline constexpr std::uint8_t pam_config_offset = 0x59;
     if (reg == 0)
         return nibble == 1 ? std::optional<MemoryRange>(f_segment) : std::nullopt;
     return pam_segments[2 * (reg - 1) + nibble];
+}
+
+/// What an i440FX PAM attribute nibble asks for: bit 0 is RE (reads from RAM), bit 1 is WE
+/// (writes to RAM): 0 unmapped, 1 read_only, 2 write_only, 3 read_write. Higher bits (reserved)
+/// are ignored.
+[[nodiscard]] constexpr RamVisibility pam_visibility(unsigned attribute) noexcept
+{
+    switch (attribute & 3U) {
+    case 1: return RamVisibility::read_only;
+    case 2: return RamVisibility::write_only;
+    case 3: return RamVisibility::read_write;
+    default: return RamVisibility::unmapped;
+    }
 }
 
 } // namespace membacking::x86_legacy

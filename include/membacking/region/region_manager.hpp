@@ -15,6 +15,17 @@
  * - Private memory is never discarded as a side effect: disabling a region that holds it for any
  *   reason but its removal, or replacing it inside a visible region, is an error.
  *
+ * Read-only caps (write-only RAM, i440FX PAM WE=1 RE=0): a region may *cap* what shows through
+ * its range at read-only (set_read_only_cap). The resolver still decides alone which region is
+ * visible where; the cap decides only how writable the visible ones are exposed: a region of
+ * lower priority than a capping region it overlaps is exposed (VA mappers and partitions)
+ * read-only, whatever its own params say (exposed_params). Under the nested rule such a region
+ * lies inside the capping one. Write-only RAM is an unmapped RAM region with its cap set, so
+ * what lies below shows through read-only and guest writes exit to the VMM. A cap is an overlay
+ * of the region manager, not a resolver question: resolvers stay geometry only, and the change
+ * is applied with the same in-place permission change (change_view) and the same undo log as a
+ * remap with other params.
+ *
  * Ordering: enabling goes to the VA side (every mapping) first, then partitions; disabling goes
  * to partitions first, then the VA side. Making partition permissions stricter happens before the
  * VA change that needs it; relaxing them happens after.
@@ -56,7 +67,9 @@ public:
         std::uint8_t priority = 0;
         MappingType type = MappingType::Ram;
         std::optional<MapParams> map_params; ///< set while mapped (visible or shadowed)
-        std::vector<MemoryRange> visible;    ///< segments currently active; empty if inactive
+        /// Lower-priority regions showing through this one's range are exposed read-only.
+        bool read_only_cap = false;
+        std::vector<MemoryRange> visible; ///< segments currently active; empty if inactive
         MappingList mappings;
 
         [[nodiscard]] bool active() const noexcept { return !visible.empty(); }
@@ -103,8 +116,11 @@ public:
         if (r->map_params == params)
             return {};
         if (r->active()) {
-            MEMBACKING_TRY_CONTEXT(change_params(*r, params),
+            detail::UndoLog undo;
+            MEMBACKING_TRY_CONTEXT(change_view(*r, exposed_params(*r, *r->map_params),
+                                               exposed_params(*r, params), undo),
                                    "failed to remap region " + r->describe());
+            undo.commit();
             r->map_params = params;
             return {};
         }
@@ -146,6 +162,11 @@ public:
         Region* r = find_mutable(id);
         if (r == nullptr)
             return no_such_region(id);
+        detail::UndoLog undo;
+        if (r->read_only_cap) { // what showed through it read-only is writable again
+            MEMBACKING_TRY(set_read_only_cap(id, false));
+            undo.push([this, id] { return set_read_only_cap(id, true); });
+        }
         if (r->active()) {
             Transition t;
             resolver_.plan_unmap(id, t);
@@ -160,10 +181,45 @@ public:
             MEMBACKING_TRY_CONTEXT(apply(t, std::nullopt, id),
                                    "failed to remove region " + r->describe());
         }
+        undo.commit();
         if (r->mapped())
             resolver_.set_mapped(id, false);
         resolver_.erase(id);
         regions_.erase(id);
+        return {};
+    }
+
+    /// Sets or clears region id's read-only cap (see the file comment). The visible regions of
+    /// lower priority that overlap it change permissions in place (no unmapped window), all or
+    /// nothing; their params and the region's own mapping state are unchanged. Same value: no-op.
+    Result<void> set_read_only_cap(RegionId id, bool cap)
+    {
+        Region* r = find_mutable(id);
+        if (r == nullptr)
+            return no_such_region(id);
+        if (r->read_only_cap == cap)
+            return {};
+        struct Affected {
+            const Region* region;
+            MapParams before;
+        };
+        std::vector<Affected> affected;
+        for (const auto& [other_id, o] : regions_)
+            if (o.active() && o.priority < r->priority && o.range.overlaps(r->range))
+                affected.push_back({&o, exposed_params(o, *o.map_params)});
+        detail::UndoLog undo;
+        record_cap(*r, cap); // exposed_params now answers with the new cap
+        undo.push([this, r, cap]() -> Result<void> {
+            record_cap(*r, !cap);
+            return {};
+        });
+        for (const Affected& a : affected)
+            MEMBACKING_TRY_CONTEXT(
+                change_view(*a.region, a.before, exposed_params(*a.region, *a.region->map_params),
+                            undo),
+                std::string(cap ? "failed to cap region " : "failed to uncap region ") +
+                    a.region->describe() + " under " + r->describe());
+        undo.commit();
         return {};
     }
 
@@ -193,7 +249,7 @@ public:
 
         if (r->active()) {
             detail::UndoLog undo;
-            const MapParams& params = *r->map_params;
+            const MapParams params = exposed_params(*r, *r->map_params);
             const bool was_writable = partition_writable(*r, params, counts_of(*r));
             const bool now_writable = partition_writable(*r, params, after);
             if (was_writable && !now_writable)
@@ -240,7 +296,7 @@ public:
 
         if (r->active()) {
             detail::UndoLog undo;
-            const MapParams& params = *r->map_params;
+            const MapParams params = exposed_params(*r, *r->map_params);
             const Counts after = r->mappings.counts_after(edit);
             const MemoryRange abs = absolute(*r, range_in_region);
             for (const MemoryRange& seg : r->visible) {
@@ -284,7 +340,7 @@ public:
         std::vector<ActiveMapping> out;
         for (const auto& [id, r] : regions_)
             for (const MemoryRange& seg : r.visible) {
-                auto part = active_in(r, seg, *r.map_params);
+                auto part = active_in(r, seg, exposed_params(r, *r.map_params));
                 out.insert(out.end(), part.begin(), part.end());
             }
         return out;
@@ -296,8 +352,24 @@ public:
         std::vector<RegionActivation> out;
         for (const auto& [id, r] : regions_)
             for (const MemoryRange& seg : r.visible)
-                out.push_back(activation(r, seg, *r.map_params, counts_of(r)));
+                out.push_back(activation(r, seg, exposed_params(r, *r.map_params), counts_of(r)));
         return out;
+    }
+
+    /// What VA mappers and partitions get of region r mapped with `params`: the same, read-only
+    /// if a capping region of higher priority overlaps r.
+    [[nodiscard]] MapParams exposed_params(const Region& r, MapParams params) const
+    {
+        if (!params.writable)
+            return params;
+        for (const RegionId id : capping_) { // usually none; a PC has at most 13 PAM ranges
+            const Region& c = regions_.at(id);
+            if (c.priority > r.priority && c.range.overlaps(r.range)) {
+                params.writable = false;
+                break;
+            }
+        }
+        return params;
     }
 
     [[nodiscard]] const Resolver& resolver() const noexcept { return resolver_; }
@@ -330,6 +402,7 @@ private:
                                     .priority = priority,
                                     .type = type,
                                     .map_params = std::nullopt,
+                                    .read_only_cap = false,
                                     .visible = {},
                                     .mappings = {}});
         return {};
@@ -338,6 +411,17 @@ private:
     static Error no_such_region(RegionId id)
     {
         return make_error(errc::not_found, "no memory region with id " + std::to_string(id.value));
+    }
+
+    /// The cap flag and the list of capping regions, which exposed_params scans instead of
+    /// every region (it runs for each region a change touches).
+    void record_cap(Region& r, bool cap)
+    {
+        r.read_only_cap = cap;
+        if (cap)
+            capping_.push_back(r.id);
+        else
+            capping_.erase(std::find(capping_.begin(), capping_.end(), r.id));
     }
 
     Region* find_mutable(RegionId id)
@@ -448,7 +532,7 @@ private:
         if (!permanent && holds_private(r, seg))
             return make_error(errc::conflict, "disabling region " + r.describe() +
                                                   " would discard its private memory");
-        const MapParams& params = *r.map_params;
+        const MapParams params = exposed_params(r, *r.map_params);
         const RegionActivation act = activation(r, seg, params, counts_of(r));
         MEMBACKING_TRY_CONTEXT(sink_.unmap_region(act),
                                "failed to unmap region " + r.describe() + " from a partition");
@@ -462,13 +546,15 @@ private:
         return {};
     }
 
-    /// A visible region's params change in place: its mappings' permissions change where they
-    /// are (the VA side replaces or re-protects them with no unmapped window, and private memory
-    /// keeps its contents), and partitions are re-mapped only if what they see changes.
-    /// Stricter partitions come before the VA change, more permissive ones after it.
-    Result<void> change_params(const Region& r, const MapParams& params)
+    /// What a visible region exposes changes in place, from `old_params` to `params` (both as
+    /// exposed_params gives them): its mappings' permissions change where they are (the VA side
+    /// replaces or re-protects them with no unmapped window, and private memory keeps its
+    /// contents), and partitions are re-mapped only if what they see changes. Stricter
+    /// partitions come before the VA change, more permissive ones after it. The steps join
+    /// `undo`; the caller commits.
+    Result<void> change_view(const Region& r, const MapParams& old_params, const MapParams& params,
+                             detail::UndoLog& undo)
     {
-        const MapParams old_params = *r.map_params;
         const Counts c = counts_of(r);
         const PartitionView before{old_params, c};
         const PartitionView after{params, c};
@@ -476,7 +562,6 @@ private:
         const bool now_writable = partition_writable(r, params, c);
         const bool partitions_change =
             was_writable != now_writable || old_params.executable != params.executable;
-        detail::UndoLog undo;
         if (partitions_change && !now_writable)
             MEMBACKING_TRY(repartition(r, before, after, undo));
         if (old_params.writable != params.writable) {
@@ -493,7 +578,6 @@ private:
         }
         if (partitions_change && now_writable)
             MEMBACKING_TRY(repartition(r, before, after, undo));
-        undo.commit();
         return {};
     }
 
@@ -530,9 +614,9 @@ private:
             MEMBACKING_TRY(deactivate(regions_.at(s.region), s.gpa, removing == s.region, undo));
         for (const Segment& s : t.activate) {
             const Region& r = regions_.at(s.region);
-            const MapParams& params = (override_params && override_params->id == s.region)
-                                          ? override_params->params
-                                          : *r.map_params;
+            const MapParams params = exposed_params(
+                r, (override_params && override_params->id == s.region) ? override_params->params
+                                                                        : *r.map_params);
             MEMBACKING_TRY(activate(r, s.gpa, params, undo));
         }
         undo.commit();
@@ -551,6 +635,7 @@ private:
     Sink& sink_;
     Resolver resolver_;
     std::map<RegionId, Region> regions_;
+    std::vector<RegionId> capping_; ///< regions whose read_only_cap is set
     std::uint64_t next_id_ = 1;
 };
 

@@ -34,14 +34,15 @@ template <class Regions>
     map.max_address = max_address;
     map.va_mappers = va_mappers;
     for (const auto& [id, r] : regions.regions()) {
-        MemoryMap::Region out{id,           r.name,     r.range, r.priority, r.type,
-                              r.map_params, r.active(), {},      {}};
+        MemoryMap::Region out{id,           r.name,     r.range,         r.priority, r.type,
+                              r.map_params, r.active(), r.read_only_cap, {},         {}};
+        // What the VA side and partitions get: a read-only cap above makes mappings read-only.
+        const bool writable = !r.map_params || regions.exposed_params(r, *r.map_params).writable;
         for (const auto& [off, m] : r.mappings)
             out.mappings.push_back({MemoryRange::valid_or_abort(r.range.start() + m.range.start(),
                                                                 r.range.start() + m.range.end()),
-                                    m.writable && (!r.map_params || r.map_params->writable),
-                                    m.backing.is_private(), m.backing.object.identity(),
-                                    m.backing.file_offset});
+                                    m.writable && writable, m.backing.is_private(),
+                                    m.backing.object.identity(), m.backing.file_offset});
         map.regions.push_back(std::move(out));
     }
     // Regions are still in id order here (regions() is a map by id): find each window's region.
