@@ -164,11 +164,12 @@ std::uint32_t expected_sum()
 
 int run_with_kvm(KvmVm& vm)
 {
+    // This thread runs the vCPU, through the gate: a control call that replaces a memslot
+    // (from any thread) kicks the vCPU out of KVM_RUN first and lets it go once done. Declared
+    // first, so it outlives the layout: the ROM's teardown is a control call through its hook.
+    example::VcpuGate gate(vm);
     Layout l = build_layout();
     auto kvm = must(DefaultKvmPartition::create(vm.vm_fd()), "KVM partition");
-    // This thread runs the vCPU, through the gate: a control call that replaces a memslot
-    // (from any thread) kicks the vCPU out of KVM_RUN first and lets it go once done.
-    example::VcpuGate gate(vm);
     must(l.manager.attach_partition(Vtl::vtl0, kvm, gate.hook()), "attaching the KVM partition");
     std::printf("KVM: %u memslots available, %zu in use, read-only slots %s, prefetch %s\n",
                 kvm->capabilities().max_slots, kvm->slots().size(),

@@ -1143,10 +1143,11 @@ std::uint64_t migrate_running_guest(bool drop_guest_log)
     using namespace test::migration;
     test::InjectingKvm::reset();
     KvmVm vm = make_vm();
+    // Before the managers: their teardown (and the BAR's) still goes through the gate's hook.
+    example::VcpuGate gate{vm};
     KvmSide src = KvmSide::make();
     KvmSide dst = KvmSide::make();
     auto kvm = must(KvmPartition<test::InjectingKvm>::create(vm.vm_fd()));
-    example::VcpuGate gate{vm};
     must(src.m.attach_partition(Vtl::vtl0, kvm, gate.hook()));
     REQUIRE(src.mem.write(Gpa{code_gpa}, counting_guest().code()));
     REQUIRE(vm.start_at(code_gpa));
