@@ -56,9 +56,14 @@ std::string take(Manager& m, const MemoryRange& r)
     std::vector<DirtyRun> runs;
     must(m.take_dirty_runs(r, runs));
     std::string out;
-    for (const DirtyRun& run : runs)
-        out += (out.empty() ? "" : " ") + MemoryRange::hex(run.gpa.value()) + "+" +
-               MemoryRange::hex(run.length.value());
+    // Appended piece by piece: GCC 12's -Wrestrict misfires at -O3 on `"" + std::string`.
+    for (const DirtyRun& run : runs) {
+        if (!out.empty())
+            out += ' ';
+        out += MemoryRange::hex(run.gpa.value());
+        out += '+';
+        out += MemoryRange::hex(run.length.value());
+    }
     return out;
 }
 
