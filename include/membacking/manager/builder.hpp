@@ -4,8 +4,10 @@
  *
  * GuestMemoryBuilder<Manager>: validates the RAM layout, allocates the backings, reserves the
  * primary VA mapper and creates the RAM regions. Validation order and error messages are the
- * reference's (inventory §2.4), so that tools matching on them keep working; errors carry
- * build_errc codes. Fixed from the reference:
+ * reference's (inventory §2.4), so that tools matching on them keep working. Validation errors
+ * carry build_errc codes; a failure of an allocation, the VA mapper or a RAM region keeps its root
+ * cause's code (an errno in std::system_category(), or an errc) and adds the reference's text as
+ * the Error's message (Error::context), as base/result.hpp's rule says. Fixed from the reference:
  * - overlapping RAM ranges, or RAM past the address space, are an error
  * (build_errc::invalid_ram_layout), not a panic;
  * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
@@ -91,12 +93,10 @@ validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRan
 [[nodiscard]] inline Error hugepage_allocation_failed(std::uint64_t size, std::uint64_t hugepage,
                                                       const std::error_code& os_code)
 {
-    return build_error(build_errc::hugepage_allocation_failed,
-                       "failed to reserve " + std::to_string(size / hugepage) +
-                           " hugetlb pages of " + MemorySize{hugepage}.to_string() + " each (" +
-                           MemorySize{size}.to_string() +
-                           " total); increase the hugetlb pool or reduce guest memory size",
-                       Error(os_code, os_code.message()));
+    return Error(os_code, os_code.message())
+        .context("failed to reserve " + std::to_string(size / hugepage) + " hugetlb pages of " +
+                 MemorySize{hugepage}.to_string() + " each (" + MemorySize{size}.to_string() +
+                 " total); increase the hugetlb pool or reduce guest memory size");
 }
 
 } // namespace detail
@@ -308,8 +308,7 @@ private:
         }
         auto object = Va::create_shared_memory(size, name.c_str());
         if (!object)
-            return build_error(build_errc::allocation_failed, "failed to allocate memory",
-                               std::move(object).error());
+            return std::move(object).error().context("failed to allocate memory");
         return object;
     }
 
@@ -319,8 +318,7 @@ private:
     {
         auto id = core.add_region(name, range, 255, MappingType::Ram);
         if (!id)
-            return build_error(build_errc::invalid_ram_layout,
-                               "invalid RAM range " + range.to_string(), std::move(id).error());
+            return std::move(id).error().context("invalid RAM range " + range.to_string());
         const MemoryPolicy policy{req.host_numa_node(),
                                   req.transparent_hugepages() && !req.hugepages(), req.prefetch()};
         const MappingBacking backing = req.private_memory()
@@ -329,13 +327,9 @@ private:
         if (auto r = core.add_mapping(
                 *id, {MemoryRange::valid_or_abort(0, range.size()), backing, true, policy});
             !r)
-            return build_error(build_errc::ram_mapping,
-                               "failed to map RAM range " + range.to_string(),
-                               std::move(r).error());
+            return std::move(r).error().context("failed to map RAM range " + range.to_string());
         if (auto r = core.map_region(*id, {true, true, req.prefetch()}); !r)
-            return build_error(build_errc::ram_region_enable,
-                               "failed to enable RAM region " + range.to_string(),
-                               std::move(r).error());
+            return std::move(r).error().context("failed to enable RAM region " + range.to_string());
         core.control([&](auto& c) { c.ram.regions.push_back({range, *id, req.prefetch()}); });
         return {};
     }

@@ -100,25 +100,23 @@ public:
         std::uint64_t max_addr;
     };
 
-    /// Reserves the primary (eager) VA mapper. Errors are build_errc::va_mapper.
+    /// Reserves the primary (eager) VA mapper. Errors keep their root code, with "failed to create
+    /// VA mapper" (or "... the dirty bitmap") as context.
     static Result<std::shared_ptr<ManagerCore>> create(const Config& config)
     {
         std::shared_ptr<DirtyBitmap> dirty;
         if constexpr (Tracking::enabled) {
             auto bitmap = DirtyBitmap::create(config.max_addr);
             if (!bitmap)
-                return build_error(build_errc::va_mapper, "failed to create the dirty bitmap",
-                                   std::move(bitmap).error());
+                return std::move(bitmap).error().context("failed to create the dirty bitmap");
             dirty = std::move(*bitmap);
         }
         auto va = MappingManager<Va>::create(config.max_addr, config.min_va_alignment, dirty);
         if (!va)
-            return build_error(build_errc::va_mapper, "failed to create VA mapper",
-                               std::move(va).error());
+            return std::move(va).error().context("failed to create VA mapper");
         auto primary = va->new_mapper(MapperMode::eager);
         if (!primary)
-            return build_error(build_errc::va_mapper, "failed to create VA mapper",
-                               std::move(primary).error());
+            return std::move(primary).error().context("failed to create VA mapper");
         return std::shared_ptr<ManagerCore>(
             new ManagerCore(config, std::move(*va), std::move(*primary)));
     }
