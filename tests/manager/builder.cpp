@@ -261,6 +261,51 @@ TEST_CASE("build failures: no address space, allocation, RAM too large, bad layo
 #endif
 }
 
+TEST_CASE("build: an existing mappable smaller than the RAM it backs is refused up front")
+{
+    auto small = Manager::builder()
+                     .add_backing(ram({range(2 * MiB, 3 * MiB), range(0, MiB)})
+                                      .existing_mappable(test::make_object(MiB)))
+                     .build(Length{4 * MiB});
+    REQUIRE_FALSE(small);
+    CHECK(small.error().code() == errc::invalid_range);
+    CHECK(small.error().full_message() ==
+          "backing 0: the existing mappable for RAM ranges [0x0-0x100000, 0x200000-0x300000] "
+          "(0x200000 bytes): object range 0x0-0x200000 lies beyond the end of the object "
+          "(0x100000 bytes)");
+    // Exactly the RAM's size (or more) is fine.
+    CHECK(Manager::builder()
+              .add_backing(ram({range(0, MiB), range(2 * MiB, 3 * MiB)})
+                               .existing_mappable(test::make_object(2 * MiB)))
+              .build(Length{4 * MiB}));
+#if MEMBACKING_OS_LINUX // syscall injection
+    // Refused before anything is allocated or mapped: no memfd, no mmap.
+    test::InjectingSyscalls::reset();
+    auto injected =
+        InjectedManager::builder()
+            .add_backing(ram({range(0, 2 * MiB)}).existing_mappable(test::make_object(MiB)))
+            .add_backing(ram({range(2 * MiB, 3 * MiB)}))
+            .build(Length{4 * MiB});
+    const std::size_t memfds = test::InjectingSyscalls::memfd_plan.calls;
+    const std::size_t mmaps = test::InjectingSyscalls::mmap_plan.calls;
+    test::InjectingSyscalls::reset();
+    CHECK(test::error_of(injected) == errc::invalid_range);
+    CHECK(memfds == 0);
+    CHECK(mmaps == 0);
+    // The size cannot be learnt: the OS error's code, with the backing as context.
+    test::InjectingSyscalls::reset();
+    test::InjectingSyscalls::fstat_plan = test::Plan{0, EBADF};
+    auto unknown = InjectedManager::builder()
+                       .add_backing(ram({range(0, MiB)}).existing_mappable(test::make_object(MiB)))
+                       .build(Length{4 * MiB});
+    test::InjectingSyscalls::reset();
+    REQUIRE_FALSE(unknown);
+    CHECK(unknown.error().code() == os_code(EBADF));
+    CHECK(unknown.error().message() ==
+          "backing 0: the existing mappable for RAM ranges [0x0-0x100000] (0x100000 bytes)");
+#endif
+}
+
 TEST_CASE("reference 45: a single backing")
 {
     Manager m = must(Manager::builder().add_backing(ram({range(0, 4 * pg)})).build(Length{4 * pg}));

@@ -11,7 +11,9 @@
  * - overlapping RAM ranges, or RAM past the address space, are an error
  * (build_errc::invalid_ram_layout), not a panic;
  * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
- * - a failure part way leaves nothing behind (the half-built manager is destroyed).
+ * - a failure part way leaves nothing behind (the half-built manager is destroyed);
+ * - an existing mappable smaller than the RAM it backs is refused before anything is allocated
+ *   (errc::invalid_range, naming the backing's ranges and both sizes).
  *
  * x86 legacy support splits the RAM range that starts at 0 into 16 separately controllable
  * regions: low 640K, the VGA window, twelve 16K PAM segments (0xc0000-0xf0000), the 64K F
@@ -38,6 +40,7 @@
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/x86_legacy.hpp>
 #include <membacking/region/mapping.hpp>
+#include <membacking/va/va_policy.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -89,7 +92,8 @@ validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRan
     return {};
 }
 
-/// The reference's HugepageAllocationFailed, wrapping the OS error.
+/// The reference's HugepageAllocationFailed text, as context over the OS error (whose code the
+/// result keeps).
 [[nodiscard]] inline Error hugepage_allocation_failed(std::uint64_t size, std::uint64_t hugepage,
                                                       const std::error_code& os_code)
 {
@@ -182,6 +186,28 @@ public:
                                    "backing " + std::to_string(i) + ": RAM ranges " +
                                        describe(asked) + " do not match the restored backing's " +
                                        describe(*saved));
+        }
+        // Not in the reference: an existing object must hold all the RAM it backs (its ranges
+        // lie in it one after another from offset 0), checked before anything is allocated or
+        // mapped; the reference maps it anyway and reads past its end fail later.
+        for (std::size_t i = 0; i < backings_.size(); ++i) {
+            const RamBackingRequest& req = backings_[i];
+            if (req.existing_mappable().empty())
+                continue;
+            std::uint64_t total = 0;
+            for (const MemoryRange& r : req.ranges()) {
+                const auto sum = checked_add(total, r.size());
+                if (!sum)
+                    return build_error(build_errc::ram_too_large,
+                                       "backing " + std::to_string(i) + ": RAM ranges " +
+                                           describe(req.ranges()) + " exceed 2^64 bytes");
+                total = *sum;
+            }
+            MEMBACKING_TRY_CONTEXT(
+                detail::check_object_covers<Va>(req.existing_mappable(), 0, total),
+                "backing " + std::to_string(i) + ": the existing mappable for RAM ranges " +
+                    describe(detail::canonical_ram_ranges(req.ranges())) + " (" +
+                    MemoryRange::hex(total) + " bytes)");
         }
         // 3. The largest hugetlb page size is the VA alignment every mapper needs.
         std::uint64_t min_alignment = page_size;

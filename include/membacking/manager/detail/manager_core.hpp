@@ -85,6 +85,7 @@ public:
     using TrackingPolicy = Tracking;
     using Mapper = VaMapper<Va>;
     using Regions = RegionManager<Resolver, Sink>;
+    using VaPolicyType = Va;
 
     struct Config {
         std::uint64_t max_addr = 0;
@@ -216,8 +217,15 @@ public:
     {
         return control([&](Control& c) { return c.regions.remove_region(id); });
     }
+    /// Adds a mapping to region `id`; a file mapping's object must cover its file range now
+    /// (VaPolicy_object_size), so a range beyond the object is refused here, not when the region
+    /// is mapped.
     Result<void> add_mapping(RegionId id, const RegionMapping& m)
     {
+        if (!m.backing.is_private())
+            MEMBACKING_TRY_CONTEXT(
+                check_object_covers<Va>(m.backing.object, m.backing.file_offset, m.range.size()),
+                "mapping " + m.range.to_string() + " of region " + std::to_string(id.value));
         return control([&](Control& c) { return c.regions.add_mapping(id, m); });
     }
     Result<void> remove_mappings(RegionId id, const MemoryRange& range_in_region)
