@@ -8,8 +8,8 @@
  * carry build_errc codes; a failure of an allocation, the VA mapper or a RAM region keeps its root
  * cause's code (an errno in std::system_category(), or an errc) and adds the reference's text as
  * the Error's message (Error::context), as base/result.hpp's rule says. Fixed from the reference:
- * - overlapping RAM ranges, or RAM past the address space, are an error
- * (build_errc::invalid_ram_layout), not a panic;
+ * - overlapping RAM ranges (build_errc::invalid_ram_layout), or RAM past the address space
+ *   (errc::out_of_range under "invalid RAM range ..."), are an error, not a panic;
  * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
  * - a failure part way leaves nothing behind (the half-built manager is destroyed);
  * - an existing mappable smaller than the RAM it backs is refused before anything is allocated
