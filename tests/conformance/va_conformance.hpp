@@ -220,4 +220,22 @@ TEST_CASE_TEMPLATE_DEFINE("VA policy conformance", F, va_conformance)
         CHECK(error_of(va.map_file(0, pg, shm, 1, true)) == errc::invalid_argument);
         CHECK(error_of(va.unmap(pg, 0)) == errc::invalid_range);
     }
+
+    SUBCASE("object_size: what the OS says the object holds, which bounds a mapping's file range")
+    {
+        CHECK(must(Va::object_size(must(Va::create_shared_memory(3 * pg, "sized")))) == 3 * pg);
+        Mappable shm = must(Va::create_shared_memory(16 * pg, "sized16"));
+        CHECK(must(Va::object_size(shm)) == 16 * pg);
+        CHECK(error_of(Va::object_size(Mappable())) == errc::invalid_argument);
+        CHECK(detail::check_object_covers<Va>(shm, 0, 16 * pg));
+        CHECK(detail::check_object_covers<Va>(shm, 15 * pg, pg));
+        auto beyond = detail::check_object_covers<Va>(shm, 15 * pg, 2 * pg);
+        REQUIRE_FALSE(beyond);
+        CHECK(beyond.error().code() == errc::invalid_range);
+        CHECK(beyond.error().message() ==
+              "object range " + MemoryRange::hex(15 * pg) + "-" + MemoryRange::hex(17 * pg) +
+                  " lies beyond the end of the object (" + MemoryRange::hex(16 * pg) + " bytes)");
+        CHECK(error_of(detail::check_object_covers<Va>(shm, ~std::uint64_t{0} & ~(pg - 1),
+                                                       2 * pg)) == errc::invalid_range);
+    }
 }

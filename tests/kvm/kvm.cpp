@@ -1042,7 +1042,10 @@ TEST_CASE("slot exhaustion, with the limit lowered through the seam, is a clean 
     auto small = must(KvmPartition<test::InjectingKvm>::create(g.vm.vm_fd()));
     auto attach = g.manager.attach_partition(Vtl::vtl0, small);
     REQUIRE_FALSE(attach);
-    CHECK(attach.error().code() == attach_errc::partition_mapper);
+    CHECK(attach.error().code() == errc::resource_exhausted); // the root's code stays
+    CHECK(attach.error().message() == "failed to attach partition to memory manager");
+    CHECK(attach.error().full_message().find("KVM memory slot limit of 10 reached") !=
+          std::string::npos);
     CHECK(small->slots().empty());
     test::InjectingKvm::reset();
 }

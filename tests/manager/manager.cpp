@@ -194,7 +194,8 @@ TEST_CASE("a failed attach leaves the partition with nothing mapped (the alias m
     p->fail_nth_call(4, make_error(errc::resource_exhausted, "no slots"));
     auto r = m.attach_partition(Vtl::vtl2, p);
     REQUIRE_FALSE(r);
-    CHECK(r.error().code() == attach_errc::partition_mapper);
+    // The root's code stays; the attach is the context.
+    CHECK(r.error().code() == errc::resource_exhausted);
     CHECK(r.error().message() == "failed to attach partition to memory manager");
     CHECK(r.error().full_message().find("no slots") != std::string::npos);
     CHECK(p->windows().empty());
@@ -239,7 +240,8 @@ TEST_CASE("pin_mappings pins every range, and a partition that cannot pin is ref
                                   .build(Length{MiB}));
     auto refused = c.attach_partition(Vtl::vtl0, std::make_shared<CannotPin>());
     REQUIRE_FALSE(refused);
-    CHECK(refused.error().code() == attach_errc::partition_mapper);
+    CHECK(refused.error().code() == errc::unsupported);
+    CHECK(refused.error().message() == "failed to attach partition to memory manager");
     REQUIRE(refused.error().source() != nullptr);
     CHECK(refused.error().source()->code() == errc::unsupported);
 }
@@ -390,6 +392,67 @@ TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
     CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x1000})) == errc::unmapped);
     CHECK(test::error_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x2000})) == errc::unmapped);
     CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB})) == 0xaa);
+}
+
+TEST_CASE("a file range beyond its object is refused when the mapping is added, placed or not")
+{
+    Manager m = must(
+        Manager::builder().add_backing(RamBackingRequest({range(0, MiB)})).build(Length{16 * MiB}));
+    auto mem = m.guest_memory();
+    Mappable a = test::make_object(0x10000);
+    auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x20000}));
+    const auto map = [&](std::uint64_t offset, std::uint64_t length, std::uint64_t object_offset) {
+        return dev.map({.offset = Offset{offset},
+                        .length = Length{length},
+                        .object = a,
+                        .object_offset = Offset{object_offset},
+                        .protection = Protection::read_write});
+    };
+    // Not placed: refused at map, not at the placement later.
+    auto tail = map(0, 0x2000, 0xf000);
+    REQUIRE_FALSE(tail);
+    CHECK(tail.error().code() == errc::invalid_range);
+    CHECK(tail.error().full_message() ==
+          "device region 'dev': mapping at 0x0-0x2000: object range 0xf000-0x11000 lies beyond "
+          "the end of the object (0x10000 bytes)");
+    CHECK(test::error_of(map(0, 0x1000, 0x10000)) == errc::invalid_range);
+    const std::uint64_t top = ~std::uint64_t{0} & ~(page_size - 1);
+    auto wraps = map(0, 0x2000, top);
+    REQUIRE_FALSE(wraps);
+    CHECK(wraps.error().code() == errc::invalid_range);
+    CHECK(wraps.error().full_message().find("beyond 2^64") != std::string::npos);
+    must(map(0, 0x10000, 0)); // exactly the object
+    must(dev.map_to_guest(Gpa{4 * MiB}, Protection::read_write));
+    REQUIRE(mem.fill(Gpa{4 * MiB}, 0x5a, Length{0x10000}).has_value());
+    // Placed: refused too, and what the guest saw stays.
+    const std::string before = m.memory_map().to_text();
+    CHECK(test::error_of(map(0x8000, 0x1000, 0x10000)) == errc::invalid_range);
+    CHECK(test::value_of(mem.read_plain<std::uint8_t>(Gpa{4 * MiB + 0x8000})) == 0x5a);
+    CHECK(m.memory_map().to_text() == before);
+    // place_split checks the whole object range before it places any piece.
+    auto split = m.device_memory_mapper().place_split({.name = "rom",
+                                                       .gpa = Gpa{8 * MiB},
+                                                       .length = Length{0x20000},
+                                                       .object = a,
+                                                       .object_offset = Offset{0},
+                                                       .protection = Protection::read_only});
+    REQUIRE_FALSE(split);
+    CHECK(split.error().code() == errc::invalid_range);
+    CHECK(split.error().full_message() ==
+          "device placement 'rom' at 0x800000-0x820000: object range 0x0-0x20000 lies beyond the "
+          "end of the object (0x10000 bytes)");
+    CHECK(m.memory_map().to_text() == before);
+    // A region's own mapping (add_mapping) is checked when it is added.
+    const RegionId rom =
+        must(m.add_region("rom", range(12 * MiB, 12 * MiB + 0x20000), 10, MappingType::Device));
+    auto raw = m.add_mapping(
+        rom, RegionMapping{range(0, 0x20000), MappingBacking::file(a, Offset{0}), false, {}});
+    REQUIRE_FALSE(raw);
+    CHECK(raw.error().code() == errc::invalid_range);
+    CHECK(raw.error().full_message().find("object range 0x0-0x20000 lies beyond the end of the "
+                                          "object (0x10000 bytes)") != std::string::npos);
+    must(m.add_mapping(
+        rom, RegionMapping{range(0, 0x10000), MappingBacking::file(a, Offset{0}), false, {}}));
 }
 
 TEST_CASE("device memory: unmap then move replays the right mappings (reference bookkeeping bug)")

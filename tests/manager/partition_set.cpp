@@ -90,11 +90,16 @@ TEST_CASE("PartitionSet: a failed attach leaves the partition with nothing mappe
     p->fail_nth_call(4, make_error(errc::resource_exhausted, "no slots")); // alias 2, plain 2nd
     auto r = set.attach(Vtl::vtl2, p, two());
     REQUIRE_FALSE(r);
-    CHECK(r.error().code() == attach_errc::partition_mapper);
+    CHECK(r.error().code() == errc::resource_exhausted); // the root's code stays
+    CHECK(r.error().message() == "failed to attach partition to memory manager");
+    CHECK(r.error().full_message().find("no slots") != std::string::npos);
     CHECK(p->windows().empty());
     CHECK(set.size() == 0);
-    CHECK(test::error_of(set.attach(Vtl::vtl0, std::shared_ptr<MockPartition>(), two())) ==
-          attach_errc::partition_mapper);
+    auto none = set.attach(Vtl::vtl0, std::shared_ptr<MockPartition>(), two());
+    REQUIRE_FALSE(none);
+    CHECK(none.error().code() == errc::invalid_argument);
+    CHECK(none.error().full_message() ==
+          "failed to attach partition to memory manager: no partition given");
 }
 
 TEST_CASE("PartitionSet: map and unmap reach every partition of every policy, all or nothing")

@@ -158,6 +158,8 @@ struct Fixture {
     std::optional<Manager::Device> under_c4, under_c8;
     Manager::Memory lazy;
     Mappable extra = test::make_object(0x10000);
+    /// place_split's pieces, kept placed (dropping them is a control operation of its own).
+    std::vector<Manager::Device> split;
 };
 
 constexpr std::uint64_t stack1 = 8 * MiB;  // low mapped, high not
@@ -179,7 +181,7 @@ std::vector<std::uint64_t> probe_gpas()
         out.push_back(g);
     for (std::uint64_t g = MiB; g < 4 * MiB; g += 0x40000)
         out.push_back(g);
-    for (const std::uint64_t base : {stack1, stack2, bar_at, bar_at + MiB})
+    for (const std::uint64_t base : {stack1, stack2, bar_at, bar_at + MiB, bar_at + 4 * MiB})
         for (std::uint64_t g = base; g < base + 0x10000; g += 0x1000)
             out.push_back(g);
     return out;
@@ -394,6 +396,20 @@ std::vector<Operation> operations()
          [](Fixture& f) {
              return drop_value(f.m.device_memory_mapper().new_region("new", Length{0x10000}));
          }},
+        {"device place_split (the object's size is checked first)",
+         [](Fixture& f) -> Result<void> {
+             auto pieces =
+                 f.m.device_memory_mapper().place_split({.name = "split",
+                                                         .gpa = Gpa{bar_at + 4 * MiB},
+                                                         .length = Length{0x10000},
+                                                         .object = f.extra,
+                                                         .object_offset = Offset{0},
+                                                         .protection = Protection::read_only});
+             if (!pieces)
+                 return std::move(pieces).error();
+             f.split = std::move(*pieces);
+             return {};
+         }},
         {"client lazy_guest_memory",
          [](Fixture& f) { return drop_value(f.m.client().lazy_guest_memory()); }},
     };
@@ -437,6 +453,13 @@ std::vector<BuildVariant> builds()
                  .add_backing(RamBackingRequest({range(0, 2 * MiB)})
                                   .private_memory(true)
                                   .transparent_hugepages(true))
+                 .build(Length{8 * MiB});
+         }},
+        {"build (an existing mappable, its size checked first)",
+         [] {
+             return Manager::builder()
+                 .add_backing(RamBackingRequest({range(0, 2 * MiB)})
+                                  .existing_mappable(test::make_object(2 * MiB)))
                  .build(Length{8 * MiB});
          }},
         {"build (two backings)",

@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 namespace membacking::test {
 
@@ -47,6 +48,7 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static inline Plan madvise_plan;
     static inline Plan memfd_plan;
     static inline Plan fallocate_plan;
+    static inline Plan fstat_plan; ///< VaPolicy::object_size (and lease windows) ask fstat
     /// A failing MAP_FIXED mmap first unmaps its range, as kernels before 6.12 may.
     static inline bool remove_before_failing = false;
     /// Runs right after that removal (another thread's mmap into the hole, for instance).
@@ -64,6 +66,7 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         madvise_plan = {};
         memfd_plan = {};
         fallocate_plan = {};
+        fstat_plan = {};
         remove_before_failing = false;
         after_removal = nullptr;
         last_mmap_addr = nullptr;
@@ -134,6 +137,14 @@ struct InjectingSyscalls : os::LinuxSyscalls {
             return -1;
         }
         return os::LinuxSyscalls::fallocate(fd, mode, offset, len);
+    }
+    static int fstat(int fd, struct stat* st) noexcept
+    {
+        if (fstat_plan.next()) {
+            errno = fstat_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::fstat(fd, st);
     }
     static int memfd_create(const char* name, unsigned flags) noexcept
     {

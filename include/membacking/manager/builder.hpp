@@ -4,12 +4,16 @@
  *
  * GuestMemoryBuilder<Manager>: validates the RAM layout, allocates the backings, reserves the
  * primary VA mapper and creates the RAM regions. Validation order and error messages are the
- * reference's (inventory §2.4), so that tools matching on them keep working; errors carry
- * build_errc codes. Fixed from the reference:
- * - overlapping RAM ranges, or RAM past the address space, are an error
- * (build_errc::invalid_ram_layout), not a panic;
+ * reference's (inventory §2.4), so that tools matching on them keep working. Validation errors
+ * carry build_errc codes; a failure of an allocation, the VA mapper or a RAM region keeps its root
+ * cause's code (an errno in std::system_category(), or an errc) and adds the reference's text as
+ * the Error's message (Error::context), as base/result.hpp's rule says. Fixed from the reference:
+ * - overlapping RAM ranges (build_errc::invalid_ram_layout), or RAM past the address space
+ *   (errc::out_of_range under "invalid RAM range ..."), are an error, not a panic;
  * - with x86 legacy support, RAM that ends exactly at 1 MiB does not create an empty region;
- * - a failure part way leaves nothing behind (the half-built manager is destroyed).
+ * - a failure part way leaves nothing behind (the half-built manager is destroyed);
+ * - an existing mappable smaller than the RAM it backs is refused before anything is allocated
+ *   (errc::invalid_range, naming the backing's ranges and both sizes).
  *
  * x86 legacy support splits the RAM range that starts at 0 into 16 separately controllable
  * regions: low 640K, the VGA window, twelve 16K PAM segments (0xc0000-0xf0000), the 64K F
@@ -36,6 +40,7 @@
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/x86_legacy.hpp>
 #include <membacking/region/mapping.hpp>
+#include <membacking/va/va_policy.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -87,16 +92,15 @@ validate_hugepage_ram_alignment(std::uint64_t total, const std::vector<MemoryRan
     return {};
 }
 
-/// The reference's HugepageAllocationFailed, wrapping the OS error.
+/// The reference's HugepageAllocationFailed text, as context over the OS error (whose code the
+/// result keeps).
 [[nodiscard]] inline Error hugepage_allocation_failed(std::uint64_t size, std::uint64_t hugepage,
                                                       const std::error_code& os_code)
 {
-    return build_error(build_errc::hugepage_allocation_failed,
-                       "failed to reserve " + std::to_string(size / hugepage) +
-                           " hugetlb pages of " + MemorySize{hugepage}.to_string() + " each (" +
-                           MemorySize{size}.to_string() +
-                           " total); increase the hugetlb pool or reduce guest memory size",
-                       Error(os_code, os_code.message()));
+    return Error(os_code, os_code.message())
+        .context("failed to reserve " + std::to_string(size / hugepage) + " hugetlb pages of " +
+                 MemorySize{hugepage}.to_string() + " each (" + MemorySize{size}.to_string() +
+                 " total); increase the hugetlb pool or reduce guest memory size");
 }
 
 } // namespace detail
@@ -182,6 +186,28 @@ public:
                                    "backing " + std::to_string(i) + ": RAM ranges " +
                                        describe(asked) + " do not match the restored backing's " +
                                        describe(*saved));
+        }
+        // Not in the reference: an existing object must hold all the RAM it backs (its ranges
+        // lie in it one after another from offset 0), checked before anything is allocated or
+        // mapped; the reference maps it anyway and reads past its end fail later.
+        for (std::size_t i = 0; i < backings_.size(); ++i) {
+            const RamBackingRequest& req = backings_[i];
+            if (req.existing_mappable().empty())
+                continue;
+            std::uint64_t total = 0;
+            for (const MemoryRange& r : req.ranges()) {
+                const auto sum = checked_add(total, r.size());
+                if (!sum)
+                    return build_error(build_errc::ram_too_large,
+                                       "backing " + std::to_string(i) + ": RAM ranges " +
+                                           describe(req.ranges()) + " exceed 2^64 bytes");
+                total = *sum;
+            }
+            MEMBACKING_TRY_CONTEXT(
+                detail::check_object_covers<Va>(req.existing_mappable(), 0, total),
+                "backing " + std::to_string(i) + ": the existing mappable for RAM ranges " +
+                    describe(detail::canonical_ram_ranges(req.ranges())) + " (" +
+                    MemoryRange::hex(total) + " bytes)");
         }
         // 3. The largest hugetlb page size is the VA alignment every mapper needs.
         std::uint64_t min_alignment = page_size;
@@ -308,8 +334,7 @@ private:
         }
         auto object = Va::create_shared_memory(size, name.c_str());
         if (!object)
-            return build_error(build_errc::allocation_failed, "failed to allocate memory",
-                               std::move(object).error());
+            return std::move(object).error().context("failed to allocate memory");
         return object;
     }
 
@@ -319,8 +344,7 @@ private:
     {
         auto id = core.add_region(name, range, 255, MappingType::Ram);
         if (!id)
-            return build_error(build_errc::invalid_ram_layout,
-                               "invalid RAM range " + range.to_string(), std::move(id).error());
+            return std::move(id).error().context("invalid RAM range " + range.to_string());
         const MemoryPolicy policy{req.host_numa_node(),
                                   req.transparent_hugepages() && !req.hugepages(), req.prefetch()};
         const MappingBacking backing = req.private_memory()
@@ -329,13 +353,9 @@ private:
         if (auto r = core.add_mapping(
                 *id, {MemoryRange::valid_or_abort(0, range.size()), backing, true, policy});
             !r)
-            return build_error(build_errc::ram_mapping,
-                               "failed to map RAM range " + range.to_string(),
-                               std::move(r).error());
+            return std::move(r).error().context("failed to map RAM range " + range.to_string());
         if (auto r = core.map_region(*id, {true, true, req.prefetch()}); !r)
-            return build_error(build_errc::ram_region_enable,
-                               "failed to enable RAM region " + range.to_string(),
-                               std::move(r).error());
+            return std::move(r).error().context("failed to enable RAM region " + range.to_string());
         core.control([&](auto& c) { c.ram.regions.push_back({range, *id, req.prefetch()}); });
         return {};
     }

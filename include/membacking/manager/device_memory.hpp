@@ -131,7 +131,7 @@ private:
         : core_(std::move(core)), state_(std::move(state))
     {}
 
-    using Ops = detail::DeviceRegionOps<typename Core::Regions>;
+    using Ops = detail::DeviceRegionOps<typename Core::Regions, typename Core::VaPolicyType>;
 
     /// Runs f(Ops) as one control operation of the manager, if it is still there.
     template <class F>
@@ -206,8 +206,15 @@ public:
             return make_error(errc::not_found, "the guest memory manager is gone");
         return core->control(
             [&](typename Core::Control& c) -> Result<std::vector<DeviceRegion<Core>>> {
-                using Ops = detail::DeviceRegionOps<typename Core::Regions>;
+                using Ops =
+                    detail::DeviceRegionOps<typename Core::Regions, typename Core::VaPolicyType>;
                 Ops ops(c.regions, c.max_addr);
+                // The whole object range first: no piece is placed if it lies beyond the object.
+                if (!p.object.empty())
+                    MEMBACKING_TRY_CONTEXT(detail::check_object_covers<typename Core::VaPolicyType>(
+                                               p.object, p.object_offset.value(), whole->size()),
+                                           "device placement '" + p.name + "' at " +
+                                               whole->to_string());
                 // States first, handles only on success: a handle dropped here would take the
                 // control lock again from its destructor.
                 std::vector<std::shared_ptr<detail::DeviceRegionState>> states;

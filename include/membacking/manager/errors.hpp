@@ -2,12 +2,17 @@
  * @file manager/errors.hpp
  * Layer: manager (includes base/ only).
  *
- * The manager's error kinds, as error categories so that callers can test `code() == kind` while
- * the message keeps the reference's exact wording (inventory §2.4, §2.5):
+ * The builder's validation errors, as an error category so that callers can test
+ * `code() == kind` while the message keeps the reference's exact wording (inventory §2.4):
+ * build_errc ("membacking.build"), why GuestMemoryBuilder::build refused its input
+ * (MemoryBuildError in the reference).
  *
- * - build_errc ("membacking.build"): why GuestMemoryBuilder::build failed (MemoryBuildError in the
- *   reference). The wrapped OS or library error, if any, is the Error's source.
- * - attach_errc ("membacking.attach"): why attach_partition failed (PartitionAttachError).
+ * Failures that wrap a cause (an allocation, the VA mapper, a RAM region, a partition attach) keep
+ * the cause's code, as base/result.hpp's rule says: the reference's wording ("failed to allocate
+ * memory", "failed to attach partition to memory manager", ...) is the Error's message() and the
+ * cause is its source(). So callers test the root code (errc::x, or an errno in
+ * std::system_category()) and read message() for which step failed. The build_errc values marked
+ * "not returned" below are kept so that code naming them still compiles; nothing returns them.
  */
 #pragma once
 
@@ -23,11 +28,11 @@ namespace membacking {
 
 enum class build_errc : int {
     ram_too_large = 1,
-    allocation_failed,
-    hugepage_allocation_failed,
-    va_mapper,
-    ram_mapping,
-    ram_region_enable,
+    allocation_failed,          ///< not returned: the cause's code, with this text as message()
+    hugepage_allocation_failed, ///< not returned: the cause's code, with this text as message()
+    va_mapper,                  ///< not returned: the cause's code, with this text as message()
+    ram_mapping,                ///< not returned: the cause's code, with this text as message()
+    ram_region_enable,          ///< not returned: the cause's code, with this text as message()
     alias_map_wont_fit,
     invalid_ram_for_x86,
     private_memory_with_legacy,
@@ -46,11 +51,6 @@ enum class build_errc : int {
     /// Not in the reference: a restored backing (RamBackingRequest::existing_mappable with a
     /// SharedMemoryBacking) asked to back other GPA ranges than the ones it holds.
     restore_layout_mismatch,
-};
-
-enum class attach_errc : int {
-    va_mapper = 1,    ///< "failed to reserve VA range for partition mapping"
-    partition_mapper, ///< "failed to attach partition to memory manager"
 };
 
 namespace detail {
@@ -98,16 +98,6 @@ public:
     }
 };
 
-class AttachCategory final : public std::error_category {
-public:
-    [[nodiscard]] const char* name() const noexcept override { return "membacking.attach"; }
-    [[nodiscard]] std::string message(int v) const override
-    {
-        return static_cast<attach_errc>(v) == attach_errc::va_mapper
-                   ? "failed to reserve VA range for partition mapping"
-                   : "failed to attach partition to memory manager";
-    }
-};
 } // namespace detail
 
 inline const std::error_category& build_category() noexcept
@@ -115,18 +105,9 @@ inline const std::error_category& build_category() noexcept
     static const detail::BuildCategory category;
     return category;
 }
-inline const std::error_category& attach_category() noexcept
-{
-    static const detail::AttachCategory category;
-    return category;
-}
 inline std::error_code make_error_code(build_errc e) noexcept
 {
     return {static_cast<int>(e), build_category()};
-}
-inline std::error_code make_error_code(attach_errc e) noexcept
-{
-    return {static_cast<int>(e), attach_category()};
 }
 
 /// A build error with the category's own text as its message.
@@ -159,5 +140,3 @@ namespace detail {
 
 template <>
 struct std::is_error_code_enum<membacking::build_errc> : std::true_type {};
-template <>
-struct std::is_error_code_enum<membacking::attach_errc> : std::true_type {};

@@ -114,7 +114,8 @@ public:
 
     /// Maps every visible region into `partition` and keeps it in sync from now on. A VTL2
     /// partition also gets all of memory at the VTL0 alias offset, if one is configured. All or
-    /// nothing: on failure the partition is left with nothing mapped (attach_errc).
+    /// nothing: on failure the partition is left with nothing mapped; the error keeps its cause's
+    /// code, under the message "failed to attach partition to memory manager".
     /// `quiesce` is the partition's quiesce bracket (manager/quiesce_hook.hpp): give one whenever
     /// the partition's vCPUs may run during control calls.
     template <class P>

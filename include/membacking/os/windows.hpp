@@ -105,13 +105,44 @@ struct Kernelbase {
                unmap_view_of_file2 != nullptr;
     }
 
-private:
     template <class Fn>
     static Fn resolve(HMODULE m, const char* name) noexcept
     {
         // GetProcAddress returns a generic function pointer; the cast through void(*)() is the
         // sanctioned way to convert it to the real type.
         return reinterpret_cast<Fn>(reinterpret_cast<void (*)()>(::GetProcAddress(m, name)));
+    }
+};
+
+/// The ntdll.dll entry points that tell a section's size (no Win32 function does), looked up
+/// once per process.
+struct Ntdll {
+    /// SECTION_BASIC_INFORMATION (winternl.h of the DDK; MinGW's headers lack it).
+    struct SectionBasicInformation {
+        PVOID base_address;
+        ULONG allocation_attributes;
+        LARGE_INTEGER maximum_size;
+    };
+    static constexpr int section_basic_information = 0; // SectionBasicInformation
+    using NtQuerySectionFn = LONG(NTAPI*)(HANDLE, int, PVOID, SIZE_T, SIZE_T*);
+    using RtlNtStatusToDosErrorFn = ULONG(NTAPI*)(LONG);
+
+    NtQuerySectionFn nt_query_section = nullptr;
+    RtlNtStatusToDosErrorFn rtl_nt_status_to_dos_error = nullptr;
+
+    static const Ntdll& get() noexcept
+    {
+        static const Ntdll n = [] {
+            Ntdll r;
+            // ntdll.dll is loaded in every process; GetModuleHandle takes no reference.
+            if (HMODULE m = ::GetModuleHandleW(L"ntdll.dll"); m != nullptr) {
+                r.nt_query_section = Kernelbase::resolve<NtQuerySectionFn>(m, "NtQuerySection");
+                r.rtl_nt_status_to_dos_error =
+                    Kernelbase::resolve<RtlNtStatusToDosErrorFn>(m, "RtlNtStatusToDosError");
+            }
+            return r;
+        }();
+        return n;
     }
 };
 
@@ -171,6 +202,26 @@ struct WindowsSyscalls {
                                     static_cast<DWORD>(size & 0xffffffffU), nullptr);
     }
     static BOOL close_handle(HANDLE handle) noexcept { return ::CloseHandle(handle); }
+    /// The section's maximum size (NtQuerySection, SectionBasicInformation) in *size. FALSE with
+    /// the Win32 error in GetLastError() if the query fails.
+    static BOOL query_section_size(HANDLE section, std::uint64_t* size) noexcept
+    {
+        const auto& n = detail::Ntdll::get();
+        if (n.nt_query_section == nullptr || n.rtl_nt_status_to_dos_error == nullptr) {
+            ::SetLastError(ERROR_PROC_NOT_FOUND);
+            return FALSE;
+        }
+        detail::Ntdll::SectionBasicInformation info{};
+        SIZE_T got = 0;
+        const LONG status = n.nt_query_section(section, detail::Ntdll::section_basic_information,
+                                               &info, sizeof info, &got);
+        if (status < 0) { // NT_SUCCESS is status >= 0
+            ::SetLastError(n.rtl_nt_status_to_dos_error(status));
+            return FALSE;
+        }
+        *size = static_cast<std::uint64_t>(info.maximum_size.QuadPart);
+        return TRUE;
+    }
 };
 
 /// The Error for GetLastError() after the call that just failed. The error is read before

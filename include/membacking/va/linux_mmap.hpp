@@ -302,6 +302,17 @@ public:
         return object;
     }
 
+    /// The object's size now (fstat's st_size): what a mapping of it may reach.
+    [[nodiscard]] static Result<std::uint64_t> object_size(const Mappable& object)
+    {
+        if (object.empty())
+            return make_error(errc::invalid_argument, "no object to take the size of");
+        struct stat st {};
+        if (Sys::fstat(object.native_handle(), &st) != 0)
+            return os::last_error([] { return std::string("fstat of a mapped object failed"); });
+        return static_cast<std::uint64_t>(st.st_size);
+    }
+
     /// A lease window (lease/lease_window.hpp): where it is, how big, whether writable.
     struct LeaseWindowMapping {
         std::byte* base;

@@ -18,6 +18,10 @@
  * - VaPolicy_hints:    advise_hugepages, bind_numa, set_name: placement hints.
  * - VaPolicy_objects:  static create_shared_memory(size, name) and
  *                      create_hugetlb_memory(size, name, page_size) make Mappable objects.
+ * - VaPolicy_object_size: static object_size(object), the object's size in bytes as the OS
+ *                      knows it now (Linux: fstat; Windows: the section's maximum size). The
+ *                      manager checks with it that a mapping's file range lies inside its
+ *                      object when the mapping is added (detail::check_object_covers).
  * Every member returns Result and leaves the range as it was when it fails.
  *
  * Capabilities (VaFeatures): `atomic_replace` means map over an existing mapping has no window in
@@ -26,12 +30,15 @@
  */
 #pragma once
 
+#include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 namespace membacking {
 
@@ -89,8 +96,13 @@ concept VaPolicy_objects = requires(std::uint64_t size, const char* name) {
 };
 
 template <class V>
+concept VaPolicy_object_size = requires(const Mappable& object) {
+    { V::object_size(object) } -> std::same_as<Result<std::uint64_t>>;
+};
+
+template <class V>
 concept VaPolicy = VaPolicy_reserve<V> && VaPolicy_map<V> && VaPolicy_protect<V> &&
-    VaPolicy_hints<V> && VaPolicy_objects<V>;
+    VaPolicy_hints<V> && VaPolicy_objects<V> && VaPolicy_object_size<V>;
 // clang-format on
 
 namespace detail {
@@ -122,7 +134,31 @@ consteval bool check_va_policy()
                   "size, const char* name)` and `static Result<Mappable> "
                   "create_hugetlb_memory(std::uint64_t size, const char* name, std::uint64_t "
                   "page_size)`");
+    static_assert(VaPolicy_object_size<V>,
+                  "VA policy: needs `static Result<std::uint64_t> object_size(const Mappable& "
+                  "object)`");
     return VaPolicy<V>;
+}
+
+/// errc::invalid_range unless `object` (V::object_size) covers [file_offset, file_offset + len):
+/// "object range 0x...-0x... lies beyond the end of the object (0x... bytes)". A failure to learn
+/// the size is returned as it is. The caller adds which mapping it was as context.
+template <class V>
+[[nodiscard]] Result<void> check_object_covers(const Mappable& object, std::uint64_t file_offset,
+                                               std::uint64_t len)
+{
+    auto size = V::object_size(object);
+    if (!size)
+        return std::move(size).error();
+    const bool overflows = len > ~std::uint64_t{0} - file_offset;
+    if (!overflows && file_offset + len <= *size)
+        return {};
+    const std::string range =
+        overflows ? MemoryRange::hex(file_offset) + "+" + MemoryRange::hex(len) + " (beyond 2^64)"
+                  : MemoryRange::hex(file_offset) + "-" + MemoryRange::hex(file_offset + len);
+    return make_error(errc::invalid_range, "object range " + range +
+                                               " lies beyond the end of the object (" +
+                                               MemoryRange::hex(*size) + " bytes)");
 }
 } // namespace detail
 

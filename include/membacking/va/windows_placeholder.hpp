@@ -295,6 +295,18 @@ public:
         return make_error(errc::unsupported, "Windows cannot name address space");
     }
 
+    /// The section's size now (its maximum size, NtQuerySection): what a view of it may reach.
+    [[nodiscard]] static Result<std::uint64_t> object_size(const Mappable& object)
+    {
+        if (object.empty())
+            return make_error(errc::invalid_argument, "no object to take the size of");
+        std::uint64_t size = 0;
+        if (!Sys::query_section_size(object.native_handle(), &size))
+            return os::last_error(
+                [] { return std::string("failed to query the size of a mapped section"); });
+        return size;
+    }
+
     /// A pagefile-backed section of `size` bytes. Windows sections are nameless here: a named one
     /// would be a global object another process could open.
     [[nodiscard]] static Result<Mappable> create_shared_memory(std::uint64_t size, const char* name)

@@ -1,7 +1,7 @@
 /**
  * @file manager/detail/device_regions.hpp
  * Internal (namespace membacking::detail); layer: manager (includes base/, detail/, region/,
- * va/mappable.hpp, manager/errors.hpp).
+ * va/mappable.hpp, va/va_policy.hpp, manager/errors.hpp).
  *
  * What the DeviceMemoryMapper façade (manager/device_memory.hpp) does, on the region manager:
  * the state of one device region (DeviceRegionState, shared between its handle and the manager)
@@ -9,7 +9,9 @@
  * control lock, as one control operation; nothing here locks.
  *
  * Fixed from the reference (inventory §8): mappings replace and split what they cover, offsets are
- * checked when mapped, unmap drops what is inside the range, and a move is all or nothing.
+ * checked when mapped, unmap drops what is inside the range, and a move is all or nothing. Not in
+ * the reference: a mapping's file range must lie inside its object when it is added
+ * (VaPolicy_object_size of the VA policy `Va`), whether the region is placed or not.
  */
 #pragma once
 
@@ -25,6 +27,7 @@
 #include <membacking/region/mapping_list.hpp>
 #include <membacking/region/region_id.hpp>
 #include <membacking/va/mappable.hpp>
+#include <membacking/va/va_policy.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -46,8 +49,8 @@ struct DeviceRegionState {
 };
 
 /// The operations of DeviceRegion, on a RegionManager (`Regions`) whose guest address space ends
-/// at max_addr.
-template <class Regions>
+/// at max_addr; `Va` is the manager's VA policy (it tells objects' sizes).
+template <class Regions, class Va>
 class DeviceRegionOps {
 public:
     DeviceRegionOps(Regions& regions, std::uint64_t max_addr)
@@ -68,6 +71,8 @@ public:
             return make_error(errc::invalid_range, "device region '" + d.name + "': file offset " +
                                                        MemoryRange::hex(file_offset) +
                                                        " is not page aligned");
+        MEMBACKING_TRY_CONTEXT(check_object_covers<Va>(object, file_offset, len),
+                               "device region '" + d.name + "': mapping at " + rel->to_string());
         const RegionMapping m{
             *rel, MappingBacking::file(object, Offset{file_offset}), writable, {}};
         if (d.placed)

@@ -85,6 +85,7 @@ public:
     using TrackingPolicy = Tracking;
     using Mapper = VaMapper<Va>;
     using Regions = RegionManager<Resolver, Sink>;
+    using VaPolicyType = Va;
 
     struct Config {
         std::uint64_t max_addr = 0;
@@ -100,25 +101,23 @@ public:
         std::uint64_t max_addr;
     };
 
-    /// Reserves the primary (eager) VA mapper. Errors are build_errc::va_mapper.
+    /// Reserves the primary (eager) VA mapper. Errors keep their root code, with "failed to create
+    /// VA mapper" (or "... the dirty bitmap") as context.
     static Result<std::shared_ptr<ManagerCore>> create(const Config& config)
     {
         std::shared_ptr<DirtyBitmap> dirty;
         if constexpr (Tracking::enabled) {
             auto bitmap = DirtyBitmap::create(config.max_addr);
             if (!bitmap)
-                return build_error(build_errc::va_mapper, "failed to create the dirty bitmap",
-                                   std::move(bitmap).error());
+                return std::move(bitmap).error().context("failed to create the dirty bitmap");
             dirty = std::move(*bitmap);
         }
         auto va = MappingManager<Va>::create(config.max_addr, config.min_va_alignment, dirty);
         if (!va)
-            return build_error(build_errc::va_mapper, "failed to create VA mapper",
-                               std::move(va).error());
+            return std::move(va).error().context("failed to create VA mapper");
         auto primary = va->new_mapper(MapperMode::eager);
         if (!primary)
-            return build_error(build_errc::va_mapper, "failed to create VA mapper",
-                               std::move(primary).error());
+            return std::move(primary).error().context("failed to create VA mapper");
         return std::shared_ptr<ManagerCore>(
             new ManagerCore(config, std::move(*va), std::move(*primary)));
     }
@@ -218,8 +217,15 @@ public:
     {
         return control([&](Control& c) { return c.regions.remove_region(id); });
     }
+    /// Adds a mapping to region `id`; a file mapping's object must cover its file range now
+    /// (VaPolicy_object_size), so a range beyond the object is refused here, not when the region
+    /// is mapped.
     Result<void> add_mapping(RegionId id, const RegionMapping& m)
     {
+        if (!m.backing.is_private())
+            MEMBACKING_TRY_CONTEXT(
+                check_object_covers<Va>(m.backing.object, m.backing.file_offset, m.range.size()),
+                "mapping " + m.range.to_string() + " of region " + std::to_string(id.value));
         return control([&](Control& c) { return c.regions.add_mapping(id, m); });
     }
     Result<void> remove_mappings(RegionId id, const MemoryRange& range_in_region)

@@ -122,7 +122,7 @@ public:
 
     /// Adds a partition and maps every window of `visible` into it; `hook` (optional) is its
     /// quiesce bracket. All or nothing: on failure the partition is left with nothing mapped
-    /// (attach_errc::partition_mapper).
+    /// (the cause's code, with "failed to attach partition to memory manager" as context).
     template <class P>
     Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition,
                                const std::vector<RegionActivation>& visible, QuiesceHook hook = {})
@@ -396,10 +396,10 @@ public:
     }
 
 private:
+    /// The reference's PartitionAttachError text, as context: the cause's code stays.
     static Error attach_error(Error cause)
     {
-        const std::error_code code = make_error_code(attach_errc::partition_mapper);
-        return {code, code.message(), std::move(cause)};
+        return std::move(cause).context("failed to attach partition to memory manager");
     }
 
     static Error not_attached(PartitionId id)
