@@ -29,6 +29,7 @@
 #include <membacking/base/units.hpp>
 #include <membacking/detail/undo_log.hpp>
 #include <membacking/manager/detail/device_regions.hpp>
+#include <membacking/manager/detail/lock_core.hpp>
 #include <membacking/va/mappable.hpp>
 
 #include <cstdint>
@@ -137,10 +138,10 @@ private:
     template <class F>
     Result<void> control(F&& f)
     {
-        auto core = core_.lock();
+        auto core = detail::lock_core(core_);
         if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->control(
+            return std::move(core).error();
+        return (*core)->control(
             [&](typename Core::Control& c) { return f(Ops(c.regions, c.max_addr)); });
     }
 
@@ -201,10 +202,10 @@ public:
         if (whole->empty())
             return make_error(errc::invalid_range,
                               "device placement '" + p.name + "' has no length");
-        auto core = core_.lock();
+        auto core = detail::lock_core(core_);
         if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->control(
+            return std::move(core).error();
+        return (*core)->control(
             [&](typename Core::Control& c) -> Result<std::vector<DeviceRegion<Core>>> {
                 using Ops =
                     detail::DeviceRegionOps<typename Core::Regions, typename Core::VaPolicyType>;

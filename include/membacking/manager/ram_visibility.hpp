@@ -38,6 +38,7 @@
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
 #include <membacking/detail/undo_log.hpp>
+#include <membacking/manager/detail/lock_core.hpp>
 #include <membacking/manager/shared_backing.hpp>
 #include <membacking/manager/types.hpp>
 #include <membacking/region/region_id.hpp>
@@ -72,14 +73,14 @@ public:
                               "RAM visibility value " +
                                   std::to_string(static_cast<unsigned>(visibility)) + " for " +
                                   range.to_string() + " is not a RamVisibility");
-        auto core = core_.lock();
+        auto core = detail::lock_core(core_);
         if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->control([&](typename Core::Control& c) -> Result<void> {
-            const auto* ram = c.ram.find(range);
-            if (ram == nullptr)
-                return make_error(errc::not_found,
-                                  range.to_string() + " is not a controllable RAM range");
+            return std::move(core).error();
+        return (*core)->control([&](typename Core::Control& c) -> Result<void> {
+            auto found = c.ram.find_controllable(range);
+            if (!found)
+                return std::move(found).error();
+            const auto* ram = *found;
             const RegionId id = ram->id;
             const bool cap = visibility == RamVisibility::write_only;
             const auto* region = c.regions.find(id);
@@ -117,14 +118,14 @@ public:
     /// The visibility of the controllable RAM range `range` (errc::not_found as above).
     [[nodiscard]] Result<RamVisibility> ram_visibility(const MemoryRange& range) const
     {
-        auto core = core_.lock();
+        auto core = detail::lock_core(core_);
         if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->control([&](typename Core::Control& c) -> Result<RamVisibility> {
-            const auto* ram = c.ram.find(range);
-            if (ram == nullptr)
-                return make_error(errc::not_found,
-                                  range.to_string() + " is not a controllable RAM range");
+            return std::move(core).error();
+        return (*core)->control([&](typename Core::Control& c) -> Result<RamVisibility> {
+            auto found = c.ram.find_controllable(range);
+            if (!found)
+                return std::move(found).error();
+            const auto* ram = *found;
             const auto* region = c.regions.find(ram->id);
             if (region->read_only_cap)
                 return RamVisibility::write_only;
@@ -147,10 +148,10 @@ public:
         const std::string bytes = MemoryRange::hex(start) + "-" + MemoryRange::hex(end);
         if (length.value() == 0 || end < start)
             return make_error(errc::invalid_range, "no bytes to forward at " + bytes);
-        auto core = core_.lock();
+        auto core = detail::lock_core(core_);
         if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
-        return core->control([&](typename Core::Control& c) -> Result<ShadowRamTarget> {
+            return std::move(core).error();
+        return (*core)->control([&](typename Core::Control& c) -> Result<ShadowRamTarget> {
             for (const auto& ram : c.ram.regions) {
                 if (start < ram.range.start() || end > ram.range.end())
                     continue;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <membacking/base/memory_range.hpp>
+#include <membacking/base/result.hpp>
 #include <membacking/region/region_id.hpp>
 #include <membacking/va/mappable.hpp>
 
@@ -42,6 +43,14 @@ struct RamBooks {
         auto it = std::find_if(regions.begin(), regions.end(),
                                [&](const Region& r) { return r.range == range; });
         return it == regions.end() ? nullptr : &*it;
+    }
+
+    /// As find, or errc::not_found "{range} is not a controllable RAM range".
+    [[nodiscard]] Result<const Region*> find_controllable(const MemoryRange& range) const
+    {
+        if (const Region* r = find(range))
+            return r;
+        return make_error(errc::not_found, range.to_string() + " is not a controllable RAM range");
     }
 
     /// `range` cut at every RAM region boundary strictly inside it, in GPA order: each piece
