@@ -151,6 +151,9 @@ struct Fixture {
     std::shared_ptr<FlakyPartition> spare = std::make_shared<FlakyPartition>(); // not attached
     PartitionId id{};
     RegionId low{}, high{}, low2{}, high2{};
+    /// Make-before-break stacks: a lower region inside a higher one whose mappings leave a
+    /// hole over it (high3 unmapped, high4 mapped).
+    RegionId low3{}, high3{}, low4{}, high4{};
     std::optional<Manager::Device> bar;
     std::optional<Manager::Device> twin; // same range and priority as bar, registered after it
     /// Writable device regions under PAM segments 0xc4000 (unmapped) and 0xc8000 (write-only,
@@ -164,6 +167,8 @@ struct Fixture {
 
 constexpr std::uint64_t stack1 = 8 * MiB;  // low mapped, high not
 constexpr std::uint64_t stack2 = 10 * MiB; // low2 and high2 mapped
+constexpr std::uint64_t stack3 = 12 * MiB; // low3 mapped, high3 (with a hole over it) not
+constexpr std::uint64_t stack4 = 14 * MiB; // low4 and high4 (with a hole over it) mapped
 constexpr std::uint64_t bar_at = 16 * MiB;
 
 Manager build_guest()
@@ -181,7 +186,8 @@ std::vector<std::uint64_t> probe_gpas()
         out.push_back(g);
     for (std::uint64_t g = MiB; g < 4 * MiB; g += 0x40000)
         out.push_back(g);
-    for (const std::uint64_t base : {stack1, stack2, bar_at, bar_at + MiB, bar_at + 4 * MiB})
+    for (const std::uint64_t base :
+         {stack1, stack2, stack3, stack4, bar_at, bar_at + MiB, bar_at + 4 * MiB})
         for (std::uint64_t g = base; g < base + 0x10000; g += 0x1000)
             out.push_back(g);
     return out;
@@ -209,6 +215,29 @@ std::unique_ptr<Fixture> make_fixture()
     };
     add_stack(stack1, f->low, f->high, false);
     add_stack(stack2, f->low2, f->high2, true);
+    // high covers [at, at + 64 KiB) with mappings at [0, 24 KiB) and [32 KiB, 64 KiB); low is
+    // [at + 16 KiB, at + 48 KiB), wholly mapped: switching between them replaces two parts in
+    // place and removes or adds only the hole.
+    const auto add_holed_stack = [&](std::uint64_t at, RegionId& low, RegionId& high,
+                                     bool map_high) {
+        high = must(f->m.add_region("high", range(at, at + 0x10000), 2, MappingType::Ram));
+        const Mappable object = test::make_object(0x10000);
+        must(f->m.add_mapping(
+            high, {range(0, 0x6000), MappingBacking::file(object, Offset{0}), true, {}}));
+        must(f->m.add_mapping(
+            high,
+            {range(0x8000, 0x10000), MappingBacking::file(object, Offset{0x8000}), true, {}}));
+        low = must(f->m.add_region("low", range(at + 0x4000, at + 0xc000), 1, MappingType::Ram));
+        must(f->m.add_mapping(low, {range(0, 0x8000),
+                                    MappingBacking::file(test::make_object(0x8000), Offset{0}),
+                                    true,
+                                    {}}));
+        must(f->m.map_region(low, {true, false, false}));
+        if (map_high)
+            must(f->m.map_region(high, {true, false, false}));
+    };
+    add_holed_stack(stack3, f->low3, f->high3, false);
+    add_holed_stack(stack4, f->low4, f->high4, true);
     f->bar = must(f->m.device_memory_mapper().new_region("bar", Length{0x10000}));
     must(f->bar->map({.offset = Offset{0},
                       .length = Length{0x10000},
@@ -375,6 +404,12 @@ std::vector<Operation> operations()
         {"unmap_region (the region under it reappears)",
          [](Fixture& f) { return f.m.unmap_region(f.high2); }},
         {"remove_region (mapped)", [](Fixture& f) { return f.m.remove_region(f.high2); }},
+        {"map_region over a lower region, a hole in its mappings (make-before-break)",
+         [](Fixture& f) {
+             return f.m.map_region(f.high3, {true, false, false});
+         }},
+        {"unmap_region, the lower region replacing part of it in place (make-before-break)",
+         [](Fixture& f) { return f.m.unmap_region(f.high4); }},
         {"add_mapping (file, splits the one under it)",
          [](Fixture& f) {
              return f.m.add_mapping(

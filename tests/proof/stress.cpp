@@ -174,13 +174,11 @@ void work(unsigned id, const Manager::Memory& primary, const Manager::Memory& la
             for (std::uint64_t k = e1 / 2; k <= (e2 + 1) / 2; ++k)
                 consistent = consistent ||
                              expected(State::unpack(t.log[k].load()), area, dev_slot, write) == got;
-            // Defect 3 (not fixed here): between two states that both map the stack, the VA
-            // side is briefly unmapped. Allowed only while a change is in flight, and counted.
+            // Issue 10, defect 3: between two states that both map the stack, the VA side used
+            // to be briefly unmapped. Counted apart (and inconsistent): there must be none.
             const bool stable = e1 == e2 && e1 % 2 == 0;
-            if (!consistent && area == Area::stack && got == Outcome::unmapped && !stable) {
-                consistent = true;
+            if (!consistent && area == Area::stack && got == Outcome::unmapped && !stable)
                 c.holes.fetch_add(1, std::memory_order_relaxed);
-            }
             if (!consistent && c.inconsistent.fetch_add(1, std::memory_order_relaxed) < 5)
                 std::fprintf(stderr,
                              "inconsistent: area %d slot %u %s %s got %d, epochs %llu..%llu, first "
@@ -338,10 +336,11 @@ TEST_CASE("stress: 8 threads access RAM and device memory while 10,000 topology 
                                    << ", device moves " << op_kinds[2] << ")");
     MESSAGE("accesses: " << c.accesses.load() << ", in a stable topology " << c.stable.load()
                          << ", failed " << c.failed.load() << ", read-backs " << c.readbacks.load()
-                         << ", transition holes (defect 3) " << c.holes.load());
+                         << ", transition holes (defect 3, must be 0) " << c.holes.load());
     CHECK(control_failures == 0);
     CHECK(c.torn.load() == 0);
     CHECK(c.stale.load() == 0);
+    CHECK(c.holes.load() == 0);
     CHECK(c.inconsistent.load() == 0);
     // The run proved something: accesses in every kind of state, failures among them.
     CHECK(c.accesses.load() >= 10 * static_cast<std::uint64_t>(control_ops));

@@ -6,6 +6,8 @@
 #include "recording_sink.hpp"
 #include "test_support.hpp"
 
+#include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -13,6 +15,7 @@ using namespace membacking;
 using membacking::test::range;
 using membacking::test::RecordingSink;
 using Log = std::vector<std::string>;
+using Pages = std::map<std::uint64_t, RecordingSink::Page>;
 
 namespace {
 
@@ -138,20 +141,21 @@ TEST_CASE("unmapping the active region makes the best mapped lower regions reapp
     f.sink.clear_log();
 
     REQUIRE(f.rm.unmap_region(ram).has_value());
-    CHECK(f.sink.log() == Log{"part- 0x0-0x10000", "va- 0x0-0x10000", "va+ 0x1000-0x2000 rw",
-                              "part+ 0x1000-0x2000 rw", "va+ 0x4000-0x6000 rw",
-                              "part+ 0x4000-0x6000 rw", "va+ 0x8000-0xa000 rw",
-                              "part+ 0x8000-0xa000 rw"});
+    // Make-before-break: the regions below replace RAM in place; only the GPAs that nothing maps
+    // afterwards are removed, before the partitions get the new windows.
+    CHECK(f.sink.log() == Log{"part- 0x0-0x10000", "va+ 0x1000-0x2000 rw", "va+ 0x4000-0x6000 rw",
+                              "va+ 0x8000-0xa000 rw", "va- 0x0-0x1000", "va- 0x2000-0x4000",
+                              "va- 0x6000-0x8000", "va- 0xa000-0x10000", "part+ 0x1000-0x2000 rw",
+                              "part+ 0x4000-0x6000 rw", "part+ 0x8000-0xa000 rw"});
     CHECK(f.active(a));
     CHECK(f.active(mid));
     CHECK(f.active(c));
     CHECK_FALSE(f.active(b_under_mid)); // still under "mid"
 
-    // Map RAM back: it disables everything under it, then enables itself.
+    // Map RAM back: the partitions drop everything under it, then RAM replaces it in place.
     f.sink.clear_log();
     REQUIRE(f.rm.map_region(ram, rw).has_value());
-    CHECK(f.sink.log() == Log{"part- 0x1000-0x2000", "va- 0x1000-0x2000", "part- 0x4000-0x6000",
-                              "va- 0x4000-0x6000", "part- 0x8000-0xa000", "va- 0x8000-0xa000",
+    CHECK(f.sink.log() == Log{"part- 0x1000-0x2000", "part- 0x4000-0x6000", "part- 0x8000-0xa000",
                               "va+ 0x0-0x10000 rw", "part+ 0x0-0x10000 rw"});
     CHECK(f.active(ram));
 }
@@ -359,10 +363,11 @@ TEST_CASE("quirk fix: a partition failure while re-enabling lower regions is an 
     const RegionId ram = f.add_mapped("ram", 0x0, 0x10000, 255);
     const RegionId dev = f.add_mapped("dev", 0x4000, 0x8000, 0);
     f.sink.clear_log();
-    f.sink.fail_call(4); // part-, va-, va+ dev, part+ dev <- fails
+    f.sink.fail_call(5); // part-, va+ dev, va- below it, va- above it, part+ dev <- fails
     auto res = f.rm.unmap_region(ram);
     REQUIRE_FALSE(res);
     CHECK(membacking::test::error_of(res) == errc::resource_exhausted);
+    CHECK(f.sink.log().at(4) == "part+ 0x4000-0x8000 rw [injected failure]");
     // Everything is as before: RAM still mapped and visible, the device still shadowed.
     CHECK(f.rm.find(ram)->mapped());
     CHECK(f.active(ram));
@@ -436,4 +441,105 @@ TEST_CASE("active_mappings and active_regions describe the live state for replay
     REQUIRE(regions.size() == 2);
     CHECK(regions[1].region == dev);
     CHECK_FALSE(regions[1].params.writable);
+}
+
+namespace {
+
+/// The pages that the sink removed although both `a` and `b` map them: the holes that
+/// make-before-break rules out.
+std::vector<std::uint64_t> holes(const RecordingSink& sink, const Pages& a, const Pages& b)
+{
+    std::vector<std::uint64_t> out;
+    for (const MemoryRange& r : sink.removals())
+        for (const std::uint64_t gpa : membacking::test::pages_of(r))
+            if (a.contains(gpa) && b.contains(gpa))
+                out.push_back(gpa);
+    return out;
+}
+
+} // namespace
+
+TEST_CASE("make-before-break: a GPA that both states map is replaced in place, never removed, "
+          "nor by a rollback (issue 10, defect 3)")
+{
+    Fixture f;
+    // PAM over a ROM: a RAM segment (priority 1) over a ROM (0) on the same range.
+    const RegionId rom = f.add_mapped("rom", 0xc0000, 0xc4000, 0);
+    const RegionId pam = f.add("pam", 0xc0000, 0xc4000, 1, MappingType::Ram);
+    REQUIRE(f.rm.add_mapping(pam, f.file_mapping(0x0, 0x4000, 0x10000)).has_value());
+    // A higher region over a lower one inside it, with a hole in its own mappings.
+    const RegionId high = f.add("high", 0x100000, 0x110000, 1);
+    REQUIRE(f.rm.add_mapping(high, f.file_mapping(0x0, 0x6000, 0x20000)).has_value());
+    REQUIRE(f.rm.add_mapping(high, f.file_mapping(0x8000, 0x10000, 0x30000)).has_value());
+    const RegionId low = f.add_mapped("low", 0x104000, 0x10c000, 0);
+
+    struct Step {
+        const char* what;
+        std::function<Result<void>()> setup; ///< the state the change starts from, if any
+        std::function<Result<void>()> change;
+        std::function<Result<void>()> back;
+        Log log; ///< the events of the change
+    };
+    const std::vector<Step> steps = {
+        {"PAM toggled over the ROM",
+         nullptr,
+         [&] { return f.rm.map_region(pam, rw); },
+         [&] { return f.rm.unmap_region(pam); },
+         {"part- 0xc0000-0xc4000", "va+ 0xc0000-0xc4000 rw", "part+ 0xc0000-0xc4000 rw"}},
+        {"PAM unmapped from over the ROM",
+         [&] { return f.rm.map_region(pam, rw); },
+         [&] { return f.rm.unmap_region(pam); },
+         [&] { return f.rm.map_region(pam, rw); },
+         {"part- 0xc0000-0xc4000", "va+ 0xc0000-0xc4000 rw", "part+ 0xc0000-0xc4000 rw"}},
+        {"a higher region mapped over a lower one",
+         nullptr,
+         [&] { return f.rm.map_region(high, rw); },
+         [&] { return f.rm.unmap_region(high); },
+         {"part- 0x104000-0x10c000", "va+ 0x100000-0x106000 rw", "va+ 0x108000-0x110000 rw",
+          "va- 0x106000-0x108000", "part+ 0x100000-0x110000 rw"}},
+        {"a higher region unmapped over a lower one",
+         [&] { return f.rm.map_region(high, rw); },
+         [&] { return f.rm.unmap_region(high); },
+         [&] { return f.rm.map_region(high, rw); },
+         {"part- 0x100000-0x110000", "va+ 0x104000-0x10c000 rw", "va- 0x100000-0x104000",
+          "va- 0x10c000-0x110000", "part+ 0x104000-0x10c000 rw"}},
+    };
+    std::size_t failure_points = 0;
+    for (const Step& step : steps) {
+        CAPTURE(step.what);
+        if (step.setup)
+            REQUIRE(step.setup().has_value());
+        const Pages before = f.sink.pages();
+        const auto windows = f.sink.partition.windows().size();
+        f.sink.clear_log();
+        REQUIRE(step.change().has_value());
+        CHECK(f.sink.log() == step.log);
+        const Pages after = f.sink.pages();
+        CHECK(holes(f.sink, before, after).empty());
+        REQUIRE(step.back().has_value());
+        REQUIRE(f.sink.pages() == before);
+
+        // Every sink call of the change fails in turn: all is as before, and the rollback put
+        // the old memory back in place without a hole either.
+        for (std::size_t n = 1;; ++n) {
+            CAPTURE(n);
+            f.sink.clear_log();
+            f.sink.fail_call(n);
+            if (step.change().has_value()) {
+                f.sink.clear_failure();
+                REQUIRE(step.back().has_value());
+                break;
+            }
+            ++failure_points;
+            CHECK(f.sink.pages() == before);
+            CHECK(f.sink.partition.windows().size() == windows);
+            CHECK(holes(f.sink, before, after).empty());
+        }
+    }
+    CHECK(failure_points == 3 + 3 + 5 + 5);
+    // Every change went back: the unmaps' steps left PAM and the higher region mapped.
+    CHECK(f.active(pam));
+    CHECK_FALSE(f.active(rom));
+    CHECK(f.active(high));
+    CHECK_FALSE(f.active(low));
 }

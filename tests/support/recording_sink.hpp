@@ -7,6 +7,8 @@
  *   maps, no partial unmaps) checks the region manager's event stream.
  * - Every call is logged as a short string ("va+ 0x0-0x2000 rw", "part- 0x0-0x2000"), so ordering
  *   tests read like the reference's expected event lists.
+ * - removals() lists the ranges remove_mappings took out, so make-before-break tests can check
+ *   that no GPA both states map was ever absent.
  * - fail_call(n) makes the n-th sink call from now fail (VA or partition alike) without effect.
  */
 #pragma once
@@ -58,6 +60,7 @@ public:
             return *e;
         for (const std::uint64_t gpa : pages_of(r))
             pages_.erase(gpa);
+        removals_.push_back(r);
         return {};
     }
 
@@ -85,7 +88,13 @@ public:
     [[nodiscard]] bool failure_pending() const { return fail_at_.has_value(); }
 
     [[nodiscard]] const std::vector<std::string>& log() const { return log_; }
-    void clear_log() { log_.clear(); }
+    void clear_log()
+    {
+        log_.clear();
+        removals_.clear();
+    }
+    /// The ranges remove_mappings removed (failed calls excluded) since the last clear_log().
+    [[nodiscard]] const std::vector<MemoryRange>& removals() const { return removals_; }
     [[nodiscard]] std::size_t call_count() const { return calls_; }
 
     [[nodiscard]] std::optional<Page> page(std::uint64_t gpa) const
@@ -111,6 +120,7 @@ private:
 
     std::map<std::uint64_t, Page> pages_;
     std::vector<std::string> log_;
+    std::vector<MemoryRange> removals_;
     std::size_t calls_ = 0;
     std::optional<std::size_t> fail_at_;
 };

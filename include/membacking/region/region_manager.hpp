@@ -511,40 +511,42 @@ private:
         return {};
     }
 
-    Result<void> activate(const Region& r, const MemoryRange& seg, const MapParams& params,
-                          detail::UndoLog& undo)
+    /// The parts of `pieces` (sorted by GPA, disjoint) that lie inside `clip`.
+    static std::vector<ActiveMapping> clipped(const std::vector<ActiveMapping>& pieces,
+                                              const MemoryRange& clip)
     {
-        for (const ActiveMapping& m : active_in(r, seg, params)) {
-            MEMBACKING_TRY_CONTEXT(sink_.add_mapping(m), "failed to map " + m.gpa.to_string() +
-                                                             " of region " + r.describe());
-            undo.push([this, gpa = m.gpa] { return sink_.remove_mappings(gpa); });
-        }
-        const RegionActivation act = activation(r, seg, params, counts_of(r));
-        MEMBACKING_TRY_CONTEXT(sink_.map_region(act),
-                               "failed to map region " + r.describe() + " into a partition");
-        undo.push([this, act] { return sink_.unmap_region(act); });
-        return {};
+        std::vector<ActiveMapping> out;
+        for (const ActiveMapping& p : pieces)
+            if (p.gpa.overlaps(clip))
+                out.push_back(p.slice(p.gpa.intersection(clip)));
+        return out;
     }
 
-    Result<void> deactivate(const Region& r, const MemoryRange& seg, bool permanent,
-                            detail::UndoLog& undo)
+    /// Calls f(gap) for each maximal part of `seg` that no range of `covered` (sorted, disjoint)
+    /// covers, in address order.
+    template <class F>
+    static void for_each_gap(const MemoryRange& seg, const std::vector<MemoryRange>& covered, F&& f)
     {
-        if (!permanent && holds_private(r, seg))
-            return make_error(errc::conflict, "disabling region " + r.describe() +
-                                                  " would discard its private memory");
-        const MapParams params = exposed_params(r, *r.map_params);
-        const RegionActivation act = activation(r, seg, params, counts_of(r));
-        MEMBACKING_TRY_CONTEXT(sink_.unmap_region(act),
-                               "failed to unmap region " + r.describe() + " from a partition");
-        undo.push([this, act] { return sink_.map_region(act); });
-        std::vector<ActiveMapping> before = active_in(r, seg, params);
-        if (!before.empty()) {
-            MEMBACKING_TRY_CONTEXT(sink_.remove_mappings(seg),
-                                   "failed to invalidate region " + r.describe());
-            undo.push([this, seg, before = std::move(before)] { return restore(seg, before); });
+        std::uint64_t cursor = seg.start();
+        for (const MemoryRange& c : covered) {
+            if (c.end() <= cursor || !c.overlaps(seg))
+                continue;
+            if (c.start() > cursor)
+                f(MemoryRange::valid_or_abort(cursor, c.start()));
+            cursor = c.end();
+            if (cursor >= seg.end())
+                return;
         }
-        return {};
+        if (cursor < seg.end())
+            f(MemoryRange::valid_or_abort(cursor, seg.end()));
     }
+
+    /// A segment that a transition makes visible, with what it brings.
+    struct Incoming {
+        const Region* region;
+        RegionActivation window;             ///< what partitions get
+        std::vector<ActiveMapping> mappings; ///< what VA mappers get, by GPA
+    };
 
     /// What a visible region exposes changes in place, from `old_params` to `params` (both as
     /// exposed_params gives them): its mappings' permissions change where they are (the VA side
@@ -606,18 +608,92 @@ private:
     /// Applies a transition through the sinks, all or nothing, then updates visibility.
     /// `override_params` gives the params for the region being (re)mapped; `removing` names the
     /// region whose deactivation is permanent.
+    ///
+    /// Make-before-break (issue 10, defect 3): the old windows leave the partitions first; then
+    /// the VA side gets the new mappings, each replacing in place (add_mapping) whatever the old
+    /// state held there; only then are the GPAs that the new state leaves unmapped removed; the
+    /// new windows go to the partitions last. So a GPA that both states map is never absent
+    /// from a VA mapper: an access sees the old memory or the new one, never errc::unmapped.
+    /// (Partitions cannot replace a window in place: between their unmap and map, a vCPU that
+    /// touches the range exits, which the quiesce hook is for.) The undo of a replacement puts
+    /// the old pieces back in place, the same way round.
     Result<void> apply(const Transition& t, const std::optional<Override>& override_params,
                        const std::optional<RegionId>& removing)
     {
-        detail::UndoLog undo;
-        for (const Segment& s : t.deactivate)
-            MEMBACKING_TRY(deactivate(regions_.at(s.region), s.gpa, removing == s.region, undo));
+        for (const Segment& s : t.deactivate) // checked before anything changes
+            if (removing != s.region && holds_private(regions_.at(s.region), s.gpa))
+                return make_error(errc::conflict, "disabling region " +
+                                                      regions_.at(s.region).describe() +
+                                                      " would discard its private memory");
+        // What the VA side holds where the old state goes, by GPA (visible segments are
+        // disjoint), and what the new state brings.
+        std::vector<ActiveMapping> old_view;
+        for (const Segment& s : t.deactivate) {
+            const Region& r = regions_.at(s.region);
+            auto part = active_in(r, s.gpa, exposed_params(r, *r.map_params));
+            old_view.insert(old_view.end(), part.begin(), part.end());
+        }
+        std::sort(old_view.begin(), old_view.end(),
+                  [](const ActiveMapping& a, const ActiveMapping& b) {
+                      return a.gpa.start() < b.gpa.start();
+                  });
+        std::vector<Incoming> incoming;
+        std::vector<MemoryRange> covered; // every GPA the new state maps
         for (const Segment& s : t.activate) {
             const Region& r = regions_.at(s.region);
             const MapParams params = exposed_params(
                 r, (override_params && override_params->id == s.region) ? override_params->params
                                                                         : *r.map_params);
-            MEMBACKING_TRY(activate(r, s.gpa, params, undo));
+            Incoming in{&r, activation(r, s.gpa, params, counts_of(r)),
+                        active_in(r, s.gpa, params)};
+            for (const ActiveMapping& m : in.mappings)
+                covered.push_back(m.gpa);
+            incoming.push_back(std::move(in));
+        }
+        std::sort(covered.begin(), covered.end(),
+                  [](const MemoryRange& a, const MemoryRange& b) { return a.start() < b.start(); });
+
+        detail::UndoLog undo;
+        // 1. Partitions drop the old windows.
+        for (const Segment& s : t.deactivate) {
+            const Region& r = regions_.at(s.region);
+            const RegionActivation act =
+                activation(r, s.gpa, exposed_params(r, *r.map_params), counts_of(r));
+            MEMBACKING_TRY_CONTEXT(sink_.unmap_region(act),
+                                   "failed to unmap region " + r.describe() + " from a partition");
+            undo.push([this, act] { return sink_.map_region(act); });
+        }
+        // 2. The new mappings replace the old ones in place.
+        for (const Incoming& in : incoming)
+            for (const ActiveMapping& m : in.mappings) {
+                MEMBACKING_TRY_CONTEXT(sink_.add_mapping(m), "failed to map " + m.gpa.to_string() +
+                                                                 " of region " +
+                                                                 in.region->describe());
+                undo.push([this, gpa = m.gpa, before = clipped(old_view, m.gpa)] {
+                    return restore(gpa, before);
+                });
+            }
+        // 3. What the new state leaves unmapped goes.
+        for (const Segment& s : t.deactivate) {
+            Result<void> removed;
+            for_each_gap(s.gpa, covered, [&](const MemoryRange& gap) {
+                std::vector<ActiveMapping> before = clipped(old_view, gap);
+                if (!removed || before.empty())
+                    return;
+                removed = sink_.remove_mappings(gap);
+                if (removed)
+                    undo.push(
+                        [this, gap, before = std::move(before)] { return restore(gap, before); });
+            });
+            MEMBACKING_TRY_CONTEXT(std::move(removed), "failed to invalidate region " +
+                                                           regions_.at(s.region).describe());
+        }
+        // 4. Partitions get the new windows.
+        for (const Incoming& in : incoming) {
+            MEMBACKING_TRY_CONTEXT(sink_.map_region(in.window), "failed to map region " +
+                                                                    in.region->describe() +
+                                                                    " into a partition");
+            undo.push([this, act = in.window] { return sink_.unmap_region(act); });
         }
         undo.commit();
         for (const Segment& s : t.deactivate) {
