@@ -27,6 +27,7 @@
 #include <membacking/manager/detail/memory_map_builder.hpp>
 #include <membacking/manager/detail/partition_set.hpp>
 #include <membacking/manager/detail/ram_books.hpp>
+#include <membacking/manager/detail/shared_objects.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/memory_map.hpp>
 #include <membacking/manager/quiesce_hook.hpp>
@@ -332,6 +333,17 @@ public:
         return control([&](Control&) { return listeners_.remove(id); });
     }
 
+#if MEMBACKING_OS_LINUX
+    /// Whether every object `change` adds a piece of may be handed to another process
+    /// (manager/detail/shared_objects.hpp). Takes no lock: only a listener's apply() calls it,
+    /// inside a control call, under the control lock.
+    template <class Sys>
+    [[nodiscard]] Result<void> check_shared_objects(const MemoryTableChange& change) const
+    {
+        return detail::check_shared_objects<Sys>(regions_, change);
+    }
+#endif
+
     [[nodiscard]] std::vector<MemoryPiece> memory_table() const
     {
         std::lock_guard lock(control_);
@@ -346,7 +358,10 @@ public:
 
     // ---- access and inspection ----
 
-    [[nodiscard]] const std::shared_ptr<Mapper>& primary() const noexcept { return primary_; }
+    [[nodiscard]] const std::shared_ptr<Mapper>& primary() const noexcept
+    {
+        return primary_;
+    }
 
     Result<std::shared_ptr<Mapper>> new_mapper(MapperMode mode)
     {
@@ -356,7 +371,10 @@ public:
         return va_.new_mapper(mode);
     }
 
-    [[nodiscard]] std::uint64_t max_address() const noexcept { return config_.max_addr; }
+    [[nodiscard]] std::uint64_t max_address() const noexcept
+    {
+        return config_.max_addr;
+    }
 
 #if MEMBACKING_OS_LINUX
     /// Lease windows mapped and not retired (for tests).
