@@ -303,6 +303,35 @@ TEST_CASE("a part placed read-only is never writable through an fd the worker ge
     CHECK(contains(refused.error().full_message(), "read-only"));
 }
 
+TEST_CASE("a region placed read-only is the guest's view: the object stays writable elsewhere")
+{
+    Manager m = guest();
+    auto mem = m.guest_memory();
+    auto worker = must(Worker::connect(m));
+    // Both regions map all of the object writable; one is placed read-only.
+    auto object = test::make_memfd(0x10000);
+    auto ro = bar_with(m, 0x10000, {piece_of(object, 0, 0, 0x10000)});
+    must(ro.map_to_guest(Gpa{bar_gpa}, Protection::read_only));
+    auto rw = bar_with(m, 0x10000, {piece_of(object, 0, 0, 0x10000)});
+    must(rw.map_to_guest(Gpa{bar_gpa + 0x100000}, Protection::read_write));
+
+    // The read-only piece comes with a read-only fd...
+    auto read_only = worker.fault(bar_gpa);
+    REQUIRE(read_only.fd.valid());
+    CHECK((::fcntl(read_only.fd.get(), F_GETFL) & O_ACCMODE) == O_RDONLY);
+    // ...but the writable piece's fd writes the same bytes, which the guest reads read-only.
+    auto writable = worker.fault(bar_gpa + 0x100000, true);
+    REQUIRE(writable.fd.valid());
+    void* p = ::mmap(nullptr, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, writable.fd.get(), 0);
+    REQUIRE(p != MAP_FAILED);
+    const std::uint64_t v = 0x5eed;
+    std::memcpy(static_cast<std::uint8_t*>(p) + 0x2000, &v, sizeof v);
+    ::munmap(p, 0x10000);
+    CHECK(test::value_of(mem.read_plain<std::uint64_t>(Gpa{bar_gpa + 0x2000})) == v);
+    CHECK(test::error_of(mem.write_plain<std::uint64_t>(Gpa{bar_gpa + 0x2000}, 1)) ==
+          errc::read_only);
+}
+
 TEST_CASE("dup'd and reopened fds of one file are one object, covered together")
 {
     Manager m = guest();

@@ -333,17 +333,6 @@ public:
         return control([&](Control&) { return listeners_.remove(id); });
     }
 
-#if MEMBACKING_OS_LINUX
-    /// Whether every object `change` adds a piece of may be handed to another process
-    /// (manager/detail/shared_objects.hpp). Takes no lock: only a listener's apply() calls it,
-    /// inside a control call, under the control lock.
-    template <class Sys>
-    [[nodiscard]] Result<void> check_shared_objects(const MemoryTableChange& change) const
-    {
-        return detail::check_shared_objects<Sys>(regions_, change);
-    }
-#endif
-
     [[nodiscard]] std::vector<MemoryPiece> memory_table() const
     {
         std::lock_guard lock(control_);
@@ -358,10 +347,7 @@ public:
 
     // ---- access and inspection ----
 
-    [[nodiscard]] const std::shared_ptr<Mapper>& primary() const noexcept
-    {
-        return primary_;
-    }
+    [[nodiscard]] const std::shared_ptr<Mapper>& primary() const noexcept { return primary_; }
 
     Result<std::shared_ptr<Mapper>> new_mapper(MapperMode mode)
     {
@@ -371,12 +357,18 @@ public:
         return va_.new_mapper(mode);
     }
 
-    [[nodiscard]] std::uint64_t max_address() const noexcept
-    {
-        return config_.max_addr;
-    }
+    [[nodiscard]] std::uint64_t max_address() const noexcept { return config_.max_addr; }
 
 #if MEMBACKING_OS_LINUX
+    /// Whether every object `change` adds a piece of may be handed to another process
+    /// (manager/detail/shared_objects.hpp). Takes no lock: only a listener's apply() calls it,
+    /// inside a control call, under the control lock.
+    template <class Sys>
+    [[nodiscard]] Result<void> check_shared_objects(const MemoryTableChange& change) const
+    {
+        return detail::check_shared_objects<Sys>(regions_, change);
+    }
+
     /// Lease windows mapped and not retired (for tests).
     [[nodiscard]] std::size_t lease_window_count() const
     {
