@@ -121,6 +121,7 @@ TEST_CASE("serve_process refuses an object with bytes in no mapping, naming the 
     CHECK(contains(why, "object fd " + std::to_string(tail.native_handle())));
     CHECK(contains(why, "size 0x10000"));
     CHECK(contains(why, "0x8000-0x10000"));
+    CHECK(contains(why, "guest memory at 0x800000-0x808000")); // where its piece is
 
     // A hole in the middle is named the same way.
     bar = bar_with(m, 0x20000, {});
