@@ -30,6 +30,10 @@
  * - Private memory has no fd: a table with private pieces is refused (errc::unsupported, naming
  *   the range), at registration (connect fails) and later (the control call that would add it
  *   is rolled back while a remote client is connected).
+ * - An fd names its whole object, and the client may keep every fd it was sent: so a change that
+ *   adds a piece of an object the manager may not share whole is refused the same way, by
+ *   Options::share_check (serve_process: every byte of the object is guest memory, and no
+ *   mapping places part of it read-only and part writable; manager/detail/shared_objects.hpp).
  * - A malformed or hostile message from the client is logged and the client is cut off.
  */
 #pragma once
@@ -52,6 +56,7 @@
 #    include <condition_variable>
 #    include <cstdint>
 #    include <fcntl.h>
+#    include <functional>
 #    include <iterator>
 #    include <map>
 #    include <memory>
@@ -69,6 +74,11 @@ struct RemoteListenerOptions {
     /// cuts the client off and goes on.
     std::chrono::milliseconds deadline{500};
     LogFunction log = &log_to_stderr;
+    /// Decides whether the objects a change adds pieces of may be handed to this process (every
+    /// fd sent names its whole object, and the process may keep it): serve_process sets it to
+    /// the manager's check (manager/detail/shared_objects.hpp). An error refuses the change.
+    /// Empty: only private memory is refused.
+    std::function<Result<void>(const MemoryTableChange&)> share_check;
 };
 
 template <class Sys = os::LinuxSyscalls>
@@ -92,8 +102,8 @@ public:
     create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {})
     {
         MEMBACKING_TRY_CONTEXT(channel.send({0, Hello{guest_size}}), "greeting the client");
-        std::shared_ptr<RemoteListener> l(
-            new RemoteListener(std::move(channel), guest_size, std::move(name), options));
+        std::shared_ptr<RemoteListener> l(new RemoteListener(std::move(channel), guest_size,
+                                                             std::move(name), std::move(options)));
         l->server_ = std::thread([p = l.get()] { p->serve(); });
         return l;
     }
@@ -110,8 +120,11 @@ public:
         const std::lock_guard lock(mutex_);
         if (cut_)
             return Error(make_error_code(listener_errc::cut_off), "client already cut off");
-        if (change.kind != MemoryTableChange::Kind::rollback)
+        if (change.kind != MemoryTableChange::Kind::rollback) {
             MEMBACKING_TRY(require_shareable(change.added));
+            if (options_.share_check)
+                MEMBACKING_TRY(options_.share_check(change));
+        }
         std::vector<MemoryRange> invalidate;
         for (const MemoryPiece& p : change.removed) {
             table_.erase(p.gpa.start());
@@ -159,7 +172,7 @@ private:
     RemoteListener(Channel<Sys> channel, std::uint64_t guest_size, std::string name,
                    Options options)
         : channel_(std::move(channel)), guest_size_(guest_size), name_(std::move(name)),
-          options_(options)
+          options_(std::move(options))
     {}
 
     void serve() noexcept

@@ -68,8 +68,11 @@ public:
 #if MEMBACKING_OS_LINUX
     /// Serves guest memory to another process over `socket` (the manager's end; give the other
     /// end to the process, which calls ipc::connect_guest_memory on it). errc::unsupported if
-    /// the guest has private memory (it has no fd to pass); errc::not_found once the manager is
-    /// gone.
+    /// the guest has private memory (it has no fd to pass); errc::conflict if an object behind
+    /// guest memory is not all guest memory, or is placed part read-only and part writable
+    /// (the process could map all of it: manager/detail/shared_objects.hpp); errc::not_found once
+    /// the manager is gone. While the process is connected, a control call that would hand it a
+    /// piece of such an object is refused and rolled back the same way.
     template <class Sys = os::LinuxSyscalls>
     [[nodiscard]] Result<ServedProcess<Sys>>
     serve_process(ipc::Channel<Sys> socket, std::string name,
@@ -78,8 +81,14 @@ public:
         auto core = core_.lock();
         if (!core)
             return make_error(errc::not_found, "the guest memory manager is gone");
+        options.share_check = [weak = core_](const MemoryTableChange& change) -> Result<void> {
+            auto c = weak.lock(); // alive: only its own control calls apply a change
+            if (!c)
+                return make_error(errc::not_found, "the guest memory manager is gone");
+            return c->template check_shared_objects<Sys>(change);
+        };
         auto listener = ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
-                                                         std::move(name), options);
+                                                         std::move(name), std::move(options));
         if (!listener)
             return std::move(listener).error();
         auto id = core->add_listener(*listener);

@@ -27,6 +27,7 @@
 #include <membacking/manager/detail/memory_map_builder.hpp>
 #include <membacking/manager/detail/partition_set.hpp>
 #include <membacking/manager/detail/ram_books.hpp>
+#include <membacking/manager/detail/shared_objects.hpp>
 #include <membacking/manager/errors.hpp>
 #include <membacking/manager/memory_map.hpp>
 #include <membacking/manager/quiesce_hook.hpp>
@@ -359,6 +360,15 @@ public:
     [[nodiscard]] std::uint64_t max_address() const noexcept { return config_.max_addr; }
 
 #if MEMBACKING_OS_LINUX
+    /// Whether every object `change` adds a piece of may be handed to another process
+    /// (manager/detail/shared_objects.hpp). Takes no lock: only a listener's apply() calls it,
+    /// inside a control call, under the control lock.
+    template <class Sys>
+    [[nodiscard]] Result<void> check_shared_objects(const MemoryTableChange& change) const
+    {
+        return detail::check_shared_objects<Sys>(regions_, change);
+    }
+
     /// Lease windows mapped and not retired (for tests).
     [[nodiscard]] std::size_t lease_window_count() const
     {
