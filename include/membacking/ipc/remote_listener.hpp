@@ -31,6 +31,8 @@
  *   the range), at registration (connect fails) and later (the control call that would add it
  *   is rolled back while a remote client is connected).
  * - A malformed or hostile message from the client is logged and the client is cut off.
+ * - Dirty tracking: a tracked manager's hello carries its bitmap's memfd; the client marks into
+ *   it (ipc/remote_mapper.hpp, access/dirty_bitmap.hpp for why that is sound across processes).
  */
 #pragma once
 
@@ -87,11 +89,16 @@ public:
     }
 
     /// Serves `channel` (the manager's end) for a guest of guest_size bytes: sends the hello and
-    /// starts the server thread. Register the result with add_memory_listener.
+    /// starts the server thread. Register the result with add_memory_listener. A manager that
+    /// tracks dirty pages passes its bitmap's memfd (DirtyBitmap::share_fd; the hello carries a
+    /// copy, the caller keeps its own), so that the client marks what it writes.
     [[nodiscard]] static Result<std::shared_ptr<RemoteListener>>
-    create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {})
+    create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {},
+           int dirty_bitmap_fd = -1)
     {
-        MEMBACKING_TRY_CONTEXT(channel.send({0, Hello{guest_size}}), "greeting the client");
+        const Hello hello{guest_size,
+                          dirty_bitmap_fd >= 0 ? wire_dirty_bitmap_bytes(guest_size) : 0};
+        MEMBACKING_TRY_CONTEXT(channel.send({0, hello}, dirty_bitmap_fd), "greeting the client");
         std::shared_ptr<RemoteListener> l(
             new RemoteListener(std::move(channel), guest_size, std::move(name), options));
         l->server_ = std::thread([p = l.get()] { p->serve(); });
