@@ -239,6 +239,18 @@ public:
     }
 #endif
 
+    DirtyBitmap(const DirtyBitmap&) = delete;
+    DirtyBitmap& operator=(const DirtyBitmap&) = delete;
+    ~DirtyBitmap()
+    {
+#if MEMBACKING_OS_LINUX
+        ::munmap(words_, bytes_);
+        ::close(fd_);
+#else
+        ::VirtualFree(words_, 0, MEM_RELEASE);
+#endif
+    }
+
     /// The pages the bitmap covers, and its words (for the access path's marker).
     [[nodiscard]] std::uint64_t pages() const noexcept
     {
