@@ -423,4 +423,13 @@ TEST_CASE("a hello's dirty bitmap over a real channel: a DirtyBitmap's sealed me
         CHECK(view.error().code() == mb::make_error_code(mb::errc::invalid_argument));
         CHECK_FALSE(fd_open(fd)); // closed on failure
     }
+    SUBCASE("a bitmap's memfd lives as long as the bitmap")
+    {
+        auto dirty = mb::detail::DirtyBitmap::create(guest);
+        REQUIRE(dirty.has_value());
+        const int fd = (*dirty)->share_fd();
+        CHECK(fd_open(fd));
+        dirty->reset();
+        CHECK_FALSE(fd_open(fd));
+    }
 }
