@@ -210,7 +210,7 @@ public:
     {
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
         const std::uint64_t bytes = bytes_for(address_space);
-        auto fail = [&](errc code, std::string why) {
+        auto fail = [&](errc code, const std::string& why) {
             ::close(fd);
             return make_error(code, "the manager's dirty bitmap: " + why);
         };

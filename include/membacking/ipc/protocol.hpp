@@ -141,10 +141,11 @@ namespace detail {
 [[nodiscard]] constexpr std::size_t size_of(MessageKind k) noexcept
 {
     switch (k) {
-    case MessageKind::hello: return header_size + 16;
-    case MessageKind::fault_request: return header_size + 16;
+    case MessageKind::hello:         // u64 guest_size, u64 dirty_bitmap_bytes
+    case MessageKind::fault_request: // u64 gpa, u8 write, 7 reserved bytes
+    case MessageKind::invalidate:    // u64 gpa, u64 length
+        return header_size + 16;
     case MessageKind::fault_reply: return header_size + 32;
-    case MessageKind::invalidate: return header_size + 16;
     case MessageKind::invalidate_ack: return header_size;
     }
     return 0;
