@@ -2,13 +2,15 @@
 //
 // Input layout: byte 0 chooses the receiving side (bit 0), whether hello was seen (bit 1), and
 // how many fds came with the message (bits 2-3); bytes 1-8 are the little-endian size of every
-// such fd's object, byte 9 whether it is mappable; the rest is the datagram.
+// such fd's object, byte 9 whether it is mappable (bit 0) and size-sealed (bit 1); the rest is the
+// datagram.
 //
 // Properties checked beyond "no crash, no sanitizer report":
 // - an accepted message re-encodes to exactly the bytes received (the format is canonical: no
 //   two encodings of one message, so nothing unchecked can hide in a field);
 // - its fd count is what the kind says, and a piece it names lies inside its object, page-aligned,
-//   inside the guest.
+//   inside the guest; a hello's dirty bitmap has the size of the guest's bitmap, and its fd is a
+//   mappable, size-sealed object of exactly that size.
 #include <membacking/ipc/protocol.hpp>
 
 #include <cstddef>
@@ -28,7 +30,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::uint64_t object_size = 0;
     for (int i = 0; i < 8; ++i)
         object_size |= static_cast<std::uint64_t>(data[1 + i]) << (8 * i);
-    const ipc::ObjectInfo object{(data[9] & 1) != 0, object_size};
+    const ipc::ObjectInfo object{(data[9] & 1) != 0, object_size, (data[9] & 2) != 0};
     const std::vector<ipc::ObjectInfo> objects((flags >> 2) & 3, object);
     const ipc::DecodeContext ctx{(flags & 1) != 0 ? ipc::Receiver::manager : ipc::Receiver::client,
                                  (flags & 2) != 0 ? std::uint64_t{0x40000000} : 0};
@@ -51,5 +53,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             r->gpa % ipc::wire_page_size != 0 || r->object_offset % ipc::wire_page_size != 0)
             std::abort();
     }
+    if (const auto* h = std::get_if<ipc::Hello>(&m->body);
+        h != nullptr && h->dirty_bitmap_bytes != 0)
+        if (h->dirty_bitmap_bytes != ipc::wire_dirty_bitmap_bytes(h->guest_size) ||
+            object.size != h->dirty_bitmap_bytes || !object.mappable || !object.size_sealed)
+            std::abort();
     return 0;
 }

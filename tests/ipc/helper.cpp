@@ -7,7 +7,14 @@
 //         write GPA VALUE     -> "ok" | "err CODE"
 //         read_until_error GPA MS -> "err CODE MS_TAKEN" | "ok VALUE" (reads until an error, at
 //                                most MS milliseconds)
+//         write_pages GPA,GPA,...  -> "ok COUNT" | "err CODE"  (a u64 at each GPA, in order, once)
+//         scribble SEED       -> "ok"   (a thread starts writing random bytes anywhere in the guest
+//                                through every write path, errors ignored, until scribble_stop)
+//         scribble_stop       -> "ok WRITES"   (the thread has stopped: every write has returned)
 //         exit
+//       Says "connected", or "refused CODE" if connecting failed.
+//   ipc_helper tracked_client   the same, connected with connect_guest_memory<DirtyTracking>
+//       (a manager that tracks dirty pages).
 //   ipc_helper manager  fd 3 = the manager's end of the guest memory socket, fd 4 = script.
 //       Builds a 16 MiB guest (shared RAM 0..4 MiB), writes 0x600d at GPA 0x1000, serves fd 3,
 //       says "ready" on fd 4, then waits to be killed.
@@ -15,14 +22,18 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <unistd.h>
+#include <vector>
 
 using namespace membacking;
 
@@ -57,37 +68,75 @@ std::string code_of(const AccessError& e)
 
 void quiet(const std::string&) {}
 
+/// Writes random bytes anywhere in [0, space) through copies, fills, plain stores and atomics
+/// until `stop`; returns the writes made (successful or not).
+template <class Memory>
+std::uint64_t scribble(const Memory& mem, std::uint64_t seed, std::uint64_t space,
+                       const std::atomic<bool>& stop)
+{
+    std::mt19937_64 rng(seed);
+    std::vector<std::uint8_t> chunk(3 * 4096);
+    std::uint64_t writes = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+        const std::uint64_t gpa = rng() % space;
+        const auto value = static_cast<std::uint8_t>(rng());
+        const std::uint64_t len = rng() % chunk.size();
+        switch (rng() % 4) {
+        case 0:
+            std::memset(chunk.data(), value, chunk.size());
+            (void)mem.write(Gpa{gpa}, std::span(chunk).first(len));
+            break;
+        case 1: (void)mem.fill(Gpa{gpa}, value, Length{len}); break;
+        case 2: (void)mem.template write_plain<std::uint64_t>(Gpa{gpa}, rng()); break;
+        default:
+            (void)mem.template fetch_add<std::uint32_t>(Gpa{gpa & ~std::uint64_t{3}}, 1);
+            break;
+        }
+        ++writes;
+    }
+    return writes;
+}
+
+template <class Tracking>
 int client()
 {
     ipc::RemoteMapperOptions options;
     options.log = &quiet;
-    auto memory = ipc::connect_guest_memory(socket_fd, options);
+    auto memory = ipc::connect_guest_memory<Tracking>(socket_fd, options);
     if (!memory) {
         std::fprintf(stderr, "helper: %s\n", memory.error().full_message().c_str());
+        say("refused " + std::to_string(memory.error().code().value()));
         return 2;
     }
     say("connected");
+    std::atomic<bool> stop_scribbling{false};
+    std::atomic<std::uint64_t> scribbled{0};
+    std::thread scribbler;
     for (;;) {
         const std::string line = read_line();
         char cmd[32] = {};
         std::uint64_t gpa = 0;
         std::uint64_t value = 0;
         const int n = std::sscanf(line.c_str(), "%31s %" SCNx64 " %" SCNx64, cmd, &gpa, &value);
-        if (n < 1 || std::strcmp(cmd, "exit") == 0)
+        if (n < 1 || std::strcmp(cmd, "exit") == 0) {
+            stop_scribbling.store(true);
+            if (scribbler.joinable())
+                scribbler.join();
             return 0;
+        }
         if (std::strcmp(cmd, "read") == 0) {
-            auto r = memory->read_plain<std::uint64_t>(Gpa{gpa});
+            auto r = memory->template read_plain<std::uint64_t>(Gpa{gpa});
             char buf[64];
             std::snprintf(buf, sizeof buf, "ok %" PRIx64, r ? *r : 0);
             say(r ? buf : "err " + code_of(r.error()));
         } else if (std::strcmp(cmd, "write") == 0) {
-            auto r = memory->write_plain<std::uint64_t>(Gpa{gpa}, value);
+            auto r = memory->template write_plain<std::uint64_t>(Gpa{gpa}, value);
             say(r ? "ok" : "err " + code_of(r.error()));
         } else if (std::strcmp(cmd, "read_until_error") == 0) {
             const auto start = std::chrono::steady_clock::now();
             const auto limit = std::chrono::milliseconds(value);
             for (;;) {
-                auto r = memory->read_plain<std::uint64_t>(Gpa{gpa});
+                auto r = memory->template read_plain<std::uint64_t>(Gpa{gpa});
                 const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
                     std::chrono::steady_clock::now() - start);
                 if (!r) {
@@ -100,6 +149,33 @@ int client()
                 }
                 std::this_thread::yield();
             }
+        } else if (std::strcmp(cmd, "write_pages") == 0) {
+            // The list follows the command: GPAs in hex, comma-separated.
+            const char* p = line.c_str() + std::strlen("write_pages");
+            std::uint64_t count = 0;
+            std::string failed;
+            while (*p != '\0' && failed.empty()) {
+                char* end = nullptr;
+                const std::uint64_t at = std::strtoull(p, &end, 16);
+                if (end == p)
+                    break;
+                if (auto r = memory->template write_plain<std::uint64_t>(Gpa{at}, at ^ 0x5a5a); !r)
+                    failed = "err " + code_of(r.error());
+                ++count;
+                p = *end == ',' ? end + 1 : end;
+            }
+            say(failed.empty() ? "ok " + std::to_string(count) : failed);
+        } else if (std::strcmp(cmd, "scribble") == 0) {
+            stop_scribbling.store(false);
+            scribbler = std::thread([&, seed = gpa, space = memory->size().value()] {
+                scribbled.store(scribble(*memory, seed, space, stop_scribbling));
+            });
+            say("ok");
+        } else if (std::strcmp(cmd, "scribble_stop") == 0) {
+            stop_scribbling.store(true);
+            if (scribbler.joinable())
+                scribbler.join();
+            say("ok " + std::to_string(scribbled.load()));
         } else
             say("bad command");
     }
@@ -133,9 +209,11 @@ int manager()
 int main(int argc, char** argv)
 {
     if (argc == 2 && std::strcmp(argv[1], "client") == 0)
-        return client();
+        return client<NoDirtyTracking>();
+    if (argc == 2 && std::strcmp(argv[1], "tracked_client") == 0)
+        return client<DirtyTracking>();
     if (argc == 2 && std::strcmp(argv[1], "manager") == 0)
         return manager();
-    std::fprintf(stderr, "usage: ipc_helper client|manager\n");
+    std::fprintf(stderr, "usage: ipc_helper client|tracked_client|manager\n");
     return 2;
 }

@@ -1,5 +1,6 @@
 // The wire protocol (ipc/protocol.hpp) and its transport (ipc/channel.hpp): the encoding, every
 // validation rule of the decoder, and the fds of rejected messages being closed.
+#include <membacking/access/dirty_bitmap.hpp>
 #include <membacking/ipc/channel.hpp>
 #include <membacking/ipc/protocol.hpp>
 
@@ -47,10 +48,10 @@ TEST_CASE("every message kind round-trips, little-endian, at its fixed size")
     const ipc::Message m{7, ipc::FaultReply{0, true, 0x2000, 0x1000, 0x3000}};
     const auto bytes = wire(m);
     REQUIRE(bytes.size() == 48);
-    // magic "MBIP", version 1, kind 3, size 48, seq 7: all little-endian.
+    // magic "MBIP", version 2, kind 3, size 48, seq 7: all little-endian.
     CHECK(bytes[0] == std::byte{'M'});
     CHECK(bytes[3] == std::byte{'P'});
-    CHECK(bytes[4] == std::byte{1});
+    CHECK(bytes[4] == std::byte{2});
     CHECK(bytes[6] == std::byte{3});
     CHECK(bytes[8] == std::byte{48});
     CHECK(bytes[12] == std::byte{7});
@@ -87,7 +88,7 @@ TEST_CASE("the decoder rejects malformed headers")
     }
     SUBCASE("version")
     {
-        bytes[4] = std::byte{2};
+        bytes[4] = std::byte{1}; // version 1 had no dirty bitmap in its hello
         CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::unsupported);
     }
     SUBCASE("unknown kind")
@@ -146,6 +147,44 @@ TEST_CASE("the decoder rejects ranges that are empty, unaligned, overflowing or 
     for (std::uint64_t size : {std::uint64_t{0}, std::uint64_t{0x1800}, ipc::max_guest_size * 2})
         CHECK(code_of(ipc::decode(wire({1, ipc::Hello{size}}), {}, {ipc::Receiver::client, 0})) ==
               mb::errc::invalid_argument);
+}
+
+TEST_CASE("a hello's dirty bitmap: exactly the guest's bitmap size, one mappable fd of that size, "
+          "size-sealed")
+{
+    constexpr std::uint64_t bitmap = 0x1000; // a 1 MiB guest: 256 pages, 4 words, one page
+    REQUIRE(ipc::wire_dirty_bitmap_bytes(guest) == bitmap);
+    const ipc::DecodeContext fresh{ipc::Receiver::client, 0};
+    const ipc::ObjectInfo sealed{true, bitmap, true};
+    const auto hello = wire({0, ipc::Hello{guest, bitmap}});
+    REQUIRE(hello.size() == 32);
+    auto d = ipc::decode(hello, std::span(&sealed, 1), fresh);
+    REQUIRE(d.has_value());
+    CHECK(std::get<ipc::Hello>(d->body).dirty_bitmap_bytes == bitmap);
+    CHECK(ipc::fd_count(d->body) == 1);
+    CHECK(ipc::fd_count(ipc::Hello{guest, 0}) == 0);
+    // Without its fd; a wrong size in the message; an fd of another size; not mappable; not
+    // sealed (the manager could shrink it under the client's marks: SIGBUS).
+    CHECK(code_of(ipc::decode(hello, {}, fresh)) == mb::errc::invalid_argument);
+    CHECK(code_of(ipc::decode(wire({0, ipc::Hello{guest, 2 * bitmap}}), std::span(&sealed, 1),
+                              fresh)) == mb::errc::invalid_argument);
+    for (const ipc::ObjectInfo& bad :
+         {ipc::ObjectInfo{true, 2 * bitmap, true}, ipc::ObjectInfo{false, bitmap, true},
+          ipc::ObjectInfo{true, bitmap, false}}) {
+        CAPTURE(bad.size);
+        CHECK(code_of(ipc::decode(hello, std::span(&bad, 1), fresh)) == mb::errc::invalid_argument);
+    }
+    // An fd with a hello that names no bitmap.
+    CHECK(code_of(ipc::decode(wire({0, ipc::Hello{guest, 0}}), std::span(&sealed, 1), fresh)) ==
+          mb::errc::invalid_argument);
+}
+
+TEST_CASE("the wire's bitmap size is the DirtyBitmap's, for every guest size")
+{
+    for (std::uint64_t size :
+         {std::uint64_t{0x1000}, std::uint64_t{0x100000}, std::uint64_t{0x40000000} + 0x1000,
+          std::uint64_t{1} << 39, ipc::max_guest_size})
+        CHECK(ipc::wire_dirty_bitmap_bytes(size) == mb::detail::DirtyBitmap::bytes_for(size));
 }
 
 TEST_CASE("a fault reply's piece must lie inside the object its fd names, with exactly one fd")
@@ -334,5 +373,63 @@ TEST_CASE("the channel passes a fault reply's fd close-on-exec, and closes every
             ++sent;
         REQUIRE_FALSE(r.has_value());
         CHECK(r.error().code() == std::error_code(EAGAIN, std::system_category()));
+    }
+}
+
+TEST_CASE("a hello's dirty bitmap over a real channel: a DirtyBitmap's sealed memfd passes, an "
+          "unsealed one is refused, and the client's marks land in the manager's words")
+{
+    auto pair = ipc::Channel<>::pair();
+    REQUIRE(pair.has_value());
+    auto& [manager, client] = *pair;
+    const ipc::DecodeContext fresh{ipc::Receiver::client, 0};
+    constexpr std::uint64_t bitmap = 0x1000;
+
+    SUBCASE("unsealed: rejected")
+    {
+        const mb::Mappable loose = mb::test::make_memfd(bitmap);
+        REQUIRE(manager.send({0, ipc::Hello{guest, bitmap}}, loose.native_handle()));
+        auto in = client.receive(1000, fresh);
+        REQUIRE_FALSE(in.has_value());
+        CHECK(in.error().full_message().find("not sealed") != std::string::npos);
+    }
+    SUBCASE("a DirtyBitmap's memfd: accepted, mapped, shared both ways")
+    {
+        auto dirty = mb::detail::DirtyBitmap::create(guest);
+        REQUIRE(dirty.has_value());
+        CHECK_FALSE((*dirty)->shared());
+        REQUIRE(manager.send({0, ipc::Hello{guest, bitmap}}, (*dirty)->share_fd()));
+        CHECK((*dirty)->shared());
+        auto in = client.receive(1000, fresh);
+        REQUIRE(in.has_value());
+        REQUIRE(in->fd.valid());
+        auto view = mb::detail::DirtyBitmap::map_shared(in->fd.release(), guest);
+        REQUIRE(view.has_value());
+        (*view)->mark(0x5000, 0x2000); // the "worker" marks pages 5 and 6
+        std::vector<mb::DirtyRun> runs;
+        REQUIRE((*dirty)->take_runs(0, guest, runs)); // with the global barrier: shared
+        REQUIRE(runs.size() == 1);
+        CHECK(runs[0] == mb::DirtyRun{mb::Gpa{0x5000}, mb::Length{0x2000}});
+        CHECK((*view)->words()[0].load() == 0); // the same words
+    }
+    SUBCASE("map_shared checks the size itself")
+    {
+        auto dirty = mb::detail::DirtyBitmap::create(guest);
+        REQUIRE(dirty.has_value());
+        const int fd = ::fcntl((*dirty)->share_fd(), F_DUPFD_CLOEXEC, 0);
+        REQUIRE(fd >= 0);
+        auto view = mb::detail::DirtyBitmap::map_shared(fd, 2 * guest + 0x40000000);
+        REQUIRE_FALSE(view.has_value());
+        CHECK(view.error().code() == mb::make_error_code(mb::errc::invalid_argument));
+        CHECK_FALSE(fd_open(fd)); // closed on failure
+    }
+    SUBCASE("a bitmap's memfd lives as long as the bitmap")
+    {
+        auto dirty = mb::detail::DirtyBitmap::create(guest);
+        REQUIRE(dirty.has_value());
+        const int fd = (*dirty)->share_fd();
+        CHECK(fd_open(fd));
+        dirty->reset();
+        CHECK_FALSE(fd_open(fd));
     }
 }

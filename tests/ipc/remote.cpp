@@ -7,17 +7,22 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include "migration_loop.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <poll.h>
+#include <random>
+#include <set>
 #include <spawn.h>
 #include <string>
 #include <sys/socket.h>
@@ -155,16 +160,19 @@ struct Served {
     std::unique_ptr<Helper> child;
 };
 
-Served serve_child(Manager& m, std::chrono::milliseconds deadline = std::chrono::milliseconds(500))
+/// `mode`: the helper's (client, tracked_client); `expect`: its first line.
+template <class M = Manager>
+Served serve_child(M& m, std::chrono::milliseconds deadline = std::chrono::milliseconds(500),
+                   const char* mode = "client", const std::string& expect = "connected")
 {
     auto pair = must(ipc::Channel<>::pair());
     ipc::RemoteListenerOptions options;
     options.deadline = deadline;
     options.log = &quiet;
     auto served = must(m.client().serve_process(std::move(pair.first), "child", options));
-    Served s{served.listener, std::make_unique<Helper>("client", pair.second.native_handle())};
+    Served s{served.listener, std::make_unique<Helper>(mode, pair.second.native_handle())};
     // pair.second closes here: the child has its own copy.
-    REQUIRE(s.child->answer() == "connected");
+    REQUIRE(s.child->answer() == expect);
     return s;
 }
 
@@ -457,4 +465,141 @@ TEST_CASE("a hostile client is cut off; it never obtains memory the manager does
     // The manager goes on.
     must(m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
                                                        RamVisibility::read_write));
+}
+
+// ---- dirty tracking: a worker process's writes are marked in the manager's bitmap ----
+
+namespace {
+
+using Tracked = TrackedMockGuestMemoryManager;
+
+Tracked tracked_guest()
+{
+    return must(Tracked::builder()
+                    .add_backing(RamBackingRequest({range(0, 8 * MiB)}))
+                    .build(Length{16 * MiB}));
+}
+
+/// The child writes a u64 into each of `pages` (random RAM pages, random order), once, while
+/// this thread harvests in a loop; then one last harvest. Returns the union of the pages taken.
+std::set<std::uint64_t> harvest_while_child_writes(Tracked& m, Helper& child,
+                                                   const std::vector<std::uint64_t>& pages)
+{
+    std::string list;
+    for (std::uint64_t p : pages) {
+        if (!list.empty())
+            list += ",";
+        list += Helper::hex(p);
+    }
+    std::set<std::uint64_t> taken;
+    std::uint64_t harvests = 0;
+    std::atomic<bool> done{false};
+    auto take = [&] {
+        std::vector<DirtyRun> runs;
+        must(m.take_dirty_runs(range(0, 16 * MiB), runs));
+        for (const DirtyRun& r : runs)
+            for (std::uint64_t off = 0; off < r.length.value(); off += page_size)
+                taken.insert(r.gpa.value() + off);
+        ++harvests;
+    };
+    std::thread harvester([&] {
+        while (!done.load())
+            take();
+    });
+    std::string answer = child.ask("write_pages " + list);
+    done.store(true);
+    harvester.join();
+    take(); // the child's writes have all returned: this pass takes whatever is left
+    CHECK(answer == "ok " + std::to_string(pages.size()));
+    CHECK(harvests >= 2);
+    return taken;
+}
+
+std::vector<std::uint64_t> random_pages(std::uint64_t seed, std::size_t count)
+{
+    std::vector<std::uint64_t> all;
+    for (std::uint64_t gpa = 0; gpa < 8 * MiB; gpa += page_size)
+        all.push_back(gpa);
+    std::mt19937_64 rng(seed);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(count);
+    return all;
+}
+
+} // namespace
+
+TEST_CASE("a worker process's writes are marked: exactly its pages, while the manager harvests")
+{
+    Tracked m = tracked_guest();
+    // Each page gets its own offset inside the page: a mark must name the page, not the word.
+    std::vector<std::uint64_t> pages = random_pages(5, 700);
+    for (std::size_t i = 0; i < pages.size(); ++i)
+        pages[i] += (i * 8) % page_size;
+    std::set<std::uint64_t> expected;
+    for (std::uint64_t p : pages)
+        expected.insert(p & ~(page_size - 1));
+
+    SUBCASE("connected before tracking starts")
+    {
+        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        CHECK(s.child->write(0x3000, 1) == "ok"); // before start: cleared by start
+        must(m.start_dirty_tracking());
+        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
+    }
+    SUBCASE("connected while tracking is on")
+    {
+        must(m.start_dirty_tracking());
+        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
+    }
+    SUBCASE("tracking stopped and started again: the worker keeps marking")
+    {
+        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        must(m.start_dirty_tracking());
+        CHECK(s.child->write(0x3000, 1) == "ok");
+        must(m.stop_dirty_tracking());
+        must(m.start_dirty_tracking());
+        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
+    }
+}
+
+TEST_CASE("tracking must match: an untracked worker of a tracked manager is refused, and the "
+          "reverse")
+{
+    Tracked tracked = tracked_guest();
+    auto a = serve_child(tracked, std::chrono::milliseconds(500), "client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+    Manager untracked = legacy_guest();
+    auto b = serve_child(untracked, std::chrono::milliseconds(500), "tracked_client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+}
+
+TEST_CASE("migration without a hypervisor, with a worker process writing too: byte for byte")
+{
+    using namespace membacking::test::migration;
+    using TrackedSide = Side<Tracked>;
+    TrackedSide src = TrackedSide::make();
+    TrackedSide dst = TrackedSide::make();
+    auto s = serve_child(src.m, std::chrono::milliseconds(2000), "tracked_client");
+
+    must(src.m.start_dirty_tracking());
+    copy_runs({{Gpa{0}, Length{space}}}, src, dst); // pass 0: everything
+
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> writers = start_vmm_writers(src.mem, stop);
+    REQUIRE(s.child->ask("scribble 7") == "ok");
+    const PassesDone done = run_passes(src, dst, 40);
+    stop.store(true);
+    for (auto& w : writers)
+        w.join();
+    const std::string scribbled = s.child->ask("scribble_stop"); // every write has returned
+    REQUIRE(scribbled.rfind("ok ", 0) == 0);
+    CHECK(std::stoull(scribbled.substr(3)) > 0);
+    CHECK_FALSE(s.listener->cut_off());
+    last_pass(src, dst, done);
+
+    std::uint64_t compared = 0;
+    const std::uint64_t differing = differing_pages(src, dst, compared);
+    CHECK(compared == (ram_end + bar_size) / page);
+    CHECK(differing == 0);
 }

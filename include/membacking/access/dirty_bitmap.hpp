@@ -6,9 +6,12 @@
  * write through a tracked GuestMemory (access/dirty_tracking.hpp) records the pages it wrote, and
  * where a migration loop takes them back as runs (GPA, length) or as a bitmap.
  *
- * Storage: ceil(pages / 64) 64-bit words, reserved as demand-zero anonymous memory (Linux:
- * MAP_NORESERVE; Windows: committed pages, which Windows also backs only when touched). A 512 GiB
- * guest has a 16 MiB bitmap, of which only the pages holding set bits ever get backed.
+ * Storage: ceil(pages / 64) 64-bit words, rounded up to whole pages. Linux: a sealed memfd
+ * (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: its size can never change, so no process that maps
+ * it can take SIGBUS), mapped MAP_SHARED | MAP_NORESERVE, so that a worker process
+ * (ipc/remote_mapper.hpp) can map the same words and mark into them; Windows: committed pages,
+ * which Windows backs only when touched. A 512 GiB guest has a 16 MiB bitmap; tmpfs backs a page
+ * of it when it is first touched (a mark, or a harvest's scan).
  *
  * Marking (mark): test, then set. A plain load of the word; only if one of the page bits is
  * still clear, one `lock or` (fetch_or). A page written again before the next harvest costs a
@@ -27,6 +30,15 @@
  * this harvest cleared is visible before the caller copies the page. Writers that find the bit
  * clear use `lock or`, which is a full barrier itself. The cost is one system call per harvest,
  * none per write.
+ *
+ * Writers in other processes (Linux): the private barrier reaches only this process's threads.
+ * Once the bitmap has been shared (share_fd(), for ipc/remote_listener.hpp) a harvest also runs
+ * MEMBARRIER_CMD_GLOBAL_EXPEDITED, which runs a full barrier on every CPU that is running a
+ * process registered with MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED; a worker registers before it
+ * maps the bitmap (map_shared()), so its marks are the same test-then-set as local ones, with
+ * the same argument, and its access path is the local one instruction for instruction. A kernel
+ * without the global command (before Linux 4.16) makes map_shared() fail: the worker cannot
+ * connect tracked, rather than connect with marks a harvest could lose.
  *
  * Clearing: the harvester takes each word that a plain load finds non-zero with one `xchg` (whole
  * words) or `lock and` (the partial words at either end of a range): a concurrent mark is either
@@ -67,8 +79,10 @@
 #include <vector>
 
 #if MEMBACKING_OS_LINUX
+#    include <fcntl.h>
 #    include <linux/membarrier.h>
 #    include <sys/mman.h>
+#    include <sys/stat.h>
 #    include <sys/syscall.h>
 #    include <unistd.h>
 #elif MEMBACKING_OS_WINDOWS
@@ -111,35 +125,119 @@ namespace detail {
     return {};
 }
 
+#if MEMBACKING_OS_LINUX
+/// The barrier of a harvest whose bitmap other processes mark (see the file comment).
+[[nodiscard]] inline bool global_memory_barrier() noexcept
+{
+    return ::syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
+}
+#endif
+
 class DirtyBitmap {
 public:
     static constexpr std::uint64_t page_shift = 12;
     static constexpr std::uint64_t bits_per_word = 64;
+
+    /// The bytes of the bitmap of guest addresses [0, address_space): whole pages.
+    [[nodiscard]] static constexpr std::uint64_t bytes_for(std::uint64_t address_space) noexcept
+    {
+        const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
+        const std::uint64_t words = (pages + bits_per_word - 1) / bits_per_word;
+        return (words * sizeof(std::uint64_t) + page_size - 1) / page_size * page_size;
+    }
 
     /// A bitmap for guest addresses [0, address_space), all clear.
     [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>> create(std::uint64_t address_space)
     {
         MEMBACKING_TRY(register_process_memory_barrier());
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
-        const std::uint64_t words = (pages + bits_per_word - 1) / bits_per_word;
-        const std::uint64_t bytes =
-            (words * sizeof(std::uint64_t) + page_size - 1) / page_size * page_size;
+        const std::uint64_t bytes = bytes_for(address_space);
 #if MEMBACKING_OS_LINUX
-        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED)
+        auto failed = [&](const char* what) {
             return Error(std::error_code(errno, std::system_category()),
-                         "cannot reserve the dirty bitmap (" + MemoryRange::hex(bytes) + " bytes)");
+                         std::string("cannot create the dirty bitmap (") + MemoryRange::hex(bytes) +
+                             " bytes): " + what);
+        };
+        const int fd = ::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (fd < 0)
+            return failed("memfd_create");
+        if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0 ||
+            ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+            Error e = failed("sizing and sealing its memfd");
+            ::close(fd);
+            return e;
+        }
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (p == MAP_FAILED) {
+            Error e = failed("mmap");
+            ::close(fd);
+            return e;
+        }
+        return std::shared_ptr<DirtyBitmap>(
+            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd));
 #else
         void* p = ::VirtualAlloc(nullptr, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
         if (p == nullptr)
             return Error(
                 std::error_code(static_cast<int>(::GetLastError()), std::system_category()),
                 "cannot reserve the dirty bitmap (" + MemoryRange::hex(bytes) + " bytes)");
-#endif
         return std::shared_ptr<DirtyBitmap>(
             new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes));
+#endif
     }
+
+#if MEMBACKING_OS_LINUX
+    /// The memfd of the words, to hand to a worker process (ipc/remote_listener.hpp; the
+    /// caller duplicates it if it keeps it). From now on every harvest also runs the global
+    /// barrier (file comment).
+    [[nodiscard]] int share_fd() const noexcept
+    {
+        shared_.store(true, std::memory_order_seq_cst);
+        return fd_;
+    }
+    /// Whether share_fd() was called (for tests).
+    [[nodiscard]] bool shared() const noexcept
+    {
+        return shared_.load();
+    }
+
+    /// A worker's view of a manager's bitmap for guest addresses [0, address_space): takes
+    /// ownership of `fd` (what share_fd() gave the manager's side), which must be a sealed memfd
+    /// of exactly bytes_for(address_space) bytes whose size can never change. Registers this
+    /// process for the global barrier first (file comment). Marks only: a worker never harvests.
+    [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>>
+    map_shared(int fd, std::uint64_t address_space)
+    {
+        const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
+        const std::uint64_t bytes = bytes_for(address_space);
+        auto fail = [&](errc code, const std::string& why) {
+            ::close(fd);
+            return make_error(code, "the manager's dirty bitmap: " + why);
+        };
+        struct stat st {};
+        if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+            return fail(errc::invalid_argument, "not a regular file (memfd)");
+        if (static_cast<std::uint64_t>(st.st_size) != bytes)
+            return fail(errc::invalid_argument,
+                        "size " + MemoryRange::hex(static_cast<std::uint64_t>(st.st_size)) +
+                            ", a guest of " + MemoryRange::hex(address_space) + " needs " +
+                            MemoryRange::hex(bytes));
+        const int seals = ::fcntl(fd, F_GET_SEALS);
+        if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+            return fail(errc::invalid_argument,
+                        "its size is not sealed (F_SEAL_SHRINK | F_SEAL_GROW): it could shrink "
+                        "under the marks");
+        if (::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0) != 0)
+            return fail(errc::unsupported,
+                        "membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) failed: marking "
+                        "from another process needs Linux 4.16 or later");
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (p == MAP_FAILED)
+            return fail(errc::invalid_argument, "mmap failed");
+        return std::shared_ptr<DirtyBitmap>(
+            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd));
+    }
+#endif
 
     DirtyBitmap(const DirtyBitmap&) = delete;
     DirtyBitmap& operator=(const DirtyBitmap&) = delete;
@@ -147,6 +245,7 @@ public:
     {
 #if MEMBACKING_OS_LINUX
         ::munmap(words_, bytes_);
+        ::close(fd_);
 #else
         ::VirtualFree(words_, 0, MEM_RELEASE);
 #endif
@@ -296,7 +395,7 @@ public:
         if (run_end != no_run)
             out.push_back(
                 {Gpa(run_start << page_shift), Length((run_end - run_start) << page_shift)});
-        return process_memory_barrier();
+        return barrier();
     }
 
     /// Takes the dirty pages of [gpa, gpa + len) into `out`: bit i of word i / 64 is the page at
@@ -317,10 +416,22 @@ public:
             for (std::uint64_t p = 0; p < pages; p += bits_per_word)
                 bits_of(page0 + p, ~std::uint64_t{0});
         });
-        return process_memory_barrier();
+        return barrier();
     }
 
 private:
+    /// The barrier that ends a harvest: this process's threads, and once shared, the workers'.
+    [[nodiscard]] bool barrier() const noexcept
+    {
+        if (!process_memory_barrier())
+            return false;
+#if MEMBACKING_OS_LINUX
+        if (shared_.load(std::memory_order_seq_cst))
+            return global_memory_barrier();
+#endif
+        return true;
+    }
+
     /// mark_one's rare paths, out of line so that the hot path keeps its registers.
     MEMBACKING_NOINLINE MEMBACKING_COLD static void set_bit(std::atomic<std::uint64_t>* words,
                                                             std::uint64_t page) noexcept
@@ -335,10 +446,17 @@ private:
         mark_words(words, gpa, len);
     }
 
+#if MEMBACKING_OS_LINUX
+    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages, std::uint64_t bytes,
+                int fd) noexcept
+        : words_(words), pages_(pages), bytes_(bytes), fd_(fd)
+    {}
+#else
     DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages,
                 std::uint64_t bytes) noexcept
         : words_(words), pages_(pages), bytes_(bytes)
     {}
+#endif
 
     /// Bits [lo, hi) of a word, 0 <= lo < hi <= 64.
     [[nodiscard]] static constexpr std::uint64_t range_mask(std::uint64_t lo,
@@ -440,6 +558,11 @@ private:
     std::atomic<std::uint64_t>* words_;
     std::uint64_t pages_;
     std::uint64_t bytes_;
+#if MEMBACKING_OS_LINUX
+    int fd_; ///< the memfd of the words
+    mutable std::atomic<bool> shared_ =
+        false; ///< share_fd() called: harvests run the global barrier
+#endif
 };
 
 } // namespace detail

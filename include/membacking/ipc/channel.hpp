@@ -13,7 +13,8 @@
  *   received fd leaks into a child exec'd meanwhile). Every fd that arrived is owned by a UniqueFd
  *   from that moment, so a message rejected for any reason (truncated, wrong fd count, an offset
  *   outside its object, bad kind...) closes all of its fds; only an accepted fault_reply hands
- *   its one fd to the caller.
+ *   its one fd to the caller (and an accepted hello, its dirty bitmap's). The seals of every fd
+ *   that came are read too (F_GET_SEALS), for the hello's check that the bitmap cannot shrink.
  * - shutdown() makes both ends see EOF at once: the manager cuts a client off with it.
  */
 #pragma once
@@ -31,6 +32,7 @@
 #    include <cstddef>
 #    include <cstdio>
 #    include <cstring>
+#    include <fcntl.h>
 #    include <poll.h>
 #    include <string>
 #    include <sys/socket.h>
@@ -122,7 +124,9 @@ public:
         const Encoded e = encode(m);
         const bool with_fd = fd_count(m.body) == 1;
         if (with_fd && fd < 0)
-            return make_error(errc::invalid_argument, "a fault reply without its fd");
+            return make_error(errc::invalid_argument, std::string("a ") +
+                                                          detail::name_of(detail::kind_of(m.body)) +
+                                                          " message without its fd");
         iovec iov{const_cast<std::byte*>(e.bytes().data()), e.size};
         msghdr h{};
         h.msg_iov = &iov;
@@ -210,7 +214,10 @@ public:
             struct stat st {};
             if (Sys::fstat(fd.get(), &st) != 0)
                 return os::last_error([] { return std::string("fstat of a received fd"); });
-            objects.push_back({S_ISREG(st.st_mode), static_cast<std::uint64_t>(st.st_size)});
+            const int seals = Sys::get_seals(fd.get());
+            constexpr int size_seals = F_SEAL_SHRINK | F_SEAL_GROW;
+            objects.push_back({S_ISREG(st.st_mode), static_cast<std::uint64_t>(st.st_size),
+                               seals >= 0 && (seals & size_seals) == size_seals});
         }
         auto m = decode(std::span(buffer.data(), static_cast<std::size_t>(n)), objects, ctx);
         if (!m)

@@ -10,7 +10,8 @@
  * Every message is a fixed-size little-endian record: a 16-byte header, then the body of its kind.
  *
  *   header  u32 magic 'MBIP' | u16 version | u16 kind | u32 size (whole message) | u32 seq
- *   hello           manager -> client  u64 guest_size                                  0 fds
+ *   hello           manager -> client  u64 guest_size | u64 dirty_bitmap_bytes         1 fd if
+ *                                                           dirty_bitmap_bytes is not 0, else 0
  *   fault_request   client  -> manager u64 gpa | u8 write | 7 zero bytes               0 fds
  *   fault_reply     manager -> client  u32 status | u8 writable | 3 zero bytes |
  *                                      u64 gpa | u64 length | u64 object_offset        1 fd if
@@ -24,6 +25,14 @@
  * page-aligned, free of overflow and inside the guest, and a fault_reply's piece must lie inside
  * the object its fd names (ObjectInfo: what fstat says about that fd). A message that fails any of
  * these is rejected whole, with an error that says why.
+ *
+ * Version 2 (version 1 had no dirty bitmap): a manager that tracks dirty pages sends its bitmap
+ * with the hello (access/dirty_bitmap.hpp: a sealed memfd of one bit per 4 KiB page), and the
+ * client marks what it writes into it. The hello is accepted only if dirty_bitmap_bytes is exactly
+ * the size of the bitmap of guest_size (wire_dirty_bitmap_bytes), the fd is a regular file of
+ * exactly that size, and its size is sealed (F_SEAL_SHRINK and F_SEAL_GROW: the manager cannot
+ * shrink it under the client's marks, which would be SIGBUS). A peer of the other version is
+ * refused with errc::unsupported, naming both versions.
  */
 #pragma once
 
@@ -40,9 +49,17 @@
 namespace membacking::ipc {
 
 inline constexpr std::uint32_t protocol_magic = 0x5049424d; // "MBIP" in little-endian bytes
-inline constexpr std::uint16_t protocol_version = 1;
+inline constexpr std::uint16_t protocol_version = 2;
 inline constexpr std::size_t header_size = 16;
 inline constexpr std::size_t max_message_size = 48;
+/// The bytes of the dirty bitmap of a guest of guest_size bytes: one bit per 4 KiB page, in
+/// 64-bit words, rounded up to whole pages (DirtyBitmap::bytes_for; a test checks they agree).
+[[nodiscard]] constexpr std::uint64_t wire_dirty_bitmap_bytes(std::uint64_t guest_size) noexcept
+{
+    constexpr std::uint64_t page = 4096;
+    const std::uint64_t words = ((guest_size + page - 1) / page + 63) / 64;
+    return (words * 8 + page - 1) / page * page;
+}
 /// The largest guest a client accepts (2^52 bytes: more than any x86-64 physical address width).
 inline constexpr std::uint64_t max_guest_size = std::uint64_t{1} << 52;
 /// Pages on the wire are 4 KiB: ranges and offsets are multiples of it.
@@ -61,6 +78,9 @@ enum class Receiver : std::uint8_t { client, manager };
 
 struct Hello {
     std::uint64_t guest_size = 0;
+    /// 0: the manager does not track dirty pages. Otherwise the size of its bitmap, whose fd
+    /// comes with the message.
+    std::uint64_t dirty_bitmap_bytes = 0;
 };
 struct FaultRequest {
     std::uint64_t gpa = 0;
@@ -92,6 +112,7 @@ struct Message {
 struct ObjectInfo {
     bool mappable = false; ///< a regular file (memfd, tmpfs, hugetlbfs): mmap-able memory
     std::uint64_t size = 0;
+    bool size_sealed = false; ///< F_SEAL_SHRINK and F_SEAL_GROW are set (memfd seals)
 };
 
 /// What the receiver knows before decoding: its side, and the guest size (0 until hello).
@@ -120,10 +141,11 @@ namespace detail {
 [[nodiscard]] constexpr std::size_t size_of(MessageKind k) noexcept
 {
     switch (k) {
-    case MessageKind::hello: return header_size + 8;
-    case MessageKind::fault_request: return header_size + 16;
+    case MessageKind::hello:         // u64 guest_size, u64 dirty_bitmap_bytes
+    case MessageKind::fault_request: // u64 gpa, u8 write, 7 reserved bytes
+    case MessageKind::invalidate:    // u64 gpa, u64 length
+        return header_size + 16;
     case MessageKind::fault_reply: return header_size + 32;
-    case MessageKind::invalidate: return header_size + 16;
     case MessageKind::invalidate_ack: return header_size;
     }
     return 0;
@@ -225,6 +247,8 @@ private:
 {
     if (const auto* r = std::get_if<FaultReply>(&b))
         return r->status == 0 ? 1 : 0;
+    if (const auto* h = std::get_if<Hello>(&b))
+        return h->dirty_bitmap_bytes != 0 ? 1 : 0;
     return 0;
 }
 
@@ -243,6 +267,7 @@ private:
     // (get_if rather than std::visit, which may throw bad_variant_access: encode is noexcept)
     if (const auto* h = std::get_if<Hello>(&m.body)) {
         w.put(h->guest_size);
+        w.put(h->dirty_bitmap_bytes);
     } else if (const auto* q = std::get_if<FaultRequest>(&m.body)) {
         w.put(q->gpa);
         w.put(static_cast<std::uint8_t>(q->write ? 1 : 0));
@@ -304,13 +329,33 @@ private:
     std::size_t fds_expected = 0;
     switch (k) {
     case MessageKind::hello: {
-        Hello h{r.get<std::uint64_t>()};
+        Hello h;
+        h.guest_size = r.get<std::uint64_t>();
+        h.dirty_bitmap_bytes = r.get<std::uint64_t>();
         if (ctx.guest_size != 0)
             return detail::reject(k, "a second hello");
         if (h.guest_size == 0 || h.guest_size % wire_page_size != 0 ||
             h.guest_size > max_guest_size)
             return detail::reject(k, "guest size " + MemoryRange::hex(h.guest_size) +
                                          " is zero, unaligned or above 2^52");
+        if (h.dirty_bitmap_bytes != 0) {
+            const std::uint64_t expected = wire_dirty_bitmap_bytes(h.guest_size);
+            if (h.dirty_bitmap_bytes != expected)
+                return detail::reject(k,
+                                      "dirty bitmap of " + MemoryRange::hex(h.dirty_bitmap_bytes) +
+                                          " bytes (a guest of " + MemoryRange::hex(h.guest_size) +
+                                          " bytes has " + MemoryRange::hex(expected) + ")");
+            fds_expected = 1;
+            if (objects.size() == 1) {
+                const ObjectInfo& o = objects[0];
+                if (!o.mappable || o.size != h.dirty_bitmap_bytes)
+                    return detail::reject(k, "the dirty bitmap's fd is not a mappable object of " +
+                                                 MemoryRange::hex(h.dirty_bitmap_bytes) + " bytes");
+                if (!o.size_sealed)
+                    return detail::reject(k, "the dirty bitmap's size is not sealed "
+                                             "(F_SEAL_SHRINK | F_SEAL_GROW)");
+            }
+        }
         m.body = h;
         break;
     }

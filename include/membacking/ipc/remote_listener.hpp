@@ -35,6 +35,8 @@
  *   Options::share_check (serve_process: every byte of the object is guest memory, and no
  *   mapping places part of it read-only and part writable; manager/detail/shared_objects.hpp).
  * - A malformed or hostile message from the client is logged and the client is cut off.
+ * - Dirty tracking: a tracked manager's hello carries its bitmap's memfd; the client marks into
+ *   it (ipc/remote_mapper.hpp, access/dirty_bitmap.hpp for why that is sound across processes).
  */
 #pragma once
 
@@ -97,11 +99,16 @@ public:
     }
 
     /// Serves `channel` (the manager's end) for a guest of guest_size bytes: sends the hello and
-    /// starts the server thread. Register the result with add_memory_listener.
+    /// starts the server thread. Register the result with add_memory_listener. A manager that
+    /// tracks dirty pages passes its bitmap's memfd (DirtyBitmap::share_fd; the hello carries a
+    /// copy, the caller keeps its own), so that the client marks what it writes.
     [[nodiscard]] static Result<std::shared_ptr<RemoteListener>>
-    create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {})
+    create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {},
+           int dirty_bitmap_fd = -1)
     {
-        MEMBACKING_TRY_CONTEXT(channel.send({0, Hello{guest_size}}), "greeting the client");
+        const Hello hello{guest_size,
+                          dirty_bitmap_fd >= 0 ? wire_dirty_bitmap_bytes(guest_size) : 0};
+        MEMBACKING_TRY_CONTEXT(channel.send({0, hello}, dirty_bitmap_fd), "greeting the client");
         std::shared_ptr<RemoteListener> l(new RemoteListener(std::move(channel), guest_size,
                                                              std::move(name), std::move(options)));
         l->server_ = std::thread([p = l.get()] { p->serve(); });

@@ -26,6 +26,15 @@
  * once, waiting fault requests return, and every later access that faults returns
  * errc::unmapped. No access ever hangs: a fault waits at most fault_timeout (1 s by default).
  *
+ * Dirty tracking: a tracked manager's hello carries its dirty bitmap (a sealed memfd); connect()
+ * maps it (DirtyBitmap::map_shared, which registers this process for the harvest's global
+ * membarrier) and dirty_bitmap() gives it to GuestMemory's marker. connect_guest_memory must be
+ * told which it expects (its Tracking argument) and refuses the other (errc::unsupported): an
+ * untracked client of a tracked manager would write pages that no harvest reports, and a
+ * tracked client of an untracked one would mark nothing anyone reads. Marks need no message:
+ * they land in the manager's words directly, whether tracking is on or off (as local handles'
+ * do), so start and stop reach a client without any protocol.
+ *
  * Leases are not offered (a remote mapper has no lease domain; GuestMemory::lease does not
  * compile for it).
  */
@@ -35,6 +44,8 @@
 
 #if MEMBACKING_OS_LINUX && MEMBACKING_HAS_GUARDED_ACCESS
 
+#    include <membacking/access/dirty_bitmap.hpp>
+#    include <membacking/access/dirty_tracking.hpp>
 #    include <membacking/access/fault_handler.hpp>
 #    include <membacking/base/fatal.hpp>
 #    include <membacking/base/result.hpp>
@@ -97,12 +108,20 @@ public:
                               hello->status == Incoming<Sys>::Status::closed
                                   ? "the guest memory manager closed the socket before hello"
                                   : "no hello from the guest memory manager in time");
-        const std::uint64_t size = std::get<Hello>(hello->message.body).guest_size;
+        const Hello& h = std::get<Hello>(hello->message.body);
+        const std::uint64_t size = h.guest_size;
+        std::shared_ptr<membacking::detail::DirtyBitmap> dirty;
+        if (h.dirty_bitmap_bytes != 0) {
+            auto bitmap = membacking::detail::DirtyBitmap::map_shared(hello->fd.release(), size);
+            if (!bitmap)
+                return std::move(bitmap).error().context("connecting to the guest memory manager");
+            dirty = std::move(*bitmap);
+        }
         auto va = LinuxMmap<Sys>::reserve(size, page_size);
         if (!va)
             return std::move(va).error().context("reserving the remote guest's address space");
         std::shared_ptr<RemoteMapper> mapper(
-            new RemoteMapper(std::move(*va), size, std::move(channel), options));
+            new RemoteMapper(std::move(*va), size, std::move(channel), options, std::move(dirty)));
         mapper->reader_ = std::thread([m = mapper.get()] { m->read_loop(); });
         return mapper;
     }
@@ -113,6 +132,12 @@ public:
     [[nodiscard]] bool connected() const noexcept { return connected_.load(); }
     /// Fault requests the manager answered with memory (for tests and benchmarks).
     [[nodiscard]] std::uint64_t faults_served() const noexcept { return served_.load(); }
+    /// The manager's dirty bitmap, mapped here (null if the manager does not track dirty pages):
+    /// what GuestMemory<RemoteMapper, Gpa, DirtyTracking> marks into.
+    [[nodiscard]] membacking::detail::DirtyBitmap* dirty_bitmap() const noexcept
+    {
+        return dirty_.get();
+    }
 
     /// The slow path of an access that faulted at gpa: asks the manager (see the file comment).
     /// std::nullopt: retry; otherwise the access's error.
@@ -157,8 +182,10 @@ private:
         return std::nullopt;
     }
 
-    RemoteMapper(LinuxMmap<Sys> va, std::uint64_t size, Channel<Sys> channel, Options options)
-        : va_(std::move(va)), size_(size), channel_(std::move(channel)), options_(options)
+    RemoteMapper(LinuxMmap<Sys> va, std::uint64_t size, Channel<Sys> channel, Options options,
+                 std::shared_ptr<membacking::detail::DirtyBitmap> dirty)
+        : va_(std::move(va)), size_(size), channel_(std::move(channel)), options_(options),
+          dirty_(std::move(dirty))
     {}
 
     void read_loop() noexcept
@@ -241,6 +268,7 @@ private:
     const std::uint64_t size_;
     Channel<Sys> channel_;
     const Options options_;
+    const std::shared_ptr<membacking::detail::DirtyBitmap> dirty_; ///< the manager's, or null
     std::thread reader_;
 
     std::mutex fault_mutex_; ///< one fault request in flight
@@ -255,14 +283,26 @@ private:
 };
 
 /// The client process's GuestMemory over `socket`: the same handle type as a local one.
-template <class Sys = os::LinuxSyscalls>
-[[nodiscard]] Result<GuestMemory<RemoteMapper<Sys>>>
+/// Tracking: DirtyTracking for a manager that tracks dirty pages (TrackedGuestMemoryManager),
+/// NoDirtyTracking otherwise; a mismatch is errc::unsupported (file comment).
+template <DirtyTrackingPolicy Tracking = NoDirtyTracking, class Sys = os::LinuxSyscalls>
+[[nodiscard]] Result<GuestMemory<RemoteMapper<Sys>, Gpa, Tracking>>
 connect_guest_memory(int socket, RemoteMapperOptions options = {})
 {
     auto mapper = RemoteMapper<Sys>::connect(socket, options);
     if (!mapper)
         return std::move(mapper).error();
-    return GuestMemory<RemoteMapper<Sys>>(std::move(*mapper));
+    const bool tracked = (*mapper)->dirty_bitmap() != nullptr;
+    if (tracked && !Tracking::enabled)
+        return make_error(errc::unsupported,
+                          "the guest memory manager tracks dirty pages: connect with "
+                          "connect_guest_memory<DirtyTracking>, or a migration would lose this "
+                          "process's writes");
+    if (!tracked && Tracking::enabled)
+        return make_error(errc::unsupported,
+                          "the guest memory manager does not track dirty pages: connect with "
+                          "connect_guest_memory<NoDirtyTracking>");
+    return GuestMemory<RemoteMapper<Sys>, Gpa, Tracking>(std::move(*mapper));
 }
 
 } // namespace membacking::ipc

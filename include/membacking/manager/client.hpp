@@ -16,7 +16,9 @@
  * of a SOCK_SEQPACKET socket (ipc::Channel<>::pair() makes one), the other process connects its
  * own lazy mapper to the other end (ipc::connect_guest_memory). The manager's side is a memory
  * listener (ipc/remote_listener.hpp), registered like any other: its invalidations happen inside
- * the control call, bounded by a deadline after which the process is cut off.
+ * the control call, bounded by a deadline after which the process is cut off. A tracked manager
+ * (TrackedGuestMemoryManager) hands the process its dirty bitmap too: the process must connect
+ * with ipc::connect_guest_memory<DirtyTracking>, and its writes are marked like local ones.
  */
 #pragma once
 
@@ -87,8 +89,13 @@ public:
                 return make_error(errc::not_found, "the guest memory manager is gone");
             return c->template check_shared_objects<Sys>(change);
         };
-        auto listener = ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
-                                                         std::move(name), std::move(options));
+        // A tracked manager shares its dirty bitmap: the process marks what it writes.
+        int dirty_bitmap_fd = -1;
+        if constexpr (Core::TrackingPolicy::enabled)
+            dirty_bitmap_fd = core->primary()->dirty_bitmap()->share_fd();
+        auto listener =
+            ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
+                                             std::move(name), std::move(options), dirty_bitmap_fd);
         if (!listener)
             return std::move(listener).error();
         auto id = core->add_listener(*listener);

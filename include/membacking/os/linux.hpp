@@ -124,6 +124,8 @@ struct LinuxSyscalls {
     /// fcntl(fd, F_DUPFD_CLOEXEC, 0): a new descriptor for the same open file, closed on exec.
     static int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 0); }
     static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
+    /// fcntl(fd, F_GET_SEALS): the memfd seals of fd (-1 if it cannot have any).
+    static int get_seals(int fd) noexcept { return ::fcntl(fd, F_GET_SEALS); }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,
                       unsigned long maxnode, unsigned flags) noexcept
