@@ -255,6 +255,14 @@ std::unique_ptr<Fixture> make_fixture()
     return f;
 }
 
+std::size_t occurrences(const std::string& text, const std::string& what)
+{
+    std::size_t n = 0;
+    for (std::size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1))
+        ++n;
+    return n;
+}
+
 /// What must not change when an operation fails.
 struct Snapshot {
     MemoryMap map; ///< compared as text, without its "out of service" section (dump())
@@ -307,10 +315,17 @@ Snapshot snapshot(const Fixture& f)
     const std::string text = s.map.to_text();
     const std::size_t section = text.find("out of service:\n");
     const std::string out_of_service = section == std::string::npos ? "" : text.substr(section);
+    const std::string json = s.map.to_json();
     const Health health = f.m.health();
     for (const Health::FailedPartition& p : health.failed_partitions)
         s.failed_ids.push_back(p.id);
-    s.reported_consistently = health.ok() == (section == std::string::npos);
+    // The JSON lists the same: entries with a "cause" exist only in those two lists.
+    s.reported_consistently =
+        health.ok() == (section == std::string::npos) &&
+        health.ok() == (json.find("\"quarantined_mappers\":[]") != std::string::npos &&
+                        json.find("\"failed_partitions\":[]") != std::string::npos) &&
+        health.quarantined_mappers.size() + health.failed_partitions.size() ==
+            occurrences(json, ",\"cause\":");
     const std::byte* base = f.m.guest_memory().mapper()->base();
     for (const auto* p : {f.partition.get(), f.spare.get()}) {
         auto& out = s.windows.emplace_back();

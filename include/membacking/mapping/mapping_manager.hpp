@@ -20,6 +20,14 @@
  * - Every failure path rolls back: adding a mapper (its reservation simply goes away), adding or
  *   replacing a mapping (mappers that took it get the old pieces back), removing mappings, and
  *   upgrading (the mapper stays lazy, keeping what it mapped so far, which is still correct).
+ * - Quarantine (issue 10, defect 7): a mapper whose restore the host refuses too is taken out of
+ *   service instead of aborting: it leaves the books, its range is replaced by one PROT_NONE
+ *   reservation or else made inaccessible in place (neither splits a VMA, so neither needs one
+ *   more at vm.max_map_count; if both are refused, every later control operation tries again),
+ *   and its accesses fail with errc::quarantined from their first fault. The operation returns
+ *   its own error; the other mappers stay in sync. quarantined_mappers() lists them. A step run
+ *   as a rollback (UndoLog::rolling_back()) never fails: a mapper that cannot follow it is
+ *   quarantined and the books take the change.
  * - Private (anonymous) memory lives in exactly one mapper: a second mapper is refused while
  *   private memory is mapped, and private memory is refused while two mappers exist.
  * - Mapper ids are never reused (the reference's slab reuses keys).
@@ -28,7 +36,9 @@
  * both take it; the access path never does. A fault taken on a thread that already holds the
  * mutex (an access from inside a control call) is answered with an error, not a deadlock.
  * Shutdown (the manager's destructor) unmaps every mapper's whole range, so handles that outlive
- * the manager get errors, not stale memory.
+ * the manager get errors, not stale memory. If the host refuses that and the in-place PROT_NONE
+ * too, a mapper no handle holds is leaked (teardown_leaks() counts it); one a handle still holds
+ * is fatal, since the handle would read guest memory of a manager that is gone.
  *
  * Leases (Linux): the manager owns the guest's lease domain (lease/lease_domain.hpp), which every
  * mapper shares. Every operation that may change the active mappings republishes the domain's
@@ -392,9 +402,12 @@ public:
             return errc::unmapped;
         bool left_behind = false;
         if (!map_into(mapper, e->mapping, &left_behind)) {
-            if (left_behind) // mapped with the wrong permission or node, and stuck so
-                quarantine(*s, "a lazy fault at " + MemoryRange::hex(gpa) +
-                                   " could not clear a half-made mapping");
+            if (left_behind) { // mapped with the wrong permission or node, and stuck so
+                std::string cause = "a lazy fault at ";
+                cause += MemoryRange::hex(gpa);
+                cause += " could not clear a half-made mapping";
+                quarantine(*s, std::move(cause));
+            }
             return errc::resource_exhausted;
         }
         e->holders.push_back(s->id);
@@ -413,8 +426,8 @@ public:
         Locked lock(*this);
         const Republish republish(*this);
         for (Slot& s : mappers_) {
-            s.mapper->quarantined_.store(true, std::memory_order_release);
             if (!s.invalidated && !invalidate(*s.mapper)) {
+                s.mapper->quarantined_.store(true, std::memory_order_release);
                 const long others = s.mapper->self_.use_count() - (s.mapper == own ? 1 : 0);
                 if (others > 0)
                     fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
