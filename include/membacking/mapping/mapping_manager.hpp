@@ -406,7 +406,7 @@ public:
                 std::string cause = "a lazy fault at ";
                 cause += MemoryRange::hex(gpa);
                 cause += " could not clear a half-made mapping";
-                quarantine(*s, std::move(cause));
+                quarantine(*s, cause);
             }
             return errc::resource_exhausted;
         }
@@ -649,7 +649,7 @@ private:
                             std::string cause = r.error().full_message();
                             cause += "; restoring the permission failed: ";
                             cause += u.error().full_message();
-                            quarantine(*d, std::move(cause));
+                            quarantine(*d, cause);
                         }
                     return std::move(r).error();
                 }
@@ -801,12 +801,12 @@ private:
     /// range is invalidated: replaced by one PROT_NONE reservation, or else made inaccessible
     /// in place (neither splits a VMA, so neither needs a new one); if both fail, every later
     /// control operation tries again (retry_invalidations).
-    void quarantine(Slot& s, std::string cause) noexcept
+    void quarantine(Slot& s, const std::string& cause) noexcept
     {
         if (s.quarantined)
             return;
         s.quarantined = true;
-        s.cause = std::move(cause);
+        s.cause = cause;
         s.mapper->quarantined_.store(true, std::memory_order_release);
         for (auto& [start, e] : entries_)
             std::erase(e.holders, s.id);
@@ -825,7 +825,7 @@ private:
             cause += range.to_string();
             cause += " failed: ";
             cause += r.error().full_message();
-            quarantine(s, std::move(cause));
+            quarantine(s, cause);
         }
     }
 

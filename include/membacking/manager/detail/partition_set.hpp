@@ -264,7 +264,7 @@ public:
         for_each([&](auto& a) {
             if (auto r = map_one(a, act); !r) {
                 if (must_follow) {
-                    (void)or_fail(a, std::move(r));
+                    (void)or_fail(a, r);
                     return true;
                 }
                 result = std::move(r).error();
@@ -289,7 +289,7 @@ public:
         for_each([&](auto& a) {
             if (auto r = unmap_one(a, act.gpa); !r) {
                 if (must_follow) {
-                    (void)or_fail(a, std::move(r));
+                    (void)or_fail(a, r);
                     return true;
                 }
                 result = std::move(r).error();
@@ -523,7 +523,7 @@ private:
     /// An undo step's result: a partition that refused it is marked failed, and the rollback
     /// goes on (see the file comment).
     template <class P>
-    Result<void> or_fail(const Attached<P>& a, Result<void> r)
+    Result<void> or_fail(const Attached<P>& a, const Result<void>& r)
     {
         if (!r)
             mark_failed(a.id, make_error(errc::quarantined, "a control operation failed"),
