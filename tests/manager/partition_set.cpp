@@ -372,3 +372,44 @@ TEST_CASE("PartitionSet: dirty-logging changes and detach quiesce too; a half ho
     CHECK(log.begins == 2);
     CHECK(p->windows().empty());
 }
+
+TEST_CASE("PartitionSet: a partition that refuses an undo step is marked failed, not fatal")
+{
+    Set set(options());
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherMock>();
+    const PartitionId ida = must(set.attach(Vtl::vtl0, a, {}));
+    must(set.attach(Vtl::vtl0, b, {}));
+
+    // b fails to map, and a refuses to take the window back out: a is marked failed, the
+    // operation returns b's error.
+    b->fail_next(Op::map);
+    a->fail_next(Op::unmap, make_error(errc::resource_exhausted, "slot stuck"));
+    auto r = set.map(window(0, MiB));
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::resource_exhausted);
+    REQUIRE(set.failed().size() == 1);
+    CHECK(set.failed()[0].id == ida);
+    CHECK(set.failed()[0].cause.find("slot stuck") != std::string::npos);
+    CHECK(a->lookup(0).has_value()); // what it could not undo stays
+
+    // Nothing more goes to a; b is served.
+    const std::size_t a_calls = a->calls().size();
+    must(set.map(window(2 * MiB, 3 * MiB)));
+    CHECK(a->calls().size() == a_calls);
+    CHECK(b->lookup(2 * MiB).has_value());
+
+    // Dirty logging: on a failed partition, and across all (a migration), errc::quarantined.
+    CHECK(set.set_dirty_logging(ida, true).error().code() == errc::quarantined);
+    CHECK(set.set_dirty_logging_all(true).error().code() == errc::quarantined);
+    CHECK(set.take_dirty_logs({window(2 * MiB, 3 * MiB)}, range(0, 4 * MiB),
+                              [](std::uint64_t, const std::vector<std::uint64_t>&) {})
+              .error()
+              .code() == errc::quarantined);
+
+    // Detaching it takes out what the host lets it and forgets it, failure included.
+    must(set.detach(ida, {window(0, MiB), window(2 * MiB, 3 * MiB)}));
+    CHECK(a->windows().empty());
+    CHECK(set.failed().empty());
+    must(set.set_dirty_logging_all(true));
+}

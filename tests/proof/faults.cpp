@@ -8,15 +8,21 @@
 // such as MADV_HUGEPAGE) and the state is the one the operation reaches without injection; then
 // a retry without injection succeeds and reaches that state.
 //
-// Persistent failures (the n-th call and every later one fail): each case runs in a forked
-// child, since a rollback that needs the failing resource still reaches fatal() (issue 10,
-// defect 7, not fixed here). The children that survive must be consistent as above; the ones
-// that die are counted and printed, per operation, so the number is visible in every CI log.
+// Persistent failures (the n-th call and every later one fail, until the operation returns):
+// each case runs in a forked child, so that a fatal() would be counted, not end the run; every
+// one must survive (issue 10, defect 7). After each, either the state is exactly as before
+// (rolled back) and a retry succeeds, or the manager reports what it took out of service
+// (health(), and the memory map's "out of service" section) and then: the memory map without
+// that section is as before, every other partition's windows and every other mapper's bytes are
+// as before; after a retry (which succeeds) the others reach the state the operation reaches
+// without injection, and every access through a quarantined mapper fails with
+// errc::quarantined. The counts are printed per operation, so they are visible in every CI log.
 #include <membacking/membacking.hpp>
 
 #include "platform.hpp"
 #include "test_support.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
@@ -278,57 +284,174 @@ std::unique_ptr<Fixture> make_fixture()
     return f;
 }
 
+std::size_t occurrences(const std::string& text, const std::string& what)
+{
+    std::size_t n = 0;
+    for (std::size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1))
+        ++n;
+    return n;
+}
+
 /// What must not change when an operation fails.
 struct Snapshot {
-    std::string dump;
-    std::vector<MockPartition::Window> windows; // host_va made relative to the primary's base
-    std::vector<std::int64_t> bytes;            // per probe and mapper: value, or -errc
+    MemoryMap map; ///< compared as text, without its "out of service" section (dump())
+    /// Per partition (attached, spare): its windows, host_va relative to the primary's base.
+    std::vector<std::vector<MockPartition::Window>> windows;
+    /// Per mapper (primary, lazy), per probe: the value read, or -errc.
+    std::vector<std::vector<std::int64_t>> bytes;
+    /// What the manager reports out of service: partitions failed, mappers quarantined (by
+    /// position: primary, lazy); and whether health(), the dump's section and each mapper's own
+    /// quarantined() agree.
+    std::vector<bool> partition_failed, mapper_quarantined;
+    bool reported_consistently = true;
 
-    friend bool operator==(const Snapshot&, const Snapshot&) = default;
+    std::vector<PartitionId> failed_ids;
+
+    /// The memory map's text without what `failed` lists: a failed partition stays attached
+    /// (reported, then detachable), so a dump taken before it failed lists it as attached.
+    /// `renumber`: partition ids read 0 (a failed attach takes an id, so the retry gets another).
+    [[nodiscard]] std::string dump(const std::vector<PartitionId>& failed, bool renumber) const
+    {
+        MemoryMap m = map;
+        m.health = {};
+        const auto is_failed = [&](PartitionId id) { return std::ranges::count(failed, id) > 0; };
+        std::erase_if(m.partitions, [&](const MemoryMap::Partition& p) { return is_failed(p.id); });
+        for (MemoryMap::Region& r : m.regions)
+            std::erase_if(r.given, [&](const MemoryMap::PartitionAccess& g) {
+                return is_failed(g.partition);
+            });
+        if (renumber) {
+            for (MemoryMap::Partition& p : m.partitions)
+                p.id = PartitionId{0};
+            for (MemoryMap::Region& r : m.regions)
+                for (MemoryMap::PartitionAccess& g : r.given)
+                    g.partition = PartitionId{0};
+        }
+        return m.to_text();
+    }
+    [[nodiscard]] bool healthy() const
+    {
+        return std::ranges::none_of(partition_failed, std::identity{}) &&
+               std::ranges::none_of(mapper_quarantined, std::identity{});
+    }
 };
 
 Snapshot snapshot(const Fixture& f)
 {
     Injector::disarm();
     Snapshot s;
-    s.dump = f.m.memory_map().to_text();
+    s.map = f.m.memory_map();
+    const std::string text = s.map.to_text();
+    const std::size_t section = text.find("out of service:\n");
+    const std::string out_of_service = section == std::string::npos ? "" : text.substr(section);
+    const std::string json = s.map.to_json();
+    const Health health = f.m.health();
+    for (const Health::FailedPartition& p : health.failed_partitions)
+        s.failed_ids.push_back(p.id);
+    // The JSON lists the same: entries with a "cause" exist only in those two lists.
+    s.reported_consistently =
+        health.ok() == (section == std::string::npos) &&
+        health.ok() == (json.find("\"quarantined_mappers\":[]") != std::string::npos &&
+                        json.find("\"failed_partitions\":[]") != std::string::npos) &&
+        health.quarantined_mappers.size() + health.failed_partitions.size() ==
+            occurrences(json, ",\"cause\":");
     const std::byte* base = f.m.guest_memory().mapper()->base();
     for (const auto* p : {f.partition.get(), f.spare.get()}) {
+        auto& out = s.windows.emplace_back();
         for (auto w : p->windows()) {
             w.host_va = reinterpret_cast<const void*>( // NOLINT(performance-no-int-to-ptr)
                 static_cast<std::byte const*>(w.host_va) - base);
-            s.windows.push_back(w);
+            out.push_back(w);
         }
-        s.windows.push_back({}); // separator
     }
+    const auto failed = [&](PartitionId id) {
+        return std::ranges::any_of(health.failed_partitions,
+                                   [&](const Health::FailedPartition& p) { return p.id == id; });
+    };
+    // The spare is attached only by attach_partition, under the next id, failed or not.
+    s.partition_failed = {failed(f.id), std::ranges::any_of(health.failed_partitions,
+                                                            [&](const Health::FailedPartition& p) {
+                                                                return p.id != f.id;
+                                                            })};
+    for (const Health::FailedPartition& p : health.failed_partitions)
+        s.reported_consistently = s.reported_consistently &&
+                                  out_of_service.find("partition #" + std::to_string(p.id.value) +
+                                                      " failed: ") != std::string::npos;
     const Manager::Memory primary = f.m.guest_memory();
-    for (const auto* mem : {&primary, &f.lazy})
+    for (const auto* mem : {&primary, &f.lazy}) {
+        const auto& mapper = *mem->mapper();
+        const bool listed = std::ranges::any_of(
+            health.quarantined_mappers,
+            [&](const Health::QuarantinedMapper& q) { return q.id == mapper.id(); });
+        s.mapper_quarantined.push_back(listed);
+        s.reported_consistently = s.reported_consistently && listed == mapper.quarantined();
+        if (listed)
+            s.reported_consistently =
+                s.reported_consistently &&
+                out_of_service.find("VA mapper " + std::to_string(mapper.id()) + " quarantined") !=
+                    std::string::npos;
+        auto& out = s.bytes.emplace_back();
         for (const std::uint64_t g : probe_gpas()) {
             auto v = mem->read_plain<std::uint64_t>(Gpa{g});
-            s.bytes.push_back(v ? static_cast<std::int64_t>(*v)
-                                : -static_cast<std::int64_t>(v.error().code));
+            out.push_back(v ? static_cast<std::int64_t>(*v)
+                            : -static_cast<std::int64_t>(v.error().code));
         }
+    }
     return s;
 }
 
-/// Compares two snapshots; prints where they differ first (to stderr), for the failure report.
-bool diverged(const Snapshot& got, const Snapshot& want)
+/// Compares two snapshots, leaving out what `got` reports out of service (quarantine == true)
+/// or demanding that everything matches, the health included; prints where they differ first
+/// (to stderr), for the failure report.
+bool diverged(const Snapshot& got, const Snapshot& want, bool quarantine = false)
 {
-    if (got.dump != want.dump)
-        std::fprintf(stderr, "dump differs:\n%s\n--- expected:\n%s\n", got.dump.c_str(),
-                     want.dump.c_str());
-    else if (got.windows != want.windows)
-        std::fprintf(stderr, "partition windows differ (%zu, expected %zu)\n", got.windows.size(),
-                     want.windows.size());
-    else if (got.bytes != want.bytes)
-        for (std::size_t i = 0; i < got.bytes.size(); ++i)
-            if (got.bytes[i] != want.bytes[i]) {
-                std::fprintf(stderr, "bytes differ at probe %zu: %llx, expected %llx\n", i,
-                             static_cast<unsigned long long>(got.bytes[i]),
-                             static_cast<unsigned long long>(want.bytes[i]));
-                break;
+    if (!got.reported_consistently) {
+        std::fprintf(stderr, "health(), the memory map and the mappers disagree\n");
+        return true;
+    }
+    if (const std::string g = got.dump(got.failed_ids, quarantine),
+        w = want.dump(got.failed_ids, quarantine);
+        g != w) {
+        std::fprintf(stderr, "dump differs:\n%s\n--- expected:\n%s\n", g.c_str(), w.c_str());
+        return true;
+    }
+    if (!quarantine && !(got.healthy() && want.healthy())) {
+        std::fprintf(stderr, "something is out of service\n");
+        return true;
+    }
+    for (std::size_t p = 0; p < got.windows.size(); ++p)
+        if (!got.partition_failed[p] && got.windows[p] != want.windows[p]) {
+            std::fprintf(stderr, "partition %zu's windows differ (%zu, expected %zu)\n", p,
+                         got.windows[p].size(), want.windows[p].size());
+            return true;
+        }
+    for (std::size_t m = 0; m < got.bytes.size(); ++m) {
+        if (got.mapper_quarantined[m])
+            continue;
+        for (std::size_t i = 0; i < got.bytes[m].size(); ++i)
+            if (got.bytes[m][i] != want.bytes[m][i]) {
+                std::fprintf(stderr, "mapper %zu: bytes differ at probe %zu: %llx, expected %llx\n",
+                             m, i, static_cast<unsigned long long>(got.bytes[m][i]),
+                             static_cast<unsigned long long>(want.bytes[m][i]));
+                return true;
             }
-    return !(got == want);
+    }
+    return false;
+}
+
+/// After a persistent failure that took something out of service, and a retry: every access
+/// through a quarantined mapper fails with errc::quarantined.
+bool quarantine_holds(const Snapshot& s)
+{
+    for (std::size_t m = 0; m < s.bytes.size(); ++m)
+        if (s.mapper_quarantined[m])
+            for (const std::int64_t v : s.bytes[m])
+                if (v != -static_cast<std::int64_t>(errc::quarantined)) {
+                    std::fprintf(stderr, "mapper %zu is quarantined, but an access gave %llx\n", m,
+                                 static_cast<unsigned long long>(v));
+                    return false;
+                }
+    return true;
 }
 
 /// One control operation, run from a fresh fixture.
@@ -508,7 +631,7 @@ std::vector<BuildVariant> builds()
 }
 
 /// The outcome of one injected run, as the checks see it.
-enum class Verdict { consistent, diverged, retry_failed };
+enum class Verdict { consistent, quarantined, diverged, retry_failed };
 
 Verdict run_injected(const Operation& op, const Snapshot& reference_after, long n, bool persistent,
                      bool& succeeded, bool& reached)
@@ -522,11 +645,29 @@ Verdict run_injected(const Operation& op, const Snapshot& reference_after, long 
     succeeded = r.has_value();
     if (r)
         return diverged(snapshot(*f), reference_after) ? Verdict::diverged : Verdict::consistent;
-    if (diverged(snapshot(*f), before))
+    const Snapshot failed = snapshot(*f);
+    // Only a persistent failure may take something out of service.
+    const bool quarantine = persistent && !failed.healthy();
+    if (diverged(failed, before, quarantine))
         return Verdict::diverged;
-    if (!op.run(*f))
+    auto again = op.run(*f);
+    if (!again && quarantine) {
+        // A failed partition keeps what it could not undo (a retried attach of it overlaps):
+        // the documented recovery is to detach it, then retry.
+        for (const PartitionId id : failed.failed_ids)
+            (void)f->m.detach_partition(id);
+        again = op.run(*f);
+    }
+    if (!again) {
+        std::fprintf(stderr, "the retry failed: %s\n", again.error().full_message().c_str());
         return Verdict::retry_failed;
-    return diverged(snapshot(*f), reference_after) ? Verdict::diverged : Verdict::consistent;
+    }
+    const Snapshot retried = snapshot(*f);
+    if (diverged(retried, reference_after, quarantine))
+        return Verdict::diverged;
+    if (!quarantine)
+        return Verdict::consistent;
+    return quarantine_holds(retried) ? Verdict::quarantined : Verdict::diverged;
 }
 
 } // namespace
@@ -587,23 +728,27 @@ TEST_CASE("fault injection: every single failure of every control operation is a
 
 /// Tallies of the persistent-failure runs, over every operation.
 struct PersistentTally {
-    long points = 0, survived = 0, fatal = 0, inconsistent = 0;
+    long points = 0, rolled_back = 0, quarantined = 0, fatal = 0, inconsistent = 0;
 };
 
 /// Runs `child_body(n)` in a forked child for n = 1, 2, ... until it exits 2 (the n-th call is
-/// never reached) and classifies each exit: 0 consistent, SIGABRT fatal() (defect 7), anything
-/// else inconsistent (a failed check).
+/// never reached) and classifies each exit: 0 rolled back, 3 survived with something reported
+/// out of service and checked, SIGABRT fatal(), anything else inconsistent (a failed check).
 template <class ChildBody>
 void run_persistent(const std::string& name, PersistentTally& tally, ChildBody child_body)
 {
-    long op_points = 0, op_fatal = 0;
+    long op_points = 0, op_quarantined = 0, op_fatal = 0;
     for (long n = 1;; ++n) {
         std::fflush(nullptr);
         const pid_t child = ::fork();
         REQUIRE(child >= 0);
         if (child == 0) {
-            (void)::freopen("/dev/null", "w", stderr); // fatal()'s message, counted below
-            ::_exit(child_body(n));
+            // A failed check's report (stderr) names the operation and the failure point.
+            const int status = child_body(n);
+            if (status == 1)
+                std::fprintf(stderr, "(%s, calls %ld.. failing)\n", name.c_str(), n);
+            std::fflush(nullptr);
+            ::_exit(status);
         }
         int status = 0;
         REQUIRE(::waitpid(child, &status, 0) == child);
@@ -612,18 +757,22 @@ void run_persistent(const std::string& name, PersistentTally& tally, ChildBody c
         ++tally.points;
         ++op_points;
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-            ++tally.survived;
+            ++tally.rolled_back;
+        } else if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
+            ++tally.quarantined;
+            ++op_quarantined;
         } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) {
             ++tally.fatal;
             ++op_fatal;
+            FAIL_CHECK(name << ": calls " << n << ".. failing: reached fatal()");
         } else {
             ++tally.inconsistent;
             FAIL_CHECK(name << ": calls " << n << ".. failing: inconsistent (status " << status
                             << ")");
         }
     }
-    MESSAGE(name << ": " << op_points << " persistent injection points, " << op_fatal
-                 << " reached fatal() (defect 7)");
+    MESSAGE(name << ": " << op_points << " persistent injection points, " << op_quarantined
+                 << " took something out of service, " << op_fatal << " reached fatal()");
 }
 
 TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
@@ -637,10 +786,13 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             after = snapshot(*f);
         }
         run_persistent(op.name, tally, [&](long n) {
-            // 0: consistent; 1: diverged or retry failed; 2: not reached (the end).
+            // 0: rolled back; 3: out of service, checked; 1: diverged or retry failed; 2: not
+            // reached (the end).
             bool succeeded = false, reached = false;
             const Verdict v = run_injected(op, after, n, true, succeeded, reached);
-            return !reached ? 2 : v == Verdict::consistent ? 0 : 1;
+            if (!reached)
+                return 2;
+            return v == Verdict::consistent ? 0 : v == Verdict::quarantined ? 3 : 1;
         });
     }
     for (const BuildVariant& b : builds()) {
@@ -657,10 +809,11 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             return ok ? 0 : 1;
         });
     }
-    MESSAGE("persistent injection points: " << tally.points
-                                            << ", survived consistent: " << tally.survived
-                                            << ", reached fatal() (defect 7, open): " << tally.fatal
-                                            << ", inconsistent: " << tally.inconsistent);
+    MESSAGE("persistent injection points: "
+            << tally.points << ", rolled back: " << tally.rolled_back
+            << ", survived with a mapper or partition out of service: " << tally.quarantined
+            << ", reached fatal(): " << tally.fatal << ", inconsistent: " << tally.inconsistent);
     CHECK(tally.points > 50);
+    CHECK(tally.fatal == 0);
     CHECK(tally.inconsistent == 0);
 }

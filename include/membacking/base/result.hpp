@@ -46,6 +46,7 @@ enum class errc : int {
     unsupported,        ///< a policy or platform lacks the capability
     resource_exhausted, ///< memslots, address space or similar ran out
     conflict,           ///< the request contradicts current state (e.g. the private-memory rules)
+    quarantined,        ///< a VA mapper or partition the host could not restore after a failure
 };
 
 namespace detail {
@@ -65,6 +66,7 @@ public:
         case errc::unsupported: return "unsupported";
         case errc::resource_exhausted: return "resource exhausted";
         case errc::conflict: return "conflicts with current state";
+        case errc::quarantined: return "quarantined after a host failure";
         }
         return "unknown membacking error";
     }

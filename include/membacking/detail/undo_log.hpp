@@ -4,8 +4,11 @@
  *
  * The mechanism behind "every control operation is all-or-nothing": each step that changed the
  * outside world pushes the step that reverses it; a failure runs the list backwards. An undo step
- * that itself fails leaves the guest's view and the library's books disagreeing with no way back,
- * so that is fatal (base/fatal.hpp) rather than silent.
+ * must not fail for a host reason: the steps that touch the host (the mapping manager's and the
+ * partition set's) check rolling_back() and, when the host refuses, quarantine the VA mapper or
+ * mark the partition failed, and report success (issue 10, defect 7: a host whose resource keeps
+ * failing must not kill the VMM). A step that still fails is a library bug: the guest's view and
+ * the books would disagree with no way back, so that is fatal (base/fatal.hpp), never silent.
  *
  * rolling_back() tells a step's callee that it is being called to undo (on this thread, by any
  * UndoLog): a run-time listener (mapping/memory_listener.hpp) cannot refuse such a call, and one

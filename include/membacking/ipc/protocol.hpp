@@ -237,7 +237,7 @@ private:
 [[nodiscard]] constexpr bool valid_status(std::uint32_t s) noexcept
 {
     return s >= static_cast<std::uint32_t>(errc::invalid_range) &&
-           s <= static_cast<std::uint32_t>(errc::conflict);
+           s <= static_cast<std::uint32_t>(errc::quarantined);
 }
 
 } // namespace detail

@@ -254,6 +254,12 @@ public:
     /// A snapshot of the live state, printable as text (to_text) or JSON (to_json).
     [[nodiscard]] MemoryMap memory_map() const { return core_ ? core_->memory_map() : MemoryMap{}; }
 
+    /// What host failures took out of service (also in the memory map): VA mappers quarantined
+    /// (their accesses fail with errc::quarantined) and partitions marked failed (the manager
+    /// no longer updates them; detach them). ok() on a healthy manager. A control operation that
+    /// quarantines something still returns its own error; the others go on working.
+    [[nodiscard]] Health health() const { return core_ ? core_->health() : Health{}; }
+
     /// The end of the guest address space: every GPA is below it (build's address_space).
     [[nodiscard]] Gpa max_address() const noexcept
     {

@@ -4,7 +4,7 @@
  *
  * MemoryMap: a snapshot of the live state (every region with its range, priority, type, params,
  * whether it is visible, the permission each partition was given for it, and its mappings; the
- * attached partitions; the VA mappers), rendered as
+ * attached partitions; the VA mappers; what host failures took out of service), rendered as
  * text in the spirit of QEMU's `info mtree` (nested regions indented under the region that
  * contains them, ends inclusive) or as JSON for tools.
  *
@@ -36,6 +36,30 @@
 
 namespace membacking {
 
+/// What host failures took out of service (GuestMemoryManager::health(), and the memory map's
+/// "out of service" section): VA mappers quarantined because the host refused to restore them,
+/// and partitions marked failed because they refused to undo a step (issue 10, defect 7).
+struct Health {
+    struct QuarantinedMapper {
+        std::uint64_t id = 0;
+        std::string cause; ///< the operation's error, then what could not be undone
+        /// Whether its whole range is inaccessible by now; if not, every later control operation
+        /// tries again, and until then pages it had mapped stay readable through it.
+        bool invalidated = false;
+    };
+    struct FailedPartition {
+        PartitionId id;
+        std::string cause;
+    };
+    std::vector<QuarantinedMapper> quarantined_mappers; ///< by mapper id
+    std::vector<FailedPartition> failed_partitions;     ///< in the order they failed
+
+    [[nodiscard]] bool ok() const noexcept
+    {
+        return quarantined_mappers.empty() && failed_partitions.empty();
+    }
+};
+
 struct MemoryMap {
     struct Mapping {
         MemoryRange gpa; ///< absolute
@@ -65,6 +89,7 @@ struct MemoryMap {
         std::vector<Mapping> mappings;
         std::vector<PartitionAccess> given; ///< per attached partition, while active
     };
+    using FailedPartition = Health::FailedPartition;
     struct Partition {
         PartitionId id;
         std::string type;
@@ -77,6 +102,7 @@ struct MemoryMap {
     std::vector<Region> regions; ///< by start, then outer before inner
     std::vector<Partition> partitions;
     std::size_t va_mappers = 0;
+    Health health;
 
     /// The region named `name` (the first in map order if several share it), or nullptr.
     [[nodiscard]] const Region* find_region(std::string_view name) const&
@@ -148,6 +174,23 @@ struct MemoryMap {
             out += "  #" + std::to_string(p.id.value) + " " + printable(p.type) + " vtl" +
                    std::to_string(static_cast<int>(p.vtl)) + " at offset " +
                    MemoryRange::hex(p.offset) + (p.pin ? " (pinned)" : "") + "\n";
+        if (!health.ok()) {
+            out += "out of service:\n";
+            for (const Health::QuarantinedMapper& q : health.quarantined_mappers) {
+                out += "  VA mapper ";
+                out += std::to_string(q.id);
+                out += q.invalidated ? " quarantined: " : " quarantined (not yet invalidated): ";
+                out += printable(q.cause);
+                out += "\n";
+            }
+            for (const Health::FailedPartition& f : health.failed_partitions) {
+                out += "  partition #";
+                out += std::to_string(f.id.value);
+                out += " failed: ";
+                out += printable(f.cause);
+                out += "\n";
+            }
+        }
         return out;
     }
 
@@ -213,6 +256,23 @@ struct MemoryMap {
             field(out, "vtl", std::to_string(static_cast<int>(p.vtl)));
             field(out, "offset", std::to_string(p.offset));
             field(out, "pin", boolean(p.pin));
+            out += "}";
+        }
+        out += "],\"quarantined_mappers\":[";
+        for (std::size_t i = 0; i < health.quarantined_mappers.size(); ++i) {
+            const Health::QuarantinedMapper& q = health.quarantined_mappers[i];
+            out += i ? ",{" : "{";
+            field(out, "id", std::to_string(q.id), true);
+            field(out, "cause", quote(q.cause));
+            field(out, "invalidated", boolean(q.invalidated));
+            out += "}";
+        }
+        out += "],\"failed_partitions\":[";
+        for (std::size_t i = 0; i < health.failed_partitions.size(); ++i) {
+            const Health::FailedPartition& f = health.failed_partitions[i];
+            out += i ? ",{" : "{";
+            field(out, "id", std::to_string(f.id.value), true);
+            field(out, "cause", quote(f.cause));
             out += "}";
         }
         out += "]}";

@@ -20,6 +20,14 @@
  * - Every failure path rolls back: adding a mapper (its reservation simply goes away), adding or
  *   replacing a mapping (mappers that took it get the old pieces back), removing mappings, and
  *   upgrading (the mapper stays lazy, keeping what it mapped so far, which is still correct).
+ * - Quarantine (issue 10, defect 7): a mapper whose restore the host refuses too is taken out of
+ *   service instead of aborting: it leaves the books, its range is replaced by one PROT_NONE
+ *   reservation or else made inaccessible in place (neither splits a VMA, so neither needs one
+ *   more at vm.max_map_count; if both are refused, every later control operation tries again),
+ *   and its accesses fail with errc::quarantined from their first fault. The operation returns
+ *   its own error; the other mappers stay in sync. quarantined_mappers() lists them. A step run
+ *   as a rollback (UndoLog::rolling_back()) never fails: a mapper that cannot follow it is
+ *   quarantined and the books take the change.
  * - Private (anonymous) memory lives in exactly one mapper: a second mapper is refused while
  *   private memory is mapped, and private memory is refused while two mappers exist.
  * - Mapper ids are never reused (the reference's slab reuses keys).
@@ -28,7 +36,9 @@
  * both take it; the access path never does. A fault taken on a thread that already holds the
  * mutex (an access from inside a control call) is answered with an error, not a deadlock.
  * Shutdown (the manager's destructor) unmaps every mapper's whole range, so handles that outlive
- * the manager get errors, not stale memory.
+ * the manager get errors, not stale memory. If the host refuses that and the in-place PROT_NONE
+ * too, a mapper no handle holds is leaked (teardown_leaks() counts it); one a handle still holds
+ * is fatal, since the handle would read guest memory of a manager that is gone.
  *
  * Leases (Linux): the manager owns the guest's lease domain (lease/lease_domain.hpp), which every
  * mapper shares. Every operation that may change the active mappings republishes the domain's
@@ -45,6 +55,7 @@
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/detail/interval_map.hpp>
+#include <membacking/detail/undo_log.hpp>
 #include <membacking/region/mapping.hpp>
 #include <membacking/va/va_policy.hpp>
 
@@ -78,6 +89,15 @@ class MappingCore;
 /// Whether a new mapper gets every mapping pushed to it (eager) or faults them in (lazy).
 enum class MapperMode : std::uint8_t { eager, lazy };
 
+/// A VA mapper the manager could not restore after a host failure (see VaMapper::quarantined).
+struct QuarantinedMapper {
+    std::uint64_t id = 0;
+    std::string cause; ///< the operation's error, then what the rollback could not do
+    /// Whether its whole range is unmapped or inaccessible by now (if not, every later control
+    /// operation tries again; until then pages it had mapped stay readable through it).
+    bool invalidated = false;
+};
+
 /// Counters for tests and dumps.
 struct MappingStats {
     std::uint64_t lazy_faults = 0;   ///< mappings faulted into lazy mappers
@@ -98,14 +118,23 @@ public:
     [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
     [[nodiscard]] bool is_eager() const noexcept { return eager_.load(std::memory_order_relaxed); }
     [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+    /// Whether the manager quarantined this mapper: a control operation failed on it and the host
+    /// refused what would have put it back. Its range is then unmapped (or made inaccessible),
+    /// every access that faults on it fails with errc::quarantined, and the manager no longer
+    /// keeps it in sync. Read only on an access's failure side (resolve_fault).
+    [[nodiscard]] bool quarantined() const noexcept
+    {
+        return quarantined_.load(std::memory_order_acquire);
+    }
 
     /// The slow path of a guest access that faulted at `gpa`. Returns std::nullopt if the access
     /// should be retried (a lazy mapper fetched the mapping, or it was replaced concurrently), or
     /// the error to report: errc::unmapped (no mapping there), errc::read_only (a write to
     /// read-only memory), errc::conflict (the fault came from inside a control call on this
-    /// thread). Takes the mapping manager's lock; may map memory. This is the cold path after a
-    /// fault, not the access path: it may allocate (bookkeeping, error text), and being noexcept
-    /// an allocation failure here ends the process rather than corrupting the books.
+    /// thread), errc::quarantined (this mapper is quarantined). Takes the mapping manager's lock;
+    /// may map memory. This is the cold path after a fault, not the access path: it may allocate
+    /// (bookkeeping, error text), and being noexcept an allocation failure here ends the process
+    /// rather than corrupting the books.
     [[nodiscard]] std::optional<errc> resolve_fault(std::uint64_t gpa, bool write) noexcept;
 
     /// The guest's dirty bitmap, if its manager tracks VMM writes (null otherwise). It lives as
@@ -145,6 +174,10 @@ private:
     std::atomic<bool> eager_;
     /// Only registered mappers deregister on destruction; cleared at the manager's shutdown.
     std::atomic<bool> registered_ = false;
+    /// Set once, under the mapping manager's lock; read by resolve_fault without it.
+    std::atomic<bool> quarantined_ = false;
+    /// Who else holds this mapper (GuestMemory handles): decides what shutdown may leak.
+    std::weak_ptr<VaMapper> self_;
     [[no_unique_address]] Leases leases_;
     std::shared_ptr<detail::DirtyBitmap> dirty_;
 };
@@ -165,17 +198,23 @@ public:
     {
         Locked lock(*this);
         const Republish republish(*this);
+        retry_invalidations();
         if (m.gpa.empty() || m.gpa.end() > max_addr_)
             return make_error(errc::out_of_range, "mapping " + m.gpa.to_string() +
                                                       " lies outside the guest address space of " +
                                                       MemoryRange::hex(max_addr_) + " bytes");
-        MEMBACKING_TRY(ensure_lease_window(m));
+        // A rollback step (an UndoLog running) must not fail: a mapper that cannot follow it is
+        // quarantined, the books take the change. Without its lease window, leases of the range
+        // answer errc::unsupported until a later change makes the window.
+        const bool must_follow = UndoLog::rolling_back();
+        if (auto w = ensure_lease_window(m); !w && !must_follow)
+            return w;
         if (Entry* same = exact_entry(m.gpa); same != nullptr && same->mapping.backing == m.backing)
-            return change_permission(*same, m);
-        if (m.backing.is_private() && mappers_.size() > 1)
+            return change_permission(*same, m, must_follow);
+        if (m.backing.is_private() && healthy_count() > 1)
             return make_error(errc::conflict,
                               "cannot map private memory at " + m.gpa.to_string() + " while " +
-                                  std::to_string(mappers_.size()) +
+                                  std::to_string(healthy_count()) +
                                   " VA mappers exist (private memory lives in one)");
         const std::vector<ActiveMapping> old = pieces_in(m.gpa);
         for (const ActiveMapping& p : old)
@@ -185,16 +224,21 @@ public:
 
         // Eager mappers take the new mapping; any failure gives the ones that took it the old
         // pieces back.
+        // A mapper whose restore fails too is quarantined (quarantine()).
         std::vector<Slot*> took;
         for (Slot& s : mappers_) {
-            if (!s.eager)
+            if (!s.eager || s.quarantined)
                 continue;
             if (auto r = map_into(*s.mapper, m); !r) {
+                if (must_follow) {
+                    quarantine(s, r.error().full_message());
+                    continue;
+                }
                 // The failing mapper too: its MAP_FIXED may have replaced the old pages before
                 // a later step (the NUMA binding) failed.
-                must(restore(*s.mapper, m.gpa, old), "restoring the failing mapper");
+                restore_or_quarantine(s, m.gpa, old, r.error());
                 for (Slot* t : took)
-                    must(restore(*t->mapper, m.gpa, old), "restoring an eager mapper");
+                    restore_or_quarantine(*t, m.gpa, old, r.error());
                 return std::move(r).error();
             }
             took.push_back(&s);
@@ -202,14 +246,17 @@ public:
         // Lazy mappers that hold old memory here drop it; they will fault the new one in.
         std::vector<Slot*> dropped;
         for (Slot& s : mappers_) {
-            if (s.eager || !holds_any(s.id, m.gpa))
+            if (s.eager || s.quarantined || !holds_any(s.id, m.gpa))
                 continue;
             if (auto r = s.mapper->va_.unmap(m.gpa.start(), m.gpa.size()); !r) {
+                if (must_follow) {
+                    quarantine(s, r.error().full_message());
+                    continue;
+                }
                 for (Slot* d : dropped)
-                    must(restore(*d->mapper, m.gpa, held_pieces(d->id, m.gpa)),
-                         "restoring a lazy mapper");
+                    restore_or_quarantine(*d, m.gpa, held_pieces(d->id, m.gpa), r.error());
                 for (Slot* t : took)
-                    must(restore(*t->mapper, m.gpa, old), "restoring an eager mapper");
+                    restore_or_quarantine(*t, m.gpa, old, r.error());
                 return std::move(r).error();
             }
             dropped.push_back(&s);
@@ -219,7 +266,7 @@ public:
         split_out(m.gpa);
         Entry e{m, {}};
         for (const Slot& s : mappers_)
-            if (s.eager)
+            if (s.eager && !s.quarantined)
                 e.holders.push_back(s.id);
         entries_.insert(std::move(e));
         has_private_ = has_private_ || m.backing.is_private();
@@ -230,6 +277,8 @@ public:
     {
         Locked lock(*this);
         const Republish republish(*this);
+        retry_invalidations();
+        const bool must_follow = UndoLog::rolling_back(); // as in add_mapping
         const std::vector<ActiveMapping> old = pieces_in(range);
         if (old.empty())
             return {};
@@ -237,16 +286,19 @@ public:
             MemoryRange::valid_or_abort(old.front().gpa.start(), old.back().gpa.end());
         std::vector<Slot*> done;
         for (Slot& s : mappers_) {
-            if (!s.eager && !holds_any(s.id, extent))
+            if (s.quarantined || (!s.eager && !holds_any(s.id, extent)))
                 continue;
             if (auto r = s.mapper->va_.unmap(extent.start(), extent.size()); !r) {
+                if (must_follow) {
+                    quarantine(s, r.error().full_message());
+                    continue;
+                }
                 for (Slot* d : done)
-                    must(restore(*d->mapper, extent, held_pieces(d->id, extent)),
-                         "re-mapping after a failed invalidation");
+                    restore_or_quarantine(*d, extent, held_pieces(d->id, extent), r.error());
                 // Its unmap failed, so its private memory (if any) is most likely intact:
                 // re-committing it would zero it. File pieces are put back either way.
-                must(restore(*s.mapper, extent, held_pieces(s.id, extent), Private::leave),
-                     "re-mapping the mapper whose invalidation failed");
+                restore_or_quarantine(s, extent, held_pieces(s.id, extent), r.error(),
+                                      Private::leave);
                 return std::move(r).error();
             }
             done.push_back(&s);
@@ -264,7 +316,8 @@ public:
         Locked lock(*this);
         if (shut_down_)
             return make_error(errc::not_found, "the mapping manager has shut down");
-        if (!mappers_.empty() && has_private_)
+        retry_invalidations();
+        if (healthy_count() > 0 && has_private_)
             return make_error(errc::conflict,
                               "cannot add a second VA mapper while private memory is mapped "
                               "(private memory lives in one mapper)");
@@ -284,7 +337,8 @@ public:
                 e.holders.push_back(mapper->id_);
         }
         mapper->registered_ = true;
-        mappers_.push_back(Slot{mapper->id_, mapper.get(), eager});
+        mapper->self_ = mapper;
+        mappers_.push_back(Slot{mapper->id_, mapper.get(), eager, false, false, {}});
         return mapper;
     }
 
@@ -295,15 +349,23 @@ public:
         if (s == nullptr)
             return make_error(errc::not_found,
                               "VA mapper " + std::to_string(mapper.id_) + " is not registered");
+        retry_invalidations();
+        if (s->quarantined)
+            return quarantined_error(*s);
         if (s->eager)
             return {};
         for (auto& [start, e] : entries_) {
             if (holds(e, s->id))
                 continue;
-            // On failure the mapper stays lazy; what it mapped so far stays valid and recorded.
-            MEMBACKING_TRY_CONTEXT(map_into(mapper, e.mapping), "failed to upgrade VA mapper " +
-                                                                    std::to_string(s->id) +
-                                                                    " to eager");
+            // On failure the mapper stays lazy; what it mapped so far stays valid and recorded
+            // (unless the failed step left memory behind that could not be cleared: quarantine).
+            bool left_behind = false;
+            if (auto r = map_into(mapper, e.mapping, &left_behind); !r) {
+                if (left_behind)
+                    quarantine(*s, r.error().full_message());
+                return std::move(r).error().context("failed to upgrade VA mapper " +
+                                                    std::to_string(s->id) + " to eager");
+            }
             e.holders.push_back(s->id);
         }
         s->eager = true;
@@ -327,6 +389,8 @@ public:
         Slot* s = find_slot(mapper.id_);
         if (s == nullptr)
             return errc::unmapped;
+        if (s->quarantined)
+            return errc::quarantined;
         Entry* e = entry_at(gpa);
         if (e == nullptr)
             return errc::unmapped;
@@ -336,22 +400,40 @@ public:
             return std::nullopt; // mapped by now: the access raced with a change; retry
         if (s->eager)
             return errc::unmapped;
-        if (!map_into(mapper, e->mapping))
+        bool left_behind = false;
+        if (!map_into(mapper, e->mapping, &left_behind)) {
+            if (left_behind) { // mapped with the wrong permission or node, and stuck so
+                std::string cause = "a lazy fault at ";
+                cause += MemoryRange::hex(gpa);
+                cause += " could not clear a half-made mapping";
+                quarantine(*s, cause);
+            }
             return errc::resource_exhausted;
+        }
         e->holders.push_back(s->id);
         ++stats_.lazy_faults;
         return std::nullopt;
     }
 
-    /// Unmaps every mapper's whole range and forgets everything.
-    void shut_down() noexcept
+    /// Unmaps every mapper's whole range and forgets everything. A mapper whose range can be
+    /// neither replaced nor made inaccessible is quarantined and its pages leak (counted in
+    /// teardown_leaks()) if nothing but `own` (the caller's own reference, or null) holds it: no
+    /// handle can reach it. Only if a handle could still read guest memory through it is that
+    /// fatal (neither call needs a new VMA on Linux, so an exhausted vm.max_map_count cannot
+    /// cause it).
+    void shut_down(const VaMapper<V>* own = nullptr) noexcept
     {
         Locked lock(*this);
         const Republish republish(*this);
         for (Slot& s : mappers_) {
-            if (!s.mapper->va_.unmap(0, align_up_page(max_addr_)))
-                fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
-                      "reachable after its manager is gone");
+            if (!s.invalidated && !invalidate(*s.mapper)) {
+                s.mapper->quarantined_.store(true, std::memory_order_release);
+                const long others = s.mapper->self_.use_count() - (s.mapper == own ? 1 : 0);
+                if (others > 0)
+                    fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
+                          "reachable through a surviving handle after its manager is gone");
+                teardown_leaks().fetch_add(1, std::memory_order_relaxed);
+            }
             s.mapper->registered_ = false;
         }
         mappers_.clear();
@@ -378,6 +460,22 @@ public:
     {
         Locked lock(*this);
         return mappers_.size();
+    }
+    [[nodiscard]] std::vector<QuarantinedMapper> quarantined_mappers() const
+    {
+        Locked lock(*this);
+        std::vector<QuarantinedMapper> out;
+        for (const Slot& s : mappers_)
+            if (s.quarantined)
+                out.push_back({s.id, s.cause, s.invalidated});
+        return out;
+    }
+    /// VA ranges the process leaked at teardown because the host refused to invalidate them
+    /// (see shut_down), over every manager of this process.
+    static std::atomic<std::uint64_t>& teardown_leaks() noexcept
+    {
+        static std::atomic<std::uint64_t> leaks = 0;
+        return leaks;
     }
     [[nodiscard]] MappingStats stats() const
     {
@@ -410,6 +508,9 @@ private:
         std::uint64_t id;
         VaMapper<V>* mapper;
         bool eager;
+        bool quarantined = false; ///< see quarantine(); no operation touches it any more
+        bool invalidated = false; ///< quarantined and its whole range unmapped or inaccessible
+        std::string cause;        ///< why it was quarantined
     };
 
     /// The mutex, plus a per-thread note of which core this thread holds (for re-entrancy).
@@ -497,12 +598,6 @@ private:
         return (v + page_size - 1) & ~(page_size - 1);
     }
 
-    static void must(const Result<void>& r, const char* what)
-    {
-        if (!r)
-            fatal(std::string(what) + " failed during rollback: " + r.error().full_message());
-    }
-
     static bool holds(const Entry& e, std::uint64_t id)
     {
         return std::find(e.holders.begin(), e.holders.end(), id) != e.holders.end();
@@ -534,18 +629,28 @@ private:
     /// The same memory at the same place with other permissions: mprotect it where it is, in
     /// every mapper that holds it. No window in which it is unmapped, and private memory keeps
     /// its contents (a replacement would drop them).
-    Result<void> change_permission(Entry& e, const ActiveMapping& m)
+    Result<void> change_permission(Entry& e, const ActiveMapping& m, bool must_follow)
     {
         const bool was_writable = e.mapping.writable;
         if (was_writable != m.writable) {
             std::vector<Slot*> done;
             for (Slot& s : mappers_) {
-                if (!holds(e, s.id))
+                if (s.quarantined || !holds(e, s.id))
                     continue;
                 if (auto r = s.mapper->va_.protect(m.gpa.start(), m.gpa.size(), m.writable); !r) {
+                    if (must_follow) {
+                        quarantine(s, r.error().full_message());
+                        continue;
+                    }
                     for (Slot* d : done)
-                        must(d->mapper->va_.protect(m.gpa.start(), m.gpa.size(), was_writable),
-                             "restoring a permission");
+                        if (auto u =
+                                d->mapper->va_.protect(m.gpa.start(), m.gpa.size(), was_writable);
+                            !u) {
+                            std::string cause = r.error().full_message();
+                            cause += "; restoring the permission failed: ";
+                            cause += u.error().full_message();
+                            quarantine(*d, cause);
+                        }
                     return std::move(r).error();
                 }
                 done.push_back(&s);
@@ -606,8 +711,10 @@ private:
         });
     }
 
-    /// Maps one active mapping into one mapper's VA, with its placement hints.
-    Result<void> map_into(VaMapper<V>& mapper, const ActiveMapping& m)
+    /// Maps one active mapping into one mapper's VA, with its placement hints. On failure after
+    /// the memory was mapped (its protection or NUMA binding), the range is unmapped again; if
+    /// that fails too, *left_behind (if given) is set: the caller restores or quarantines.
+    Result<void> map_into(VaMapper<V>& mapper, const ActiveMapping& m, bool* left_behind = nullptr)
     {
         V& va = mapper.va_;
         const std::uint64_t off = m.gpa.start();
@@ -619,7 +726,8 @@ private:
             MEMBACKING_TRY(va.commit_private(off, len));
             if (!m.writable) {
                 if (auto r = va.protect(off, len, false); !r) {
-                    must(va.unmap(off, len), "unmapping after a failed protection change");
+                    if (!va.unmap(off, len) && left_behind != nullptr)
+                        *left_behind = true;
                     return std::move(r).error();
                 }
             }
@@ -630,7 +738,8 @@ private:
         // live on the wrong node); THP is advice the kernel may refuse (e.g. THP "never").
         if (m.policy.numa_node) {
             if (auto r = va.bind_numa(off, len, *m.policy.numa_node); !r) {
-                must(va.unmap(off, len), "unmapping after a failed NUMA binding");
+                if (!va.unmap(off, len) && left_behind != nullptr)
+                    *left_behind = true;
                 return std::move(r).error();
             }
         }
@@ -670,6 +779,79 @@ private:
         return {};
     }
 
+    std::size_t healthy_count() const
+    {
+        return static_cast<std::size_t>(std::count_if(
+            mappers_.begin(), mappers_.end(), [](const Slot& s) { return !s.quarantined; }));
+    }
+
+    static Error quarantined_error(const Slot& s)
+    {
+        std::string what = "VA mapper ";
+        what += std::to_string(s.id);
+        what += " is quarantined: ";
+        what += s.cause;
+        return make_error(errc::quarantined, what);
+    }
+
+    /// Takes a mapper the host would not let us restore out of service, without any resource
+    /// the failing host might refuse again being needed for the manager to go on: it leaves
+    /// the books (no entry lists it as a holder, no operation touches it again), its accesses
+    /// fail with errc::quarantined from their first fault (VaMapper::resolve_fault), and its
+    /// range is invalidated: replaced by one PROT_NONE reservation, or else made inaccessible
+    /// in place (neither splits a VMA, so neither needs a new one); if both fail, every later
+    /// control operation tries again (retry_invalidations).
+    void quarantine(Slot& s, const std::string& cause) noexcept
+    {
+        if (s.quarantined)
+            return;
+        s.quarantined = true;
+        s.cause = cause;
+        s.mapper->quarantined_.store(true, std::memory_order_release);
+        for (auto& [start, e] : entries_)
+            std::erase(e.holders, s.id);
+        s.invalidated = invalidate(*s.mapper);
+    }
+
+    /// Puts `pieces` back into a mapper after the operation failed with `root`; a mapper whose
+    /// restore fails as well is quarantined.
+    void restore_or_quarantine(Slot& s, const MemoryRange& range,
+                               const std::vector<ActiveMapping>& pieces, const Error& root,
+                               Private private_pieces = Private::recommit)
+    {
+        if (auto r = restore(*s.mapper, range, pieces, private_pieces); !r) {
+            std::string cause = root.full_message();
+            cause += "; restoring ";
+            cause += range.to_string();
+            cause += " failed: ";
+            cause += r.error().full_message();
+            quarantine(s, cause);
+        }
+    }
+
+    /// Replaces a mapper's whole range by inaccessible memory; false if the host refused both
+    /// ways.
+    bool invalidate(VaMapper<V>& mapper) noexcept
+    {
+        V& va = mapper.va_;
+        const std::uint64_t whole = align_up_page(max_addr_);
+        if (va.unmap(0, whole))
+            return true;
+        if constexpr (requires { va.make_inaccessible(std::uint64_t{}, std::uint64_t{}); }) {
+            if (va.make_inaccessible(0, whole))
+                return true;
+        }
+        return false;
+    }
+
+    /// Tries again to invalidate the quarantined mappers the host refused it to before.
+    void retry_invalidations() noexcept
+    {
+        for (Slot& s : mappers_)
+            if (s.quarantined && !s.invalidated)
+                s.invalidated = invalidate(*s.mapper);
+    }
+
     mutable std::mutex mutex_;
     const std::uint64_t max_addr_;
     const std::uint64_t min_alignment_;
@@ -703,6 +885,8 @@ std::optional<errc> VaMapper<V>::resolve_fault(std::uint64_t gpa, bool write) no
 {
     if (gpa >= size_)
         return errc::out_of_range;
+    if (quarantined_.load(std::memory_order_acquire))
+        return errc::quarantined;
     auto core = core_.lock();
     if (!core)
         return errc::unmapped; // the manager is gone; everything was unmapped at its shutdown
@@ -745,10 +929,12 @@ public:
 
     /// Invalidates every mapper (their accesses fail from now on) and forgets every mapping;
     /// new_mapper() fails afterwards. Idempotent; the destructor does it too.
-    void shut_down() noexcept
+    /// `own`: a mapper the caller itself still holds (the manager's primary), which does not
+    /// count as a handle that could reach guest memory after a failed invalidation.
+    void shut_down(const VaMapper<V>* own = nullptr) noexcept
     {
         if (core_)
-            core_->shut_down();
+            core_->shut_down(own);
     }
 
     // VaEventSink
@@ -770,6 +956,11 @@ public:
         return core_->holders_at(gpa);
     }
     [[nodiscard]] std::size_t mapper_count() const { return core_->mapper_count(); }
+    /// The quarantined mappers (see VaMapper::quarantined), in registration order.
+    [[nodiscard]] std::vector<QuarantinedMapper> quarantined_mappers() const
+    {
+        return core_->quarantined_mappers();
+    }
     [[nodiscard]] MappingStats stats() const { return core_->stats(); }
     [[nodiscard]] std::uint64_t max_addr() const noexcept { return core_->max_addr(); }
 #if MEMBACKING_OS_LINUX

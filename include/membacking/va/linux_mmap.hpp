@@ -183,6 +183,19 @@ public:
                           [] { return std::string("failed to unmap"); });
     }
 
+    /// Inaccessible in place (mprotect PROT_NONE), what stays mapped kept: the mapping manager's
+    /// fallback when unmap() is refused while quarantining a mapper. Over the whole reservation
+    /// it changes whole VMAs only and so needs no new one (unlike a split at vm.max_map_count).
+    Result<void> make_inaccessible(std::uint64_t off, std::uint64_t len)
+    {
+        MEMBACKING_TRY(check(off, len));
+        if (Sys::mprotect(base_ + off, len, PROT_NONE) != 0)
+            return os::last_error([&] {
+                return std::string("failed to make " + describe(off, len) + " inaccessible");
+            });
+        return {};
+    }
+
     Result<void> protect(std::uint64_t off, std::uint64_t len, bool writable)
     {
         MEMBACKING_TRY(check(off, len));

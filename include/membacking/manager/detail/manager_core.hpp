@@ -153,7 +153,7 @@ public:
         closed_ = true;
         advice_given_.wait(lock, [&] { return advising_ == 0; });
         partitions_.unmap_all(regions_.active_regions());
-        va_.shut_down();
+        va_.shut_down(primary_.get());
     }
 
     /// Whether shut_down() began: control operations fail from then on.
@@ -245,10 +245,10 @@ public:
             if (!id || !tracking_)
                 return id;
             // A partition attached during a migration logs from the start; all or nothing.
+            // A partition that cannot be detached again stays attached, marked failed.
             if (auto on = partitions_.set_dirty_logging(*id, true); !on) {
                 if (auto off = partitions_.detach(*id, c.regions.active_regions()); !off)
-                    fatal("detaching a partition whose dirty logging failed: " +
-                          off.error().full_message());
+                    partitions_.mark_failed(*id, on.error(), off.error());
                 return std::move(on).error();
             }
             return id;
@@ -392,11 +392,29 @@ public:
     [[nodiscard]] MemoryMap memory_map() const
     {
         std::lock_guard lock(control_);
-        return build_memory_map(regions_, partitions_.describe(), va_.mapper_count(),
-                                Gpa{config_.max_addr});
+        MemoryMap map = build_memory_map(regions_, partitions_.describe(), va_.mapper_count(),
+                                         Gpa{config_.max_addr});
+        map.health = health_locked();
+        return map;
+    }
+
+    /// What host failures took out of service (see Health).
+    [[nodiscard]] Health health() const
+    {
+        std::lock_guard lock(control_);
+        return health_locked();
     }
 
 private:
+    [[nodiscard]] Health health_locked() const
+    {
+        Health h;
+        for (auto& q : va_.quarantined_mappers())
+            h.quarantined_mappers.push_back({q.id, std::move(q.cause), q.invalidated});
+        h.failed_partitions = partitions_.failed();
+        return h;
+    }
+
     /// The end of a control operation: takes the advice the partitions were given and gives it
     /// with the lock released; shut_down() waits for it, since it may touch partitions.
     void give_advice(std::unique_lock<std::mutex>& lock)

@@ -20,7 +20,13 @@
  * never issued during an operation. map() queues it; whoever runs the operation takes the queue
  * (take_deferred()) and runs it once its lock is released.
  *
- * Every operation is all or nothing (detail::UndoLog); an undo step that fails is fatal. Not
+ * Every operation is all or nothing (detail::UndoLog). An undo step never fails: a partition
+ * that refuses one (its host resource keeps failing: KVM memslots, WHP mappings) is marked
+ * failed instead (mark_failed): from then on no operation sends it anything, the memory map and
+ * health() report it with the root error, set_dirty_logging/take_dirty_log on it and the
+ * all-partition dirty-log calls fail with errc::quarantined, and detach() drops it (unmapping
+ * what it can). Its windows stay as they were when it failed: the VMM should stop its vCPUs.
+ * A rollback run by an outer UndoLog (the manager's) is handled the same way. Not
  * thread-safe by itself: the manager calls it under its control lock. Testable against the mock
  * without a manager (tests/manager/partition_set.cpp).
  */
@@ -107,6 +113,9 @@ public:
         PartitionSet& set_;
     };
 
+    /// An attached partition that refused to undo a step (see the file comment).
+    using FailedPartition = MemoryMap::FailedPartition;
+
     /// Advice to give once the operation's lock is released (prefetch).
     using Deferred = std::vector<std::function<void()>>;
 
@@ -159,12 +168,27 @@ public:
 
         // Replay what is visible now; any failure takes everything of this attach back out
         // (the reference keeps the alias mapping when the second registration fails).
+        // If that fails too, the partition keeps what could not be taken out: it is attached
+        // anyway, marked failed (its id is taken), so that it is reported and can be detached.
+        std::optional<Error> stuck;
         UndoLog undo;
         for (const Attached<P>& e : entries)
             for (const RegionActivation& act : visible) {
-                if (auto r = map_one(e, act); !r)
+                if (auto r = map_one(e, act); !r) {
+                    undo.rollback();
+                    if (stuck) {
+                        auto& list = std::get<std::vector<Attached<P>>>(lists_);
+                        list.insert(list.end(), entries.begin(), entries.end());
+                        ++next_id_;
+                        mark_failed(id, r.error(), *stuck);
+                    }
                     return attach_error(std::move(r).error());
-                undo.push([this, e, range = act.gpa] { return unmap_one(e, range); });
+                }
+                undo.push([this, e, range = act.gpa, &stuck]() -> Result<void> {
+                    if (auto u = unmap_one(e, range); !u && !stuck)
+                        stuck = std::move(u).error();
+                    return {};
+                });
             }
         undo.commit();
         auto& list = std::get<std::vector<Attached<P>>>(lists_);
@@ -177,6 +201,19 @@ public:
     Result<void> detach(PartitionId id, const std::vector<RegionActivation>& visible)
     {
         const Operation op = operation();
+        if (is_failed(id)) {
+            // Nothing to keep consistent: take out what the host lets us, and forget it.
+            for_each(
+                [&](auto& a) {
+                    if (a.id == id)
+                        for (const RegionActivation& act : visible)
+                            (void)unmap_one(a, act.gpa, Hold::no);
+                    return true;
+                },
+                Failed::include);
+            forget(id);
+            return {};
+        }
         bool found = false;
         UndoLog undo;
         Result<void> result;
@@ -189,7 +226,7 @@ public:
                     result = std::move(r).error();
                     return false;
                 }
-                undo.push([this, a, act] { return map_one(a, act); });
+                undo.push([this, a, act] { return or_fail(a, map_one(a, act)); });
             }
             return true;
         });
@@ -198,13 +235,24 @@ public:
         if (!result)
             return result;
         undo.commit();
-        std::apply(
-            [&](auto&... lists) {
-                (std::erase_if(lists, [&](const auto& a) { return a.id == id; }), ...);
-            },
-            lists_);
+        forget(id);
         return {};
     }
+
+    /// Marks partition `id` failed: `cause` is the operation's error, `stuck` what could not be
+    /// undone. Idempotent (the first cause stays).
+    void mark_failed(PartitionId id, const Error& cause, const Error& stuck)
+    {
+        if (is_failed(id))
+            return;
+        std::string what = cause.full_message();
+        what += "; undoing it failed: ";
+        what += stuck.full_message();
+        failed_.push_back({id, std::move(what)});
+    }
+
+    /// The partitions marked failed, in the order they failed.
+    [[nodiscard]] const std::vector<FailedPartition>& failed() const noexcept { return failed_; }
 
     /// Maps one newly visible window into every partition. All or nothing.
     Result<void> map(const RegionActivation& act)
@@ -212,12 +260,17 @@ public:
         const Operation op = operation();
         UndoLog undo;
         Result<void> result;
+        const bool must_follow = UndoLog::rolling_back(); // a rollback step: see the file comment
         for_each([&](auto& a) {
             if (auto r = map_one(a, act); !r) {
+                if (must_follow) {
+                    (void)or_fail(a, r);
+                    return true;
+                }
                 result = std::move(r).error();
                 return false;
             }
-            undo.push([this, &a, range = act.gpa] { return unmap_one(a, range); });
+            undo.push([this, &a, range = act.gpa] { return or_fail(a, unmap_one(a, range)); });
             return true;
         });
         if (!result)
@@ -232,12 +285,17 @@ public:
         const Operation op = operation();
         UndoLog undo;
         Result<void> result;
+        const bool must_follow = UndoLog::rolling_back();
         for_each([&](auto& a) {
             if (auto r = unmap_one(a, act.gpa); !r) {
+                if (must_follow) {
+                    (void)or_fail(a, r);
+                    return true;
+                }
                 result = std::move(r).error();
                 return false;
             }
-            undo.push([this, &a, act] { return map_one(a, act); });
+            undo.push([this, &a, act] { return or_fail(a, map_one(a, act)); });
             return true;
         });
         if (!result)
@@ -251,17 +309,21 @@ public:
     /// it destroys the manager (a hook might reach a VMM object that is already gone).
     void unmap_all(const std::vector<RegionActivation>& visible) noexcept
     {
-        for_each([&](auto& a) {
-            for (const RegionActivation& act : visible)
-                (void)unmap_one(a, act.gpa, Hold::no);
-            return true;
-        });
+        for_each(
+            [&](auto& a) {
+                for (const RegionActivation& act : visible)
+                    (void)unmap_one(a, act.gpa, Hold::no);
+                return true;
+            },
+            Failed::include);
     }
 
     /// Partition-wide dirty-page logging, for partitions whose policy can do it.
     Result<void> set_dirty_logging(PartitionId id, bool enabled)
     {
         const Operation op = operation();
+        if (is_failed(id))
+            return failed_error(id);
         bool found = false;
         Result<void> result;
         for_each([&](auto& a) {
@@ -285,6 +347,8 @@ public:
     /// i of the window).
     Result<std::vector<std::uint64_t>> take_dirty_log(PartitionId id, const MemoryRange& window)
     {
+        if (is_failed(id))
+            return failed_error(id);
         bool found = false;
         Result<std::vector<std::uint64_t>> result = std::vector<std::uint64_t>{};
         for_each([&](auto& a) {
@@ -310,6 +374,8 @@ public:
     Result<void> set_dirty_logging_all(bool enabled)
     {
         const Operation op = operation();
+        if (!failed_.empty()) // its guest writes would go unlogged
+            return failed_error(failed_.front().id);
         UndoLog undo;
         Result<void> result;
         for_each([&](auto& a) {
@@ -320,8 +386,9 @@ public:
                 hold(a);
                 result = a.partition->set_dirty_logging(enabled);
                 if (result)
-                    undo.push(
-                        [p = a.partition, enabled] { return p->set_dirty_logging(!enabled); });
+                    undo.push([this, &a, enabled] {
+                        return or_fail(a, a.partition->set_dirty_logging(!enabled));
+                    });
             } else
                 result = no_dirty_log<P>();
             return static_cast<bool>(result);
@@ -338,6 +405,8 @@ public:
     Result<void> take_dirty_logs(const std::vector<RegionActivation>& visible,
                                  const MemoryRange& range, Sink&& sink)
     {
+        if (!failed_.empty())
+            return failed_error(failed_.front().id);
         Result<void> result;
         for_each([&](auto& a) {
             if (a.offset != 0)
@@ -415,21 +484,62 @@ private:
                           std::string(P::name) + " partitions cannot log dirty pages");
     }
 
+    /// Whether for_each visits failed partitions (only teardown and detach do).
+    enum class Failed : std::uint8_t { skip, include };
+
     /// Calls f(attached) for every attached mapping of every policy, in policy order, until f
     /// returns false. Returns whether it ran to the end.
     template <class F>
-    bool for_each(F&& f)
+    bool for_each(F&& f, Failed failed = Failed::skip)
     {
         return std::apply(
             [&](auto&... lists) {
                 return (... && [&](auto& list) {
                     for (auto& a : list)
-                        if (!f(a))
+                        if ((failed == Failed::include || !is_failed(a.id)) && !f(a))
                             return false;
                     return true;
                 }(lists));
             },
             lists_);
+    }
+
+    [[nodiscard]] bool is_failed(PartitionId id) const noexcept
+    {
+        return std::ranges::any_of(failed_, [&](const FailedPartition& f) { return f.id == id; });
+    }
+
+    Error failed_error(PartitionId id) const
+    {
+        std::string what = "partition ";
+        what += std::to_string(id.value);
+        what += " failed and is out of service: ";
+        for (const FailedPartition& f : failed_)
+            if (f.id == id)
+                what += f.cause;
+        return make_error(errc::quarantined, what);
+    }
+
+    /// An undo step's result: a partition that refused it is marked failed, and the rollback
+    /// goes on (see the file comment).
+    template <class P>
+    Result<void> or_fail(const Attached<P>& a, const Result<void>& r)
+    {
+        if (!r)
+            mark_failed(a.id, make_error(errc::quarantined, "a control operation failed"),
+                        r.error());
+        return {};
+    }
+
+    /// Forgets partition `id` (every mapping of it, and its failure).
+    void forget(PartitionId id)
+    {
+        std::apply(
+            [&](auto&... lists) {
+                (std::erase_if(lists, [&](const auto& a) { return a.id == id; }), ...);
+            },
+            lists_);
+        std::erase_if(failed_, [&](const FailedPartition& f) { return f.id == id; });
     }
 
     template <class P>
@@ -455,8 +565,7 @@ private:
             if (a.pin) {
                 if (auto r = a.partition->pin_range(*gpa, act.gpa.size()); !r) {
                     if (auto u = a.partition->unmap_range(*gpa, act.gpa.size()); !u)
-                        fatal("a partition refused to unmap a range it just mapped: " +
-                              u.error().full_message());
+                        mark_failed(a.id, r.error(), u.error());
                     return std::move(r).error().context("failed to pin range to partition");
                 }
             }
@@ -480,8 +589,10 @@ private:
         auto r = a.partition->unmap_range(gpa, range.size());
         if (!r) {
             if constexpr (partition_supports<PartitionFeatures::pin, P>) {
-                if (a.pin && !a.partition->pin_range(gpa, range.size()))
-                    fatal("could not re-pin a range after a failed unmap");
+                if (a.pin) {
+                    if (auto p = a.partition->pin_range(gpa, range.size()); !p)
+                        mark_failed(a.id, r.error(), p.error());
+                }
             }
             return r;
         }
@@ -517,6 +628,7 @@ private:
 
     Options options_;
     std::tuple<std::vector<Attached<Ps>>...> lists_;
+    std::vector<FailedPartition> failed_; ///< attached partitions marked failed
     std::uint64_t next_id_ = 1;
     unsigned depth_ = 0;                         ///< open Operations
     std::vector<std::shared_ptr<Quiesce>> held_; ///< brackets open in this operation
