@@ -25,6 +25,7 @@
 #include <membacking/base/config.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/guest_memory.hpp>
+#include <membacking/manager/detail/lock_core.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
 #include <membacking/mapping/memory_listener.hpp>
 
@@ -58,9 +59,10 @@ public:
 
     [[nodiscard]] Result<Memory> lazy_guest_memory() const
     {
-        auto core = core_.lock();
-        if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
+        auto locked = detail::lock_core(core_);
+        if (!locked)
+            return std::move(locked).error();
+        const std::shared_ptr<Core>& core = *locked;
         auto mapper = core->new_mapper(MapperMode::lazy);
         if (!mapper)
             return std::move(mapper).error();
@@ -80,9 +82,10 @@ public:
     serve_process(ipc::Channel<Sys> socket, std::string name,
                   ipc::RemoteListenerOptions options = {}) const
     {
-        auto core = core_.lock();
-        if (!core)
-            return make_error(errc::not_found, "the guest memory manager is gone");
+        auto locked = detail::lock_core(core_);
+        if (!locked)
+            return std::move(locked).error();
+        const std::shared_ptr<Core>& core = *locked;
         options.share_check = [weak = core_](const MemoryTableChange& change) -> Result<void> {
             auto c = weak.lock(); // alive: only its own control calls apply a change
             if (!c)
