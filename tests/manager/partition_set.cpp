@@ -413,3 +413,44 @@ TEST_CASE("PartitionSet: a partition that refuses an undo step is marked failed,
     CHECK(set.failed().empty());
     must(set.set_dirty_logging_all(true));
 }
+
+TEST_CASE("PartitionSet: a partition that reports it could not undo its own part (errc::"
+          "quarantined) is marked failed; any other error leaves it in service")
+{
+    Set set(options());
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<OtherMock>();
+    const PartitionId ida = must(set.attach(Vtl::vtl0, a, {}));
+    must(set.attach(Vtl::vtl0, b, {}));
+    must(set.map(window(0, MiB)));
+
+    // An ordinary failure: the operation fails, nobody is marked failed.
+    a->fail_next(Op::unmap);
+    REQUIRE_FALSE(set.unmap(window(0, MiB)));
+    CHECK(set.failed().empty());
+
+    // The policy's own report (KVM: a memslot it could not add back): a is marked failed with
+    // the report, the operation returns it, b keeps its window and stays in service.
+    a->fail_next(Op::unmap, make_error(errc::quarantined, "memslot 3 could not be added back"));
+    auto r = set.unmap(window(0, MiB));
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code() == errc::quarantined);
+    REQUIRE(set.failed().size() == 1);
+    CHECK(set.failed()[0].id == ida);
+    CHECK(set.failed()[0].cause.find("memslot 3 could not be added back") != std::string::npos);
+    CHECK(b->lookup(0).has_value());
+    const std::size_t a_calls = a->calls().size();
+    must(set.map(window(2 * MiB, 3 * MiB)));
+    CHECK(a->calls().size() == a_calls);
+
+    // The same report from an attach's map: the partition stays attached, failed, detachable.
+    auto c = std::make_shared<MockPartition>();
+    c->fail_next(Op::map, make_error(errc::quarantined, "window stuck"));
+    auto idc = set.attach(Vtl::vtl0, c, {window(0, MiB)});
+    REQUIRE_FALSE(idc);
+    REQUIRE(set.failed().size() == 2);
+    CHECK(set.failed()[1].cause.find("window stuck") != std::string::npos);
+    must(set.detach(set.failed()[1].id, {window(0, MiB), window(2 * MiB, 3 * MiB)}));
+    must(set.detach(ida, {window(0, MiB), window(2 * MiB, 3 * MiB)}));
+    CHECK(set.failed().empty());
+}

@@ -7,6 +7,8 @@
 #include "test_support.hpp"
 #include "whp_standin.hpp"
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -29,6 +31,7 @@ struct Standin {
         REQUIRE(module != nullptr);
         reset = get<void (*)()>("standin_reset");
         fail_nth_call = get<void (*)(std::uint64_t, HRESULT)>("standin_fail_nth_call");
+        fail_from_nth_call = get<void (*)(std::uint64_t, HRESULT)>("standin_fail_from_nth_call");
         calls_fn = get<std::uint32_t (*)(StandinCall*, std::uint32_t)>("standin_calls");
         mapped_fn = get<std::uint32_t (*)(StandinCall*, std::uint32_t)>("standin_mapped");
         reset();
@@ -62,6 +65,8 @@ struct Standin {
     HMODULE module = nullptr;
     void (*reset)() = nullptr;
     void (*fail_nth_call)(std::uint64_t, HRESULT) = nullptr;
+    /// The n-th call from now and every later one fail (n = 0: stop).
+    void (*fail_from_nth_call)(std::uint64_t, HRESULT) = nullptr;
     std::uint32_t (*calls_fn)(StandinCall*, std::uint32_t) = nullptr;
     std::uint32_t (*mapped_fn)(StandinCall*, std::uint32_t) = nullptr;
 };
@@ -229,6 +234,63 @@ TEST_CASE("a failing WHP call changes nothing: map, pin, and every call of a mul
     f.standin.fail_nth_call(1, injected);
     REQUIRE_FALSE(p.pin_range(0x100000, 4 * pg).has_value());
     CHECK_FALSE(p.windows()[0].pinned);
+}
+
+TEST_CASE("a WHP that keeps failing from the n-th call on never brings an unmap's rollback to "
+          "fatal(): what it will not put back is reported, and windows() follows WHP")
+{
+    const HRESULT injected = static_cast<HRESULT>(0x80370301);
+    long rolled_back = 0, quarantined = 0;
+    for (std::uint64_t n = 1;; ++n) {
+        CAPTURE(n);
+        WhpFixture g;
+        auto& q = *g.partition;
+        REQUIRE(q.map_range(g.host(0), 0x100000, 2 * pg, true, true).has_value());
+        REQUIRE(q.map_range(g.host(2 * pg), 0x200000, 2 * pg, false, false).has_value());
+        REQUIRE(q.map_range(g.host(4 * pg), 0x300000, 2 * pg, true, false).has_value());
+        REQUIRE(q.pin_range(0x100000, 2 * pg).has_value());
+        REQUIRE(q.pin_range(0x300000, 2 * pg).has_value());
+        const auto windows_before = q.windows();
+        const std::size_t calls_before = g.standin.calls().size();
+        g.standin.fail_from_nth_call(n, injected);
+        auto u = q.unmap_range(0x100000, 0x202000);
+        g.standin.fail_from_nth_call(0, S_OK);
+        const auto calls = g.standin.calls();
+        const bool reached =
+            std::any_of(calls.begin() + static_cast<std::ptrdiff_t>(calls_before), calls.end(),
+                        [&](const StandinCall& c) { return c.result == injected; });
+        // The books are WHP's: the same windows, pinned alike.
+        const auto windows = q.windows();
+        const auto mapped = g.standin.mapped();
+        REQUIRE(windows.size() == mapped.size());
+        for (std::size_t i = 0; i < windows.size(); ++i) {
+            CHECK(windows[i].gpa == mapped[i].gpa);
+            CHECK(windows[i].pinned == (mapped[i].advice != 0));
+        }
+        if (!reached) {
+            REQUIRE(u.has_value());
+            CHECK(mapped.empty());
+            break;
+        }
+        REQUIRE_FALSE(u.has_value());
+        if (u.error().code() != errc::quarantined) {
+            ++rolled_back;
+            CHECK(windows == windows_before);
+            continue;
+        }
+        ++quarantined;
+        CHECK(windows != windows_before);
+        CHECK(u.error().full_message().find("would not put back") != std::string::npos);
+        // What is left can still be unmapped, the books being right.
+        for (const auto& w : windows) {
+            if (w.pinned)
+                REQUIRE(q.unpin_range(w.gpa, w.size).has_value());
+            REQUIRE(q.unmap_range(w.gpa, w.size).has_value());
+        }
+        CHECK(g.standin.mapped().empty());
+    }
+    CHECK(rolled_back >= 1);
+    CHECK(quarantined >= 1);
 }
 
 TEST_CASE("without WinHvPlatform.dll a VMM gets a clear error")

@@ -2,7 +2,8 @@
 // Hypervisor Platform). It exports the three entry points the policy resolves, with the real
 // signatures, keeps the GPA map a hypervisor would keep (and rejects what WHP rejects: a map over
 // a mapped range, an unmap or advice over a range that is not mapped), records every call in
-// order, and can be told to fail the n-th call from now with a given HRESULT, changing nothing.
+// order, and can be told to fail the n-th call from now with a given HRESULT, changing nothing,
+// or that call and every later one (a host whose resource keeps failing).
 //
 // The tests reach its controls through the same module handle (GetProcAddress of standin_*).
 #include <windows.h>
@@ -28,13 +29,15 @@ std::map<std::uint64_t, Mapped> mapped; // by GPA
 std::uint64_t calls_seen = 0;
 std::uint64_t fail_at = 0; // 0 = never
 HRESULT fail_with = E_FAIL;
+bool keep_failing = false; // every call from fail_at on fails
 
 /// Counts the call; true if this one is to fail (recorded as failed).
 bool should_fail(StandinCall& c)
 {
     ++calls_seen;
-    if (fail_at != 0 && calls_seen == fail_at) {
-        fail_at = 0;
+    if (fail_at != 0 && (calls_seen == fail_at || (keep_failing && calls_seen > fail_at))) {
+        if (!keep_failing)
+            fail_at = 0;
         c.result = fail_with;
         calls.push_back(c);
         return true;
@@ -135,6 +138,7 @@ __declspec(dllexport) void standin_reset()
     mapped.clear();
     calls_seen = 0;
     fail_at = 0;
+    keep_failing = false;
 }
 
 __declspec(dllexport) void standin_fail_nth_call(std::uint64_t n, HRESULT hr)
@@ -142,6 +146,16 @@ __declspec(dllexport) void standin_fail_nth_call(std::uint64_t n, HRESULT hr)
     std::lock_guard lock(mutex);
     fail_at = calls_seen + n;
     fail_with = hr;
+    keep_failing = false;
+}
+
+/// The n-th call from now and every later one fail with hr, until n = 0 stops it.
+__declspec(dllexport) void standin_fail_from_nth_call(std::uint64_t n, HRESULT hr)
+{
+    std::lock_guard lock(mutex);
+    fail_at = n == 0 ? 0 : calls_seen + n;
+    fail_with = hr;
+    keep_failing = n != 0;
 }
 
 __declspec(dllexport) std::uint32_t standin_calls(StandinCall* out, std::uint32_t max)

@@ -50,7 +50,16 @@
  *   GuestMemory are not.
  *
  * Every ioctl goes through Sys (os/linux.hpp), so tests can lower the slot limit or fail the
- * n-th memslot update. Every call leaves the partition as it was when it fails. Thread-safe.
+ * n-th memslot update. Every call leaves the partition as it was when it fails, except when the
+ * kernel refuses the very update that would put it back (its resource keeps failing): then the
+ * call fails with errc::quarantined, naming both failures, and the partition's books follow the
+ * kernel (issue 10, defect 7: never fatal() for a host failure):
+ * - unmap_range of several slots: a deleted slot the kernel will not re-add stays deleted (gone
+ *   from slots(), its dirty bits kept in the pending log);
+ * - set_dirty_logging: a slot whose flags the kernel will not restore keeps the new ones; the
+ *   dirty log is then out of service for good (set_dirty_logging and take_dirty_log fail with
+ *   errc::quarantined, naming the cause), since a slot may no longer log what the others do.
+ * The manager marks such a partition failed (manager/detail/partition_set.hpp). Thread-safe.
  */
 #pragma once
 
@@ -281,13 +290,8 @@ public:
             Result<void> r = save_dirty_log(s);
             if (r)
                 r = set_region(s, 0);
-            if (!r) {
-                for (const SlotInfo& d : deleted) // all or nothing: put the others back
-                    if (!set_region(d, d.size))
-                        detail::fatal("KVM: could not restore memslot " + std::to_string(d.slot) +
-                                      " after a failed unmap");
-                return r;
-            }
+            if (!r)
+                return put_back(deleted, *range, std::move(r).error());
             deleted.push_back(s);
         }
         for (const SlotInfo& s : deleted) {
@@ -409,6 +413,8 @@ public:
     Result<void> set_dirty_logging(bool enabled)
     {
         std::lock_guard lock(mutex_);
+        if (dirty_log_failure_)
+            return *dirty_log_failure_;
         if (enabled == dirty_logging_)
             return {};
         const bool before = dirty_logging_;
@@ -416,10 +422,14 @@ public:
         std::vector<const SlotInfo*> done;
         const auto fail = [&](Error e) -> Result<void> {
             dirty_logging_ = before;
+            std::string stuck;
+            std::optional<Error> refused;
             for (const SlotInfo* d : done)
-                if (!set_region(*d, d->size))
-                    detail::fatal("KVM: could not restore the flags of memslot " +
-                                  std::to_string(d->slot));
+                if (auto back = set_region(*d, d->size); !back) {
+                    stuck += (stuck.empty() ? "" : ", ") + std::to_string(d->slot);
+                    if (!refused)
+                        refused = std::move(back).error();
+                }
             // The slots turned off and on again lost what the guest wrote in between, unless
             // the vCPUs were held; the failing slot kept logging.
             for (std::size_t i = 0; i < saved.size(); ++i) {
@@ -427,7 +437,16 @@ public:
                     mark_all(saved[i]);
                 keep_pending(std::move(saved[i]));
             }
-            return e;
+            if (!refused)
+                return e;
+            // Some slots log and some do not, whatever dirty_logging_ says: out of service.
+            dirty_log_failure_ =
+                Error(make_error_code(errc::quarantined),
+                      std::string("KVM: turning dirty logging ") + (enabled ? "on" : "off") +
+                          " failed (" + e.full_message() + "), and the flags of memslots " + stuck +
+                          " could not be restored, so the dirty log is out of service",
+                      std::move(*refused));
+            return *dirty_log_failure_;
         };
         dirty_logging_ = enabled; // set_region's flags
         for (const auto& [gpa, s] : slots_) {
@@ -555,6 +574,8 @@ private:
     /// The bits of `part` (inside slot s), taken: from KVM's bitmap and the pending log.
     Result<std::vector<std::uint64_t>> take_part(const SlotInfo& s, const MemoryRange& part)
     {
+        if (dirty_log_failure_)
+            return *dirty_log_failure_;
         if (!dirty_logging_)
             return make_error(errc::conflict, "KVM dirty logging is off");
         auto slot_bits = read_dirty_bitmap(s);
@@ -659,13 +680,41 @@ private:
         return bitmap;
     }
 
+    /// unmap_range's rollback: re-adds the slots `deleted` (of an unmap of `range` that failed
+    /// with `cause`). One the kernel will not take back stays deleted, and the books say so
+    /// (errc::quarantined; see the file comment).
+    Result<void> put_back(const std::vector<SlotInfo>& deleted, const MemoryRange& range,
+                          Error cause)
+    {
+        std::string lost;
+        std::optional<Error> refused;
+        for (const SlotInfo& d : deleted) {
+            auto back = set_region(d, d.size);
+            if (back)
+                continue;
+            slots_.erase(d.gpa);
+            give_back(d.slot);
+            lost += (lost.empty() ? "" : ", ") + std::to_string(d.slot) + " (" +
+                    span_of(d).to_string() + ")";
+            if (!refused)
+                refused = std::move(back).error();
+        }
+        if (!refused)
+            return cause;
+        return Error(make_error_code(errc::quarantined),
+                     "KVM: unmapping " + range.to_string() + " failed (" + cause.full_message() +
+                         "), and memslots " + lost + " could not be added back, so they stay " +
+                         "deleted",
+                     std::move(*refused));
+    }
+
     /// Moves a logged slot's bitmap into the pending log, ahead of deleting the slot. Unless
     /// the VMM holds the vCPUs (set_quiesced), a guest write can land after this read and before
     /// the deletion, and KVM would drop it with the slot: then every page of the slot is
     /// reported dirty, so that no write is ever lost (reported too often, never too rarely).
     Result<void> save_dirty_log(const SlotInfo& s)
     {
-        if (!dirty_logging_)
+        if (!dirty_logging_ || dirty_log_failure_) // out of service: a slot may not log at all
             return {};
         auto bitmap = read_dirty_bitmap(s);
         if (!bitmap)
@@ -804,6 +853,8 @@ private:
     std::vector<std::uint32_t> free_;               ///< released slot numbers, reused first
     std::uint32_t next_ = 0;                        ///< the lowest never-used slot number
     bool dirty_logging_ = false;
+    /// Set when set_dirty_logging could not restore a slot's flags: the log is out of service.
+    std::optional<Error> dirty_log_failure_;
     bool quiesced_ = false;                        ///< the VMM holds the vCPUs (set_quiesced)
     std::vector<PendingDirty> pending_dirty_;      ///< bitmaps of logged slots deleted since
     std::shared_ptr<const OwnedFd> prefetch_vcpu_; ///< its own duplicate, or null

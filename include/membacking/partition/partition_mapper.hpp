@@ -14,6 +14,12 @@
  *   Result<void> unmap_range(uint64_t gpa, uint64_t size);
  *   unmap_range is given whole earlier maps only, never part of one. Both must leave the
  *   partition unchanged when they fail.
+ *   Every call, the optional ones included, may fail in one more way: with errc::quarantined,
+ *   when the host refused the very call that would have undone the policy's own part of it
+ *   (a policy that makes several host calls per call: KVM's several memslots, WHP's windows).
+ *   The partition has then changed, its own books follow the host, and the error names both
+ *   failures; the manager marks such a partition failed (it never calls fatal() for a host
+ *   failure: issue 10, defect 7).
  *
  * Optional capabilities, claimed in `features` (snmalloc's "claims F => provides F" pattern):
  *   prefetch:   Result<void> prefetch_range(uint64_t gpa, uint64_t size);

@@ -12,7 +12,11 @@
  * - Unmap: WHvUnmapGpaRange of each whole window inside the range; unmapping part of a window is
  *   an error (errc::invalid_range), as with KVM and the mock, because the manager only ever
  *   unmaps what it mapped. Several windows at once are all or nothing: if one fails, the ones
- *   already unmapped are mapped again (and pinned again if they were).
+ *   already unmapped are mapped again (and pinned again if they were). If WHP refuses that too
+ *   (its resource keeps failing), the call fails with errc::quarantined, naming both failures,
+ *   and windows() follows WHP: a window it will not map again is gone, one it will not pin
+ *   again is unpinned (issue 10, defect 7: never fatal() for a host failure). The manager marks
+ *   such a partition failed (manager/detail/partition_set.hpp).
  * - A change of permissions is, at the manager's level, an unmap and a map (WHP cannot change
  *   the flags of a mapped range in place).
  * - Prefetch: WHvAdviseGpaRange(WHvAdviseGpaRangeCodePopulate, Prefetch) over a range inside one
@@ -26,7 +30,7 @@
  * Everything comes from WinHvPlatform.dll at run time (os/winhvplatform.hpp): without the DLL,
  * create() returns an error saying the Windows Hypervisor Platform is missing. Tests substitute a
  * stand-in DLL that records every call (tests/windows/whp_standin.cpp). Every call leaves the
- * partition as it was when it fails. Thread-safe.
+ * partition as it was when it fails, but for the errc::quarantined case above. Thread-safe.
  */
 #pragma once
 
@@ -35,7 +39,6 @@
 #if MEMBACKING_OS_WINDOWS
 
 #    include <membacking/base/align.hpp>
-#    include <membacking/base/fatal.hpp>
 #    include <membacking/base/memory_range.hpp>
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
@@ -46,6 +49,7 @@
 #    include <cstdint>
 #    include <memory>
 #    include <mutex>
+#    include <optional>
 #    include <string>
 #    include <string_view>
 #    include <utility>
@@ -128,30 +132,19 @@ public:
                                                        " would split mapped window " +
                                                        span_of(*cut).to_string());
         std::vector<Window> undone; // windows already unmapped (and unpinned)
-        const auto roll_back = [&] {
-            for (auto it = undone.rbegin(); it != undone.rend(); ++it) {
-                if (!raw_map(*it))
-                    detail::fatal("WHP: could not map window " + span_of(*it).to_string() +
-                                  " again after a failed unmap");
-                if (it->pinned && !advise(*it, os::whp_abi::advise_pin, nullptr, 0))
-                    detail::fatal("WHP: could not pin window " + span_of(*it).to_string() +
-                                  " again after a failed unmap");
-            }
-        };
+        Restore restore;
         for (const Window& w : cover.inside) {
             if (w.pinned) {
-                if (auto r = advise(w, os::whp_abi::advise_unpin, nullptr, 0); !r) {
-                    roll_back();
-                    return std::move(r).error().context("WHP: unpinning before unmap");
-                }
+                if (auto r = advise(w, os::whp_abi::advise_unpin, nullptr, 0); !r)
+                    return roll_back(undone, restore, *range,
+                                     std::move(r).error().context("WHP: unpinning before unmap"));
             }
             if (const HRESULT hr = api_->unmap_gpa_range(partition_, w.gpa, w.size); FAILED(hr)) {
-                if (w.pinned && !advise(w, os::whp_abi::advise_pin, nullptr, 0))
-                    detail::fatal("WHP: could not pin window " + span_of(w).to_string() +
-                                  " again after a failed unmap");
-                roll_back();
-                return os::hresult_error(hr, "WHvUnmapGpaRange of " + span_of(w).to_string() +
-                                                 " failed");
+                if (w.pinned)
+                    repin(w, restore);
+                return roll_back(undone, restore, *range,
+                                 os::hresult_error(hr, "WHvUnmapGpaRange of " +
+                                                           span_of(w).to_string() + " failed"));
             }
             undone.push_back(w);
         }
@@ -219,6 +212,51 @@ private:
                  std::shared_ptr<const os::WinHvPlatform> api)
         : partition_(partition), api_(std::move(api))
     {}
+
+    /// What unmap_range's rollback could not put back.
+    struct Restore {
+        std::string lost;             ///< windows left unmapped or unpinned, for the message
+        std::optional<Error> refused; ///< WHP's first refusal
+    };
+
+    /// Pins w again after a failed unmap; if WHP refuses, the books say it is unpinned.
+    void repin(const Window& w, Restore& restore)
+    {
+        auto r = advise(w, os::whp_abi::advise_pin, nullptr, 0);
+        if (r)
+            return;
+        if (Window* kept = exact(w.gpa, w.size); kept != nullptr)
+            kept->pinned = false;
+        restore.lost += (restore.lost.empty() ? "" : ", ") + span_of(w).to_string() + " unpinned";
+        if (!restore.refused)
+            restore.refused = std::move(r).error();
+    }
+
+    /// unmap_range's rollback: maps (and pins) the windows `undone` again, last first, after an
+    /// unmap of `range` failed with `cause`. What WHP will not take back is reported
+    /// (errc::quarantined) and left out of the books (see the file comment).
+    Result<void> roll_back(const std::vector<Window>& undone, Restore& restore,
+                           const MemoryRange& range, Error cause)
+    {
+        for (auto it = undone.rbegin(); it != undone.rend(); ++it) {
+            if (auto r = raw_map(*it); !r) {
+                windows_.erase(it->gpa);
+                restore.lost +=
+                    (restore.lost.empty() ? "" : ", ") + span_of(*it).to_string() + " unmapped";
+                if (!restore.refused)
+                    restore.refused = std::move(r).error();
+                continue;
+            }
+            if (it->pinned)
+                repin(*it, restore);
+        }
+        if (!restore.refused)
+            return cause;
+        return Error(make_error_code(errc::quarantined),
+                     "WHP: unmapping " + range.to_string() + " failed (" + cause.full_message() +
+                         "), and WHP would not put back windows " + restore.lost,
+                     std::move(*restore.refused));
+    }
 
     static MemoryRange span_of(const Window& w)
     {

@@ -26,7 +26,10 @@
  * health() report it with the root error, set_dirty_logging/take_dirty_log on it and the
  * all-partition dirty-log calls fail with errc::quarantined, and detach() drops it (unmapping
  * what it can). Its windows stay as they were when it failed: the VMM should stop its vCPUs.
- * A rollback run by an outer UndoLog (the manager's) is handled the same way. Not
+ * A rollback run by an outer UndoLog (the manager's) is handled the same way. A partition call
+ * that fails with errc::quarantined is the policy's own report that it could not undo its part
+ * of the call (KVM: a memslot the kernel will not take back; WHP: a window it will not map
+ * again; see partition/partition_mapper.hpp): that partition is marked failed too (watched()). Not
  * thread-safe by itself: the manager calls it under its control lock. Testable against the mock
  * without a manager (tests/manager/partition_set.cpp).
  */
@@ -176,11 +179,11 @@ public:
             for (const RegionActivation& act : visible) {
                 if (auto r = map_one(e, act); !r) {
                     undo.rollback();
-                    if (stuck) {
+                    if (stuck || is_failed(id)) { // is_failed: the policy reported itself
                         auto& list = std::get<std::vector<Attached<P>>>(lists_);
                         list.insert(list.end(), entries.begin(), entries.end());
                         ++next_id_;
-                        mark_failed(id, r.error(), *stuck);
+                        mark_failed(id, r.error(), stuck ? *stuck : r.error());
                     }
                     return attach_error(std::move(r).error());
                 }
@@ -249,6 +252,14 @@ public:
         what += "; undoing it failed: ";
         what += stuck.full_message();
         failed_.push_back({id, std::move(what)});
+    }
+
+    /// Marks partition `id` failed on its policy's own report (errc::quarantined: it could not
+    /// undo its part of a call; the report names both). Idempotent (the first cause stays).
+    void mark_failed(PartitionId id, const Error& reported)
+    {
+        if (!is_failed(id))
+            failed_.push_back({id, reported.full_message()});
     }
 
     /// The partitions marked failed, in the order they failed.
@@ -333,7 +344,7 @@ public:
             using P = std::remove_cvref_t<decltype(*a.partition)>;
             if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
                 hold(a); // one slot after the other: not atomic for a running guest
-                result = a.partition->set_dirty_logging(enabled);
+                result = watched(a, a.partition->set_dirty_logging(enabled));
             } else
                 result = no_dirty_log<P>();
             return false; // one call per partition, even with an alias mapping
@@ -357,7 +368,7 @@ public:
             found = true;
             using P = std::remove_cvref_t<decltype(*a.partition)>;
             if constexpr (partition_supports<PartitionFeatures::dirty_log, P>)
-                result = a.partition->take_dirty_log(window.start(), window.size());
+                result = watched(a, a.partition->take_dirty_log(window.start(), window.size()));
             else
                 result = no_dirty_log<P>();
             return false;
@@ -384,7 +395,7 @@ public:
             using P = std::remove_cvref_t<decltype(*a.partition)>;
             if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
                 hold(a);
-                result = a.partition->set_dirty_logging(enabled);
+                result = watched(a, a.partition->set_dirty_logging(enabled));
                 if (result)
                     undo.push([this, &a, enabled] {
                         return or_fail(a, a.partition->set_dirty_logging(!enabled));
@@ -421,12 +432,12 @@ public:
                     // range the sink keeps for a later take.
                     const MemoryRange part =
                         PartitionMapper_dirty_log_part<P> ? w.gpa.intersection(range) : w.gpa;
-                    auto bits = [&] {
+                    auto bits = watched(a, [&] {
                         if constexpr (PartitionMapper_dirty_log_part<P>)
                             return a.partition->take_dirty_log(part);
                         else
                             return a.partition->take_dirty_log(w.gpa.start(), w.gpa.size());
-                    }();
+                    }());
                     if (!bits) {
                         result = std::move(bits).error();
                         return false;
@@ -531,6 +542,16 @@ private:
         return {};
     }
 
+    /// A partition call's result, passed on; errc::quarantined is the policy's report that it
+    /// could not undo its part (see the file comment), and marks the partition failed.
+    template <class P, class T>
+    Result<T> watched(const Attached<P>& a, Result<T> r)
+    {
+        if (!r && r.error().code() == errc::quarantined)
+            mark_failed(a.id, r.error());
+        return r;
+    }
+
     /// Forgets partition `id` (every mapping of it, and its failure).
     void forget(PartitionId id)
     {
@@ -551,8 +572,9 @@ private:
                                                       " pushes " + act.gpa.to_string() +
                                                       " past the end of the address space");
         std::byte* host = options_.host_base + act.gpa.start();
-        MEMBACKING_TRY(a.partition->map_range(host, *gpa, act.gpa.size(), act.params.writable,
-                                              act.params.executable));
+        MEMBACKING_TRY(
+            watched(a, a.partition->map_range(host, *gpa, act.gpa.size(), act.params.writable,
+                                              act.params.executable)));
         if constexpr (partition_supports<PartitionFeatures::prefetch, P>) {
             // Advice, given after the operation (see the file comment): a partition that cannot
             // populate then, or whose window is gone by then, faults in later.
@@ -563,8 +585,8 @@ private:
         }
         if constexpr (partition_supports<PartitionFeatures::pin, P>) {
             if (a.pin) {
-                if (auto r = a.partition->pin_range(*gpa, act.gpa.size()); !r) {
-                    if (auto u = a.partition->unmap_range(*gpa, act.gpa.size()); !u)
+                if (auto r = watched(a, a.partition->pin_range(*gpa, act.gpa.size())); !r) {
+                    if (auto u = watched(a, a.partition->unmap_range(*gpa, act.gpa.size())); !u)
                         mark_failed(a.id, r.error(), u.error());
                     return std::move(r).error().context("failed to pin range to partition");
                 }
@@ -584,13 +606,13 @@ private:
         const std::uint64_t gpa = range.start() + a.offset; // checked when it was mapped
         if constexpr (partition_supports<PartitionFeatures::pin, P>) {
             if (a.pin)
-                MEMBACKING_TRY(a.partition->unpin_range(gpa, range.size()));
+                MEMBACKING_TRY(watched(a, a.partition->unpin_range(gpa, range.size())));
         }
-        auto r = a.partition->unmap_range(gpa, range.size());
+        auto r = watched(a, a.partition->unmap_range(gpa, range.size()));
         if (!r) {
             if constexpr (partition_supports<PartitionFeatures::pin, P>) {
                 if (a.pin) {
-                    if (auto p = a.partition->pin_range(gpa, range.size()); !p)
+                    if (auto p = watched(a, a.partition->pin_range(gpa, range.size())); !p)
                         mark_failed(a.id, r.error(), p.error());
                 }
             }

@@ -1,0 +1,272 @@
+// KvmPartition against a fake kernel behind its syscall seam, so that it runs on every machine
+// (no /dev/kvm needed; tests/kvm runs the real one in the emulated VM): a host whose KVM keeps
+// failing (every ioctl from the n-th on refused) never brings the partition to fatal() while it
+// undoes its own steps (issue 10, defect 7). After each failure the partition's books (slots())
+// are the kernel's slots; a failure it could undo leaves everything as before, one it could not
+// is errc::quarantined, naming both; through the manager, that partition is marked failed.
+#include <membacking/membacking.hpp>
+
+#include "test_support.hpp"
+
+#include <cerrno>
+#include <cstdint>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <map>
+#include <memory>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+using namespace membacking;
+using test::must;
+using test::range;
+
+namespace {
+
+constexpr std::uint64_t pg = page_size;
+constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
+
+/// A KVM VM as far as the partition can tell: memslots (KVM_SET_USER_MEMORY_REGION), their
+/// dirty logs (KVM_GET_DIRTY_LOG: ENOENT for a slot that does not log, as the kernel answers)
+/// and the capabilities it reports (no KVM_SET_USER_MEMORY_REGION2, no manual protect). Every
+/// ioctl is counted; from the fail_from-th on, each fails with ENOSPC and changes nothing.
+struct FakeKvm : os::LinuxSyscalls {
+    struct Slot {
+        std::uint64_t gpa = 0;
+        std::uint64_t size = 0;
+        std::uint32_t flags = 0;
+        friend bool operator==(const Slot&, const Slot&) noexcept = default;
+    };
+    static inline std::map<std::uint32_t, Slot> slots; ///< by slot number
+    static inline long calls = 0;
+    static inline long fail_from = 0; ///< 0: nothing fails
+    static inline long failed = 0;
+
+    static void reset()
+    {
+        slots.clear();
+        calls = 0;
+        fail_from = 0;
+        failed = 0;
+    }
+    /// Every ioctl from the n-th from now on fails.
+    static void fail_from_now(long n)
+    {
+        fail_from = calls + n;
+        failed = 0;
+    }
+
+    static int ioctl(int /*fd*/, unsigned long request, unsigned long arg) noexcept
+    {
+        if (request != KVM_CHECK_EXTENSION)
+            return refuse(ENOTTY);
+        if (arg == KVM_CAP_NR_MEMSLOTS)
+            return 32;
+        return arg == KVM_CAP_READONLY_MEM ? 1 : 0;
+    }
+    static int ioctl(int /*fd*/, unsigned long request, void* arg) noexcept
+    {
+        ++calls;
+        if (fail_from != 0 && calls >= fail_from) {
+            ++failed;
+            return refuse(ENOSPC);
+        }
+        if (request == KVM_SET_USER_MEMORY_REGION) {
+            const auto& r = *static_cast<const kvm_userspace_memory_region*>(arg);
+            if (r.memory_size == 0)
+                slots.erase(r.slot);
+            else
+                slots[r.slot] = {r.guest_phys_addr, r.memory_size, r.flags};
+            return 0;
+        }
+        if (request == KVM_GET_DIRTY_LOG) {
+            const auto& l = *static_cast<const kvm_dirty_log*>(arg);
+            auto it = slots.find(l.slot);
+            if (it == slots.end() || (it->second.flags & KVM_MEM_LOG_DIRTY_PAGES) == 0)
+                return refuse(ENOENT);
+            return 0; // nothing written: the partition's zeroed buffer
+        }
+        return refuse(ENOTTY);
+    }
+
+private:
+    static int refuse(int error) noexcept
+    {
+        errno = error;
+        return -1;
+    }
+};
+
+using Kvm = KvmPartition<FakeKvm>;
+
+/// A partition over the fake VM (a /dev/null descriptor stands for the VM's).
+std::shared_ptr<Kvm> make_partition()
+{
+    FakeKvm::reset();
+    const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    auto p = must(Kvm::create(fd));
+    ::close(fd);
+    return p;
+}
+
+/// Whether the partition's books are the kernel's slots, slot for slot.
+bool books_follow_kernel(const Kvm& p)
+{
+    std::map<std::uint32_t, FakeKvm::Slot> books;
+    for (const Kvm::SlotInfo& s : p.slots())
+        books[s.slot] = {s.gpa, s.size,
+                         FakeKvm::slots.count(s.slot) ? FakeKvm::slots[s.slot].flags : ~0U};
+    return books == FakeKvm::slots;
+}
+
+alignas(4096) std::byte host[8 * 4096];
+
+/// Three slots of two pages at 1, 2 and 3 MiB.
+void map_three(Kvm& p)
+{
+    for (std::uint64_t i = 0; i < 3; ++i)
+        must(p.map_range(host + i * 2 * pg, (i + 1) * MiB, 2 * pg, true, false));
+}
+
+struct Outcomes {
+    long rolled_back = 0, quarantined = 0;
+};
+
+} // namespace
+
+TEST_CASE("KVM: an unmap of several slots under a kernel that keeps refusing never reaches "
+          "fatal(); a slot it cannot add back stays deleted, and says so")
+{
+    for (const bool logging : {false, true}) {
+        CAPTURE(logging);
+        Outcomes seen;
+        for (long n = 1;; ++n) {
+            CAPTURE(n);
+            auto p = make_partition();
+            map_three(*p);
+            if (logging)
+                must(p->set_dirty_logging(true));
+            const auto before = p->slots();
+            FakeKvm::fail_from_now(n);
+            auto r = p->unmap_range(MiB, 2 * MiB + 2 * pg);
+            const bool reached = FakeKvm::failed > 0;
+            FakeKvm::fail_from = 0;
+            CHECK(books_follow_kernel(*p));
+            if (!reached) {
+                REQUIRE(r.has_value());
+                CHECK(p->slots().empty());
+                break;
+            }
+            REQUIRE_FALSE(r.has_value());
+            if (r.error().code() != errc::quarantined) {
+                ++seen.rolled_back;
+                CHECK(p->slots() == before);
+                continue;
+            }
+            ++seen.quarantined;
+            CHECK(p->slots().size() < before.size());
+            CHECK(r.error().full_message().find("could not be added back") != std::string::npos);
+            // What is left still works: the books let it be unmapped, and slots reused.
+            must(p->unmap_range(MiB, 2 * MiB + 2 * pg));
+            CHECK(FakeKvm::slots.empty());
+            must(p->map_range(host, MiB, 2 * pg, true, false));
+            CHECK(books_follow_kernel(*p));
+        }
+        // Failing the first call changes nothing; failing any later one finds a slot deleted.
+        CHECK(seen.rolled_back >= 1);
+        CHECK(seen.quarantined >= 1);
+    }
+}
+
+TEST_CASE("KVM: dirty logging switched under a kernel that keeps refusing never reaches "
+          "fatal(); flags it cannot restore put the dirty log out of service")
+{
+    for (const bool enable : {true, false}) {
+        CAPTURE(enable);
+        Outcomes seen;
+        for (long n = 1;; ++n) {
+            CAPTURE(n);
+            auto p = make_partition();
+            map_three(*p);
+            if (!enable)
+                must(p->set_dirty_logging(true));
+            const auto kernel_before = FakeKvm::slots;
+            FakeKvm::fail_from_now(n);
+            auto r = p->set_dirty_logging(enable);
+            const bool reached = FakeKvm::failed > 0;
+            FakeKvm::fail_from = 0;
+            CHECK(books_follow_kernel(*p));
+            if (!reached) {
+                REQUIRE(r.has_value());
+                break;
+            }
+            REQUIRE_FALSE(r.has_value());
+            if (r.error().code() != errc::quarantined) {
+                ++seen.rolled_back;
+                CHECK(FakeKvm::slots == kernel_before);
+                continue;
+            }
+            ++seen.quarantined;
+            CHECK(FakeKvm::slots != kernel_before); // a slot kept its new flags
+            CHECK(r.error().full_message().find("could not be restored") != std::string::npos);
+            // Out of service for good, with the cause; the slots can still be unmapped.
+            CHECK(p->set_dirty_logging(!enable).error().code() == errc::quarantined);
+            CHECK(p->set_dirty_logging(enable).error().code() == errc::quarantined);
+            CHECK(p->take_dirty_log(MiB, 2 * pg).error().code() == errc::quarantined);
+            must(p->unmap_range(MiB, 2 * MiB + 2 * pg));
+            CHECK(FakeKvm::slots.empty());
+        }
+        CHECK(seen.rolled_back >= 1);
+        CHECK(seen.quarantined >= 1);
+    }
+}
+
+TEST_CASE("KVM under a manager: a partition whose dirty logging cannot be restored is marked "
+          "failed, reported by health() and the memory map, and can be detached")
+{
+    using Manager = TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, Kvm>;
+    Outcomes seen;
+    for (long n = 1;; ++n) {
+        CAPTURE(n);
+        auto p = make_partition();
+        auto m = must(Manager::builder()
+                          .x86_legacy_support(true) // 16 windows: 16 slots
+                          .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
+                          .build(Length{16 * MiB}));
+        const PartitionId id = must(m.attach_partition(Vtl::vtl0, p));
+        REQUIRE(FakeKvm::slots.size() == 16);
+        FakeKvm::fail_from_now(n);
+        auto r = m.start_dirty_tracking();
+        const bool reached = FakeKvm::failed > 0;
+        FakeKvm::fail_from = 0;
+        CHECK(books_follow_kernel(*p));
+        if (!reached) {
+            REQUIRE(r.has_value());
+            break;
+        }
+        REQUIRE_FALSE(r.has_value());
+        const Health health = m.health();
+        if (r.error().code() != errc::quarantined) {
+            ++seen.rolled_back;
+            CHECK(health.ok());
+            must(m.start_dirty_tracking()); // the retry
+            continue;
+        }
+        ++seen.quarantined;
+        REQUIRE(health.failed_partitions.size() == 1);
+        CHECK(health.failed_partitions[0].id == id);
+        CHECK(health.failed_partitions[0].cause.find("could not be restored") != std::string::npos);
+        CHECK(m.memory_map().to_text().find("partition #" + std::to_string(id.value) +
+                                            " failed: ") != std::string::npos);
+        // The manager serves on; a migration refuses until the partition is detached.
+        CHECK(m.start_dirty_tracking().error().code() == errc::quarantined);
+        must(m.detach_partition(id));
+        CHECK(m.health().ok());
+        CHECK(FakeKvm::slots.empty());
+        must(m.start_dirty_tracking());
+    }
+    CHECK(seen.rolled_back >= 1);
+    CHECK(seen.quarantined >= 1);
+}
