@@ -6,6 +6,7 @@
 // is errc::quarantined, naming both; through the manager, that partition is marked failed.
 #include <membacking/membacking.hpp>
 
+#include "fake_kvm.hpp"
 #include "test_support.hpp"
 
 #include <cerrno>
@@ -19,6 +20,7 @@
 #include <vector>
 
 using namespace membacking;
+using test::FakeKvm;
 using test::must;
 using test::range;
 
@@ -26,77 +28,6 @@ namespace {
 
 constexpr std::uint64_t pg = page_size;
 constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
-
-/// A KVM VM as far as the partition can tell: memslots (KVM_SET_USER_MEMORY_REGION), their
-/// dirty logs (KVM_GET_DIRTY_LOG: ENOENT for a slot that does not log, as the kernel answers)
-/// and the capabilities it reports (no KVM_SET_USER_MEMORY_REGION2, no manual protect). Every
-/// ioctl is counted; from the fail_from-th on, each fails with ENOSPC and changes nothing.
-struct FakeKvm : os::LinuxSyscalls {
-    struct Slot {
-        std::uint64_t gpa = 0;
-        std::uint64_t size = 0;
-        std::uint32_t flags = 0;
-        friend bool operator==(const Slot&, const Slot&) noexcept = default;
-    };
-    static inline std::map<std::uint32_t, Slot> slots; ///< by slot number
-    static inline long calls = 0;
-    static inline long fail_from = 0; ///< 0: nothing fails
-    static inline long failed = 0;
-
-    static void reset()
-    {
-        slots.clear();
-        calls = 0;
-        fail_from = 0;
-        failed = 0;
-    }
-    /// Every ioctl from the n-th from now on fails.
-    static void fail_from_now(long n)
-    {
-        fail_from = calls + n;
-        failed = 0;
-    }
-
-    static int ioctl(int /*fd*/, unsigned long request, unsigned long arg) noexcept
-    {
-        if (request != KVM_CHECK_EXTENSION)
-            return refuse(ENOTTY);
-        if (arg == KVM_CAP_NR_MEMSLOTS)
-            return 32;
-        return arg == KVM_CAP_READONLY_MEM ? 1 : 0;
-    }
-    static int ioctl(int /*fd*/, unsigned long request, void* arg) noexcept
-    {
-        ++calls;
-        if (fail_from != 0 && calls >= fail_from) {
-            ++failed;
-            return refuse(ENOSPC);
-        }
-        if (request == KVM_SET_USER_MEMORY_REGION) {
-            const auto& r = *static_cast<const kvm_userspace_memory_region*>(arg);
-            if (r.memory_size == 0)
-                slots.erase(r.slot);
-            else
-                slots[r.slot] = {r.guest_phys_addr, r.memory_size, r.flags};
-            return 0;
-        }
-        if (request == KVM_GET_DIRTY_LOG) {
-            const auto& l = *static_cast<const kvm_dirty_log*>(arg);
-            auto it = slots.find(l.slot);
-            if (it == slots.end() || (it->second.flags & KVM_MEM_LOG_DIRTY_PAGES) == 0)
-                return refuse(ENOENT);
-            return 0; // nothing written: the partition's zeroed buffer
-        }
-        return refuse(ENOTTY);
-    }
-
-private:
-    static int refuse(int error) noexcept
-    {
-        errno = error;
-        return -1;
-    }
-};
 
 using Kvm = KvmPartition<FakeKvm>;
 
@@ -117,7 +48,8 @@ bool books_follow_kernel(const Kvm& p)
     std::map<std::uint32_t, FakeKvm::Slot> books;
     for (const Kvm::SlotInfo& s : p.slots())
         books[s.slot] = {s.gpa, s.size,
-                         FakeKvm::slots.count(s.slot) ? FakeKvm::slots[s.slot].flags : ~0U};
+                         FakeKvm::slots.count(s.slot) ? FakeKvm::slots[s.slot].flags : ~0U,
+                         reinterpret_cast<std::uint64_t>(s.host_va)};
     return books == FakeKvm::slots;
 }
 

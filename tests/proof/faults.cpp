@@ -19,6 +19,7 @@
 // errc::quarantined. The counts are printed per operation, so they are visible in every CI log.
 #include <membacking/membacking.hpp>
 
+#include "fake_kvm.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -28,6 +29,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <dirent.h>
+#include <fcntl.h>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -177,6 +179,25 @@ constexpr std::uint64_t stack3 = 12 * MiB; // low3 mapped, high3 (with a hole ov
 constexpr std::uint64_t stack4 = 14 * MiB; // low4 and high4 (with a hole over it) mapped
 constexpr std::uint64_t bar_at = 16 * MiB;
 
+/// A stack at `at`: a lower region, mapped, and a higher one over it, mapped if `map_high`.
+template <class M>
+void add_stack(M& m, std::uint64_t at, RegionId& low, RegionId& high, bool map_high)
+{
+    low = must(m.add_region("low", range(at, at + 0x10000), 1, MappingType::Ram));
+    must(m.add_mapping(low, {range(0, 0x10000),
+                             MappingBacking::file(test::make_object(0x10000), Offset{0}),
+                             true,
+                             {}}));
+    must(m.map_region(low, {true, false, false}));
+    high = must(m.add_region("high", range(at, at + 0x10000), 2, MappingType::Ram));
+    must(m.add_mapping(high, {range(0, 0x10000),
+                              MappingBacking::file(test::make_object(0x10000), Offset{0}),
+                              true,
+                              {}}));
+    if (map_high)
+        must(m.map_region(high, {true, false, false}));
+}
+
 Manager build_guest()
 {
     return must(Manager::builder()
@@ -204,23 +225,8 @@ std::unique_ptr<Fixture> make_fixture()
     Injector::disarm();
     auto f = std::make_unique<Fixture>(build_guest());
     f->id = must(f->m.attach_partition(Vtl::vtl0, f->partition));
-    const auto add_stack = [&](std::uint64_t at, RegionId& low, RegionId& high, bool map_high) {
-        low = must(f->m.add_region("low", range(at, at + 0x10000), 1, MappingType::Ram));
-        must(f->m.add_mapping(low, {range(0, 0x10000),
-                                    MappingBacking::file(test::make_object(0x10000), Offset{0}),
-                                    true,
-                                    {}}));
-        must(f->m.map_region(low, {true, false, false}));
-        high = must(f->m.add_region("high", range(at, at + 0x10000), 2, MappingType::Ram));
-        must(f->m.add_mapping(high, {range(0, 0x10000),
-                                     MappingBacking::file(test::make_object(0x10000), Offset{0}),
-                                     true,
-                                     {}}));
-        if (map_high)
-            must(f->m.map_region(high, {true, false, false}));
-    };
-    add_stack(stack1, f->low, f->high, false);
-    add_stack(stack2, f->low2, f->high2, true);
+    add_stack(f->m, stack1, f->low, f->high, false);
+    add_stack(f->m, stack2, f->low2, f->high2, true);
     // high covers [at, at + 64 KiB) with mappings at [0, 24 KiB) and [32 KiB, 64 KiB); low is
     // [at + 16 KiB, at + 48 KiB), wholly mapped: switching between them replaces two parts in
     // place and removes or adds only the hole.
@@ -297,6 +303,9 @@ struct Snapshot {
     MemoryMap map; ///< compared as text, without its "out of service" section (dump())
     /// Per partition (attached, spare): its windows, host_va relative to the primary's base.
     std::vector<std::vector<MockPartition::Window>> windows;
+    /// The fake KVM's memslots (the KVM sweep's partition), by GPA, slot numbers left out and
+    /// userspace addresses relative to the primary's base.
+    std::vector<test::FakeKvm::Slot> memslots;
     /// Per mapper (primary, lazy), per probe: the value read, or -errc.
     std::vector<std::vector<std::int64_t>> bytes;
     /// What the manager reports out of service: partitions failed, mappers quarantined (by
@@ -336,16 +345,19 @@ struct Snapshot {
     }
 };
 
-Snapshot snapshot(const Fixture& f)
+/// What every manager type shows: the dump, health() and the bytes through `lazy` and the
+/// primary; `attached` is the partition attached first (any other is the spare).
+template <class M>
+Snapshot snapshot_of(const M& m, const typename M::Memory& lazy, PartitionId attached)
 {
     Injector::disarm();
     Snapshot s;
-    s.map = f.m.memory_map();
+    s.map = m.memory_map();
     const std::string text = s.map.to_text();
     const std::size_t section = text.find("out of service:\n");
     const std::string out_of_service = section == std::string::npos ? "" : text.substr(section);
     const std::string json = s.map.to_json();
-    const Health health = f.m.health();
+    const Health health = m.health();
     for (const Health::FailedPartition& p : health.failed_partitions)
         s.failed_ids.push_back(p.id);
     // The JSON lists the same: entries with a "cause" exist only in those two lists.
@@ -355,30 +367,21 @@ Snapshot snapshot(const Fixture& f)
                         json.find("\"failed_partitions\":[]") != std::string::npos) &&
         health.quarantined_mappers.size() + health.failed_partitions.size() ==
             occurrences(json, ",\"cause\":");
-    const std::byte* base = f.m.guest_memory().mapper()->base();
-    for (const auto* p : {f.partition.get(), f.spare.get()}) {
-        auto& out = s.windows.emplace_back();
-        for (auto w : p->windows()) {
-            w.host_va = reinterpret_cast<const void*>( // NOLINT(performance-no-int-to-ptr)
-                static_cast<std::byte const*>(w.host_va) - base);
-            out.push_back(w);
-        }
-    }
     const auto failed = [&](PartitionId id) {
         return std::ranges::any_of(health.failed_partitions,
                                    [&](const Health::FailedPartition& p) { return p.id == id; });
     };
     // The spare is attached only by attach_partition, under the next id, failed or not.
-    s.partition_failed = {failed(f.id), std::ranges::any_of(health.failed_partitions,
-                                                            [&](const Health::FailedPartition& p) {
-                                                                return p.id != f.id;
-                                                            })};
+    s.partition_failed = {
+        failed(attached),
+        std::ranges::any_of(health.failed_partitions,
+                            [&](const Health::FailedPartition& p) { return p.id != attached; })};
     for (const Health::FailedPartition& p : health.failed_partitions)
         s.reported_consistently = s.reported_consistently &&
                                   out_of_service.find("partition #" + std::to_string(p.id.value) +
                                                       " failed: ") != std::string::npos;
-    const Manager::Memory primary = f.m.guest_memory();
-    for (const auto* mem : {&primary, &f.lazy}) {
+    const typename M::Memory primary = m.guest_memory();
+    for (const auto* mem : {&primary, &lazy}) {
         const auto& mapper = *mem->mapper();
         const bool listed = std::ranges::any_of(
             health.quarantined_mappers,
@@ -392,7 +395,7 @@ Snapshot snapshot(const Fixture& f)
                     std::string::npos;
         auto& out = s.bytes.emplace_back();
         for (const std::uint64_t g : probe_gpas()) {
-            auto v = mem->read_plain<std::uint64_t>(Gpa{g});
+            auto v = mem->template read_plain<std::uint64_t>(Gpa{g});
             out.push_back(v ? static_cast<std::int64_t>(*v)
                             : -static_cast<std::int64_t>(v.error().code));
         }
@@ -400,17 +403,34 @@ Snapshot snapshot(const Fixture& f)
     return s;
 }
 
-/// Compares two snapshots, leaving out what `got` reports out of service (quarantine == true)
-/// or demanding that everything matches, the health included; prints where they differ first
-/// (to stderr), for the failure report.
-bool diverged(const Snapshot& got, const Snapshot& want, bool quarantine = false)
+Snapshot snapshot(const Fixture& f)
 {
+    Snapshot s = snapshot_of(f.m, f.lazy, f.id);
+    const std::byte* base = f.m.guest_memory().mapper()->base();
+    for (const auto* p : {f.partition.get(), f.spare.get()}) {
+        auto& out = s.windows.emplace_back();
+        for (auto w : p->windows()) {
+            w.host_va = reinterpret_cast<const void*>( // NOLINT(performance-no-int-to-ptr)
+                static_cast<std::byte const*>(w.host_va) - base);
+            out.push_back(w);
+        }
+    }
+    return s;
+}
+
+/// Compares two snapshots, leaving out what `got` reports out of service (quarantine == true)
+/// and the failed partitions the test `detached` since, or demanding that everything matches,
+/// the health included; prints where they differ first (to stderr), for the failure report.
+bool diverged(const Snapshot& got, const Snapshot& want, bool quarantine = false,
+              const std::vector<PartitionId>& detached = {})
+{
+    std::vector<PartitionId> left_out = got.failed_ids;
+    left_out.insert(left_out.end(), detached.begin(), detached.end());
     if (!got.reported_consistently) {
         std::fprintf(stderr, "health(), the memory map and the mappers disagree\n");
         return true;
     }
-    if (const std::string g = got.dump(got.failed_ids, quarantine),
-        w = want.dump(got.failed_ids, quarantine);
+    if (const std::string g = got.dump(left_out, quarantine), w = want.dump(left_out, quarantine);
         g != w) {
         std::fprintf(stderr, "dump differs:\n%s\n--- expected:\n%s\n", g.c_str(), w.c_str());
         return true;
@@ -425,6 +445,14 @@ bool diverged(const Snapshot& got, const Snapshot& want, bool quarantine = false
                          got.windows[p].size(), want.windows[p].size());
             return true;
         }
+    // The KVM sweep attaches one partition (or, for attach, only that one): failed, its
+    // memslots are what it could not undo, reported by health().
+    if (std::ranges::none_of(got.partition_failed, std::identity{}) && detached.empty() &&
+        got.memslots != want.memslots) {
+        std::fprintf(stderr, "the KVM memslots differ (%zu, expected %zu)\n", got.memslots.size(),
+                     want.memslots.size());
+        return true;
+    }
     for (std::size_t m = 0; m < got.bytes.size(); ++m) {
         if (got.mapper_quarantined[m])
             continue;
@@ -630,13 +658,158 @@ std::vector<BuildVariant> builds()
     };
 }
 
+// ---- The same sweep through the KVM policy: KvmPartition over a fake kernel (FakeKvm) whose
+// VM ioctls are numbered by the Injector together with the VA seam's system calls.
+
+using KvmPart = KvmPartition<test::FakeKvm>;
+using KvmManager = TrackedGuestMemoryManager<NestedPriority, Va, KvmPart>;
+
+/// A smaller guest for the KVM sweep: a PC-like layout, two region stacks (the higher region
+/// unmapped, then mapped), a region the operations map read-only (a ROM), a device region
+/// placed, a lazy mapper, a PAM segment unmapped, and memory filled with a pattern.
+struct KvmFixture {
+    explicit KvmFixture(KvmManager manager) : m(std::move(manager)) {}
+    KvmManager m;
+    std::shared_ptr<KvmPart> partition;
+    PartitionId id{};
+    RegionId low{}, high{}, low2{}, high2{}, rom{};
+    std::optional<KvmManager::Device> bar;
+    KvmManager::Memory lazy;
+};
+
+std::unique_ptr<KvmFixture> make_kvm_fixture()
+{
+    Injector::disarm();
+    test::FakeKvm::reset();
+    test::FakeKvm::inject = &Injector::hit;
+    auto f =
+        std::make_unique<KvmFixture>(must(KvmManager::builder()
+                                              .x86_legacy_support(true)
+                                              .add_backing(RamBackingRequest({range(0, 4 * MiB)}))
+                                              .build(Length{32 * MiB})));
+    const int vm = ::open("/dev/null", O_RDONLY | O_CLOEXEC); // stands for the VM's descriptor
+    REQUIRE(vm >= 0);
+    f->partition = must(KvmPart::create(vm));
+    ::close(vm);
+    f->id = must(f->m.attach_partition(Vtl::vtl0, f->partition));
+    add_stack(f->m, stack1, f->low, f->high, false);
+    add_stack(f->m, stack2, f->low2, f->high2, true);
+    f->rom = must(f->m.add_region("rom", range(stack3, stack3 + 0x10000), 1, MappingType::Ram));
+    must(f->m.add_mapping(f->rom, {range(0, 0x10000),
+                                   MappingBacking::file(test::make_object(0x10000), Offset{0}),
+                                   false,
+                                   {}}));
+    f->bar = must(f->m.device_memory_mapper().new_region("bar", Length{0x10000}));
+    must(f->bar->map({.offset = Offset{0},
+                      .length = Length{0x10000},
+                      .object = test::make_object(0x10000),
+                      .object_offset = Offset{0},
+                      .protection = Protection::read_write}));
+    must(f->bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    must(f->m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
+                                                          RamVisibility::unmapped));
+    f->lazy = must(f->m.client().lazy_guest_memory());
+    const std::uint64_t pattern = 0x9e3779b97f4a7c15;
+    for (const std::uint64_t g : probe_gpas())
+        (void)f->m.guest_memory().write_plain<std::uint64_t>(Gpa{g}, g * pattern);
+    return f;
+}
+
+Snapshot snapshot(const KvmFixture& f)
+{
+    Snapshot s = snapshot_of(f.m, f.lazy, f.id);
+    const auto base = reinterpret_cast<std::uint64_t>(f.m.guest_memory().mapper()->base());
+    for (const auto& [slot, info] : test::FakeKvm::slots) {
+        test::FakeKvm::Slot relative = info;
+        relative.userspace_addr -= base;
+        s.memslots.push_back(relative);
+    }
+    std::ranges::sort(s.memslots, {}, &test::FakeKvm::Slot::gpa);
+    return s;
+}
+
+/// A KVM operation, with what its fixture needs first (before the "before" snapshot).
+struct KvmOperation {
+    std::string name;
+    std::function<Result<void>(KvmFixture&)> prepare; ///< may be empty
+    std::function<Result<void>(KvmFixture&)> run;
+};
+
+std::unique_ptr<KvmFixture> fresh(const KvmOperation& op)
+{
+    auto f = make_kvm_fixture();
+    if (op.prepare)
+        must(op.prepare(*f));
+    return f;
+}
+
+std::vector<KvmOperation> kvm_operations()
+{
+    const auto visibility = [](std::uint64_t at, RamVisibility v) {
+        return [at, v](KvmFixture& f) {
+            return f.m.ram_visibility_control().set_ram_visibility(range(at, at + 0x4000), v);
+        };
+    };
+    const auto start_tracking = [](KvmFixture& f) { return f.m.start_dirty_tracking(); };
+    return {
+        {"attach_partition (KVM)", [](KvmFixture& f) { return f.m.detach_partition(f.id); },
+         [](KvmFixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.partition)); }},
+        {"detach_partition (KVM)", {}, [](KvmFixture& f) { return f.m.detach_partition(f.id); }},
+        {"set_ram_visibility read_only (KVM)", {}, visibility(0xc0000, RamVisibility::read_only)},
+        {"set_ram_visibility unmapped (KVM)", {}, visibility(0xc0000, RamVisibility::unmapped)},
+        {"set_ram_visibility read_write, from unmapped (KVM)",
+         {},
+         visibility(0xc4000, RamVisibility::read_write)},
+        {"map_region over a mapped region (KVM)",
+         {},
+         [](KvmFixture& f) {
+             return f.m.map_region(f.high, {true, false, false});
+         }},
+        {"unmap_region, the region under it reappears (KVM)",
+         {},
+         [](KvmFixture& f) { return f.m.unmap_region(f.high2); }},
+        {"map_region read-only: a ROM (KVM)",
+         {},
+         [](KvmFixture& f) {
+             return f.m.map_region(f.rom, {false, false, false});
+         }},
+        {"map_region read-only: a permission change (KVM)",
+         {},
+         [](KvmFixture& f) {
+             return f.m.map_region(f.low, {false, false, false});
+         }},
+        {"device map_to_guest, a BAR move (KVM)",
+         {},
+         [](KvmFixture& f) {
+             return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write);
+         }},
+        {"device unmap_from_guest (KVM)",
+         {},
+         [](KvmFixture& f) { return f.bar->unmap_from_guest(); }},
+        {"start_dirty_tracking (KVM)", {}, start_tracking},
+        {"take_dirty_runs (KVM)", start_tracking,
+         [](KvmFixture& f) {
+             std::vector<DirtyRun> runs;
+             return f.m.take_dirty_runs(range(0, 32 * MiB), runs);
+         }},
+        {"stop_dirty_tracking (KVM)", start_tracking,
+         [](KvmFixture& f) { return f.m.stop_dirty_tracking(); }},
+    };
+}
+
 /// The outcome of one injected run, as the checks see it.
 enum class Verdict { consistent, quarantined, diverged, retry_failed };
 
-Verdict run_injected(const Operation& op, const Snapshot& reference_after, long n, bool persistent,
+std::unique_ptr<Fixture> fresh(const Operation& /*op*/)
+{
+    return make_fixture();
+}
+
+template <class Op>
+Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool persistent,
                      bool& succeeded, bool& reached)
 {
-    auto f = make_fixture();
+    auto f = fresh(op);
     const Snapshot before = snapshot(*f);
     Injector::arm(n, persistent);
     Result<void> r = op.run(*f);
@@ -651,11 +824,18 @@ Verdict run_injected(const Operation& op, const Snapshot& reference_after, long 
     if (diverged(failed, before, quarantine))
         return Verdict::diverged;
     auto again = op.run(*f);
+    std::vector<PartitionId> detached;
     if (!again && quarantine) {
-        // A failed partition keeps what it could not undo (a retried attach of it overlaps):
-        // the documented recovery is to detach it, then retry.
+        // A failed partition keeps what it could not undo (a retried attach of it overlaps), and
+        // a migration refuses to start while it is attached: the documented recovery is to
+        // detach it, then retry.
+        // One the operation itself attached (a failed attach) is attached again by the retry:
+        // only those attached before are missing from the state it reaches.
         for (const PartitionId id : failed.failed_ids)
-            (void)f->m.detach_partition(id);
+            if (f->m.detach_partition(id) &&
+                std::ranges::any_of(before.map.partitions,
+                                    [&](const MemoryMap::Partition& p) { return p.id == id; }))
+                detached.push_back(id);
         again = op.run(*f);
     }
     if (!again) {
@@ -663,22 +843,21 @@ Verdict run_injected(const Operation& op, const Snapshot& reference_after, long 
         return Verdict::retry_failed;
     }
     const Snapshot retried = snapshot(*f);
-    if (diverged(retried, reference_after, quarantine))
+    if (diverged(retried, reference_after, quarantine, detached))
         return Verdict::diverged;
     if (!quarantine)
         return Verdict::consistent;
     return quarantine_holds(retried) ? Verdict::quarantined : Verdict::diverged;
 }
 
-} // namespace
-
-TEST_CASE("fault injection: every single failure of every control operation is all-or-nothing")
+/// The single-failure sweep of `ops`: counts its points (and those the operation absorbed).
+template <class Op>
+void sweep_single(const std::vector<Op>& ops, long& points, long& absorbed)
 {
-    long points = 0, absorbed = 0;
-    for (const Operation& op : operations()) {
+    for (const Op& op : ops) {
         Snapshot after;
         {
-            auto f = make_fixture();
+            auto f = fresh(op);
             must(op.run(*f));
             after = snapshot(*f);
         }
@@ -699,6 +878,14 @@ TEST_CASE("fault injection: every single failure of every control operation is a
         }
         MESSAGE(op.name << ": " << n - 1 << " injection points");
     }
+}
+
+} // namespace
+
+TEST_CASE("fault injection: every single failure of every control operation is all-or-nothing")
+{
+    long points = 0, absorbed = 0;
+    sweep_single(operations(), points, absorbed);
     for (const BuildVariant& b : builds()) {
         long n = 1;
         for (;; ++n) {
@@ -725,6 +912,8 @@ TEST_CASE("fault injection: every single failure of every control operation is a
                            << " (absorbed, the operation succeeding anyway: " << absorbed << ")");
     CHECK(points > 100);
 }
+
+namespace {
 
 /// Tallies of the persistent-failure runs, over every operation.
 struct PersistentTally {
@@ -775,13 +964,14 @@ void run_persistent(const std::string& name, PersistentTally& tally, ChildBody c
                  << " took something out of service, " << op_fatal << " reached fatal()");
 }
 
-TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
+/// The persistent-failure sweep of `ops`, each point in a forked child.
+template <class Op>
+void sweep_persistent(const std::vector<Op>& ops, PersistentTally& tally)
 {
-    PersistentTally tally;
-    for (const Operation& op : operations()) {
+    for (const Op& op : ops) {
         Snapshot after;
         {
-            auto f = make_fixture();
+            auto f = fresh(op);
             must(op.run(*f));
             after = snapshot(*f);
         }
@@ -795,6 +985,14 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             return v == Verdict::consistent ? 0 : v == Verdict::quarantined ? 3 : 1;
         });
     }
+}
+
+} // namespace
+
+TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
+{
+    PersistentTally tally;
+    sweep_persistent(operations(), tally);
     for (const BuildVariant& b : builds()) {
         run_persistent(b.name, tally, [&](long n) {
             const std::size_t fds = open_fds();
@@ -814,6 +1012,30 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             << ", survived with a mapper or partition out of service: " << tally.quarantined
             << ", reached fatal(): " << tally.fatal << ", inconsistent: " << tally.inconsistent);
     CHECK(tally.points > 50);
+    CHECK(tally.fatal == 0);
+    CHECK(tally.inconsistent == 0);
+}
+
+TEST_CASE("fault injection through the KVM policy: every single failure of a VM ioctl or a "
+          "system call is all-or-nothing")
+{
+    long points = 0, absorbed = 0;
+    sweep_single(kvm_operations(), points, absorbed);
+    MESSAGE("KVM operations: " << kvm_operations().size() << ", single-failure injection points: "
+                               << points << " (absorbed: " << absorbed << ")");
+    CHECK(points > 20);
+}
+
+TEST_CASE("fault injection through the KVM policy: persistent failures from the n-th call on "
+          "(each in a forked child)")
+{
+    PersistentTally tally;
+    sweep_persistent(kvm_operations(), tally);
+    MESSAGE("KVM persistent injection points: "
+            << tally.points << ", rolled back: " << tally.rolled_back
+            << ", survived with a mapper or partition out of service: " << tally.quarantined
+            << ", reached fatal(): " << tally.fatal << ", inconsistent: " << tally.inconsistent);
+    CHECK(tally.points > 20);
     CHECK(tally.fatal == 0);
     CHECK(tally.inconsistent == 0);
 }
