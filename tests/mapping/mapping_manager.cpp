@@ -2,13 +2,20 @@
 // the private-memory single-mapper rule, and every rollback path, driven through the real Linux
 // VA policy with failures injected at the syscall seam.
 #include <membacking/guest_memory.hpp>
+#include <membacking/manager/guest_memory_manager.hpp>
 #include <membacking/mapping/mapping_manager.hpp>
+#include <membacking/partition/mock.hpp>
+#include <membacking/region/nested_priority.hpp>
 #include <membacking/va/linux_mmap.hpp>
 
 #include "injecting_syscalls.hpp"
 #include "test_support.hpp"
 
+#include <cstdint>
+#include <memory>
+#include <optional>
 #include <string>
+#include <sys/mman.h>
 #include <vector>
 
 using namespace membacking;
@@ -332,4 +339,88 @@ TEST_CASE("an explicit NUMA binding that fails fails the mapping; THP advice is 
     must(f.mm.add_mapping(m));
     CHECK(Fixture::resident(a, 0));
     CHECK(f.mm.stats().hint_failures == 1);
+}
+
+TEST_CASE("a mapper the host refuses to invalidate at shutdown (mmap and mprotect both fail) is "
+          "left mapped and counted in teardown_leaks(): a surviving handle reads the memory as "
+          "it was, nothing is fatal, and its range is never a hole")
+{
+    std::shared_ptr<Mapper> survivor;
+    const std::uint64_t leaks = MappingManager<Va>::teardown_leaks();
+    {
+        Fixture f;
+        must(f.mm.add_mapping(f.file(0, 0x1000)));
+        survivor = must(f.mm.new_mapper(MapperMode::eager));
+        REQUIRE(Memory(survivor).write_plain<std::uint32_t>(Gpa{0x10}, 0x5eed));
+        InjectingSyscalls::fail_mmap(1);     // the whole-range replacement
+        InjectingSyscalls::fail_mprotect(1); // and the in-place PROT_NONE
+        f.mm.shut_down();
+        CHECK(InjectingSyscalls::mmap_plan.fired);
+        CHECK(InjectingSyscalls::mprotect_plan.fired);
+    }
+    CHECK(MappingManager<Va>::teardown_leaks() == leaks + 1);
+    CHECK(survivor->quarantined());
+    // Still mapped, the bytes as they were; the part that was never mapped faults to an error.
+    CHECK(Memory(survivor).read_plain<std::uint32_t>(Gpa{0x10}).value() == 0x5eed);
+    auto r = Memory(survivor).read_plain<std::uint8_t>(Gpa{0x2000});
+    REQUIRE_FALSE(r);
+    CHECK(membacking::test::error_of(r) == errc::quarantined);
+    // No hole: the whole reservation is still mapped (madvise fails with ENOMEM on a gap).
+    CHECK(::madvise(survivor->base(), 0x100000, MADV_NORMAL) == 0);
+}
+
+TEST_CASE("a manager refused at shutdown by the host counts only the mappers it could not "
+          "invalidate in teardown_leaks()")
+{
+    std::shared_ptr<Mapper> first, second;
+    const std::uint64_t leaks = MappingManager<Va>::teardown_leaks();
+    {
+        Fixture f;
+        must(f.mm.add_mapping(f.file(0, 0x1000)));
+        first = must(f.mm.new_mapper(MapperMode::eager));
+        second = must(f.mm.new_mapper(MapperMode::eager));
+        InjectingSyscalls::fail_mmap(1);     // only the first mapper's replacement fails, and the
+        InjectingSyscalls::fail_mprotect(1); // in-place PROT_NONE too
+        f.mm.shut_down();
+    }
+    CHECK(MappingManager<Va>::teardown_leaks() == leaks + 1);
+    CHECK(first->quarantined());
+    CHECK(Fixture::resident(first, 0));
+    CHECK_FALSE(second->quarantined());
+    CHECK_FALSE(Fixture::resident(second, 0));
+    // Without a failure nothing is counted.
+    {
+        Fixture f;
+        must(f.mm.add_mapping(f.file(0, 0x1000)));
+        auto third = must(f.mm.new_mapper(MapperMode::eager));
+        f.mm.shut_down();
+        CHECK_FALSE(Fixture::resident(third, 0));
+    }
+    CHECK(MappingManager<Va>::teardown_leaks() == leaks + 1);
+}
+
+TEST_CASE("GuestMemoryManager: a teardown the host refuses leaves a surviving GuestMemory "
+          "handle reading the memory as it was, and GuestMemoryManager::teardown_leaks() "
+          "counts it")
+{
+    using Manager = GuestMemoryManager<NestedPriority, Va, MockPartition>;
+    InjectingSyscalls::reset();
+    const std::uint64_t leaks = Manager::teardown_leaks();
+    std::optional<Manager::Memory> survivor;
+    {
+        auto m = must(Manager::builder()
+                          .add_backing(RamBackingRequest({range(0, 0x100000)}))
+                          .build(Length{0x200000}));
+        survivor = m.guest_memory();
+        REQUIRE(survivor->write_plain<std::uint64_t>(Gpa{0x1000}, 0xfeedface));
+        InjectingSyscalls::fail_mmap(1);     // the primary's whole-range replacement
+        InjectingSyscalls::fail_mprotect(1); // and its in-place PROT_NONE
+    }                                        // ~GuestMemoryManager: not fatal
+    InjectingSyscalls::reset();
+    CHECK(Manager::teardown_leaks() == leaks + 1);
+    CHECK(survivor->mapper()->quarantined());
+    CHECK(survivor->read_plain<std::uint64_t>(Gpa{0x1000}).value() == 0xfeedface);
+    auto r = survivor->read_plain<std::uint8_t>(Gpa{0x180000}); // beyond RAM: never mapped
+    REQUIRE_FALSE(r);
+    CHECK(membacking::test::error_of(r) == errc::quarantined);
 }

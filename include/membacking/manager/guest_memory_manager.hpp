@@ -260,6 +260,15 @@ public:
     /// quarantines something still returns its own error; the others go on working.
     [[nodiscard]] Health health() const { return core_ ? core_->health() : Health{}; }
 
+    /// VA mappers that the host refused to invalidate when a manager of this VA policy was torn
+    /// down (a whole-range mmap and mprotect both refused), over the whole process: each is left
+    /// mapped, quarantined, and a GuestMemory handle that survived its manager reads the guest
+    /// memory as it was until it is dropped (README, "A host whose resources keep failing").
+    [[nodiscard]] static std::uint64_t teardown_leaks() noexcept
+    {
+        return MappingManager<Va>::teardown_leaks();
+    }
+
     /// The end of the guest address space: every GPA is below it (build's address_space).
     [[nodiscard]] Gpa max_address() const noexcept
     {

@@ -37,8 +37,10 @@
  * mutex (an access from inside a control call) is answered with an error, not a deadlock.
  * Shutdown (the manager's destructor) unmaps every mapper's whole range, so handles that outlive
  * the manager get errors, not stale memory. If the host refuses that and the in-place PROT_NONE
- * too, a mapper no handle holds is leaked (teardown_leaks() counts it); one a handle still holds
- * is fatal, since the handle would read guest memory of a manager that is gone.
+ * too (a host failure, not a broken invariant: never fatal), the mapper is quarantined and its
+ * range left mapped as it is, never a hole another mmap could take: a handle that still holds it
+ * reads the guest memory as it was (faults on what is not mapped give errc::quarantined) until
+ * it drops the mapper, whose reservation goes with it; teardown_leaks() counts such mappers.
  *
  * Leases (Linux): the manager owns the guest's lease domain (lease/lease_domain.hpp), which every
  * mapper shares. Every operation that may change the active mappings republishes the domain's
@@ -176,8 +178,6 @@ private:
     std::atomic<bool> registered_ = false;
     /// Set once, under the mapping manager's lock; read by resolve_fault without it.
     std::atomic<bool> quarantined_ = false;
-    /// Who else holds this mapper (GuestMemory handles): decides what shutdown may leak.
-    std::weak_ptr<VaMapper> self_;
     [[no_unique_address]] Leases leases_;
     std::shared_ptr<detail::DirtyBitmap> dirty_;
 };
@@ -337,7 +337,6 @@ public:
                 e.holders.push_back(mapper->id_);
         }
         mapper->registered_ = true;
-        mapper->self_ = mapper;
         mappers_.push_back(Slot{mapper->id_, mapper.get(), eager, false, false, {}});
         return mapper;
     }
@@ -416,22 +415,19 @@ public:
     }
 
     /// Unmaps every mapper's whole range and forgets everything. A mapper whose range can be
-    /// neither replaced nor made inaccessible is quarantined and its pages leak (counted in
-    /// teardown_leaks()) if nothing but `own` (the caller's own reference, or null) holds it: no
-    /// handle can reach it. Only if a handle could still read guest memory through it is that
-    /// fatal (neither call needs a new VMA on Linux, so an exhausted vm.max_map_count cannot
-    /// cause it).
-    void shut_down(const VaMapper<V>* own = nullptr) noexcept
+    /// neither replaced nor made inaccessible (neither call needs a new VMA on Linux, so an
+    /// exhausted vm.max_map_count cannot cause it) is quarantined and left mapped as it is, and
+    /// counted in teardown_leaks(): a host failure is not a broken invariant, so it is not
+    /// fatal. Its range stays its own (unmapping it would leave a hole that another mmap could
+    /// take while a handle still points there); a handle that survives reads the guest memory
+    /// as it was, and the reservation goes when the last handle drops the mapper.
+    void shut_down() noexcept
     {
         Locked lock(*this);
         const Republish republish(*this);
         for (Slot& s : mappers_) {
             if (!s.invalidated && !invalidate(*s.mapper)) {
                 s.mapper->quarantined_.store(true, std::memory_order_release);
-                const long others = s.mapper->self_.use_count() - (s.mapper == own ? 1 : 0);
-                if (others > 0)
-                    fatal("could not invalidate a VA mapper at shutdown; guest memory would stay "
-                          "reachable through a surviving handle after its manager is gone");
                 teardown_leaks().fetch_add(1, std::memory_order_relaxed);
             }
             s.mapper->registered_ = false;
@@ -470,8 +466,8 @@ public:
                 out.push_back({s.id, s.cause, s.invalidated});
         return out;
     }
-    /// VA ranges the process leaked at teardown because the host refused to invalidate them
-    /// (see shut_down), over every manager of this process.
+    /// VA mappers that the host refused to invalidate at teardown, left mapped (see
+    /// shut_down), over every manager of this process.
     static std::atomic<std::uint64_t>& teardown_leaks() noexcept
     {
         static std::atomic<std::uint64_t> leaks = 0;
@@ -927,14 +923,20 @@ public:
     MappingManager& operator=(const MappingManager&) = delete;
     ~MappingManager() { shut_down(); }
 
-    /// Invalidates every mapper (their accesses fail from now on) and forgets every mapping;
+    /// Invalidates every mapper (their accesses fail from now on; one the host refuses to
+    /// invalidate is left mapped and counted in teardown_leaks()) and forgets every mapping;
     /// new_mapper() fails afterwards. Idempotent; the destructor does it too.
-    /// `own`: a mapper the caller itself still holds (the manager's primary), which does not
-    /// count as a handle that could reach guest memory after a failed invalidation.
-    void shut_down(const VaMapper<V>* own = nullptr) noexcept
+    void shut_down() noexcept
     {
         if (core_)
-            core_->shut_down(own);
+            core_->shut_down();
+    }
+
+    /// VA mappers that the host refused to invalidate at a shutdown, left mapped, over every
+    /// manager of this VA policy in the process.
+    [[nodiscard]] static std::uint64_t teardown_leaks() noexcept
+    {
+        return detail::MappingCore<V>::teardown_leaks().load(std::memory_order_relaxed);
     }
 
     // VaEventSink

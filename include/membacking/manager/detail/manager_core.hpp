@@ -153,7 +153,7 @@ public:
         closed_ = true;
         advice_given_.wait(lock, [&] { return advising_ == 0; });
         partitions_.unmap_all(regions_.active_regions());
-        va_.shut_down(primary_.get());
+        va_.shut_down();
     }
 
     /// Whether shut_down() began: control operations fail from then on.
