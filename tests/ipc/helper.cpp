@@ -22,6 +22,8 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include "random_writes.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
@@ -78,20 +80,9 @@ std::uint64_t scribble(const Memory& mem, std::uint64_t seed, std::uint64_t spac
     std::vector<std::uint8_t> chunk(3 * 4096);
     std::uint64_t writes = 0;
     while (!stop.load(std::memory_order_relaxed)) {
-        const std::uint64_t gpa = rng() % space;
-        const auto value = static_cast<std::uint8_t>(rng());
-        const std::uint64_t len = rng() % chunk.size();
-        switch (rng() % 4) {
-        case 0:
-            std::memset(chunk.data(), value, chunk.size());
-            (void)mem.write(Gpa{gpa}, std::span(chunk).first(len));
-            break;
-        case 1: (void)mem.fill(Gpa{gpa}, value, Length{len}); break;
-        case 2: (void)mem.template write_plain<std::uint64_t>(Gpa{gpa}, rng()); break;
-        default:
-            (void)mem.template fetch_add<std::uint32_t>(Gpa{gpa & ~std::uint64_t{3}}, 1);
-            break;
-        }
+        const test::RandomWrite w = test::draw_random_write(rng, space, chunk.size());
+        test::write_randomly(mem, rng, std::span(chunk), w,
+                             static_cast<unsigned>(rng() % test::random_write_paths));
         ++writes;
     }
     return writes;
