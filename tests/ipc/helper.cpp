@@ -22,6 +22,7 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include "line_protocol.hpp"
 #include "random_writes.hpp"
 
 #include <atomic>
@@ -47,20 +48,12 @@ constexpr int script_fd = 4;
 std::string read_line()
 {
     std::string line;
-    char c = 0;
-    while (::read(script_fd, &c, 1) == 1) {
-        if (c == '\n')
-            return line;
-        line.push_back(c);
-    }
-    return "exit";
+    return test::read_line(script_fd, line) ? line : "exit";
 }
 
 void say(const std::string& s)
 {
-    const std::string line = s + "\n";
-    if (::write(script_fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
-        std::_Exit(3);
+    test::write_line(script_fd, s);
 }
 
 std::string code_of(const AccessError& e)
