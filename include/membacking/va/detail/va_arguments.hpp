@@ -23,7 +23,9 @@ namespace membacking::detail {
 /// "guest range START-END", the name every VA policy's messages give a range.
 inline std::string describe_va_range(std::uint64_t off, std::uint64_t len)
 {
-    return "guest range " + MemoryRange::hex(off) + "-" + MemoryRange::hex(off + len);
+    std::string range = "guest range " + MemoryRange::hex(off);
+    range += "-" + MemoryRange::hex(off + len);
+    return range;
 }
 
 /// Page aligned, non-empty, and inside a reservation of `reserved` bytes.
@@ -49,9 +51,11 @@ inline Result<void> check_map_file(std::uint64_t off, std::uint64_t len, const M
                                    std::uint64_t file_offset, std::uint64_t reserved)
 {
     MEMBACKING_TRY(check_va_range(off, len, reserved));
-    if (object.empty())
-        return make_error(errc::invalid_argument,
-                          "map_file of " + describe_va_range(off, len) + " given no object");
+    if (object.empty()) {
+        std::string message = "map_file of " + describe_va_range(off, len);
+        message += " given no object";
+        return make_error(errc::invalid_argument, message);
+    }
     if (!is_page_aligned(file_offset)) {
         std::string message = "file offset " + MemoryRange::hex(file_offset);
         message += " for " + describe_va_range(off, len);
