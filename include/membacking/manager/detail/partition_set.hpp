@@ -269,14 +269,14 @@ public:
     Result<void> map(const RegionActivation& act)
     {
         return fan_out([&](auto& a) { return map_one(a, act); },
-                       [this, range = act.gpa](auto& a) { return unmap_one(a, range); });
+                       [this, range = act.gpa](auto& a) { return this->unmap_one(a, range); });
     }
 
     /// Unmaps one window that stops being visible from every partition. All or nothing.
     Result<void> unmap(const RegionActivation& act)
     {
         return fan_out([&](auto& a) { return unmap_one(a, act.gpa); },
-                       [this, act](auto& a) { return map_one(a, act); });
+                       [this, act](auto& a) { return this->map_one(a, act); });
     }
 
     /// Takes every window of `visible` out of every partition, ignoring failures: for teardown,
