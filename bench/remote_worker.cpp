@@ -7,6 +7,8 @@
 //   exit, or EOF
 #include <membacking/ipc/remote_mapper.hpp>
 
+#include "line_protocol.hpp"
+
 #include <benchmark/benchmark.h>
 
 #include <chrono>
@@ -26,21 +28,12 @@ constexpr int command_fd = 4;
 
 bool read_line(std::string& line)
 {
-    line.clear();
-    char c = 0;
-    while (::read(command_fd, &c, 1) == 1) {
-        if (c == '\n')
-            return true;
-        line.push_back(c);
-    }
-    return false;
+    return test::read_line(command_fd, line);
 }
 
 void say(const std::string& s)
 {
-    const std::string line = s + "\n";
-    if (::write(command_fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
-        std::_Exit(3);
+    test::write_line(command_fd, s);
 }
 
 void quiet(const std::string&) {}

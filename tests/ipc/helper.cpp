@@ -22,6 +22,9 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include "line_protocol.hpp"
+#include "random_writes.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
@@ -45,20 +48,12 @@ constexpr int script_fd = 4;
 std::string read_line()
 {
     std::string line;
-    char c = 0;
-    while (::read(script_fd, &c, 1) == 1) {
-        if (c == '\n')
-            return line;
-        line.push_back(c);
-    }
-    return "exit";
+    return test::read_line(script_fd, line) ? line : "exit";
 }
 
 void say(const std::string& s)
 {
-    const std::string line = s + "\n";
-    if (::write(script_fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
-        std::_Exit(3);
+    test::write_line(script_fd, s);
 }
 
 std::string code_of(const AccessError& e)
@@ -79,20 +74,9 @@ std::uint64_t scribble(const Memory& mem, std::uint64_t seed, std::uint64_t spac
     std::uint64_t writes = 0;
     // At least one write, however soon the stop comes: the test asserts that writes were made.
     do {
-        const std::uint64_t gpa = rng() % space;
-        const auto value = static_cast<std::uint8_t>(rng());
-        const std::uint64_t len = rng() % chunk.size();
-        switch (rng() % 4) {
-        case 0:
-            std::memset(chunk.data(), value, chunk.size());
-            (void)mem.write(Gpa{gpa}, std::span(chunk).first(len));
-            break;
-        case 1: (void)mem.fill(Gpa{gpa}, value, Length{len}); break;
-        case 2: (void)mem.template write_plain<std::uint64_t>(Gpa{gpa}, rng()); break;
-        default:
-            (void)mem.template fetch_add<std::uint32_t>(Gpa{gpa & ~std::uint64_t{3}}, 1);
-            break;
-        }
+        const test::RandomWrite w = test::draw_random_write(rng, space, chunk.size());
+        test::write_randomly(mem, rng, std::span(chunk), w,
+                             static_cast<unsigned>(rng() % test::random_write_paths));
         ++writes;
     } while (!stop.load(std::memory_order_relaxed));
     return writes;

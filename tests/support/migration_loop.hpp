@@ -10,6 +10,7 @@
 #include <membacking/membacking.hpp>
 
 #include "platform.hpp"
+#include "random_writes.hpp"
 #include "test_support.hpp"
 
 #include <array>
@@ -86,32 +87,23 @@ std::vector<std::thread> start_vmm_writers(const Memory& memory, const std::atom
             std::mt19937_64 rng(t + 1);
             std::vector<std::uint8_t> chunk(3 * page);
             while (!stop.load(std::memory_order_relaxed)) {
-                const std::uint64_t gpa = rng() % space;
-                const auto value = static_cast<std::uint8_t>(rng());
-                const std::uint64_t len = rng() % chunk.size();
-                if (!keep_out.empty() && gpa < keep_out.end() && keep_out.start() < gpa + len + 8)
+                const RandomWrite w = draw_random_write(rng, space, chunk.size());
+                if (w.touches(keep_out))
                     continue;
-                switch (rng() % 5) {
-                case 0:
-                    std::memset(chunk.data(), value, chunk.size());
-                    (void)mem.write(Gpa{gpa}, std::span(chunk).first(len));
-                    break;
-                case 1: (void)mem.fill(Gpa{gpa}, value, Length{len}); break;
-                case 2: (void)mem.template write_plain<std::uint64_t>(Gpa{gpa}, rng()); break;
-                case 3:
-                    (void)mem.template fetch_add<std::uint32_t>(Gpa{gpa & ~std::uint64_t{3}}, 1);
-                    break;
-                default:
-#if MEMBACKING_OS_LINUX
-                    // Each thread leases its own megabyte of RAM: two plain memsets of the same
-                    // bytes from two threads would be a data race of the test's own.
-                    if (auto lease = mem.lease(Gpa{MiB + t * MiB + gpa % (MiB - page)},
-                                               Length{page}, LeaseAccess::write))
-                        for (const auto& span : lease->spans())
-                            std::memset(span.data(), value, span.size());
-#endif
-                    break;
+                const auto path = static_cast<unsigned>(rng() % (random_write_paths + 1));
+                if (path < random_write_paths) {
+                    write_randomly(mem, rng, std::span(chunk), w, path);
+                    continue;
                 }
+#if MEMBACKING_OS_LINUX
+                // The fifth path, a write lease. Each thread leases its own megabyte of RAM: two
+                // plain memsets of the same bytes from two threads would be a data race of the
+                // test's own.
+                if (auto lease = mem.lease(Gpa{MiB + t * MiB + w.gpa % (MiB - page)}, Length{page},
+                                           LeaseAccess::write))
+                    for (const auto& span : lease->spans())
+                        std::memset(span.data(), w.value, span.size());
+#endif
             }
         });
     return writers;

@@ -39,6 +39,7 @@
 #    include <membacking/base/result.hpp>
 #    include <membacking/base/units.hpp>
 #    include <membacking/os/linux.hpp>
+#    include <membacking/va/detail/va_arguments.hpp>
 #    include <membacking/va/mappable.hpp>
 #    include <membacking/va/va_policy.hpp>
 
@@ -149,14 +150,7 @@ public:
     Result<void> map_file(std::uint64_t off, std::uint64_t len, const Mappable& object,
                           std::uint64_t file_offset, bool writable)
     {
-        MEMBACKING_TRY(check(off, len));
-        if (object.empty())
-            return make_error(errc::invalid_argument,
-                              "map_file of " + describe(off, len) + " given no object");
-        if (!is_page_aligned(file_offset))
-            return make_error(errc::invalid_argument,
-                              "file offset " + MemoryRange::hex(file_offset) + " for " +
-                                  describe(off, len) + " is not a page-aligned file offset");
+        MEMBACKING_TRY(detail::check_map_file(off, len, object, file_offset, reserved_));
         if (file_offset > static_cast<std::uint64_t>(INT64_MAX) - len)
             return make_error(errc::invalid_argument,
                               "file offset " + MemoryRange::hex(file_offset) + " for " +
@@ -381,22 +375,14 @@ private:
 
     static std::string describe(std::uint64_t off, std::uint64_t len)
     {
-        return "guest range " + MemoryRange::hex(off) + "-" + MemoryRange::hex(off + len);
+        return detail::describe_va_range(off, len);
     }
 
     /// Page aligned, non-empty, and inside the reservation (a mapping may fill the tail that
     /// alignment added beyond size()).
     Result<void> check(std::uint64_t off, std::uint64_t len) const
     {
-        if (!is_page_aligned(off) || !is_page_aligned(len) || len == 0)
-            return make_error(errc::invalid_range, "guest range at " + MemoryRange::hex(off) +
-                                                       " of " + MemoryRange::hex(len) +
-                                                       " bytes is empty or not page aligned");
-        if (off > reserved_ || len > reserved_ - off)
-            return make_error(errc::out_of_range, describe(off, len) +
-                                                      " lies outside the reservation of " +
-                                                      MemoryRange::hex(reserved_) + " bytes");
-        return {};
+        return detail::check_va_range(off, len, reserved_);
     }
 
     /// mmap(MAP_FIXED) at base + off; `what` builds the error message, only on failure.

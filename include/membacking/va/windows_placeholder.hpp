@@ -80,6 +80,7 @@
 #    include <membacking/detail/interval_map.hpp>
 #    include <membacking/detail/undo_log.hpp>
 #    include <membacking/os/windows.hpp>
+#    include <membacking/va/detail/va_arguments.hpp>
 #    include <membacking/va/mappable.hpp>
 #    include <membacking/va/va_policy.hpp>
 
@@ -207,14 +208,7 @@ public:
     Result<void> map_file(std::uint64_t off, std::uint64_t len, const Mappable& object,
                           std::uint64_t file_offset, bool writable)
     {
-        MEMBACKING_TRY(check(off, len));
-        if (object.empty())
-            return make_error(errc::invalid_argument,
-                              "map_file of " + describe(off, len) + " given no object");
-        if (!is_page_aligned(file_offset))
-            return make_error(errc::invalid_argument,
-                              "file offset " + MemoryRange::hex(file_offset) + " for " +
-                                  describe(off, len) + " is not a page-aligned file offset");
+        MEMBACKING_TRY(detail::check_map_file(off, len, object, file_offset, size_));
         return transaction([&](detail::UndoLog& undo) {
             return replace(off, off + len,
                            Piece{off, off + len, object, file_offset, writable, writable}, undo);
@@ -380,20 +374,12 @@ private:
 
     static std::string describe(std::uint64_t off, std::uint64_t len)
     {
-        return "guest range " + MemoryRange::hex(off) + "-" + MemoryRange::hex(off + len);
+        return detail::describe_va_range(off, len);
     }
 
     Result<void> check(std::uint64_t off, std::uint64_t len) const
     {
-        if (!is_page_aligned(off) || !is_page_aligned(len) || len == 0)
-            return make_error(errc::invalid_range, "guest range at " + MemoryRange::hex(off) +
-                                                       " of " + MemoryRange::hex(len) +
-                                                       " bytes is empty or not page aligned");
-        if (off > size_ || len > size_ - off)
-            return make_error(errc::out_of_range, describe(off, len) +
-                                                      " lies outside the reservation of " +
-                                                      MemoryRange::hex(size_) + " bytes");
-        return {};
+        return detail::check_va_range(off, len, size_);
     }
 
     /// Runs `op` under the lock with an undo log; on failure rolls the address space back and

@@ -268,51 +268,15 @@ public:
     /// Maps one newly visible window into every partition. All or nothing.
     Result<void> map(const RegionActivation& act)
     {
-        const Operation op = operation();
-        UndoLog undo;
-        Result<void> result;
-        const bool must_follow = UndoLog::rolling_back(); // a rollback step: see the file comment
-        for_each([&](auto& a) {
-            if (auto r = map_one(a, act); !r) {
-                if (must_follow) {
-                    (void)or_fail(a, r);
-                    return true;
-                }
-                result = std::move(r).error();
-                return false;
-            }
-            undo.push([this, &a, range = act.gpa] { return or_fail(a, unmap_one(a, range)); });
-            return true;
-        });
-        if (!result)
-            return result;
-        undo.commit();
-        return {};
+        return fan_out([&](auto& a) { return map_one(a, act); },
+                       [this, range = act.gpa](auto& a) { return this->unmap_one(a, range); });
     }
 
     /// Unmaps one window that stops being visible from every partition. All or nothing.
     Result<void> unmap(const RegionActivation& act)
     {
-        const Operation op = operation();
-        UndoLog undo;
-        Result<void> result;
-        const bool must_follow = UndoLog::rolling_back();
-        for_each([&](auto& a) {
-            if (auto r = unmap_one(a, act.gpa); !r) {
-                if (must_follow) {
-                    (void)or_fail(a, r);
-                    return true;
-                }
-                result = std::move(r).error();
-                return false;
-            }
-            undo.push([this, &a, act] { return or_fail(a, map_one(a, act)); });
-            return true;
-        });
-        if (!result)
-            return result;
-        undo.commit();
-        return {};
+        return fan_out([&](auto& a) { return unmap_one(a, act.gpa); },
+                       [this, act](auto& a) { return this->map_one(a, act); });
     }
 
     /// Takes every window of `visible` out of every partition, ignoring failures: for teardown,
@@ -561,6 +525,35 @@ private:
             },
             lists_);
         std::erase_if(failed_, [&](const FailedPartition& f) { return f.id == id; });
+    }
+
+    /// The fan-out of map and unmap: `step(a)` into every partition, all or nothing; each
+    /// partition done pushes `inverse(a)` on the undo log, so a later failure takes it back.
+    /// Called to undo (UndoLog::rolling_back(), see the file comment), a partition whose step
+    /// fails is marked failed and the others still follow.
+    template <class Step, class Inverse>
+    Result<void> fan_out(Step&& step, const Inverse& inverse)
+    {
+        const Operation op = operation();
+        UndoLog undo;
+        Result<void> result;
+        const bool must_follow = UndoLog::rolling_back();
+        for_each([&](auto& a) {
+            if (auto r = step(a); !r) {
+                if (must_follow) {
+                    (void)or_fail(a, r);
+                    return true;
+                }
+                result = std::move(r).error();
+                return false;
+            }
+            undo.push([this, &a, inverse] { return or_fail(a, inverse(a)); });
+            return true;
+        });
+        if (!result)
+            return result;
+        undo.commit();
+        return {};
     }
 
     template <class P>
