@@ -71,7 +71,6 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <span>
 #include <string>
@@ -125,7 +124,8 @@ template <class Sys>
     std::string why = "membarrier(";
     why += command;
     why += ") failed: ";
-    why += error == EINVAL ? "this kernel does not know the command" : std::strerror(error);
+    why += error == EINVAL ? std::string("this kernel does not know the command")
+                           : std::system_category().message(error);
     why += " (";
     why += command;
     why += " needs ";
@@ -197,11 +197,12 @@ public:
                                                      "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED",
                                                      "Linux 4.14 or later: dirty tracking")));
         auto failed = [&](const char* what) {
+            const int error = errno;
             std::string why = "cannot create the dirty bitmap (";
             why += MemoryRange::hex(bytes);
             why += " bytes): ";
             why += what;
-            return Error(std::error_code(errno, std::system_category()), why);
+            return Error(std::error_code(error, std::system_category()), why);
         };
         const int fd = Sys::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (fd < 0)
