@@ -62,6 +62,10 @@ struct Counters {
     std::atomic<std::uint64_t> reads{0}, unmapped{0}, other_errors{0}, wrong_value{0};
     /// Reads that saw each state: [PAM segment, stack][RAM or low, ROM or high].
     std::atomic<std::uint64_t> saw[2][2]{};
+    /// The latest even epoch in which a read started and completed: the control thread waits
+    /// for it after each change, so that every state is read at least once (no count here
+    /// depends on how the scheduler shares the cores).
+    std::atomic<std::uint64_t> read_in{0};
 };
 
 /// Odd while a change is in flight, even between changes.
@@ -77,7 +81,8 @@ void read_loop(unsigned id, const Manager::Memory& primary, const Manager::Memor
     while (!done.load(std::memory_order_relaxed)) {
         // Read without pause while a change runs; between changes a few reads, then wait for
         // the next change (the control thread gets its core).
-        if (const std::uint64_t now = epoch.load(); now % 2 == 0) {
+        const std::uint64_t now = epoch.load();
+        if (now % 2 == 0) {
             if (now != seen) {
                 seen = now;
                 burst = 0;
@@ -93,6 +98,13 @@ void read_loop(unsigned id, const Manager::Memory& primary, const Manager::Memor
         const Manager::Memory& mem = (rng() % 2 == 0) ? primary : lazy;
         const auto r = mem.read_plain<std::uint64_t>(gpa);
         c.reads.fetch_add(1, std::memory_order_relaxed);
+        if (now % 2 == 0) {
+            std::uint64_t last = c.read_in.load();
+            while (last < now && !c.read_in.compare_exchange_weak(last, now)) {
+            }
+            if (last < now)
+                c.read_in.notify_all();
+        }
         if (!r) {
             (r.error().code == errc::unmapped ? c.unmapped : c.other_errors)
                 .fetch_add(1, std::memory_order_relaxed);
@@ -175,8 +187,11 @@ TEST_CASE("make-before-break: readers of GPAs that both states map never see the
             high_mapped = !high_mapped;
             r = high_mapped ? m.map_region(high, {true, false, false}) : m.unmap_region(high);
         }
-        epoch.fetch_add(1);
+        const std::uint64_t settled = epoch.fetch_add(1) + 1;
         epoch.notify_all();
+        // A reader has read in this state before the next change.
+        for (std::uint64_t v = c.read_in.load(); v < settled; v = c.read_in.load())
+            c.read_in.wait(v);
         if (!r) {
             ++failures;
             MESSAGE(r.error().full_message());
@@ -197,7 +212,8 @@ TEST_CASE("make-before-break: readers of GPAs that both states map never see the
     CHECK(c.unmapped.load() == 0);
     CHECK(c.other_errors.load() == 0);
     CHECK(c.wrong_value.load() == 0);
-    // The run proved something: both states of each area were read, many times.
+    // The run proved something: a read in every state between changes (the handshake), and
+    // both states of each area were read.
     CHECK(c.reads.load() >= static_cast<std::uint64_t>(changes));
     for (const auto& area : c.saw)
         for (const auto& state : area)
