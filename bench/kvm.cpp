@@ -11,10 +11,22 @@
 //                                     with the reason, where the kernel lacks it)
 //   BM_KvmGuestTouch/host_populated   the same after MADV_POPULATE_WRITE of the host VA: what is
 //                                     left is the second-level (NPT/EPT) faults alone
+//   BM_KvmDirtyHarvest/<mode>/<MiB>/<percent>
+//                                     a tracked manager's take_dirty_runs over a <MiB> MiB guest
+//                                     after a vCPU wrote one byte in <percent> % of its pages
+//                                     (every 10th page at 10 %, every page at 100 %), with the
+//                                     KVM partition in manual-protect mode
+//                                     (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG, then
+//                                     KVM_CLEAR_DIRTY_LOG of the pages taken) or clear-on-read
+//                                     (KVM_GET_DIRTY_LOG clears; the capability hidden from the
+//                                     partition through the test seam, as on an old kernel). Only
+//                                     the take is timed; the guest's run is not.
 //
-// Sizes: 2 MiB and 1 GiB. Every benchmark reports an error instead of a number without /dev/kvm.
+// Map sizes: 2 MiB and 1 GiB. Every benchmark reports an error instead of a number without
+// /dev/kvm.
 #include <membacking/membacking.hpp>
 
+#include "../tests/support/injecting_kvm.hpp"
 #include "kvm_vcpu.hpp"
 #include "x86_asm.hpp"
 
@@ -223,6 +235,155 @@ void guest_touch(benchmark::State& state, Touch mode)
     state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(touch_size / page_size));
 }
 
+/// One guest per harvest mode, made on first use and kept for the whole run: populating a guest
+/// of hundreds of MiB under an emulated CPU takes seconds, and the harvest does not depend on it.
+/// clear_on_read: the partition is created through InjectingKvm with the manual-protect
+/// capability hidden (a test seam, not an option of the library: KvmPartition always enables
+/// manual protect where the kernel has it).
+template <class Sys>
+struct HarvestGuest {
+    using Manager = TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, KvmPartition<Sys>>;
+
+    std::string error; ///< why the guest cannot be used (empty: it can)
+    std::uint64_t size = 0;
+    std::optional<KvmVm> vm;
+    std::optional<Manager> manager;
+    std::shared_ptr<KvmPartition<Sys>> kvm;
+
+    /// The guest at 0x1000: one byte in every `stride`-th page from dirty_start to the end.
+    static constexpr std::uint64_t dirty_start = 2 * MiB;
+
+    HarvestGuest(std::uint64_t bytes, bool clear_on_read) : size(bytes), vm(KvmVm::create(error))
+    {
+        if (!vm) {
+            error = "KVM is not usable here: " + error;
+            return;
+        }
+        auto m = Manager::builder()
+                     .add_backing(RamBackingRequest({MemoryRange::valid_or_abort(0, size)}))
+                     .build(Length{size});
+        test::InjectingKvm::reset();
+        test::InjectingKvm::hide_manual_protect = clear_on_read;
+        auto k = KvmPartition<Sys>::create(vm->vm_fd());
+        test::InjectingKvm::reset();
+        if (!m || !k) {
+            error = "setup failed";
+            return;
+        }
+        manager.emplace(std::move(*m));
+        kvm = *k;
+        if (kvm->capabilities().manual_dirty_log_protect == clear_on_read) {
+            error = clear_on_read ? "the partition kept manual protect"
+                                  : "this kernel lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2";
+            return;
+        }
+        if (!manager->attach_partition(Vtl::vtl0, kvm) || !manager->start_dirty_tracking())
+            error = "attaching the partition or starting dirty tracking failed";
+    }
+
+    /// Loads the guest loop; the pages it will dirty.
+    std::uint64_t load(std::uint64_t stride)
+    {
+        const std::uint64_t pages = (size - dirty_start) / page_size / stride;
+        X86Asm a;
+        a.mov(X86Asm::edi, static_cast<std::uint32_t>(dirty_start))
+            .mov(X86Asm::ecx, static_cast<std::uint32_t>(pages))
+            .label("loop")
+            .store_byte_edi(1)
+            .add_edi(static_cast<std::uint32_t>(stride * page_size))
+            .dec_ecx()
+            .jnz("loop")
+            .hlt();
+        const auto code = a.code();
+        if (!manager->guest_memory().write(Gpa{0x1000}, code))
+            error = "loading the guest failed";
+        return pages;
+    }
+
+    /// Runs the loaded loop until it halts.
+    bool run() { return vm->start_at(0x1000) && vm->run(120).kind == KvmVm::Exit::Kind::halt; }
+};
+
+template <class Sys>
+void kvm_harvest(benchmark::State& state, bool clear_on_read)
+{
+    const auto size = static_cast<std::uint64_t>(state.range(0)) * MiB;
+    const auto percent = static_cast<std::uint64_t>(state.range(1));
+    static std::unique_ptr<HarvestGuest<Sys>> guest;
+    if (!guest || guest->size != size)
+        guest = std::make_unique<HarvestGuest<Sys>>(size, clear_on_read);
+    if (!guest->error.empty()) {
+        state.SkipWithError(guest->error.c_str());
+        return;
+    }
+    const std::uint64_t pages = guest->load(100 / percent);
+    const auto whole = MemoryRange::valid_or_abort(0, size);
+    std::vector<DirtyRun> runs;
+    // A first run of the loop and a take: what loading the code, the first entry into the guest
+    // (its code page is reported dirty once) and any earlier benchmark left are not the
+    // pattern's; every timed take below must find exactly the pattern.
+    if (!guest->run() || !guest->manager->take_dirty_runs(whole, runs)) {
+        state.SkipWithError("the first run and take failed");
+        return;
+    }
+    std::uint64_t taken = 0;
+    for (auto _ : state) {
+        state.PauseTiming();
+        runs.clear();
+        if (!guest->run()) {
+            state.SkipWithError("the guest did not halt");
+            return;
+        }
+        state.ResumeTiming();
+        if (!guest->manager->take_dirty_runs(whole, runs)) {
+            state.SkipWithError("take_dirty_runs failed");
+            return;
+        }
+        state.PauseTiming();
+        taken = 0;
+        for (const DirtyRun& r : runs)
+            taken += r.length.value() / page_size;
+        // Exactly the guest's pages: a take that missed some, or reported pages twice, has no
+        // figure.
+        if (taken != pages) {
+            std::string why = "took ";
+            why += std::to_string(taken);
+            why += " pages, the guest wrote ";
+            why += std::to_string(pages);
+            state.SkipWithError(why.c_str());
+            return;
+        }
+        state.ResumeTiming();
+        if (!guest->manager->take_dirty_runs(whole, runs)) {
+            state.SkipWithError("take_dirty_runs failed");
+            return;
+        }
+        state.PauseTiming();
+        taken = 0;
+        for (const DirtyRun& r : runs)
+            taken += r.length.value() / page_size;
+        // Exactly the guest's pages: a take that missed some, or reported pages twice, has no
+        // figure.
+        if (taken != pages) {
+            std::string odd;
+            for (const DirtyRun& r : runs)
+                if (r.length.value() != page_size ||
+                    (r.gpa.value() - HarvestGuest<Sys>::dirty_start) %
+                            (page_size * (100 / percent)) !=
+                        0)
+                    odd += " " + MemoryRange::hex(r.gpa.value()) + "+" +
+                           std::to_string(r.length.value());
+            state.SkipWithError(("took " + std::to_string(taken) + " pages, the guest wrote " +
+                                 std::to_string(pages) + odd)
+                                    .c_str());
+            return;
+        }
+        state.ResumeTiming();
+    }
+    state.counters["pages"] = static_cast<double>(taken);
+    state.counters["runs"] = static_cast<double>(runs.size());
+}
+
 const bool registered = [] {
     for (const auto& [name, fn] : {std::pair{"BM_KvmMapRegion/raw", &map_region_raw},
                                    std::pair{"BM_KvmMapRegion", &map_region_policy},
@@ -241,6 +402,18 @@ const bool registered = [] {
             ->Unit(benchmark::kMillisecond)
             ->Iterations(4);
     }
+    // 256 MiB fits the emulated VM's 2 GiB twice over (both modes' guests stay alive).
+    for (const auto& [name, fn] :
+         {std::pair{"BM_KvmDirtyHarvest/manual_protect",
+                    +[](benchmark::State& s) { kvm_harvest<os::LinuxSyscalls>(s, false); }},
+          std::pair{"BM_KvmDirtyHarvest/clear_on_read",
+                    +[](benchmark::State& s) { kvm_harvest<test::InjectingKvm>(s, true); }}})
+        benchmark::RegisterBenchmark(name, fn)
+            ->Args({256, 10})
+            ->Args({256, 100})
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->Iterations(3);
     return true;
 }();
 

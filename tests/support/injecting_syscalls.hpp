@@ -1,7 +1,9 @@
 /**
  * InjectingSyscalls: the Linux syscall seam with failure injection. Derives from the real seam
  * and shadows the calls tests want to break: the n-th mmap (or munmap, mprotect, mbind, madvise,
- * memfd_create, ftruncate, fallocate) from now fails with a chosen errno and does nothing. A
+ * memfd_create, ftruncate, F_ADD_SEALS, fallocate) from now fails with a chosen errno and does
+ * nothing; membarrier plays a kernel that does not know some of its commands (EINVAL, as before
+ * the Linux version that added them). A
  * failing MAP_FIXED mmap can also model kernels before 6.12, which may remove the old mapping
  * before failing (remove_before_failing), and another thread's allocation landing in that hole
  * (after_removal).
@@ -13,10 +15,12 @@
 
 #include <membacking/os/linux.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <vector>
 
 namespace membacking::test {
 
@@ -49,6 +53,12 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     static inline Plan memfd_plan;
     static inline Plan fallocate_plan;
     static inline Plan fstat_plan; ///< VaPolicy::object_size (and lease windows) ask fstat
+    static inline Plan ftruncate_plan;
+    static inline Plan seals_plan; ///< add_seals (F_ADD_SEALS)
+    /// membarrier commands (MEMBARRIER_CMD_*) this kernel does not know: EINVAL, nothing done.
+    static inline std::vector<int> unknown_membarrier_commands;
+    /// The descriptor the last memfd_create returned (-1: none yet).
+    static inline int last_memfd = -1;
     /// A failing MAP_FIXED mmap first unmaps its range, as kernels before 6.12 may.
     static inline bool remove_before_failing = false;
     /// Runs right after that removal (another thread's mmap into the hole, for instance).
@@ -67,6 +77,10 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         memfd_plan = {};
         fallocate_plan = {};
         fstat_plan = {};
+        ftruncate_plan = {};
+        seals_plan = {};
+        unknown_membarrier_commands.clear();
+        last_memfd = -1;
         remove_before_failing = false;
         after_removal = nullptr;
         last_mmap_addr = nullptr;
@@ -152,7 +166,33 @@ struct InjectingSyscalls : os::LinuxSyscalls {
             errno = memfd_plan.error;
             return -1;
         }
-        return os::LinuxSyscalls::memfd_create(name, flags);
+        last_memfd = os::LinuxSyscalls::memfd_create(name, flags);
+        return last_memfd;
+    }
+    static int ftruncate(int fd, off_t len) noexcept
+    {
+        if (ftruncate_plan.next()) {
+            errno = ftruncate_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::ftruncate(fd, len);
+    }
+    static int add_seals(int fd, int seals) noexcept
+    {
+        if (seals_plan.next()) {
+            errno = seals_plan.error;
+            return -1;
+        }
+        return os::LinuxSyscalls::add_seals(fd, seals);
+    }
+    static int membarrier(int cmd, unsigned flags) noexcept
+    {
+        if (std::find(unknown_membarrier_commands.begin(), unknown_membarrier_commands.end(),
+                      cmd) != unknown_membarrier_commands.end()) {
+            errno = EINVAL;
+            return -1;
+        }
+        return os::LinuxSyscalls::membarrier(cmd, flags);
     }
 };
 

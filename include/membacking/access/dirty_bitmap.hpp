@@ -79,11 +79,12 @@
 #include <vector>
 
 #if MEMBACKING_OS_LINUX
+#    include <membacking/os/linux.hpp> // the system-call seam
+
 #    include <fcntl.h>
 #    include <linux/membarrier.h>
 #    include <sys/mman.h>
 #    include <sys/stat.h>
-#    include <sys/syscall.h>
 #    include <unistd.h>
 #elif MEMBACKING_OS_WINDOWS
 #    include <membacking/os/windows.hpp> // <windows.h>, lean and without min/max macros
@@ -100,38 +101,71 @@ struct DirtyRun {
 
 namespace detail {
 
+#if MEMBACKING_OS_LINUX
+/// membarrier(2) as the bitmap calls it: Sys::membarrier of the seam it was created through.
+using MembarrierCall = int (*)(int cmd, unsigned flags) noexcept;
+
 /// One full memory barrier on every running thread of this process (see the file comment).
-/// Registration (Linux) happens once, in DirtyBitmap::create.
+/// Registration happens in DirtyBitmap::create.
+[[nodiscard]] inline bool process_memory_barrier(MembarrierCall membarrier) noexcept
+{
+    return membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) == 0;
+}
+
+/// Registers this process for `cmd`'s barrier (`registration`: its REGISTER_ command); the
+/// error names the command and the kernel that has it. Cheap, and harmless to repeat.
+template <class Sys>
+[[nodiscard]] Result<void> register_memory_barrier(int registration, const char* command,
+                                                   const char* kernel)
+{
+    if (Sys::membarrier(registration, 0) == 0)
+        return {};
+    const int error = errno;
+    std::string why = "membarrier(";
+    why += command;
+    why += ") failed: ";
+    why += error == EINVAL ? std::string("this kernel does not know the command")
+                           : std::system_category().message(error);
+    why += " (";
+    why += command;
+    why += " needs ";
+    why += kernel;
+    why += ")";
+    return make_error(errc::unsupported, why);
+}
+
+/// The barrier of a harvest whose bitmap other processes mark (see the file comment).
+[[nodiscard]] inline bool global_memory_barrier(MembarrierCall membarrier) noexcept
+{
+    return membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0) == 0;
+}
+#elif MEMBACKING_OS_WINDOWS
 [[nodiscard]] inline bool process_memory_barrier() noexcept
 {
-#if MEMBACKING_OS_LINUX
-    return ::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0;
-#elif MEMBACKING_OS_WINDOWS
     ::FlushProcessWriteBuffers();
     return true;
-#endif
 }
+#endif
 
-[[nodiscard]] inline Result<void> register_process_memory_barrier()
-{
+/// The system-call seam a manager's bitmap is created through: its VA policy's
+/// (`LinuxMmap<Sys>::Syscalls`), so a test that injects failures into the VA policy reaches the
+/// bitmap too; the real one for a policy without a seam.
+template <class Va>
+struct BitmapSyscalls {
 #if MEMBACKING_OS_LINUX
-    static const int registered =
-        ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0 ? 0 : errno;
-    if (registered != 0)
-        return Error(std::error_code(registered, std::system_category()),
-                     "membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) failed: dirty "
-                     "tracking needs Linux 4.14 or later");
+    using type = os::LinuxSyscalls;
+#else
+    using type = void;
 #endif
-    return {};
-}
-
-#if MEMBACKING_OS_LINUX
-/// The barrier of a harvest whose bitmap other processes mark (see the file comment).
-[[nodiscard]] inline bool global_memory_barrier() noexcept
+};
+template <class Va>
+requires requires
 {
-    return ::syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
+    typename Va::Syscalls;
 }
-#endif
+struct BitmapSyscalls<Va> {
+    using type = typename Va::Syscalls;
+};
 
 class DirtyBitmap {
 public:
@@ -146,35 +180,48 @@ public:
         return (words * sizeof(std::uint64_t) + page_size - 1) / page_size * page_size;
     }
 
-    /// A bitmap for guest addresses [0, address_space), all clear.
+    /// A bitmap for guest addresses [0, address_space), all clear. Linux: every system call
+    /// (membarrier's registration, memfd_create, ftruncate, F_ADD_SEALS, mmap) goes through
+    /// `Sys`, the seam tests replace; a failure closes what was made and names the step.
+#if MEMBACKING_OS_LINUX
+    template <class Sys = os::LinuxSyscalls>
+#else
+    template <class Sys = void>
+#endif
     [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>> create(std::uint64_t address_space)
     {
-        MEMBACKING_TRY(register_process_memory_barrier());
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
         const std::uint64_t bytes = bytes_for(address_space);
 #if MEMBACKING_OS_LINUX
+        MEMBACKING_TRY((register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                                                     "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED",
+                                                     "Linux 4.14 or later: dirty tracking")));
         auto failed = [&](const char* what) {
-            return Error(std::error_code(errno, std::system_category()),
-                         std::string("cannot create the dirty bitmap (") + MemoryRange::hex(bytes) +
-                             " bytes): " + what);
+            const int error = errno;
+            std::string why = "cannot create the dirty bitmap (";
+            why += MemoryRange::hex(bytes);
+            why += " bytes): ";
+            why += what;
+            return Error(std::error_code(error, std::system_category()), why);
         };
-        const int fd = ::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        const int fd = Sys::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (fd < 0)
             return failed("memfd_create");
-        if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0 ||
-            ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-            Error e = failed("sizing and sealing its memfd");
-            ::close(fd);
+        auto close_failed = [&](const char* what) {
+            Error e = failed(what);
+            Sys::close(fd);
             return e;
-        }
-        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-        if (p == MAP_FAILED) {
-            Error e = failed("mmap");
-            ::close(fd);
-            return e;
-        }
-        return std::shared_ptr<DirtyBitmap>(
-            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd));
+        };
+        if (Sys::ftruncate(fd, static_cast<off_t>(bytes)) != 0)
+            return close_failed("sizing its memfd (ftruncate)");
+        if (Sys::add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+            return close_failed("sealing its memfd (F_ADD_SEALS)");
+        void* p =
+            Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (p == MAP_FAILED)
+            return close_failed("mmap");
+        return std::shared_ptr<DirtyBitmap>(new DirtyBitmap(
+            static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd, &Sys::membarrier));
 #else
         void* p = ::VirtualAlloc(nullptr, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
         if (p == nullptr)
@@ -205,37 +252,44 @@ public:
     /// ownership of `fd` (what share_fd() gave the manager's side), which must be a sealed memfd
     /// of exactly bytes_for(address_space) bytes whose size can never change. Registers this
     /// process for the global barrier first (file comment). Marks only: a worker never harvests.
+    /// Its system calls go through `Sys` (membarrier's registration, fstat, F_GET_SEALS, mmap).
+    template <class Sys = os::LinuxSyscalls>
     [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>>
     map_shared(int fd, std::uint64_t address_space)
     {
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
         const std::uint64_t bytes = bytes_for(address_space);
         auto fail = [&](errc code, const std::string& why) {
-            ::close(fd);
-            return make_error(code, "the manager's dirty bitmap: " + why);
+            Sys::close(fd);
+            std::string what = "the manager's dirty bitmap: ";
+            what += why;
+            return make_error(code, what);
         };
         struct stat st {};
-        if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        if (Sys::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
             return fail(errc::invalid_argument, "not a regular file (memfd)");
         if (static_cast<std::uint64_t>(st.st_size) != bytes)
             return fail(errc::invalid_argument,
                         "size " + MemoryRange::hex(static_cast<std::uint64_t>(st.st_size)) +
                             ", a guest of " + MemoryRange::hex(address_space) + " needs " +
                             MemoryRange::hex(bytes));
-        const int seals = ::fcntl(fd, F_GET_SEALS);
+        const int seals = Sys::get_seals(fd);
         if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
             return fail(errc::invalid_argument,
                         "its size is not sealed (F_SEAL_SHRINK | F_SEAL_GROW): it could shrink "
                         "under the marks");
-        if (::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0) != 0)
-            return fail(errc::unsupported,
-                        "membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) failed: marking "
-                        "from another process needs Linux 4.16 or later");
-        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (auto registered =
+                register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED,
+                                             "MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED",
+                                             "Linux 4.16 or later: marking from another process");
+            !registered)
+            return fail(errc::unsupported, registered.error().message());
+        void* p =
+            Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (p == MAP_FAILED)
             return fail(errc::invalid_argument, "mmap failed");
-        return std::shared_ptr<DirtyBitmap>(
-            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd));
+        return std::shared_ptr<DirtyBitmap>(new DirtyBitmap(
+            static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd, &Sys::membarrier));
     }
 #endif
 
@@ -423,13 +477,15 @@ private:
     /// The barrier that ends a harvest: this process's threads, and once shared, the workers'.
     [[nodiscard]] bool barrier() const noexcept
     {
-        if (!process_memory_barrier())
-            return false;
 #if MEMBACKING_OS_LINUX
+        if (!process_memory_barrier(membarrier_))
+            return false;
         if (shared_.load(std::memory_order_seq_cst))
-            return global_memory_barrier();
-#endif
+            return global_memory_barrier(membarrier_);
         return true;
+#else
+        return process_memory_barrier();
+#endif
     }
 
     /// mark_one's rare paths, out of line so that the hot path keeps its registers.
@@ -447,9 +503,9 @@ private:
     }
 
 #if MEMBACKING_OS_LINUX
-    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages, std::uint64_t bytes,
-                int fd) noexcept
-        : words_(words), pages_(pages), bytes_(bytes), fd_(fd)
+    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages, std::uint64_t bytes, int fd,
+                MembarrierCall membarrier) noexcept
+        : words_(words), pages_(pages), bytes_(bytes), fd_(fd), membarrier_(membarrier)
     {}
 #else
     DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages,
@@ -559,7 +615,8 @@ private:
     std::uint64_t pages_;
     std::uint64_t bytes_;
 #if MEMBACKING_OS_LINUX
-    int fd_; ///< the memfd of the words
+    int fd_;                    ///< the memfd of the words
+    MembarrierCall membarrier_; ///< the seam's membarrier (the harvest's barriers)
     mutable std::atomic<bool> shared_ =
         false; ///< share_fd() called: harvests run the global barrier
 #endif

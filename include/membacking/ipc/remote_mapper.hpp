@@ -112,7 +112,8 @@ public:
         const std::uint64_t size = h.guest_size;
         std::shared_ptr<membacking::detail::DirtyBitmap> dirty;
         if (h.dirty_bitmap_bytes != 0) {
-            auto bitmap = membacking::detail::DirtyBitmap::map_shared(hello->fd.release(), size);
+            auto bitmap =
+                membacking::detail::DirtyBitmap::map_shared<Sys>(hello->fd.release(), size);
             if (!bitmap)
                 return std::move(bitmap).error().context("connecting to the guest memory manager");
             dirty = std::move(*bitmap);

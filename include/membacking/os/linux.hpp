@@ -126,6 +126,14 @@ struct LinuxSyscalls {
     static int fstat(int fd, struct stat* st) noexcept { return ::fstat(fd, st); }
     /// fcntl(fd, F_GET_SEALS): the memfd seals of fd (-1 if it cannot have any).
     static int get_seals(int fd) noexcept { return ::fcntl(fd, F_GET_SEALS); }
+    /// fcntl(fd, F_ADD_SEALS, seals).
+    static int add_seals(int fd, int seals) noexcept { return ::fcntl(fd, F_ADD_SEALS, seals); }
+    /// membarrier(2) (cmd: a MEMBARRIER_CMD_*), through syscall(): glibc has no wrapper. Dirty
+    /// tracking's harvest barriers and their registrations (access/dirty_bitmap.hpp).
+    static int membarrier(int cmd, unsigned flags) noexcept
+    {
+        return static_cast<int>(::syscall(SYS_membarrier, cmd, flags, 0));
+    }
     /// mbind(2) through syscall(): glibc has no wrapper and libnuma is not a dependency.
     static long mbind(void* addr, unsigned long len, int mode, const unsigned long* nodemask,
                       unsigned long maxnode, unsigned flags) noexcept

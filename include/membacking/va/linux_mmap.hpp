@@ -59,6 +59,9 @@ namespace membacking {
 template <class Sys = os::LinuxSyscalls>
 class LinuxMmap {
 public:
+    /// The system-call seam (the dirty bitmap of a manager over this policy uses it too).
+    using Syscalls = Sys;
+
     static constexpr VaFeatures features =
         VaFeatures::atomic_replace | VaFeatures::hugepages | VaFeatures::numa | VaFeatures::names;
 
