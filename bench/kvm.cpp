@@ -346,36 +346,23 @@ void kvm_harvest(benchmark::State& state, bool clear_on_read)
         // Exactly the guest's pages: a take that missed some, or reported pages twice, has no
         // figure.
         if (taken != pages) {
-            std::string why = "took ";
-            why += std::to_string(taken);
-            why += " pages, the guest wrote ";
-            why += std::to_string(pages);
-            state.SkipWithError(why.c_str());
-            return;
-        }
-        state.ResumeTiming();
-        if (!guest->manager->take_dirty_runs(whole, runs)) {
-            state.SkipWithError("take_dirty_runs failed");
-            return;
-        }
-        state.PauseTiming();
-        taken = 0;
-        for (const DirtyRun& r : runs)
-            taken += r.length.value() / page_size;
-        // Exactly the guest's pages: a take that missed some, or reported pages twice, has no
-        // figure.
-        if (taken != pages) {
             std::string odd;
             for (const DirtyRun& r : runs)
                 if (r.length.value() != page_size ||
                     (r.gpa.value() - HarvestGuest<Sys>::dirty_start) %
                             (page_size * (100 / percent)) !=
-                        0)
-                    odd += " " + MemoryRange::hex(r.gpa.value()) + "+" +
-                           std::to_string(r.length.value());
-            state.SkipWithError(("took " + std::to_string(taken) + " pages, the guest wrote " +
-                                 std::to_string(pages) + odd)
-                                    .c_str());
+                        0) {
+                    odd += ' ';
+                    odd += MemoryRange::hex(r.gpa.value());
+                    odd += '+';
+                    odd += std::to_string(r.length.value());
+                }
+            std::string why = "took ";
+            why += std::to_string(taken);
+            why += " pages, the guest wrote ";
+            why += std::to_string(pages);
+            why += odd;
+            state.SkipWithError(why.c_str());
             return;
         }
         state.ResumeTiming();
