@@ -40,6 +40,7 @@
 #include <optional>
 #include <string>
 #include <sys/mman.h>
+#include <system_error>
 
 using namespace membacking;
 using example::KvmVm;
@@ -109,7 +110,7 @@ void map_region_raw(benchmark::State& state)
         r.memory_size = size;
         if (::ioctl(vm->vm_fd(), detail::kvm_abi::set_user_memory_region2, &r) != 0) {
             std::string why = "KVM_SET_USER_MEMORY_REGION2 failed: ";
-            why += std::strerror(errno);
+            why += std::error_code(errno, std::generic_category()).message();
             state.SkipWithError(why.c_str());
             return;
         }
