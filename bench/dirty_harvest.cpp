@@ -12,6 +12,14 @@
 //   cluster, and the case where the 2x bound below is meaningful.
 // BM_DirtyHarvest/memcpy/<GiB>: a memcpy of the same bitmap's bytes (64 GiB: 2 MiB; 512 GiB:
 //   16 MiB) into a buffer, from the same freshly written bitmap: reading the bitmap once.
+// BM_DirtyHarvest/clustered64_locked_floor/64/10: only the locked exchanges that a harvest of the
+//   clustered pattern cannot avoid (one per word that has some bits set and some clear: under
+//   concurrent test-then-set marks such a word can only be cleared by an atomic read-modify-write,
+//   see access/dirty_bitmap.hpp), nothing else: the floor of any harvest of this bitmap, against
+//   the same run's memcpy/64.
+// BM_DirtyHarvest/memcpy_bytemap/512: a memcpy of 128 MiB, the size of a byte-per-page map of
+//   512 GiB (the alternative whose mark is one plain store, BM_WriteU64/guest_bytemark_floor in
+//   bench_guest_access): the floor of harvesting such a map once, against the 4.6 ms goal.
 // BM_HarvestBarrier/shared:<0|1>: take_dirty_runs of a clean 2 MiB guest (a 64-byte scan), so
 //   the figure is the barriers that end a take: 0, the bitmap only this process marks (the private
 //   expedited membarrier); 1, the bitmap handed to worker processes (share_fd), so every take
@@ -173,6 +181,46 @@ void harvest_memcpy(benchmark::State& state)
     std::memset(static_cast<void*>(g.words), 0, g.count * sizeof(std::uint64_t));
 }
 
+/// The locked exchanges alone: one per word of the pattern that is neither clean nor all ones.
+void harvest_locked_floor(benchmark::State& state)
+{
+    const auto gib = static_cast<std::uint64_t>(state.range(0));
+    const auto percent = static_cast<std::uint64_t>(state.range(1));
+    Guest& g = guest(gib);
+    const auto& p = pattern(g.count, percent, 64);
+    std::vector<std::uint64_t> partial;
+    for (std::uint64_t i = 0; i < p.size(); ++i)
+        if (p[i] != 0 && p[i] != ~std::uint64_t{0})
+            partial.push_back(i);
+    std::uint64_t taken = 0;
+    for (auto _ : state) {
+        write_pattern(g, p);
+        const auto start = std::chrono::steady_clock::now();
+        for (const std::uint64_t i : partial)
+            taken |= g.words[i].exchange(0, std::memory_order_acquire);
+        const auto end = std::chrono::steady_clock::now();
+        state.SetIterationTime(std::chrono::duration<double>(end - start).count());
+    }
+    benchmark::DoNotOptimize(taken);
+    state.counters["locked"] = static_cast<double>(partial.size());
+    std::memset(static_cast<void*>(g.words), 0, g.count * sizeof(std::uint64_t));
+}
+
+/// A memcpy of a byte-per-page map's size (one byte per 4 KiB page of `gib` GiB).
+void harvest_memcpy_bytemap(benchmark::State& state)
+{
+    const auto bytes = static_cast<std::size_t>(state.range(0)) * (GiB / page_size);
+    std::vector<std::uint8_t> map(bytes, 1);
+    std::vector<std::uint8_t> out(bytes);
+    for (auto _ : state) {
+        const auto start = std::chrono::steady_clock::now();
+        std::memcpy(out.data(), map.data(), bytes);
+        benchmark::ClobberMemory();
+        const auto end = std::chrono::steady_clock::now();
+        state.SetIterationTime(std::chrono::duration<double>(end - start).count());
+    }
+}
+
 void harvest_barrier(benchmark::State& state)
 {
     constexpr std::uint64_t size = std::uint64_t{2} << 20;
@@ -196,6 +244,9 @@ const bool registered = [] {
         benchmark::RegisterBenchmark("BM_DirtyHarvest/memcpy", harvest_memcpy),
         benchmark::RegisterBenchmark("BM_DirtyHarvest", harvest<1>),
         benchmark::RegisterBenchmark("BM_DirtyHarvest/clustered64", harvest<64>),
+        benchmark::RegisterBenchmark("BM_DirtyHarvest/clustered64_locked_floor",
+                                     harvest_locked_floor),
+        benchmark::RegisterBenchmark("BM_DirtyHarvest/memcpy_bytemap", harvest_memcpy_bytemap),
     };
     all.begin()[0]->Arg(64)->Arg(512)->UseManualTime()->Unit(benchmark::kMicrosecond);
     all.begin()[1]
@@ -204,6 +255,8 @@ const bool registered = [] {
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
     all.begin()[2]->Args({64, 10})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    all.begin()[3]->Args({64, 10})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    all.begin()[4]->Arg(512)->UseManualTime()->Unit(benchmark::kMicrosecond);
     bench::fix_iterations(all);
     auto* barrier = benchmark::RegisterBenchmark("BM_HarvestBarrier", harvest_barrier);
     barrier->ArgName("shared")->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);

@@ -424,3 +424,189 @@ TEST_CASE("GuestMemoryManager: a teardown the host refuses leaves a surviving Gu
     REQUIRE_FALSE(r);
     CHECK(membacking::test::error_of(r) == errc::quarantined);
 }
+
+// restore_mapper: a quarantined mapper back in service once the host accepts calls again.
+
+namespace {
+
+/// Quarantines eager mapper `a` (holding a mapping at [0, 0x10000)) with an add_mapping at
+/// [0x20000, 0x30000) whose NUMA binding fails, and whose clean-up and rollback (making that
+/// piece inaccessible) the host refuses; the whole-range invalidation then succeeds.
+void quarantine_by_failed_add(Fixture& f, const std::shared_ptr<Mapper>& a)
+{
+    ActiveMapping bound = f.file(0x20000, 0x30000, 0x20000);
+    bound.policy.numa_node = 0;
+    InjectingSyscalls::mbind_plan = test::Plan{0, EINVAL};
+    InjectingSyscalls::refused_unmap_at = a->base() + 0x20000;
+    InjectingSyscalls::refused_unmap_len = 0x10000;
+    REQUIRE_FALSE(f.mm.add_mapping(bound));
+    InjectingSyscalls::reset();
+    REQUIRE(a->quarantined());
+    REQUIRE(f.mm.quarantined_mappers().size() == 1);
+    REQUIRE(f.mm.quarantined_mappers()[0].invalidated);
+}
+
+} // namespace
+
+TEST_CASE("restore_mapper puts a quarantined eager mapper back: every current mapping replayed, "
+          "its accesses no longer fail, later changes reach it")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    auto b = must(f.mm.new_mapper(MapperMode::eager));
+    REQUIRE(Memory(b).write_plain<std::uint64_t>(Gpa{0x8000}, 0xabcdef));
+    quarantine_by_failed_add(f, a);
+    CHECK_FALSE(b->quarantined());
+    CHECK(f.mm.holders_at(0) == Ids{b->id()});
+    CHECK(test::error_of(Memory(a).read_plain<std::uint64_t>(Gpa{0x8000})) == errc::quarantined);
+    // While quarantined, a change reaches b only.
+    must(f.mm.add_mapping(f.file(0x40000, 0x50000, 0x40000)));
+    REQUIRE(Memory(b).write_plain<std::uint64_t>(Gpa{0x40010}, 0x5eed));
+
+    must(f.mm.restore_mapper(a->id()));
+    CHECK_FALSE(a->quarantined());
+    CHECK(f.mm.quarantined_mappers().empty());
+    CHECK(Fixture::resident(a, 0x8000)); // replayed, not faulted in
+    CHECK(Fixture::resident(a, 0x40000));
+    CHECK(Memory(a).read_plain<std::uint64_t>(Gpa{0x8000}).value() == 0xabcdef);
+    CHECK(Memory(a).read_plain<std::uint64_t>(Gpa{0x40010}).value() == 0x5eed);
+    CHECK(f.mm.holders_at(0) == Ids{b->id(), a->id()});
+    // The failed add never entered the books: nothing is mapped there.
+    CHECK(test::error_of(Memory(a).read_plain<std::uint8_t>(Gpa{0x20000})) == errc::unmapped);
+    // Later changes reach it again.
+    must(f.mm.add_mapping(f.file(0x20000, 0x30000, 0x20000)));
+    CHECK(Fixture::resident(a, 0x20000));
+    must(f.mm.remove_mappings(range(0, 0x10000)));
+    CHECK_FALSE(Fixture::resident(a, 0x8000));
+    // Restoring a mapper in service is nothing to do; an unknown id is an error.
+    must(f.mm.restore_mapper(a->id()));
+    CHECK(test::error_of(f.mm.restore_mapper(999)) == errc::not_found);
+}
+
+TEST_CASE("restore_mapper is all or nothing: a replay the host refuses part way leaves the "
+          "mapper quarantined and inaccessible, and a later restore succeeds")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    must(f.mm.add_mapping(f.file(0x40000, 0x50000, 0x40000)));
+    auto a = must(f.mm.new_mapper(MapperMode::eager));
+    quarantine_by_failed_add(f, a);
+
+    InjectingSyscalls::fail_mmap(2); // the second mapping's replay
+    auto r = f.mm.restore_mapper(a->id());
+    REQUIRE_FALSE(r);
+    CHECK(test::error_of(r) == std::errc::not_enough_memory);
+    CHECK(r.error().full_message().find("failed to restore VA mapper") != std::string::npos);
+    InjectingSyscalls::reset();
+    CHECK(a->quarantined());
+    REQUIRE(f.mm.quarantined_mappers().size() == 1);
+    CHECK(f.mm.quarantined_mappers()[0].invalidated);
+    CHECK_FALSE(Fixture::resident(a, 0)); // the part replayed before the failure is gone again
+    CHECK(test::error_of(Memory(a).read_plain<std::uint8_t>(Gpa{0})) == errc::quarantined);
+    CHECK(f.mm.holders_at(0).empty());
+
+    must(f.mm.restore_mapper(a->id()));
+    CHECK(Fixture::resident(a, 0));
+    CHECK(Fixture::resident(a, 0x40000));
+    CHECK(f.mm.holders_at(0x40000) == Ids{a->id()});
+}
+
+TEST_CASE("restore_mapper refuses while the host still refuses to invalidate the mapper's range, "
+          "and while private memory is mapped")
+{
+    {
+        Fixture f;
+        must(f.mm.add_mapping(f.file(0, 0x10000)));
+        auto a = must(f.mm.new_mapper(MapperMode::eager));
+        REQUIRE(Memory(a).write_plain<std::uint64_t>(Gpa{0x100}, 0x77));
+        ActiveMapping bound = f.file(0x20000, 0x30000, 0x20000);
+        bound.policy.numa_node = 0;
+        InjectingSyscalls::mbind_plan = test::Plan{0, EINVAL};
+        InjectingSyscalls::refuse_every_unmap = true; // clean-up, rollback, invalidation
+        InjectingSyscalls::fail_mprotect(1);          // and the in-place PROT_NONE
+        REQUIRE_FALSE(f.mm.add_mapping(bound));
+        REQUIRE(a->quarantined());
+        REQUIRE_FALSE(f.mm.quarantined_mappers()[0].invalidated);
+        InjectingSyscalls::fail_mprotect(1); // the retry: the whole-range mmap and PROT_NONE
+        auto r = f.mm.restore_mapper(a->id());
+        REQUIRE_FALSE(r);
+        CHECK(test::error_of(r) == errc::quarantined);
+        CHECK(r.error().full_message().find("refuses to invalidate") != std::string::npos);
+        CHECK(a->quarantined());
+        InjectingSyscalls::reset(); // the host recovers: the retry invalidates, then the replay
+        must(f.mm.restore_mapper(a->id()));
+        CHECK(Memory(a).read_plain<std::uint64_t>(Gpa{0x100}).value() == 0x77);
+    }
+    {
+        Fixture f;
+        must(f.mm.add_mapping(Fixture::private_memory(0, 0x10000)));
+        auto a = must(f.mm.new_mapper(MapperMode::eager));
+        quarantine_by_failed_add(f, a);
+        auto r = f.mm.restore_mapper(a->id());
+        REQUIRE_FALSE(r);
+        CHECK(test::error_of(r) == errc::conflict);
+        CHECK(a->quarantined());
+    }
+}
+
+TEST_CASE("restore_mapper puts a quarantined lazy mapper back: it faults mappings in again")
+{
+    Fixture f;
+    must(f.mm.add_mapping(f.file(0, 0x10000)));
+    auto b = must(f.mm.new_mapper(MapperMode::eager));
+    REQUIRE(Memory(b).write_plain<std::uint64_t>(Gpa{0x2000}, 0x1234));
+    auto lazy = must(f.mm.new_mapper(MapperMode::lazy));
+    ActiveMapping bound = f.file(0x20000, 0x30000, 0x20000);
+    bound.policy.numa_node = 0;
+    must(f.mm.add_mapping(bound)); // b takes it; the lazy mapper faults it in below
+    InjectingSyscalls::mbind_plan = test::Plan{0, EINVAL};
+    InjectingSyscalls::refused_unmap_at = lazy->base() + 0x20000; // the fault's clean-up
+    InjectingSyscalls::refused_unmap_len = 0x10000;
+    CHECK(test::error_of(Memory(lazy).read_plain<std::uint8_t>(Gpa{0x20000})) ==
+          errc::resource_exhausted);
+    InjectingSyscalls::reset();
+    REQUIRE(lazy->quarantined());
+    CHECK(test::error_of(Memory(lazy).read_plain<std::uint64_t>(Gpa{0x2000})) == errc::quarantined);
+
+    must(f.mm.restore_mapper(lazy->id()));
+    CHECK_FALSE(lazy->quarantined());
+    CHECK_FALSE(lazy->is_eager());
+    CHECK_FALSE(Fixture::resident(lazy, 0x2000)); // nothing replayed: lazy
+    CHECK(Memory(lazy).read_plain<std::uint64_t>(Gpa{0x2000}).value() == 0x1234);
+    CHECK(f.mm.holders_at(0x2000) == Ids{b->id(), lazy->id()});
+    CHECK(Memory(lazy).read_plain<std::uint8_t>(Gpa{0x20000}));
+}
+
+TEST_CASE("GuestMemoryManager::restore_mapper: health() lists the quarantined primary, and after "
+          "the restore it is ok and the primary's handles read the guest memory again")
+{
+    using Manager = GuestMemoryManager<NestedPriority, Va, MockPartition>;
+    InjectingSyscalls::reset();
+    auto m = must(Manager::builder()
+                      .add_backing(RamBackingRequest({range(0, 0x100000)}))
+                      .build(Length{0x400000}));
+    auto memory = m.guest_memory();
+    REQUIRE(memory.write_plain<std::uint64_t>(Gpa{0x1000}, 0xfeedface));
+    const Mappable rom = must(Va::create_shared_memory(0x10000, "restore-rom"));
+    const RegionId id = must(m.add_region("rom", range(0x200000, 0x210000), 1, MappingType::Ram));
+    MemoryPolicy on_node0;
+    on_node0.numa_node = 0;
+    must(m.add_mapping(id,
+                       {range(0, 0x10000), MappingBacking::file(rom, Offset{0}), false, on_node0}));
+    InjectingSyscalls::mbind_plan = test::Plan{0, EINVAL};
+    InjectingSyscalls::refused_unmap_at = memory.mapper()->base() + 0x200000;
+    InjectingSyscalls::refused_unmap_len = 0x10000;
+    REQUIRE_FALSE(m.map_region(id, {false, true, false}));
+    InjectingSyscalls::reset();
+    const Health sick = m.health();
+    REQUIRE(sick.quarantined_mappers.size() == 1);
+    CHECK(sick.quarantined_mappers[0].id == memory.mapper()->id());
+    CHECK(test::error_of(memory.read_plain<std::uint64_t>(Gpa{0x1000})) == errc::quarantined);
+
+    must(m.restore_mapper(memory.mapper()->id()));
+    CHECK(m.health().ok());
+    CHECK(memory.read_plain<std::uint64_t>(Gpa{0x1000}).value() == 0xfeedface);
+    must(m.map_region(id, {false, true, false})); // the host binds it now
+    CHECK(memory.read_plain<std::uint8_t>(Gpa{0x200000}).value() == 0);
+}

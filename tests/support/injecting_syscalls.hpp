@@ -66,6 +66,14 @@ struct InjectingSyscalls : os::LinuxSyscalls {
     /// The last mmap that succeeded: where, and how long.
     static inline void* last_mmap_addr = nullptr;
     static inline std::size_t last_mmap_len = 0;
+    /// While set, every mmap that would make exactly [refused_unmap_at, + refused_unmap_len)
+    /// inaccessible (PROT_NONE: a VA policy's unmap, or its re-reservation of a hole) fails
+    /// with ENOMEM: a host that will not take that piece of a mapper back, however often asked.
+    static inline void* refused_unmap_at = nullptr;
+    static inline std::size_t refused_unmap_len = 0;
+    /// While set, every MAP_FIXED mmap to PROT_NONE fails with ENOMEM (no piece, nor the whole
+    /// range, can be taken back).
+    static inline bool refuse_every_unmap = false;
 
     static void reset()
     {
@@ -85,12 +93,20 @@ struct InjectingSyscalls : os::LinuxSyscalls {
         after_removal = nullptr;
         last_mmap_addr = nullptr;
         last_mmap_len = 0;
+        refused_unmap_at = nullptr;
+        refused_unmap_len = 0;
+        refuse_every_unmap = false;
     }
     /// The n-th mmap from now (1 = the next) fails with err.
     static void fail_mmap(long n, int err = ENOMEM) { mmap_plan = Plan{n - 1, err}; }
 
     static void* mmap(void* addr, std::size_t len, int prot, int flags, int fd, off_t off) noexcept
     {
+        if (prot == PROT_NONE && (flags & MAP_FIXED) != 0 &&
+            (refuse_every_unmap || (addr == refused_unmap_at && len == refused_unmap_len))) {
+            errno = ENOMEM;
+            return MAP_FAILED;
+        }
         if (mmap_plan.next()) {
             if (remove_before_failing && (flags & MAP_FIXED) != 0) {
                 ::munmap(addr, len);

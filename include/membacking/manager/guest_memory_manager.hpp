@@ -260,6 +260,16 @@ public:
     /// quarantines something still returns its own error; the others go on working.
     [[nodiscard]] Health health() const { return core_ ? core_->health() : Health{}; }
 
+    /// Puts a quarantined VA mapper (health().quarantined_mappers, by id) back in service once
+    /// the host accepts calls again (MappingManager::restore_mapper: all or nothing; refused
+    /// while the host still refuses to invalidate its range, or while private memory is
+    /// mapped). Its GuestMemory handles read and write the current guest memory again.
+    Result<void> restore_mapper(std::uint64_t id)
+    {
+        MEMBACKING_TRY(live());
+        return core_->restore_mapper(id);
+    }
+
     /// VA mappers that the host refused to invalidate when a manager of this VA policy was torn
     /// down (a whole-range mmap and mprotect both refused), over the whole process: each is left
     /// mapped, quarantined, and a GuestMemory handle that survived its manager reads the guest

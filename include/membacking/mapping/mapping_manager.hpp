@@ -25,7 +25,8 @@
  *   reservation or else made inaccessible in place (neither splits a VMA, so neither needs one
  *   more at vm.max_map_count; if both are refused, every later control operation tries again),
  *   and its accesses fail with errc::quarantined from their first fault. The operation returns
- *   its own error; the other mappers stay in sync. quarantined_mappers() lists them. A step run
+ *   its own error; the other mappers stay in sync. quarantined_mappers() lists them, and
+ *   restore_mapper() puts one back once the host accepts calls again. A step run
  *   as a rollback (UndoLog::rolling_back()) never fails: a mapper that cannot follow it is
  *   quarantined and the books take the change.
  * - Private (anonymous) memory lives in exactly one mapper: a second mapper is refused while
@@ -176,7 +177,8 @@ private:
     std::atomic<bool> eager_;
     /// Only registered mappers deregister on destruction; cleared at the manager's shutdown.
     std::atomic<bool> registered_ = false;
-    /// Set once, under the mapping manager's lock; read by resolve_fault without it.
+    /// Set by a quarantine and cleared by restore_mapper, both under the mapping manager's lock;
+    /// read by resolve_fault without it.
     std::atomic<bool> quarantined_ = false;
     [[no_unique_address]] Leases leases_;
     std::shared_ptr<detail::DirtyBitmap> dirty_;
@@ -372,6 +374,49 @@ public:
         return {};
     }
 
+    /// Puts a quarantined mapper back in service once the host accepts calls again (see
+    /// MappingManager::restore_mapper).
+    Result<void> restore_mapper(std::uint64_t id)
+    {
+        Locked lock(*this);
+        auto refuse = [id](errc code, const char* why) {
+            std::string what = "VA mapper ";
+            what += std::to_string(id);
+            what += why;
+            return make_error(code, what);
+        };
+        Slot* s = find_slot(id);
+        if (s == nullptr)
+            return refuse(errc::not_found, " is not registered");
+        retry_invalidations();
+        if (!s->quarantined)
+            return {};
+        if (has_private_)
+            return refuse(errc::conflict, " cannot be restored while private memory is mapped: "
+                                          "the only copy of its contents went with the quarantine");
+        if (!s->invalidated) // its range may still show memory from before: never replay over it
+            return refuse(errc::quarantined,
+                          " cannot be restored: the host still refuses to invalidate its range");
+        if (s->eager) {
+            // Over the one inaccessible reservation the quarantine left; a replay that fails
+            // part way is invalidated again, so the mapper is exactly as quarantined as before.
+            for (auto& [start, e] : entries_)
+                if (auto r = map_into(*s->mapper, e.mapping); !r) {
+                    s->invalidated = invalidate(*s->mapper);
+                    std::string context = "failed to restore VA mapper ";
+                    context += std::to_string(id);
+                    return std::move(r).error().context(context);
+                }
+            for (auto& [start, e] : entries_)
+                e.holders.push_back(s->id);
+        }
+        s->quarantined = false;
+        s->invalidated = false;
+        s->cause.clear();
+        s->mapper->quarantined_.store(false, std::memory_order_release);
+        return {};
+    }
+
     void remove_mapper(std::uint64_t id) noexcept
     {
         Locked lock(*this);
@@ -504,7 +549,7 @@ private:
         std::uint64_t id;
         VaMapper<V>* mapper;
         bool eager;
-        bool quarantined = false; ///< see quarantine(); no operation touches it any more
+        bool quarantined = false; ///< see quarantine(); no operation touches it until restored
         bool invalidated = false; ///< quarantined and its whole range unmapped or inaccessible
         std::string cause;        ///< why it was quarantined
     };
@@ -950,6 +995,16 @@ public:
     }
     /// Turns a lazy mapper eager (replaying what it lacks). On failure it stays lazy.
     Result<void> upgrade_to_eager(VaMapper<V>& mapper) { return core_->upgrade_to_eager(mapper); }
+    /// Puts a quarantined mapper (quarantined_mappers(), by id) back in service once the host
+    /// accepts calls again: an eager mapper gets every current mapping replayed over the
+    /// inaccessible reservation its quarantine left, a lazy one faults them in again, and its
+    /// accesses stop failing with errc::quarantined. All or nothing: if the host refuses a step,
+    /// the mapper stays quarantined with its range inaccessible, and the host's error is
+    /// returned. Refused with errc::quarantined while the host still refuses to invalidate the
+    /// range (it may show memory from before the quarantine), and with errc::conflict while
+    /// private memory is mapped (its only copy lived in the mapper that held it). A mapper that
+    /// is not quarantined: nothing to do.
+    Result<void> restore_mapper(std::uint64_t id) { return core_->restore_mapper(id); }
 
     [[nodiscard]] std::vector<ActiveMapping> mappings() const { return core_->mappings(); }
     /// Ids of the mappers whose VA holds the mapping at gpa (for tests and dumps).

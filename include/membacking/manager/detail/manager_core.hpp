@@ -357,6 +357,14 @@ public:
         return va_.new_mapper(mode);
     }
 
+    Result<void> restore_mapper(std::uint64_t id)
+    {
+        std::lock_guard lock(control_);
+        if (closed_)
+            return make_error(errc::not_found, "the guest memory manager is gone");
+        return va_.restore_mapper(id);
+    }
+
     [[nodiscard]] std::uint64_t max_address() const noexcept { return config_.max_addr; }
 
 #if MEMBACKING_OS_LINUX
