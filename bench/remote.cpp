@@ -21,12 +21,15 @@
 
 #include <benchmark/benchmark.h>
 
+#include "line_protocol.hpp"
+
 #include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <spawn.h>
 #include <string>
 #include <sys/socket.h>
@@ -101,7 +104,7 @@ public:
         commands_ = commands[0];
         if (rc != 0)
             fail("cannot spawn " + path);
-        if (answer() != "connected")
+        if (test::read_answer(commands_) != "connected")
             fail("the worker did not connect");
     }
     Worker(const Worker&) = delete;
@@ -130,22 +133,15 @@ public:
     [[nodiscard]] bool cut_off() const { return served_.listener->cut_off(); }
 
 private:
+    /// Sends "cmd gpa" (hex), returns the worker's answer line.
     std::string ask(const char* cmd, std::uint64_t gpa)
     {
         char line[64];
-        const int n = std::snprintf(line, sizeof line, "%s %llx\n", cmd,
-                                    static_cast<unsigned long long>(gpa));
-        if (::write(commands_, line, static_cast<std::size_t>(n)) != n)
+        std::snprintf(line, sizeof line, "%s %llx", cmd, static_cast<unsigned long long>(gpa));
+        std::optional<std::string> a = test::ask(commands_, line);
+        if (!a)
             fail("the worker is gone");
-        return answer();
-    }
-    std::string answer()
-    {
-        std::string out;
-        char c = 0;
-        while (::read(commands_, &c, 1) == 1 && c != '\n')
-            out.push_back(c);
-        return out;
+        return *a;
     }
 
     ServedProcess<> served_;

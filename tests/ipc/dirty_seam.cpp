@@ -1,6 +1,7 @@
 // Dirty tracking's system calls go through the seam (access/dirty_bitmap.hpp, os/linux.hpp):
 // a kernel whose membarrier lacks a command, and a bitmap whose memfd or mapping cannot be made,
-// are clean errors that name what is missing and leave everything as it was.
+// are clean errors that name what is missing and leave everything as it was; so is an allocation
+// that fails (std::bad_alloc) at any point of the bitmap's creation.
 #include <membacking/ipc/channel.hpp>
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
@@ -12,10 +13,42 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <fcntl.h>
 #include <linux/membarrier.h>
+#include <new>
 #include <string>
+#include <sys/mman.h>
 #include <vector>
+
+// This program's allocation hook: while a test arms it on its thread, the n-th allocation from
+// then on throws std::bad_alloc, as operator new does when memory runs out. Unarmed (and on every
+// other thread) it is malloc.
+namespace {
+thread_local long fail_allocation_at = 0; ///< 0: no allocation fails
+thread_local long allocations_since_armed = 0;
+} // namespace
+
+void* operator new(std::size_t n)
+{
+    if (fail_allocation_at != 0 && ++allocations_since_armed == fail_allocation_at)
+        throw std::bad_alloc();
+    if (void* p = std::malloc(n == 0 ? 1 : n))
+        return p;
+    throw std::bad_alloc();
+}
+// Every operator new above allocates with malloc; GCC cannot see that through the inlining.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+void operator delete(void* p) noexcept
+{
+    std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept
+{
+    std::free(p);
+}
+#pragma GCC diagnostic pop
 
 namespace mb = membacking;
 namespace ipc = membacking::ipc;
@@ -202,6 +235,67 @@ TEST_CASE("the dirty bitmap's creation: each failing step is an error naming it,
     }
     Old::reset();
     CHECK(DirtyBitmap::create<Old>(16 * MiB).has_value());
+}
+
+TEST_CASE("the dirty bitmap's creation: an allocation failing at any point, on success or on a "
+          "failing step's error path, leaves no memfd open and nothing mapped")
+{
+    using mb::detail::DirtyBitmap;
+    struct Step {
+        const char* what;
+        void (*inject)();
+    };
+    // Every way through create() once the memfd exists: success, and each later step failing
+    // (whose error message allocates).
+    const Step steps[] = {
+        {"none", [] {}},
+        {"ftruncate",
+         [] {
+             Old::ftruncate_plan = {0, ENOSPC};
+         }},
+        {"F_ADD_SEALS",
+         [] {
+             Old::seals_plan = {0, EPERM};
+         }},
+        {"mmap",
+         [] {
+             Old::mmap_plan = {0, ENOMEM};
+         }},
+    };
+    long points = 0;
+    for (const Step& step : steps) {
+        const std::string what = step.what;
+        CAPTURE(what);
+        for (long n = 1;; ++n) {
+            Old::reset();
+            step.inject();
+            bool threw = false;
+            fail_allocation_at = n;
+            allocations_since_armed = 0;
+            try {
+                (void)DirtyBitmap::create<Old>(16 * MiB); // a bitmap made is destroyed at once
+            } catch (const std::bad_alloc&) {
+                threw = true;
+            }
+            fail_allocation_at = 0;
+            // Checked before anything else allocates or maps: the memfd is closed, and the
+            // mapping (if mmap succeeded) is gone (mincore: ENOMEM over unmapped pages).
+            const bool memfd_closed = Old::last_memfd < 0 || closed(Old::last_memfd);
+            unsigned char resident = 0; // the bitmap of a 16 MiB guest is one page
+            const bool unmapped =
+                Old::last_mmap_addr == nullptr ||
+                (::mincore(Old::last_mmap_addr, 4096, &resident) == -1 && errno == ENOMEM);
+            CAPTURE(n);
+            CHECK(memfd_closed);
+            CHECK(unmapped);
+            if (!threw)
+                break; // the n-th allocation was never reached
+            ++points;
+        }
+    }
+    // Each way allocates at least once after the memfd exists (the object, or the message).
+    CHECK(points >= 4);
+    Old::reset();
 }
 
 TEST_CASE("a tracked manager's bitmap and harvest barrier go through its VA policy's seam")

@@ -7,6 +7,7 @@
 #include <membacking/ipc/remote_mapper.hpp>
 #include <membacking/membacking.hpp>
 
+#include "line_protocol.hpp"
 #include "migration_loop.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
@@ -20,7 +21,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <poll.h>
+#include <optional>
 #include <random>
 #include <set>
 #include <spawn.h>
@@ -80,22 +81,15 @@ public:
     /// Sends one command line, returns the answer line (fails the test after 10 s).
     std::string ask(const std::string& command)
     {
-        const std::string line = command + "\n";
-        REQUIRE(::write(script_, line.data(), line.size()) == static_cast<ssize_t>(line.size()));
-        return answer();
+        std::optional<std::string> a = test::ask(script_, command, answer_timeout_ms);
+        REQUIRE(a.has_value());
+        return *a;
     }
     std::string answer()
     {
-        std::string out;
-        for (;;) {
-            pollfd p{script_, POLLIN, 0};
-            REQUIRE(::poll(&p, 1, 10'000) == 1);
-            char c = 0;
-            REQUIRE(::read(script_, &c, 1) == 1);
-            if (c == '\n')
-                return out;
-            out.push_back(c);
-        }
+        std::optional<std::string> a = test::read_answer(script_, answer_timeout_ms);
+        REQUIRE(a.has_value());
+        return *a;
     }
     std::string read(std::uint64_t gpa) { return ask("read " + hex(gpa)); }
     std::string write(std::uint64_t gpa, std::uint64_t v)
@@ -133,6 +127,7 @@ public:
     }
 
 private:
+    static constexpr int answer_timeout_ms = 10'000;
     pid_t pid_ = -1;
     int script_ = -1;
 };

@@ -421,11 +421,13 @@ TEST_CASE("dirty logging reports the pages the guest wrote, per region")
     CHECK(again[1] == 0);
 }
 
-TEST_CASE("dirty pages survive their slot being deleted and re-created")
+namespace {
+
+/// Starts dirty tracking and runs a guest that writes one byte to the page at 1 MiB + 5 pages,
+/// the partition's log emptied just before (what loading the program touched); returns the RAM
+/// region above 1 MiB, whose window holds that page.
+RegionId one_logged_write(Guest<>& g)
 {
-    // The partition's own log (the manager would add the VMM's whole-window mark of a
-    // re-created window, which hides what this test is about).
-    Guest<> g;
     must(g.manager.start_dirty_tracking());
     const RegionId ram = g.manager.memory_map().regions.back().id; // the RAM above 1 MiB
     X86Asm a;
@@ -433,6 +435,17 @@ TEST_CASE("dirty pages survive their slot being deleted and re-created")
     g.load(a);
     (void)g.partition_log(ram);
     g.run_to_halt();
+    return ram;
+}
+
+} // namespace
+
+TEST_CASE("dirty pages survive their slot being deleted and re-created")
+{
+    // The partition's own log (the manager would add the VMM's whole-window mark of a
+    // re-created window, which hides what this test is about).
+    Guest<> g;
+    const RegionId ram = one_logged_write(g);
     // A permission change re-creates the slot (KVM cannot change KVM_MEM_READONLY in place),
     // twice; the page the guest wrote before is still reported.
     must(g.manager.map_region(ram, {false, true, false}));
@@ -458,13 +471,7 @@ TEST_CASE("without a quiesce hook, a deleted logged slot is reported whole: no w
     // With no hook the vCPUs may run while a slot's log is read and the slot deleted; a write in
     // between would be dropped with the slot, so every page of it is reported instead.
     Guest<> g(Hooked::no);
-    must(g.manager.start_dirty_tracking());
-    const RegionId ram = g.manager.memory_map().regions.back().id; // the RAM above 1 MiB
-    X86Asm a;
-    a.mov(X86Asm::edi, MiB + 5 * page_size).store_byte_edi(1).hlt();
-    g.load(a);
-    (void)g.partition_log(ram);
-    g.run_to_halt();
+    const RegionId ram = one_logged_write(g);
     must(g.manager.map_region(ram, {false, true, false}));
     CHECK(g.kvm->pending_dirty_pages() == MiB / page_size);
     const auto log = g.partition_log(ram);

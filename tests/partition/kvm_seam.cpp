@@ -55,11 +55,27 @@ bool books_follow_kernel(const Kvm& p)
 
 alignas(4096) std::byte host[8 * 4096];
 
-/// Three slots of two pages at 1, 2 and 3 MiB.
-void map_three(Kvm& p)
+/// A partition with three slots of two pages at 1, 2 and 3 MiB, their dirty logging on if
+/// `logging`.
+std::shared_ptr<Kvm> three_slots(bool logging)
 {
+    auto p = make_partition();
     for (std::uint64_t i = 0; i < 3; ++i)
-        must(p.map_range(host + i * 2 * pg, (i + 1) * MiB, 2 * pg, true, false));
+        must(p->map_range(host + i * 2 * pg, (i + 1) * MiB, 2 * pg, true, false));
+    if (logging)
+        must(p->set_dirty_logging(true));
+    return p;
+}
+
+/// op() with every fake ioctl from the n-th on failing; `reached`: whether one failed.
+template <class Op>
+auto failing_from(long n, bool& reached, Op op)
+{
+    FakeKvm::fail_from_now(n);
+    auto r = op();
+    reached = FakeKvm::failed > 0;
+    FakeKvm::fail_from = 0;
+    return r;
 }
 
 struct Outcomes {
@@ -76,15 +92,11 @@ TEST_CASE("KVM: an unmap of several slots under a kernel that keeps refusing nev
         Outcomes seen;
         for (long n = 1;; ++n) {
             CAPTURE(n);
-            auto p = make_partition();
-            map_three(*p);
-            if (logging)
-                must(p->set_dirty_logging(true));
+            auto p = three_slots(logging);
             const auto before = p->slots();
-            FakeKvm::fail_from_now(n);
-            auto r = p->unmap_range(MiB, 2 * MiB + 2 * pg);
-            const bool reached = FakeKvm::failed > 0;
-            FakeKvm::fail_from = 0;
+            bool reached = false;
+            auto r =
+                failing_from(n, reached, [&] { return p->unmap_range(MiB, 2 * MiB + 2 * pg); });
             CHECK(books_follow_kernel(*p));
             if (!reached) {
                 REQUIRE(r.has_value());
@@ -120,15 +132,10 @@ TEST_CASE("KVM: dirty logging switched under a kernel that keeps refusing never 
         Outcomes seen;
         for (long n = 1;; ++n) {
             CAPTURE(n);
-            auto p = make_partition();
-            map_three(*p);
-            if (!enable)
-                must(p->set_dirty_logging(true));
+            auto p = three_slots(!enable);
             const auto kernel_before = FakeKvm::slots;
-            FakeKvm::fail_from_now(n);
-            auto r = p->set_dirty_logging(enable);
-            const bool reached = FakeKvm::failed > 0;
-            FakeKvm::fail_from = 0;
+            bool reached = false;
+            auto r = failing_from(n, reached, [&] { return p->set_dirty_logging(enable); });
             CHECK(books_follow_kernel(*p));
             if (!reached) {
                 REQUIRE(r.has_value());
@@ -169,10 +176,8 @@ TEST_CASE("KVM under a manager: a partition whose dirty logging cannot be restor
                           .build(Length{16 * MiB}));
         const PartitionId id = must(m.attach_partition(Vtl::vtl0, p));
         REQUIRE(FakeKvm::slots.size() == 16);
-        FakeKvm::fail_from_now(n);
-        auto r = m.start_dirty_tracking();
-        const bool reached = FakeKvm::failed > 0;
-        FakeKvm::fail_from = 0;
+        bool reached = false;
+        auto r = failing_from(n, reached, [&] { return m.start_dirty_tracking(); });
         CHECK(books_follow_kernel(*p));
         if (!reached) {
             REQUIRE(r.has_value());

@@ -496,6 +496,33 @@ Result<void> drop_value(Result<T> r)
     return {};
 }
 
+/// The operations both sweeps run (the mock's Fixture and the KVM's KvmFixture): each takes
+/// either fixture and names only members both have, so the two tables cannot drift apart.
+namespace both {
+
+/// set_ram_visibility of the 16 KiB PAM segment at `at`.
+auto set_visibility(std::uint64_t at, RamVisibility v)
+{
+    return [at, v](auto& f) {
+        return f.m.ram_visibility_control().set_ram_visibility(range(at, at + 0x4000), v);
+    };
+}
+constexpr auto detach_partition = [](auto& f) { return f.m.detach_partition(f.id); };
+/// high over low, which stays mapped under it.
+constexpr auto map_high = [](auto& f) { return f.m.map_region(f.high, {true, false, false}); };
+/// A mapped region mapped again, read-only.
+constexpr auto map_low_read_only = [](auto& f) {
+    return f.m.map_region(f.low, {false, false, false});
+};
+/// high2 goes; low2 under it reappears.
+constexpr auto unmap_high2 = [](auto& f) { return f.m.unmap_region(f.high2); };
+constexpr auto move_bar = [](auto& f) {
+    return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write);
+};
+constexpr auto unplace_bar = [](auto& f) { return f.bar->unmap_from_guest(); };
+
+} // namespace both
+
 std::vector<Operation> operations()
 {
     const auto dev = [](Offset at, Length len, const Mappable& object) {
@@ -508,52 +535,22 @@ std::vector<Operation> operations()
     return {
         {"attach_partition",
          [](Fixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.spare)); }},
-        {"detach_partition", [](Fixture& f) { return f.m.detach_partition(f.id); }},
-        {"set_ram_visibility read_only",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
-                                                                    RamVisibility::read_only);
-         }},
-        {"set_ram_visibility unmapped",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
-                                                                    RamVisibility::unmapped);
-         }},
+        {"detach_partition", both::detach_partition},
+        {"set_ram_visibility read_only", both::set_visibility(0xc0000, RamVisibility::read_only)},
+        {"set_ram_visibility unmapped", both::set_visibility(0xc0000, RamVisibility::unmapped)},
         {"set_ram_visibility read_write (from unmapped)",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
-                                                                    RamVisibility::read_write);
-         }},
+         both::set_visibility(0xc4000, RamVisibility::read_write)},
         {"set_ram_visibility write_only (from read_write, nothing below)",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc0000, 0xc4000),
-                                                                    RamVisibility::write_only);
-         }},
+         both::set_visibility(0xc0000, RamVisibility::write_only)},
         {"set_ram_visibility write_only (from unmapped, the device below becomes read-only)",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
-                                                                    RamVisibility::write_only);
-         }},
+         both::set_visibility(0xc4000, RamVisibility::write_only)},
         {"set_ram_visibility unmapped (from write_only, the device below becomes writable)",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
-                                                                    RamVisibility::unmapped);
-         }},
+         both::set_visibility(0xc8000, RamVisibility::unmapped)},
         {"set_ram_visibility read_write (from write_only)",
-         [](Fixture& f) {
-             return f.m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
-                                                                    RamVisibility::read_write);
-         }},
-        {"map_region over a mapped region",
-         [](Fixture& f) {
-             return f.m.map_region(f.high, {true, false, false});
-         }},
-        {"map_region read-only (permission change)",
-         [](Fixture& f) {
-             return f.m.map_region(f.low, {false, false, false});
-         }},
-        {"unmap_region (the region under it reappears)",
-         [](Fixture& f) { return f.m.unmap_region(f.high2); }},
+         both::set_visibility(0xc8000, RamVisibility::read_write)},
+        {"map_region over a mapped region", both::map_high},
+        {"map_region read-only (permission change)", both::map_low_read_only},
+        {"unmap_region (the region under it reappears)", both::unmap_high2},
         {"remove_region (mapped)", [](Fixture& f) { return f.m.remove_region(f.high2); }},
         {"map_region over a lower region, a hole in its mappings (make-before-break)",
          [](Fixture& f) {
@@ -573,11 +570,10 @@ std::vector<Operation> operations()
          [dev](Fixture& f) { return f.bar->map(dev(Offset{0x1000}, Length{0x2000}, f.extra)); }},
         {"device unmap (sub-range)",
          [](Fixture& f) { return f.bar->unmap(Offset{0x2000}, Length{0x1000}); }},
-        {"device map_to_guest (move)",
-         [](Fixture& f) { return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write); }},
+        {"device map_to_guest (move)", both::move_bar},
         {"device map_to_guest (read-only in place)",
          [](Fixture& f) { return f.bar->map_to_guest(Gpa{bar_at}, Protection::read_only); }},
-        {"device unmap_from_guest", [](Fixture& f) { return f.bar->unmap_from_guest(); }},
+        {"device unmap_from_guest", both::unplace_bar},
         {"device new_region",
          [](Fixture& f) {
              return drop_value(f.m.device_memory_mapper().new_region("new", Length{0x10000}));
@@ -745,47 +741,30 @@ std::unique_ptr<KvmFixture> fresh(const KvmOperation& op)
 
 std::vector<KvmOperation> kvm_operations()
 {
-    const auto visibility = [](std::uint64_t at, RamVisibility v) {
-        return [at, v](KvmFixture& f) {
-            return f.m.ram_visibility_control().set_ram_visibility(range(at, at + 0x4000), v);
-        };
-    };
     const auto start_tracking = [](KvmFixture& f) { return f.m.start_dirty_tracking(); };
     return {
         {"attach_partition (KVM)", [](KvmFixture& f) { return f.m.detach_partition(f.id); },
          [](KvmFixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.partition)); }},
-        {"detach_partition (KVM)", {}, [](KvmFixture& f) { return f.m.detach_partition(f.id); }},
-        {"set_ram_visibility read_only (KVM)", {}, visibility(0xc0000, RamVisibility::read_only)},
-        {"set_ram_visibility unmapped (KVM)", {}, visibility(0xc0000, RamVisibility::unmapped)},
+        {"detach_partition (KVM)", {}, both::detach_partition},
+        {"set_ram_visibility read_only (KVM)",
+         {},
+         both::set_visibility(0xc0000, RamVisibility::read_only)},
+        {"set_ram_visibility unmapped (KVM)",
+         {},
+         both::set_visibility(0xc0000, RamVisibility::unmapped)},
         {"set_ram_visibility read_write, from unmapped (KVM)",
          {},
-         visibility(0xc4000, RamVisibility::read_write)},
-        {"map_region over a mapped region (KVM)",
-         {},
-         [](KvmFixture& f) {
-             return f.m.map_region(f.high, {true, false, false});
-         }},
-        {"unmap_region, the region under it reappears (KVM)",
-         {},
-         [](KvmFixture& f) { return f.m.unmap_region(f.high2); }},
+         both::set_visibility(0xc4000, RamVisibility::read_write)},
+        {"map_region over a mapped region (KVM)", {}, both::map_high},
+        {"unmap_region, the region under it reappears (KVM)", {}, both::unmap_high2},
         {"map_region read-only: a ROM (KVM)",
          {},
          [](KvmFixture& f) {
              return f.m.map_region(f.rom, {false, false, false});
          }},
-        {"map_region read-only: a permission change (KVM)",
-         {},
-         [](KvmFixture& f) {
-             return f.m.map_region(f.low, {false, false, false});
-         }},
-        {"device map_to_guest, a BAR move (KVM)",
-         {},
-         [](KvmFixture& f) {
-             return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write);
-         }},
-        {"device unmap_from_guest (KVM)",
-         {},
-         [](KvmFixture& f) { return f.bar->unmap_from_guest(); }},
+        {"map_region read-only: a permission change (KVM)", {}, both::map_low_read_only},
+        {"device map_to_guest, a BAR move (KVM)", {}, both::move_bar},
+        {"device unmap_from_guest (KVM)", {}, both::unplace_bar},
         {"start_dirty_tracking (KVM)", {}, start_tracking},
         {"take_dirty_runs (KVM)", start_tracking,
          [](KvmFixture& f) {

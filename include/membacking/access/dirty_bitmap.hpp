@@ -183,6 +183,12 @@ public:
     /// A bitmap for guest addresses [0, address_space), all clear. Linux: every system call
     /// (membarrier's registration, memfd_create, ftruncate, F_ADD_SEALS, mmap) goes through
     /// `Sys`, the seam tests replace; a failure closes what was made and names the step.
+    ///
+    /// Leak-free by construction: the object (and its shared_ptr's control block) is allocated
+    /// first, empty, before any resource exists; the memfd belongs to a guard that closes it
+    /// through the seam on every way out (an error, or an exception while its message is built)
+    /// until the object takes it; and after the mapping exists nothing can throw: the words and
+    /// the fd move into the object with two plain stores.
 #if MEMBACKING_OS_LINUX
     template <class Sys = os::LinuxSyscalls>
 #else
@@ -193,9 +199,11 @@ public:
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
         const std::uint64_t bytes = bytes_for(address_space);
 #if MEMBACKING_OS_LINUX
+        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes, &Sys::membarrier));
         MEMBACKING_TRY((register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
                                                      "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED",
                                                      "Linux 4.14 or later: dirty tracking")));
+        // errno is read while the return value is built, before the guard closes the memfd.
         auto failed = [&](const char* what) {
             const int error = errno;
             std::string why = "cannot create the dirty bitmap (";
@@ -204,32 +212,29 @@ public:
             why += what;
             return Error(std::error_code(error, std::system_category()), why);
         };
-        const int fd = Sys::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
+        SeamFd<Sys> fd{Sys::memfd_create("membacking-dirty", MFD_CLOEXEC | MFD_ALLOW_SEALING)};
+        if (fd.fd < 0)
             return failed("memfd_create");
-        auto close_failed = [&](const char* what) {
-            Error e = failed(what);
-            Sys::close(fd);
-            return e;
-        };
-        if (Sys::ftruncate(fd, static_cast<off_t>(bytes)) != 0)
-            return close_failed("sizing its memfd (ftruncate)");
-        if (Sys::add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
-            return close_failed("sealing its memfd (F_ADD_SEALS)");
+        if (Sys::ftruncate(fd.fd, static_cast<off_t>(bytes)) != 0)
+            return failed("sizing its memfd (ftruncate)");
+        if (Sys::add_seals(fd.fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+            return failed("sealing its memfd (F_ADD_SEALS)");
         void* p =
-            Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+            Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd.fd, 0);
         if (p == MAP_FAILED)
-            return close_failed("mmap");
-        return std::shared_ptr<DirtyBitmap>(new DirtyBitmap(
-            static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd, &Sys::membarrier));
+            return failed("mmap");
+        bitmap->words_ = static_cast<std::atomic<std::uint64_t>*>(p);
+        bitmap->fd_ = fd.release();
+        return bitmap;
 #else
+        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes));
         void* p = ::VirtualAlloc(nullptr, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
         if (p == nullptr)
             return Error(
                 std::error_code(static_cast<int>(::GetLastError()), std::system_category()),
                 "cannot reserve the dirty bitmap (" + MemoryRange::hex(bytes) + " bytes)");
-        return std::shared_ptr<DirtyBitmap>(
-            new DirtyBitmap(static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes));
+        bitmap->words_ = static_cast<std::atomic<std::uint64_t>*>(p);
+        return bitmap;
 #endif
     }
 
@@ -253,14 +258,17 @@ public:
     /// of exactly bytes_for(address_space) bytes whose size can never change. Registers this
     /// process for the global barrier first (file comment). Marks only: a worker never harvests.
     /// Its system calls go through `Sys` (membarrier's registration, fstat, F_GET_SEALS, mmap).
+    /// Leak-free as create(): `fd` is guarded from the start, the object allocated before the
+    /// mapping exists.
     template <class Sys = os::LinuxSyscalls>
     [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>>
     map_shared(int fd, std::uint64_t address_space)
     {
+        SeamFd<Sys> owned{fd}; // closed through the seam on every way out but success
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
         const std::uint64_t bytes = bytes_for(address_space);
+        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes, &Sys::membarrier));
         auto fail = [&](errc code, const std::string& why) {
-            Sys::close(fd);
             std::string what = "the manager's dirty bitmap: ";
             what += why;
             return make_error(code, what);
@@ -288,20 +296,25 @@ public:
             Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (p == MAP_FAILED)
             return fail(errc::invalid_argument, "mmap failed");
-        return std::shared_ptr<DirtyBitmap>(new DirtyBitmap(
-            static_cast<std::atomic<std::uint64_t>*>(p), pages, bytes, fd, &Sys::membarrier));
+        bitmap->words_ = static_cast<std::atomic<std::uint64_t>*>(p);
+        bitmap->fd_ = owned.release();
+        return bitmap;
     }
 #endif
 
     DirtyBitmap(const DirtyBitmap&) = delete;
     DirtyBitmap& operator=(const DirtyBitmap&) = delete;
+    /// Frees what the object holds: nothing, for one whose creation failed (create()).
     ~DirtyBitmap()
     {
 #if MEMBACKING_OS_LINUX
-        ::munmap(words_, bytes_);
-        ::close(fd_);
+        if (words_ != nullptr)
+            ::munmap(words_, bytes_);
+        if (fd_ >= 0)
+            ::close(fd_);
 #else
-        ::VirtualFree(words_, 0, MEM_RELEASE);
+        if (words_ != nullptr)
+            ::VirtualFree(words_, 0, MEM_RELEASE);
 #endif
     }
 
@@ -502,16 +515,29 @@ private:
         mark_words(words, gpa, len);
     }
 
+    /// An empty bitmap (no words, no fd): create() and map_shared() allocate it before they
+    /// make anything it will own, then hand that over.
 #if MEMBACKING_OS_LINUX
-    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages, std::uint64_t bytes, int fd,
-                MembarrierCall membarrier) noexcept
-        : words_(words), pages_(pages), bytes_(bytes), fd_(fd), membarrier_(membarrier)
+    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes, MembarrierCall membarrier) noexcept
+        : pages_(pages), bytes_(bytes), membarrier_(membarrier)
     {}
+
+    /// A descriptor made through the seam `Sys`, closed through it unless release()d.
+    template <class Sys>
+    struct SeamFd {
+        explicit SeamFd(int owned) noexcept : fd(owned) {}
+        SeamFd(const SeamFd&) = delete;
+        SeamFd& operator=(const SeamFd&) = delete;
+        ~SeamFd()
+        {
+            if (fd >= 0)
+                Sys::close(fd);
+        }
+        [[nodiscard]] int release() noexcept { return std::exchange(fd, -1); }
+        int fd;
+    };
 #else
-    DirtyBitmap(std::atomic<std::uint64_t>* words, std::uint64_t pages,
-                std::uint64_t bytes) noexcept
-        : words_(words), pages_(pages), bytes_(bytes)
-    {}
+    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes) noexcept : pages_(pages), bytes_(bytes) {}
 #endif
 
     /// Bits [lo, hi) of a word, 0 <= lo < hi <= 64.
@@ -611,11 +637,11 @@ private:
             partial(0, end - first);
     }
 
-    std::atomic<std::uint64_t>* words_;
+    std::atomic<std::uint64_t>* words_ = nullptr; ///< null only while create() builds it
     std::uint64_t pages_;
     std::uint64_t bytes_;
 #if MEMBACKING_OS_LINUX
-    int fd_;                    ///< the memfd of the words
+    int fd_ = -1;               ///< the memfd of the words
     MembarrierCall membarrier_; ///< the seam's membarrier (the harvest's barriers)
     mutable std::atomic<bool> shared_ =
         false; ///< share_fd() called: harvests run the global barrier
