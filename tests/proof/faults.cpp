@@ -16,7 +16,9 @@
 // that section is as before, every other partition's windows and every other mapper's bytes are
 // as before; after a retry (which succeeds) the others reach the state the operation reaches
 // without injection, and every access through a quarantined mapper fails with
-// errc::quarantined. The counts are printed per operation, so they are visible in every CI log.
+// errc::quarantined; then, the host accepting calls again, restore_mapper brings every
+// quarantined mapper back, after which it too reads what a run without injection reads. The
+// counts are printed per operation, so they are visible in every CI log.
 #include <membacking/membacking.hpp>
 
 #include "fake_kvm.hpp"
@@ -777,7 +779,7 @@ std::vector<KvmOperation> kvm_operations()
 }
 
 /// The outcome of one injected run, as the checks see it.
-enum class Verdict { consistent, quarantined, diverged, retry_failed };
+enum class Verdict { consistent, quarantined, restored, diverged, retry_failed };
 
 std::unique_ptr<Fixture> fresh(const Operation& /*op*/)
 {
@@ -826,7 +828,26 @@ Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool
         return Verdict::diverged;
     if (!quarantine)
         return Verdict::consistent;
-    return quarantine_holds(retried) ? Verdict::quarantined : Verdict::diverged;
+    if (!quarantine_holds(retried))
+        return Verdict::diverged;
+    if (std::ranges::none_of(retried.mapper_quarantined, std::identity{}))
+        return Verdict::quarantined;
+    // The host accepts calls again: each quarantined mapper is put back in service, and then
+    // reads what a run without injection reads (failed partitions stay out of service).
+    for (const Health::QuarantinedMapper& q : f->m.health().quarantined_mappers)
+        if (auto back = f->m.restore_mapper(q.id); !back) {
+            std::fprintf(stderr, "restoring VA mapper %llu failed: %s\n",
+                         static_cast<unsigned long long>(q.id),
+                         back.error().full_message().c_str());
+            return Verdict::diverged;
+        }
+    const Snapshot restored = snapshot(*f);
+    if (std::ranges::any_of(restored.mapper_quarantined, std::identity{})) {
+        std::fprintf(stderr, "a mapper is still quarantined after restore_mapper\n");
+        return Verdict::diverged;
+    }
+    return diverged(restored, reference_after, !restored.healthy(), detached) ? Verdict::diverged
+                                                                              : Verdict::restored;
 }
 
 /// The single-failure sweep of `ops`: counts its points (and those the operation absorbed).
@@ -896,12 +917,13 @@ namespace {
 
 /// Tallies of the persistent-failure runs, over every operation.
 struct PersistentTally {
-    long points = 0, rolled_back = 0, quarantined = 0, fatal = 0, inconsistent = 0;
+    long points = 0, rolled_back = 0, quarantined = 0, restored = 0, fatal = 0, inconsistent = 0;
 };
 
 /// Runs `child_body(n)` in a forked child for n = 1, 2, ... until it exits 2 (the n-th call is
 /// never reached) and classifies each exit: 0 rolled back, 3 survived with something reported
-/// out of service and checked, SIGABRT fatal(), anything else inconsistent (a failed check).
+/// out of service and checked (4: a quarantined mapper among it, restored and checked again),
+/// SIGABRT fatal(), anything else inconsistent (a failed check).
 template <class ChildBody>
 void run_persistent(const std::string& name, PersistentTally& tally, ChildBody child_body)
 {
@@ -926,9 +948,10 @@ void run_persistent(const std::string& name, PersistentTally& tally, ChildBody c
         ++op_points;
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
             ++tally.rolled_back;
-        } else if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
+        } else if (WIFEXITED(status) && (WEXITSTATUS(status) == 3 || WEXITSTATUS(status) == 4)) {
             ++tally.quarantined;
             ++op_quarantined;
+            tally.restored += WEXITSTATUS(status) == 4 ? 1 : 0;
         } else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) {
             ++tally.fatal;
             ++op_fatal;
@@ -955,13 +978,19 @@ void sweep_persistent(const std::vector<Op>& ops, PersistentTally& tally)
             after = snapshot(*f);
         }
         run_persistent(op.name, tally, [&](long n) {
-            // 0: rolled back; 3: out of service, checked; 1: diverged or retry failed; 2: not
+            // 0: rolled back; 3: out of service, checked; 4: the same with a mapper restored;
+            // 1: diverged, retry or restore failed; 2: not
             // reached (the end).
             bool succeeded = false, reached = false;
             const Verdict v = run_injected(op, after, n, true, succeeded, reached);
             if (!reached)
                 return 2;
-            return v == Verdict::consistent ? 0 : v == Verdict::quarantined ? 3 : 1;
+            switch (v) {
+            case Verdict::consistent: return 0;
+            case Verdict::quarantined: return 3;
+            case Verdict::restored: return 4;
+            default: return 1;
+            }
         });
     }
 }
@@ -989,8 +1018,10 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
     MESSAGE("persistent injection points: "
             << tally.points << ", rolled back: " << tally.rolled_back
             << ", survived with a mapper or partition out of service: " << tally.quarantined
+            << " (a quarantined mapper restored in " << tally.restored << ")"
             << ", reached fatal(): " << tally.fatal << ", inconsistent: " << tally.inconsistent);
     CHECK(tally.points > 50);
+    CHECK(tally.restored > 0); // restore_mapper is exercised, not only reachable
     CHECK(tally.fatal == 0);
     CHECK(tally.inconsistent == 0);
 }
@@ -1013,8 +1044,10 @@ TEST_CASE("fault injection through the KVM policy: persistent failures from the 
     MESSAGE("KVM persistent injection points: "
             << tally.points << ", rolled back: " << tally.rolled_back
             << ", survived with a mapper or partition out of service: " << tally.quarantined
+            << " (a quarantined mapper restored in " << tally.restored << ")"
             << ", reached fatal(): " << tally.fatal << ", inconsistent: " << tally.inconsistent);
     CHECK(tally.points > 20);
+    CHECK(tally.restored > 0);
     CHECK(tally.fatal == 0);
     CHECK(tally.inconsistent == 0);
 }
