@@ -37,18 +37,7 @@ void* operator new(std::size_t n)
         return p;
     throw std::bad_alloc();
 }
-// Every operator new above allocates with malloc; GCC cannot see that through the inlining.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void operator delete(void* p) noexcept
-{
-    std::free(p);
-}
-void operator delete(void* p, std::size_t) noexcept
-{
-    std::free(p);
-}
-#pragma GCC diagnostic pop
+#include "malloc_delete.hpp" // its operator delete pair
 
 namespace mb = membacking;
 namespace ipc = membacking::ipc;

@@ -43,18 +43,7 @@ void* operator new(std::size_t n, const std::nothrow_t&) noexcept
     ++allocations;
     return std::malloc(n == 0 ? 1 : n);
 }
-// Every operator new above allocates with malloc; GCC cannot see that through the inlining.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void operator delete(void* p) noexcept
-{
-    std::free(p);
-}
-void operator delete(void* p, std::size_t) noexcept
-{
-    std::free(p);
-}
-#pragma GCC diagnostic pop
+#include "malloc_delete.hpp" // its operator delete pair
 
 namespace {
 

@@ -332,11 +332,8 @@ public:
         if (eager) {
             // A failed replay needs no undo: the unregistered mapper and its whole reservation
             // go away when `mapper` does.
-            for (auto& [start, e] : entries_)
-                MEMBACKING_TRY_CONTEXT(map_into(*mapper, e.mapping),
-                                       "failed to replay mappings into a new VA mapper");
-            for (auto& [start, e] : entries_)
-                e.holders.push_back(mapper->id_);
+            MEMBACKING_TRY_CONTEXT(replay_all(*mapper),
+                                   "failed to replay mappings into a new VA mapper");
         }
         mapper->registered_ = true;
         mappers_.push_back(Slot{mapper->id_, mapper.get(), eager, false, false, {}});
@@ -400,15 +397,12 @@ public:
         if (s->eager) {
             // Over the one inaccessible reservation the quarantine left; a replay that fails
             // part way is invalidated again, so the mapper is exactly as quarantined as before.
-            for (auto& [start, e] : entries_)
-                if (auto r = map_into(*s->mapper, e.mapping); !r) {
-                    s->invalidated = invalidate(*s->mapper);
-                    std::string context = "failed to restore VA mapper ";
-                    context += std::to_string(id);
-                    return std::move(r).error().context(context);
-                }
-            for (auto& [start, e] : entries_)
-                e.holders.push_back(s->id);
+            if (auto r = replay_all(*s->mapper); !r) {
+                s->invalidated = invalidate(*s->mapper);
+                std::string context = "failed to restore VA mapper ";
+                context += std::to_string(id);
+                return std::move(r).error().context(context);
+            }
         }
         s->quarantined = false;
         s->invalidated = false;
@@ -852,6 +846,18 @@ private:
         for (auto& [start, e] : entries_)
             std::erase(e.holders, s.id);
         s.invalidated = invalidate(*s.mapper);
+    }
+
+    /// Maps every active mapping into `mapper` and records it as their holder; on failure it
+    /// records nothing, and what it mapped is the caller's to dispose of (new_mapper,
+    /// restore_mapper).
+    Result<void> replay_all(VaMapper<V>& mapper)
+    {
+        for (auto& [start, e] : entries_)
+            MEMBACKING_TRY(map_into(mapper, e.mapping));
+        for (auto& [start, e] : entries_)
+            e.holders.push_back(mapper.id_);
+        return {};
     }
 
     /// Puts `pieces` back into a mapper after the operation failed with `root`; a mapper whose
