@@ -12,11 +12,13 @@
  * - Linux: LinuxGuestMemoryManager<Partitions...> (NestedPriority + LinuxMmap + the partitions);
  *   MockGuestMemoryManager (Linux VA with the mock partition: tests, examples without KVM);
  *   KvmGuestMemoryManager (KVM partitions, and mock partitions to observe), and
- *   TrackedKvmGuestMemoryManager (the same with dirty tracking).
+ *   TrackedKvmGuestMemoryManager (the same with dirty tracking),
+ * ByteMapTrackedKvmGuestMemoryManager (with a byte-per-page dirty map).
  * - Windows: WindowsGuestMemoryManager<Partitions...> (NestedPriority + WindowsPlaceholder + the
  *   partitions); MockGuestMemoryManager (placeholder VA with the mock partition);
  *   WhpGuestMemoryManager (WHP partitions, and mock partitions to observe).
- * Both: TrackedMockGuestMemoryManager (the mock with dirty tracking).
+ * Both: TrackedMockGuestMemoryManager (the mock with dirty tracking) and
+ *   ByteMapTrackedMockGuestMemoryManager (with a byte-per-page dirty map).
  * Any other platform stops here with an #error: the library has no VA policy for it.
  */
 #pragma once
@@ -67,6 +69,11 @@ using KvmGuestMemoryManager = LinuxGuestMemoryManager<DefaultKvmPartition, MockP
 /// The same, with dirty tracking: every GuestMemory marks what it writes (live migration).
 using TrackedKvmGuestMemoryManager =
     TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, DefaultKvmPartition, MockPartition>;
+
+/// The same with a byte-per-page dirty map (marks cost one plain store; README, Dirty tracking).
+using ByteMapTrackedKvmGuestMemoryManager =
+    ByteMapTrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, DefaultKvmPartition,
+                                     MockPartition>;
 #elif MEMBACKING_OS_WINDOWS
 /// The Windows VA policy (placeholders) with the real system calls.
 using DefaultVaPolicy = WindowsPlaceholder<os::WindowsSyscalls>;
@@ -86,6 +93,9 @@ using WhpGuestMemoryManager = WindowsGuestMemoryManager<WhpPartition, MockPartit
 /// Mock partitions with dirty tracking (tests, migration without a hypervisor).
 using TrackedMockGuestMemoryManager =
     TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, MockPartition>;
+/// The same with a byte-per-page dirty map.
+using ByteMapTrackedMockGuestMemoryManager =
+    ByteMapTrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, MockPartition>;
 
 /// This platform's VA policy with NestedPriority regions and the given partitions.
 template <class... Partitions>

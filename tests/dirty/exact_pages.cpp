@@ -26,23 +26,32 @@ constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
 constexpr std::uint64_t page = page_size;
 constexpr std::uint64_t space = 16 * MiB;
 constexpr std::uint64_t ram_end = 4 * MiB;
-using Manager = TrackedMockGuestMemoryManager;
+using BitTracked = TrackedMockGuestMemoryManager;
+using ByteTracked = ByteMapTrackedMockGuestMemoryManager;
+// Every case runs against both layouts of the dirty map: the same pages, the same results.
+#define TRACKED_MANAGERS BitTracked, ByteTracked
 
-static_assert(std::is_same_v<Manager::Memory, GuestMemory<Manager::Mapper, Gpa, DirtyTracking>>);
+static_assert(
+    std::is_same_v<BitTracked::Memory, GuestMemory<BitTracked::Mapper, Gpa, DirtyTracking>>);
+static_assert(std::is_same_v<ByteTracked::Memory,
+                             GuestMemory<ByteTracked::Mapper, Gpa, ByteMapDirtyTracking>>);
 static_assert(std::is_same_v<MockGuestMemoryManager::Memory,
                              GuestMemory<MockGuestMemoryManager::Mapper, Gpa, NoDirtyTracking>>);
 // An untracked view is still four words; the tracked one carries the bitmap's words too.
 static_assert(sizeof(MockGuestMemoryManager::MemoryView) == 4 * sizeof(void*));
-static_assert(sizeof(Manager::MemoryView) == 5 * sizeof(void*));
+static_assert(sizeof(BitTracked::MemoryView) == 5 * sizeof(void*));
+static_assert(sizeof(ByteTracked::MemoryView) == 5 * sizeof(void*));
 // One dirty API, and only where every handle marks: an untracked manager has none.
 template <class M>
 concept HasDirtyApi = requires(M& m)
 {
     m.start_dirty_tracking();
 };
-static_assert(HasDirtyApi<Manager>);
+static_assert(HasDirtyApi<BitTracked>);
+static_assert(HasDirtyApi<ByteTracked>);
 static_assert(!HasDirtyApi<MockGuestMemoryManager>);
 
+template <class Manager>
 Manager ram_guest()
 {
     return must(Manager::builder()
@@ -51,6 +60,7 @@ Manager ram_guest()
 }
 
 /// "gpa+len gpa+len ..." of the runs taken from r.
+template <class Manager>
 std::string take(Manager& m, const MemoryRange& r)
 {
     std::vector<DirtyRun> runs;
@@ -68,6 +78,7 @@ std::string take(Manager& m, const MemoryRange& r)
 }
 
 /// The same over the whole address space.
+template <class Manager>
 std::string take(Manager& m)
 {
     return take(m, range(0, space));
@@ -79,9 +90,10 @@ std::string pages(std::uint64_t gpa, std::uint64_t n)
 }
 
 /// A tracked guest with tracking on and nothing dirty.
+template <class Manager>
 struct Tracked {
-    Manager m = ram_guest();
-    Manager::Memory mem = m.guest_memory();
+    Manager m = ram_guest<Manager>();
+    typename Manager::Memory mem = m.guest_memory();
     Tracked()
     {
         must(m.start_dirty_tracking());
@@ -91,9 +103,10 @@ struct Tracked {
 
 } // namespace
 
-TEST_CASE("write, fill and write_plain mark exactly the pages they wrote")
+TEST_CASE_TEMPLATE("write, fill and write_plain mark exactly the pages they wrote", Manager,
+                   TRACKED_MANAGERS)
 {
-    Tracked t;
+    Tracked<Manager> t;
     const std::array<std::uint8_t, 1> one{7};
     REQUIRE(t.mem.write(0x1000_gpa, one));
     CHECK(take(t.m) == pages(0x1000, 1));
@@ -115,9 +128,9 @@ TEST_CASE("write, fill and write_plain mark exactly the pages they wrote")
     REQUIRE(t.mem.fill(Gpa{0x10fff}, 0xaa, Length{2}));
     CHECK(take(t.m) == pages(0x10000, 2));
 
-    REQUIRE(t.mem.write_plain<std::uint64_t>(Gpa{0x20ff8}, 1));
+    REQUIRE(t.mem.template write_plain<std::uint64_t>(Gpa{0x20ff8}, 1));
     CHECK(take(t.m) == pages(0x20000, 1));
-    REQUIRE(t.mem.write_plain<std::uint32_t>(Gpa{0x21ffe}, 1)); // misaligned, across pages
+    REQUIRE(t.mem.template write_plain<std::uint32_t>(Gpa{0x21ffe}, 1)); // misaligned, across pages
     CHECK(take(t.m) == pages(0x21000, 2));
     struct Wide {
         std::array<std::uint64_t, 3> v;
@@ -126,53 +139,58 @@ TEST_CASE("write, fill and write_plain mark exactly the pages they wrote")
     CHECK(take(t.m) == pages(0x23000, 2));
 
     // Several writes before a take: maximal runs, ascending.
-    REQUIRE(t.mem.write_plain<std::uint8_t>(Gpa{0x9000}, 1));
-    REQUIRE(t.mem.write_plain<std::uint8_t>(Gpa{0x7000}, 1));
-    REQUIRE(t.mem.write_plain<std::uint8_t>(Gpa{0x8000}, 1));
-    REQUIRE(t.mem.write_plain<std::uint8_t>(Gpa{0x100000}, 1));
+    REQUIRE(t.mem.template write_plain<std::uint8_t>(Gpa{0x9000}, 1));
+    REQUIRE(t.mem.template write_plain<std::uint8_t>(Gpa{0x7000}, 1));
+    REQUIRE(t.mem.template write_plain<std::uint8_t>(Gpa{0x8000}, 1));
+    REQUIRE(t.mem.template write_plain<std::uint8_t>(Gpa{0x100000}, 1));
     CHECK(take(t.m) == pages(0x7000, 3) + " " + pages(0x100000, 1));
 }
 
-TEST_CASE("atomics mark the page they changed; a failed compare-exchange marks nothing")
+TEST_CASE_TEMPLATE("atomics mark the page they changed; a failed compare-exchange marks nothing",
+                   Manager, TRACKED_MANAGERS)
 {
-    Tracked t;
+    Tracked<Manager> t;
     const Gpa at{0x30008};
-    REQUIRE(t.mem.write_plain<std::uint64_t>(at, 5));
+    REQUIRE(t.mem.template write_plain<std::uint64_t>(at, 5));
     CHECK(take(t.m) == pages(0x30000, 1));
 
-    auto failed = t.mem.compare_exchange<std::uint64_t>(at, 4, 9);
+    auto failed = t.mem.template compare_exchange<std::uint64_t>(at, 4, 9);
     REQUIRE(failed);
     CHECK(!failed.value().exchanged);
     CHECK(take(t.m).empty());
-    auto swapped = t.mem.compare_exchange<std::uint64_t>(at, 5, 9);
+    auto swapped = t.mem.template compare_exchange<std::uint64_t>(at, 5, 9);
     REQUIRE(swapped);
     CHECK(swapped.value().exchanged);
     CHECK(take(t.m) == pages(0x30000, 1));
 
-    REQUIRE(t.mem.fetch_add<std::uint32_t>(Gpa{0x31000}, 1));
+    REQUIRE(t.mem.template fetch_add<std::uint32_t>(Gpa{0x31000}, 1));
     CHECK(take(t.m) == pages(0x31000, 1));
-    REQUIRE(t.mem.fetch_sub<std::uint16_t>(Gpa{0x32ffe}, 1));
+    REQUIRE(t.mem.template fetch_sub<std::uint16_t>(Gpa{0x32ffe}, 1));
     CHECK(take(t.m) == pages(0x32000, 1));
-    REQUIRE(t.mem.fetch_or<std::uint8_t>(Gpa{0x33fff}, 1));
+    REQUIRE(t.mem.template fetch_or<std::uint8_t>(Gpa{0x33fff}, 1));
     CHECK(take(t.m) == pages(0x33000, 1));
-    REQUIRE(t.mem.fetch_and<std::uint64_t>(Gpa{0x34000}, 0));
+    REQUIRE(t.mem.template fetch_and<std::uint64_t>(Gpa{0x34000}, 0));
     CHECK(take(t.m) == pages(0x34000, 1));
-    REQUIRE(t.mem.fetch_xor<std::int64_t>(Gpa{0x35ff8}, 3));
+    REQUIRE(t.mem.template fetch_xor<std::int64_t>(Gpa{0x35ff8}, 3));
     CHECK(take(t.m) == pages(0x35000, 1));
 
-    CHECK(test::error_of(t.mem.fetch_add<std::uint64_t>(Gpa{0x36004}, 1)) ==
+    CHECK(test::error_of(t.mem.template fetch_add<std::uint64_t>(Gpa{0x36004}, 1)) ==
           errc::invalid_argument); // misaligned: nothing written
     CHECK(take(t.m).empty());
 }
 
-TEST_CASE("reads and failed writes mark nothing; a partial write marks the part it completed")
+TEST_CASE_TEMPLATE(
+    "reads and failed writes mark nothing; a partial write marks the part it completed", Manager,
+    TRACKED_MANAGERS)
 {
-    Tracked t;
+    Tracked<Manager> t;
     std::array<std::uint8_t, 64> buf{};
     REQUIRE(t.mem.read(0x1000_gpa, buf));
-    REQUIRE(t.mem.read_plain<std::uint64_t>(0x2000_gpa));
-    CHECK(test::error_of(t.mem.write_plain<std::uint64_t>(Gpa{space}, 1)) == errc::out_of_range);
-    CHECK(test::error_of(t.mem.write_plain<std::uint64_t>(Gpa{ram_end}, 1)) == errc::unmapped);
+    REQUIRE(t.mem.template read_plain<std::uint64_t>(0x2000_gpa));
+    CHECK(test::error_of(t.mem.template write_plain<std::uint64_t>(Gpa{space}, 1)) ==
+          errc::out_of_range);
+    CHECK(test::error_of(t.mem.template write_plain<std::uint64_t>(Gpa{ram_end}, 1)) ==
+          errc::unmapped);
     CHECK(test::error_of(t.mem.fill(Gpa{ram_end + page}, 1, Length{page})) == errc::unmapped);
     CHECK(take(t.m).empty());
 
@@ -190,28 +208,32 @@ TEST_CASE("reads and failed writes mark nothing; a partial write marks the part 
     CHECK(take(t.m) == pages(ram_end - page, 1));
 }
 
-TEST_CASE("every handle of a tracked manager marks: copies, windows, lazy mappers, views")
+TEST_CASE_TEMPLATE("every handle of a tracked manager marks: copies, windows, lazy mappers, views",
+                   Manager, TRACKED_MANAGERS)
 {
-    Tracked t;
+    Tracked<Manager> t;
     auto window = must(t.mem.subrange(Gpa{0x40000}, Length{0x10000}));
-    REQUIRE(window.write_plain<std::uint32_t>(Offset{0x2004}, 1));
+    REQUIRE(window.template write_plain<std::uint32_t>(Offset{0x2004}, 1));
     CHECK(take(t.m) == pages(0x42000, 1)); // the absolute GPA
 
     auto lazy = must(t.m.client().lazy_guest_memory());
-    REQUIRE(lazy.write_plain<std::uint32_t>(Gpa{0x50000}, 1));
+    REQUIRE(lazy.template write_plain<std::uint32_t>(Gpa{0x50000}, 1));
     CHECK(take(t.m) == pages(0x50000, 1));
 
-    Manager::MemoryView view = t.mem.view();
+    typename Manager::MemoryView view = t.mem.view();
     REQUIRE(view.fill(Gpa{0x60000}, 1, Length{1}));
-    const Manager::Memory copy = t.mem; // NOLINT(performance-unnecessary-copy-initialization)
-    REQUIRE(copy.write_plain<std::uint8_t>(Gpa{0x61000}, 1));
+    const typename Manager::Memory copy =
+        t.mem; // NOLINT(performance-unnecessary-copy-initialization)
+    REQUIRE(copy.template write_plain<std::uint8_t>(Gpa{0x61000}, 1));
     CHECK(take(t.m) == pages(0x60000, 2));
 }
 
 #if MEMBACKING_OS_LINUX
-TEST_CASE("a write lease marks the pages it covers when it is released; a read lease never")
+TEST_CASE_TEMPLATE(
+    "a write lease marks the pages it covers when it is released; a read lease never", Manager,
+    TRACKED_MANAGERS)
 {
-    Tracked t;
+    Tracked<Manager> t;
     {
         Lease lease = must(t.mem.lease(Gpa{0x70800}, Length{0x1000}, LeaseAccess::write));
         std::memset(lease.spans()[0].data(), 0x5a, lease.spans()[0].size());
@@ -236,9 +258,10 @@ TEST_CASE("a write lease marks the pages it covers when it is released; a read l
 }
 #endif
 
-TEST_CASE("the dirty API: ranges, bitmap, the partitions' logs merged, start and stop")
+TEST_CASE_TEMPLATE("the dirty API: ranges, bitmap, the partitions' logs merged, start and stop",
+                   Manager, TRACKED_MANAGERS)
 {
-    Manager m = ram_guest();
+    Manager m = ram_guest<Manager>();
     auto partition = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, partition));
     auto mem = m.guest_memory();
@@ -246,7 +269,8 @@ TEST_CASE("the dirty API: ranges, bitmap, the partitions' logs merged, start and
     CHECK(test::error_of(m.take_dirty_runs(range(0, space), runs)) == errc::conflict);
     CHECK(test::error_of(m.stop_dirty_tracking()) == errc::conflict);
 
-    REQUIRE(mem.write_plain<std::uint8_t>(0x1000_gpa, 1)); // before start: forgotten by start
+    REQUIRE(
+        mem.template write_plain<std::uint8_t>(0x1000_gpa, 1)); // before start: forgotten by start
     must(m.start_dirty_tracking());
     CHECK(test::error_of(m.start_dirty_tracking()) == errc::conflict);
     CHECK(partition->dirty_logging());
@@ -254,15 +278,15 @@ TEST_CASE("the dirty API: ranges, bitmap, the partitions' logs merged, start and
 
     // A guest write (the partition's log) and a VMM write: their union, in one run here.
     partition->mark_dirty(0x7000);
-    REQUIRE(mem.write_plain<std::uint8_t>(Gpa{0x8000}, 1));
+    REQUIRE(mem.template write_plain<std::uint8_t>(Gpa{0x8000}, 1));
     partition->mark_dirty(0x200000);
     CHECK(take(m, range(0, MiB)) == pages(0x7000, 2)); // the part asked for
     CHECK(take(m) == pages(0x200000, 1));              // the rest waited
 
     // As a bitmap of a range that starts mid-word: bit i is page i of the range.
-    REQUIRE(mem.write_plain<std::uint8_t>(Gpa{0x105000}, 1)); // page 4 of the range
-    partition->mark_dirty(0x142000);                          // page 0x41: word 1, bit 1
-    REQUIRE(mem.write_plain<std::uint8_t>(Gpa{0x100000}, 1)); // just before the range
+    REQUIRE(mem.template write_plain<std::uint8_t>(Gpa{0x105000}, 1)); // page 4 of the range
+    partition->mark_dirty(0x142000);                                   // page 0x41: word 1, bit 1
+    REQUIRE(mem.template write_plain<std::uint8_t>(Gpa{0x100000}, 1)); // just before the range
     std::array<std::uint64_t, 2> bits{};
     CHECK(test::error_of(m.take_dirty_bitmap(range(0x101000, 0x200000), bits)) ==
           errc::invalid_argument); // 255 pages need 4 words
@@ -288,7 +312,9 @@ TEST_CASE("the dirty API: ranges, bitmap, the partitions' logs merged, start and
     CHECK(take(m) == pages(0x3000, 1));
 }
 
-TEST_CASE("what becomes visible is dirty whole: a BAR placed and moved, RAM hidden and back")
+TEST_CASE_TEMPLATE(
+    "what becomes visible is dirty whole: a BAR placed and moved, RAM hidden and back", Manager,
+    TRACKED_MANAGERS)
 {
     Manager m = must(Manager::builder()
                          .x86_legacy_support(true)

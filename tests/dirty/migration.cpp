@@ -25,12 +25,15 @@ using test::range;
 namespace {
 using Manager = TrackedMockGuestMemoryManager;
 using MockSide = Side<Manager>;
+using ByteMapSide = Side<ByteMapTrackedMockGuestMemoryManager>;
 } // namespace
 
-TEST_CASE("migration without a hypervisor: VMM writers, a logged guest writer, PAM and a BAR")
+TEST_CASE_TEMPLATE(
+    "migration without a hypervisor: VMM writers, a logged guest writer, PAM and a BAR", S,
+    MockSide, ByteMapSide)
 {
-    MockSide src = MockSide::make();
-    MockSide dst = MockSide::make();
+    S src = S::make();
+    S dst = S::make();
     auto partition = std::make_shared<MockPartition>();
     must(src.m.attach_partition(Vtl::vtl0, partition));
 

@@ -59,6 +59,7 @@
  */
 #pragma once
 
+#include <membacking/access/dirty_byte_map.hpp>
 #include <membacking/base/align.hpp>
 #include <membacking/base/config.hpp>
 #include <membacking/base/memory_range.hpp>
@@ -91,6 +92,11 @@
 #endif
 
 namespace membacking {
+
+/// How a DirtyBitmap records pages: `bits`, one bit per page (the default: 2 MiB for a 64 GiB
+/// guest; a mark is a load, a test and, the first time, a `lock or`), or `bytes`, one byte per
+/// page (8x the memory; a mark is one plain store: access/dirty_byte_map.hpp).
+enum class DirtyMapLayout : std::uint8_t { bits, bytes };
 
 /// A run of dirty pages: [gpa, gpa + length), page-aligned.
 struct DirtyRun {
@@ -172,11 +178,14 @@ public:
     static constexpr std::uint64_t page_shift = 12;
     static constexpr std::uint64_t bits_per_word = 64;
 
-    /// The bytes of the bitmap of guest addresses [0, address_space): whole pages.
-    [[nodiscard]] static constexpr std::uint64_t bytes_for(std::uint64_t address_space) noexcept
+    /// The bytes of the map of guest addresses [0, address_space) in `layout`: whole pages.
+    [[nodiscard]] static constexpr std::uint64_t
+    bytes_for(std::uint64_t address_space, DirtyMapLayout layout = DirtyMapLayout::bits) noexcept
     {
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
-        const std::uint64_t words = (pages + bits_per_word - 1) / bits_per_word;
+        const std::uint64_t words = layout == DirtyMapLayout::bytes
+                                        ? (pages + 7) / 8
+                                        : (pages + bits_per_word - 1) / bits_per_word;
         return (words * sizeof(std::uint64_t) + page_size - 1) / page_size * page_size;
     }
 
@@ -194,15 +203,21 @@ public:
 #else
     template <class Sys = void>
 #endif
-    [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>> create(std::uint64_t address_space)
+    [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>>
+    create(std::uint64_t address_space, DirtyMapLayout layout = DirtyMapLayout::bits)
     {
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
-        const std::uint64_t bytes = bytes_for(address_space);
+        const std::uint64_t bytes = bytes_for(address_space, layout);
 #if MEMBACKING_OS_LINUX
-        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes, &Sys::membarrier));
-        MEMBACKING_TRY((register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-                                                     "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED",
-                                                     "Linux 4.14 or later: dirty tracking")));
+        std::shared_ptr<DirtyBitmap> bitmap(
+            new DirtyBitmap(pages, bytes, layout, &Sys::membarrier));
+        // Only the bit map's harvest runs the process-wide barrier (file comment; a byte map's
+        // needs a fence of its own: access/dirty_byte_map.hpp).
+        if (layout == DirtyMapLayout::bits)
+            MEMBACKING_TRY(
+                (register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                                              "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED",
+                                              "Linux 4.14 or later: dirty tracking")));
         // errno is read while the return value is built, before the guard closes the memfd.
         auto failed = [&](const char* what) {
             const int error = errno;
@@ -227,7 +242,7 @@ public:
         bitmap->fd_ = fd.release();
         return bitmap;
 #else
-        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes));
+        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes, layout));
         void* p = ::VirtualAlloc(nullptr, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
         if (p == nullptr)
             return Error(
@@ -262,12 +277,13 @@ public:
     /// mapping exists.
     template <class Sys = os::LinuxSyscalls>
     [[nodiscard]] static Result<std::shared_ptr<DirtyBitmap>>
-    map_shared(int fd, std::uint64_t address_space)
+    map_shared(int fd, std::uint64_t address_space, DirtyMapLayout layout = DirtyMapLayout::bits)
     {
         SeamFd<Sys> owned{fd}; // closed through the seam on every way out but success
         const std::uint64_t pages = (address_space + page_size - 1) >> page_shift;
-        const std::uint64_t bytes = bytes_for(address_space);
-        std::shared_ptr<DirtyBitmap> bitmap(new DirtyBitmap(pages, bytes, &Sys::membarrier));
+        const std::uint64_t bytes = bytes_for(address_space, layout);
+        std::shared_ptr<DirtyBitmap> bitmap(
+            new DirtyBitmap(pages, bytes, layout, &Sys::membarrier));
         auto fail = [&](errc code, const std::string& why) {
             std::string what = "the manager's dirty bitmap: ";
             what += why;
@@ -286,12 +302,13 @@ public:
             return fail(errc::invalid_argument,
                         "its size is not sealed (F_SEAL_SHRINK | F_SEAL_GROW): it could shrink "
                         "under the marks");
-        if (auto registered =
-                register_memory_barrier<Sys>(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED,
-                                             "MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED",
-                                             "Linux 4.16 or later: marking from another process");
-            !registered)
-            return fail(errc::unsupported, registered.error().message());
+        if (layout == DirtyMapLayout::bits)
+            if (auto registered = register_memory_barrier<Sys>(
+                    MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED,
+                    "MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED",
+                    "Linux 4.16 or later: marking from another process");
+                !registered)
+                return fail(errc::unsupported, registered.error().message());
         void* p =
             Sys::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
         if (p == MAP_FAILED)
@@ -327,6 +344,15 @@ public:
     {
         return words_;
     }
+    /// The same storage as one byte per page, for a byte map's marker (layout() == bytes).
+    [[nodiscard]] unsigned char* marks() const noexcept
+    {
+        return reinterpret_cast<unsigned char*>(words_);
+    }
+    [[nodiscard]] DirtyMapLayout layout() const noexcept
+    {
+        return layout_;
+    }
     /// The bytes reserved for the bitmap.
     [[nodiscard]] std::uint64_t reserved_bytes() const noexcept
     {
@@ -336,7 +362,10 @@ public:
     /// Marks every page of [gpa, gpa + len) (len > 0; the caller has bounds-checked it).
     MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
     {
-        mark_words(words_, gpa, len);
+        if (layout_ == DirtyMapLayout::bytes)
+            DirtyByteMap::mark(marks(), gpa, len);
+        else
+            mark_words(words_, gpa, len);
     }
 
     /// The access path's mark, on the bare word array: test, then set (file comment).
@@ -399,6 +428,10 @@ public:
     /// Clears every bit of [gpa, gpa + len) without reporting it (start of tracking).
     void clear(std::uint64_t gpa, std::uint64_t len) noexcept
     {
+        if (layout_ == DirtyMapLayout::bytes) {
+            DirtyByteMap::clear(marks(), gpa >> page_shift, (gpa + len) >> page_shift);
+            return;
+        }
         for_each_word(gpa, len, [](std::atomic<std::uint64_t>& w, std::uint64_t mask) {
             if ((w.load(std::memory_order_relaxed) & mask) != 0)
                 w.fetch_and(~mask, std::memory_order_relaxed);
@@ -417,7 +450,7 @@ public:
                 const std::uint64_t page = base + i * bits_per_word + lo;
                 const std::uint64_t end = std::min(page + n, pages_);
                 if (page < end)
-                    mark_pages(words_, page, end);
+                    mark_range(page, end);
                 b = lo + n == bits_per_word ? 0 : b & ~range_mask(0, lo + n);
             }
         }
@@ -490,6 +523,10 @@ private:
     /// The barrier that ends a harvest: this process's threads, and once shared, the workers'.
     [[nodiscard]] bool barrier() const noexcept
     {
+        if (layout_ == DirtyMapLayout::bytes) {
+            DirtyByteMap::fence();
+            return true;
+        }
 #if MEMBACKING_OS_LINUX
         if (!process_memory_barrier(membarrier_))
             return false;
@@ -499,6 +536,15 @@ private:
 #else
         return process_memory_barrier();
 #endif
+    }
+
+    /// Marks pages [first, end) in either layout.
+    void mark_range(std::uint64_t first, std::uint64_t end) const noexcept
+    {
+        if (layout_ == DirtyMapLayout::bytes)
+            DirtyByteMap::mark_pages(marks(), first, end);
+        else
+            mark_pages(words_, first, end);
     }
 
     /// mark_one's rare paths, out of line so that the hot path keeps its registers.
@@ -518,8 +564,9 @@ private:
     /// An empty bitmap (no words, no fd): create() and map_shared() allocate it before they
     /// make anything it will own, then hand that over.
 #if MEMBACKING_OS_LINUX
-    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes, MembarrierCall membarrier) noexcept
-        : pages_(pages), bytes_(bytes), membarrier_(membarrier)
+    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes, DirtyMapLayout layout,
+                MembarrierCall membarrier) noexcept
+        : pages_(pages), bytes_(bytes), layout_(layout), membarrier_(membarrier)
     {}
 
     /// A descriptor made through the seam `Sys`, closed through it unless release()d.
@@ -537,7 +584,9 @@ private:
         int fd;
     };
 #else
-    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes) noexcept : pages_(pages), bytes_(bytes) {}
+    DirtyBitmap(std::uint64_t pages, std::uint64_t bytes, DirtyMapLayout layout) noexcept
+        : pages_(pages), bytes_(bytes), layout_(layout)
+    {}
 #endif
 
     /// Bits [lo, hi) of a word, 0 <= lo < hi <= 64.
@@ -573,6 +622,10 @@ private:
     {
         std::uint64_t first = gpa >> page_shift;
         const std::uint64_t end = (gpa + len) >> page_shift;
+        if (layout_ == DirtyMapLayout::bytes) {
+            DirtyByteMap::take(marks(), first, end, f, full);
+            return;
+        }
         auto partial = [&](std::uint64_t lo, std::uint64_t hi) {
             std::atomic<std::uint64_t>& w = words_[first / bits_per_word];
             const std::uint64_t mask = range_mask(lo, hi);
@@ -640,6 +693,7 @@ private:
     std::atomic<std::uint64_t>* words_ = nullptr; ///< null only while create() builds it
     std::uint64_t pages_;
     std::uint64_t bytes_;
+    DirtyMapLayout layout_;
 #if MEMBACKING_OS_LINUX
     int fd_ = -1;               ///< the memfd of the words
     MembarrierCall membarrier_; ///< the seam's membarrier (the harvest's barriers)

@@ -16,6 +16,9 @@
  *   range on success, and on a write that faulted part way the part it completed
  *   (AccessError::completed). Compare-exchange marks only when it swapped (a failed one changes
  *   no byte); fetch_* mark always. The mark is DirtyBitmap::mark_words: test, then set.
+ * - ByteMapDirtyTracking: the same, into a byte-per-page map (DirtyMapLayout::bytes): the mark is
+ *   one plain store of 1, no load and no branch (access/dirty_byte_map.hpp), for 8x the memory.
+ *   Its manager creates its DirtyBitmap in that layout, so the marker and the map always agree.
  */
 #pragma once
 
@@ -31,6 +34,7 @@ namespace membacking {
 /// The access path records nothing (the default).
 struct NoDirtyTracking {
     static constexpr bool enabled = false;
+    static constexpr DirtyMapLayout layout = DirtyMapLayout::bits; // unused
     struct Marker {
         Marker() noexcept = default;
         template <class Mapper>
@@ -48,6 +52,7 @@ struct NoDirtyTracking {
 /// Every write through the access path marks the pages it wrote in the mapper's DirtyBitmap.
 struct DirtyTracking {
     static constexpr bool enabled = true;
+    static constexpr DirtyMapLayout layout = DirtyMapLayout::bits;
     struct Marker {
         Marker() noexcept = default;
         /// The mapper's bitmap (VaMapper::dirty_bitmap); it lives as long as the mapper.
@@ -72,8 +77,35 @@ struct DirtyTracking {
     };
 };
 
+/// Every write through the access path marks the pages it wrote in the mapper's byte map.
+struct ByteMapDirtyTracking {
+    static constexpr bool enabled = true;
+    static constexpr DirtyMapLayout layout = DirtyMapLayout::bytes;
+    struct Marker {
+        Marker() noexcept = default;
+        /// The mapper's map (VaMapper::dirty_bitmap), created in the byte layout.
+        template <class Mapper>
+        explicit Marker(const Mapper& mapper) noexcept : marks(mapper.dirty_bitmap()->marks())
+        {}
+        /// Marks the pages of [gpa, gpa + len), absolute GPAs (nothing when len is 0).
+        MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
+        {
+            if (len != 0)
+                detail::DirtyByteMap::mark(marks, gpa, len);
+        }
+        /// Marks the page (or, misaligned, the two pages) of a fixed-size access at gpa.
+        template <std::uint64_t Size, bool Aligned>
+        MEMBACKING_ALWAYS_INLINE void mark_one(std::uint64_t gpa) const noexcept
+        {
+            detail::DirtyByteMap::mark_one<Size, Aligned>(marks, gpa);
+        }
+        unsigned char* marks = nullptr;
+    };
+};
+
 /// What GuestMemoryView accepts as its tracking policy.
 template <class T>
-concept DirtyTrackingPolicy = std::same_as<T, NoDirtyTracking> || std::same_as<T, DirtyTracking>;
+concept DirtyTrackingPolicy = std::same_as<T, NoDirtyTracking> || std::same_as<T, DirtyTracking> ||
+    std::same_as<T, ByteMapDirtyTracking>;
 
 } // namespace membacking

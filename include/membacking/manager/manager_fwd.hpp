@@ -6,8 +6,10 @@
  * manager/guest_memory_manager.hpp:
  * - GuestMemoryManager<Resolver, Va, Partitions...>: the access path records nothing;
  * - TrackedGuestMemoryManager<Resolver, Va, Partitions...>: every GuestMemory it hands out marks
- *   the pages it writes (DirtyTracking), and the manager has the dirty API of a migration loop.
- * Both are BasicGuestMemoryManager<Tracking, Resolver, Va, Partitions...>.
+ *   the pages it writes (DirtyTracking), and the manager has the dirty API of a migration loop;
+ * - ByteMapTrackedGuestMemoryManager<Resolver, Va, Partitions...>: the same with a byte per page
+ *   (ByteMapDirtyTracking): a mark costs one plain store, the map 8x the memory.
+ * All are BasicGuestMemoryManager<Tracking, Resolver, Va, Partitions...>.
  */
 #pragma once
 
@@ -28,5 +30,10 @@ using GuestMemoryManager = BasicGuestMemoryManager<NoDirtyTracking, Resolver, Va
 template <class Resolver, class Va, class... Partitions>
 using TrackedGuestMemoryManager =
     BasicGuestMemoryManager<DirtyTracking, Resolver, Va, Partitions...>;
+
+/// The same with a byte-per-page map: marks as cheap as the write, harvests read 8x more.
+template <class Resolver, class Va, class... Partitions>
+using ByteMapTrackedGuestMemoryManager =
+    BasicGuestMemoryManager<ByteMapDirtyTracking, Resolver, Va, Partitions...>;
 
 } // namespace membacking

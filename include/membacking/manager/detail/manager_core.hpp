@@ -108,7 +108,8 @@ public:
     {
         std::shared_ptr<DirtyBitmap> dirty;
         if constexpr (Tracking::enabled) {
-            auto bitmap = DirtyBitmap::create<typename BitmapSyscalls<Va>::type>(config.max_addr);
+            auto bitmap = DirtyBitmap::create<typename BitmapSyscalls<Va>::type>(config.max_addr,
+                                                                                 Tracking::layout);
             if (!bitmap)
                 return std::move(bitmap).error().context("failed to create the dirty bitmap");
             dirty = std::move(*bitmap);
