@@ -19,13 +19,11 @@
 // BM_WriteU64/guest_dirty: BM_WriteU64/guest through a dirty-tracked view (DirtyTracking) of the
 //   same memory: the store plus the mark of a page already dirty, a load and a test (target:
 //   <= 1.3x BM_WriteU64/guest).
-// BM_WriteU64/guest_bytemark_floor: BM_WriteU64/guest plus one plain byte store per write into a
-//   byte-per-page map (the cheapest record any software mark can leave: no load, no test, no
-//   branch, no atomic read-modify-write), next to guest_dirty in the same run: if this floor is
-//   above 1.3x BM_WriteU64/guest, no software mark meets guest_dirty's target on this loop. Not a
-//   design: a byte map would make the 512 GiB harvest read 128 MiB (access/dirty_bitmap.hpp).
-// BM_Copy/guest_write_dirty/<n>: BM_Copy/guest_write through the tracked view (target: >= 0.9x
-//   the throughput of BM_Copy/memcpy).
+// BM_WriteU64/guest_dirty_bytemap: the same through a view with the byte-per-page layout
+//   (ByteMapDirtyTracking): the store plus one plain byte store, no load, no test, no branch
+//   (same target).
+// BM_Copy/guest_write_dirty/<n>, BM_Copy/guest_write_dirty_bytemap/<n>: BM_Copy/guest_write
+//   through the tracked views (target: >= 0.9x the throughput of BM_Copy/memcpy).
 // BM_Lease/<pages>: take and release a read_write lease of <pages> mapped pages (target: no more
 //   than BM_Copy/guest_read/4096).
 // BM_Lease/disjoint/threads:<n>: the same for one page, each thread at its own GPA, in real
@@ -62,8 +60,8 @@ using namespace membacking;
 using Va = LinuxMmap<>;
 using Memory = GuestMemory<VaMapper<Va>>;
 using View = GuestMemoryView<VaMapper<Va>>;
-using TrackedMemory = GuestMemory<VaMapper<Va>, Gpa, DirtyTracking>;
 using TrackedView = GuestMemoryView<VaMapper<Va>, Gpa, DirtyTracking>;
+using ByteMapView = GuestMemoryView<VaMapper<Va>, Gpa, ByteMapDirtyTracking>;
 
 namespace {
 
@@ -124,8 +122,13 @@ public:
     }
 
     [[nodiscard]] const Memory& memory() const { return memory_; }
-    /// A tracked handle of the same mapper (the guest must have been made with a bitmap).
-    [[nodiscard]] TrackedMemory tracked() const { return TrackedMemory(memory_.owner()); }
+    /// A tracked handle of the same mapper (the guest must have been made with a map of the
+    /// policy's layout).
+    template <class Tracking>
+    [[nodiscard]] GuestMemory<VaMapper<Va>, Gpa, Tracking> tracked() const
+    {
+        return GuestMemory<VaMapper<Va>, Gpa, Tracking>(memory_.owner());
+    }
     [[nodiscard]] Layout layout() const { return Layout{~(size_ - 1)}; }
 
 private:
@@ -152,17 +155,20 @@ Guest& guest(std::uint64_t regions)
     return *g;
 }
 
-/// One region, like guest(1), whose mappers carry a dirty bitmap.
+/// One region, like guest(1), whose mappers carry a dirty map in the policy's layout.
+template <class Tracking>
 Guest& tracked_guest()
 {
-    static Guest g(1, must(detail::DirtyBitmap::create(2 * ram_bytes)));
+    static Guest g(1, must(detail::DirtyBitmap::create(2 * ram_bytes, Tracking::layout)));
     return g;
 }
 
-/// The owning tracked handle behind the tracked views.
-const TrackedMemory& tracked_owner()
+/// The owning tracked handle behind the tracked views of a policy.
+template <class Tracking>
+const GuestMemory<VaMapper<Va>, Gpa, Tracking>& tracked_owner()
 {
-    static const TrackedMemory owner = tracked_guest().tracked();
+    static const GuestMemory<VaMapper<Va>, Gpa, Tracking> owner =
+        tracked_guest<Tracking>().template tracked<Tracking>();
     return owner;
 }
 
@@ -174,7 +180,9 @@ template <class Handle>
 Handle handle()
 {
     if constexpr (std::is_same_v<Handle, TrackedView>) {
-        return tracked_owner().view();
+        return tracked_owner<DirtyTracking>().view();
+    } else if constexpr (std::is_same_v<Handle, ByteMapView>) {
+        return tracked_owner<ByteMapDirtyTracking>().view();
     } else {
         return guest(1).memory();
     }
@@ -243,25 +251,6 @@ void write_u64_guest(benchmark::State& state)
             state.SkipWithError("unexpected guest memory error");
             return;
         }
-    }
-}
-
-/// BM_WriteU64/guest's loop plus the cheapest possible mark: a relaxed byte store per write into
-/// a byte per page (what a byte map would do; see the file comment).
-void write_u64_guest_bytemark_floor(benchmark::State& state)
-{
-    View m = handle<View>();
-    static std::atomic<std::uint8_t> marks[2 * ram_bytes / page_size];
-    std::uint64_t gpa = hot_gpa;
-    std::uint64_t v = 0;
-    for (auto _ : state) {
-        opaque(gpa);
-        opaque(v);
-        if (!m.write_plain<std::uint64_t>(Gpa{gpa}, v)) [[unlikely]] {
-            state.SkipWithError("unexpected guest memory error");
-            return;
-        }
-        marks[gpa / page_size].store(1, std::memory_order_relaxed);
     }
 }
 
@@ -443,8 +432,10 @@ const bool registered = [] {
         benchmark::RegisterBenchmark("BM_Lease/disjoint", lease_disjoint),
         benchmark::RegisterBenchmark("BM_WriteU64/guest_dirty", write_u64_guest<TrackedView>),
         benchmark::RegisterBenchmark("BM_Copy/guest_write_dirty", copy_guest_write<TrackedView>),
-        benchmark::RegisterBenchmark("BM_WriteU64/guest_bytemark_floor",
-                                     write_u64_guest_bytemark_floor),
+        benchmark::RegisterBenchmark("BM_WriteU64/guest_dirty_bytemap",
+                                     write_u64_guest<ByteMapView>),
+        benchmark::RegisterBenchmark("BM_Copy/guest_write_dirty_bytemap",
+                                     copy_guest_write<ByteMapView>),
     };
     for (std::size_t i = 6; i < 9; ++i) // the copies
         all.begin()[i]->Arg(4096)->Arg(65536)->Arg(1048576);
@@ -453,6 +444,7 @@ const bool registered = [] {
     all.begin()[13]->Arg(1)->Arg(16);
     all.begin()[14]->Threads(1)->Threads(2)->UseRealTime();
     all.begin()[16]->Arg(4096)->Arg(65536)->Arg(1048576);
+    all.begin()[18]->Arg(4096)->Arg(65536)->Arg(1048576);
     bench::fix_iterations(all);
     return true;
 }();

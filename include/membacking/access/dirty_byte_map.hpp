@@ -38,6 +38,7 @@
 #include <membacking/base/config.hpp>
 
 #include <atomic>
+#include <bit>
 #include <cstdint>
 
 namespace membacking::detail {
@@ -64,11 +65,14 @@ struct DirtyByteMap {
     MEMBACKING_ALWAYS_INLINE static void mark_one(unsigned char* marks, std::uint64_t gpa) noexcept
     {
         static_assert(Size != 0 && Size <= 8 && (Size & (Size - 1)) == 0);
-        set(marks + (gpa >> page_shift));
+        // A misaligned access may cross a page: out of line (a test of the low bits here is
+        // one fused instruction; checking for the crossing itself costs more on the hot path).
         if constexpr (!Aligned && Size > 1)
-            if ((gpa & ((std::uint64_t{1} << page_shift) - 1)) >
-                (std::uint64_t{1} << page_shift) - Size) [[unlikely]]
-                set(marks + (gpa >> page_shift) + 1);
+            if (gpa % Size != 0) [[unlikely]] {
+                mark_misaligned(marks, gpa, Size);
+                return;
+            }
+        set(marks + (gpa >> page_shift));
     }
 
     /// Marks pages [first, end).
@@ -123,6 +127,11 @@ struct DirtyByteMap {
     static void fence() noexcept { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 private:
+    MEMBACKING_NOINLINE MEMBACKING_COLD static void
+    mark_misaligned(unsigned char* marks, std::uint64_t gpa, std::uint64_t len) noexcept
+    {
+        mark(marks, gpa, len);
+    }
     MEMBACKING_ALWAYS_INLINE static void set(unsigned char* mark) noexcept
     {
         __atomic_store_n(mark, 1, __ATOMIC_RELEASE);
@@ -147,35 +156,36 @@ private:
         std::uint64_t* w = word(marks, page0);
         std::uint64_t v[8];
         std::uint64_t any = 0;
+        std::uint64_t every = all_marked;
         for (int i = 0; i < 8; ++i) {
             v[i] = __atomic_load_n(w + i, __ATOMIC_RELAXED);
             any |= v[i];
+            every &= v[i];
         }
         if (any == 0)
             return;
-        bool whole = true;
-        for (int i = 0; i < 8; ++i)
-            whole = whole && v[i] == all_marked;
-        if (whole) {
+        if (every == all_marked) { // all 64 taken: plain word stores
             for (int i = 0; i < 8; ++i)
                 __atomic_store_n(w + i, std::uint64_t{0}, __ATOMIC_RELAXED);
             full(page0, pages_per_chunk);
             return;
         }
+        // Clear exactly the bytes found set: a word of 8 with one store, the others one byte
+        // store per taken page, found by its bit (one loop over the chunk: a branch per dirty
+        // page, not one per byte).
         std::uint64_t bits = 0;
+        std::uint64_t single = 0; // the taken pages not in a word of 8
         for (int i = 0; i < 8; ++i) {
-            if (v[i] == 0)
-                continue;
-            if (v[i] == all_marked) {
+            const std::uint64_t taken = gather(v[i]) << (8 * i);
+            bits |= taken;
+            if (v[i] == all_marked)
                 __atomic_store_n(w + i, std::uint64_t{0}, __ATOMIC_RELAXED);
-            } else {
-                unsigned char* b = marks + page0 + static_cast<std::uint64_t>(i) * 8;
-                for (int j = 0; j < 8; ++j)
-                    if (((v[i] >> (8 * j)) & 0xff) != 0)
-                        __atomic_store_n(b + j, 0, __ATOMIC_RELAXED);
-            }
-            bits |= gather(v[i]) << (8 * i);
+            else
+                single |= taken;
         }
+        for (; single != 0; single &= single - 1)
+            __atomic_store_n(marks + page0 + static_cast<std::uint64_t>(std::countr_zero(single)),
+                             0, __ATOMIC_RELAXED);
         f(page0, bits);
     }
 };
