@@ -59,10 +59,11 @@ enum class Hooked : std::uint8_t { no, yes };
 /// partition attached, by default with the vCPU's gate as its quiesce hook (the vCPU runs on
 /// this thread in run_to_halt, or on one of the test's through the gate). Sys is the partition's
 /// syscall seam.
-template <class Sys = os::LinuxSyscalls>
+template <class Sys = os::LinuxSyscalls, class Tracking = DirtyTracking>
 struct Guest {
     // Tracked: the dirty tests see the union of the partition's log and the VMM's marks.
-    using Manager = TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, KvmPartition<Sys>>;
+    using Manager = BasicGuestMemoryManager<Tracking, NestedPriority, DefaultVaPolicy,
+                                            KvmPartition<Sys>>;
 
     explicit Guest(Hooked hooked = Hooked::yes)
         : id(must(manager.attach_partition(Vtl::vtl0, kvm,
@@ -397,9 +398,12 @@ TEST_CASE("device memory is visible to the guest at its GPA, and after it moves"
     CHECK(e.address == 8 * MiB + 0x10);
 }
 
-TEST_CASE("dirty logging reports the pages the guest wrote, per region")
+// In both layouts of the manager's dirty map: KVM's log is merged into a bit or a byte per page.
+TEST_CASE_TEMPLATE("dirty logging reports the pages the guest wrote, per region", G,
+                   Guest<os::LinuxSyscalls, DirtyTracking>,
+                   Guest<os::LinuxSyscalls, ByteMapDirtyTracking>)
 {
-    Guest<> g;
+    G g;
     must(g.manager.start_dirty_tracking());
     const MemoryRange ram = range(MiB, 2 * MiB); // the RAM above 1 MiB
     X86Asm a;
@@ -410,7 +414,7 @@ TEST_CASE("dirty logging reports the pages the guest wrote, per region")
     must(g.manager.take_dirty_bitmap(range(0, 16 * MiB), everything)); // what loading touched
     g.run_to_halt();
     // Through the manager: the guest's write (KVM's log) and a VMM write, in one bitmap.
-    REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{MiB + 70 * page_size}, 1));
+    REQUIRE(g.memory.template write_plain<std::uint8_t>(Gpa{MiB + 70 * page_size}, 1));
     must(g.manager.take_dirty_bitmap(ram, log));
     CHECK(log[0] == std::uint64_t{1} << 3);
     CHECK(log[1] == std::uint64_t{1} << 6);
