@@ -248,10 +248,12 @@ TEST_CASE("a hello names its dirty map's layout (version 3): both round-trip; th
         // with an fd of the size the message names, so only the layout rule can refuse it).
         auto a = ipc::decode(wire({0, ipc::Hello{big, big_bytes, ipc::WireDirtyLayout::bits}}),
                              std::span(&of_bytes, 1), fresh);
+        REQUIRE_FALSE(a.has_value());
         CHECK(code_of(a) == mb::errc::invalid_argument);
         CHECK(a.error().full_message().find("bit layout") != std::string::npos);
         auto b = ipc::decode(wire({0, ipc::Hello{big, big_bits, ipc::WireDirtyLayout::bytes}}),
                              std::span(&of_bits, 1), fresh);
+        REQUIRE_FALSE(b.has_value());
         CHECK(code_of(b) == mb::errc::invalid_argument);
         CHECK(b.error().full_message().find("byte layout") != std::string::npos);
     }
@@ -263,6 +265,7 @@ TEST_CASE("a hello names its dirty map's layout (version 3): both round-trip; th
             auto bytes = wire({0, ipc::Hello{big, big_bits, ipc::WireDirtyLayout::bits}});
             bytes[32] = std::byte{value};
             auto d = ipc::decode(bytes, std::span(&sealed, 1), fresh);
+            REQUIRE_FALSE(d.has_value());
             CHECK(code_of(d) == mb::errc::invalid_argument);
             CHECK(d.error().full_message().find("unknown dirty map layout") != std::string::npos);
         }
@@ -270,6 +273,7 @@ TEST_CASE("a hello names its dirty map's layout (version 3): both round-trip; th
     SUBCASE("no map: the layout must be 0 (bits), so the encoding stays canonical")
     {
         auto d = ipc::decode(wire({0, ipc::Hello{big, 0, ipc::WireDirtyLayout::bytes}}), {}, fresh);
+        REQUIRE_FALSE(d.has_value());
         CHECK(code_of(d) == mb::errc::invalid_argument);
         CHECK(d.error().full_message().find("without a dirty map") != std::string::npos);
     }
