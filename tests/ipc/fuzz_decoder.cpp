@@ -9,8 +9,9 @@
 // - an accepted message re-encodes to exactly the bytes received (the format is canonical: no
 //   two encodings of one message, so nothing unchecked can hide in a field);
 // - its fd count is what the kind says, and a piece it names lies inside its object, page-aligned,
-//   inside the guest; a hello's dirty bitmap has the size of the guest's bitmap, and its fd is a
-//   mappable, size-sealed object of exactly that size.
+//   inside the guest; a hello's dirty map layout is a known one (bits or bytes), and bits when
+//   there is no map; its dirty map has the size of the guest's map in that layout, and its fd is
+//   a mappable, size-sealed object of exactly that size.
 #include <membacking/ipc/protocol.hpp>
 
 #include <cstddef>
@@ -53,10 +54,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             r->gpa % ipc::wire_page_size != 0 || r->object_offset % ipc::wire_page_size != 0)
             std::abort();
     }
-    if (const auto* h = std::get_if<ipc::Hello>(&m->body);
-        h != nullptr && h->dirty_bitmap_bytes != 0)
-        if (h->dirty_bitmap_bytes != ipc::wire_dirty_bitmap_bytes(h->guest_size) ||
-            object.size != h->dirty_bitmap_bytes || !object.mappable || !object.size_sealed)
+    if (const auto* h = std::get_if<ipc::Hello>(&m->body); h != nullptr) {
+        if (h->dirty_layout != ipc::WireDirtyLayout::bits &&
+            h->dirty_layout != ipc::WireDirtyLayout::bytes)
+            std::abort(); // an unknown layout accepted
+        if (h->dirty_bitmap_bytes == 0 && h->dirty_layout != ipc::WireDirtyLayout::bits)
+            std::abort(); // a layout without a map: not canonical
+        if (h->dirty_bitmap_bytes != 0 &&
+            (h->dirty_bitmap_bytes != ipc::wire_dirty_map_bytes(h->guest_size, h->dirty_layout) ||
+             object.size != h->dirty_bitmap_bytes || !object.mappable || !object.size_sealed))
             std::abort();
+    }
     return 0;
 }

@@ -14,7 +14,9 @@
 //         exit
 //       Says "connected", or "refused CODE" if connecting failed.
 //   ipc_helper tracked_client   the same, connected with connect_guest_memory<DirtyTracking>
-//       (a manager that tracks dirty pages).
+//       (a manager that tracks dirty pages in a bit map).
+//   ipc_helper bytemap_client   the same, connected with
+//       connect_guest_memory<ByteMapDirtyTracking> (a manager with a byte map).
 //   ipc_helper manager  fd 3 = the manager's end of the guest memory socket, fd 4 = script.
 //       Builds a 16 MiB guest (shared RAM 0..4 MiB), writes 0x600d at GPA 0x1000, serves fd 3,
 //       says "ready" on fd 4, then waits to be killed.
@@ -197,8 +199,10 @@ int main(int argc, char** argv)
         return client<NoDirtyTracking>();
     if (argc == 2 && std::strcmp(argv[1], "tracked_client") == 0)
         return client<DirtyTracking>();
+    if (argc == 2 && std::strcmp(argv[1], "bytemap_client") == 0)
+        return client<ByteMapDirtyTracking>();
     if (argc == 2 && std::strcmp(argv[1], "manager") == 0)
         return manager();
-    std::fprintf(stderr, "usage: ipc_helper client|tracked_client|manager\n");
+    std::fprintf(stderr, "usage: ipc_helper client|tracked_client|bytemap_client|manager\n");
     return 2;
 }

@@ -48,10 +48,11 @@ TEST_CASE("every message kind round-trips, little-endian, at its fixed size")
     const ipc::Message m{7, ipc::FaultReply{0, true, 0x2000, 0x1000, 0x3000}};
     const auto bytes = wire(m);
     REQUIRE(bytes.size() == 48);
-    // magic "MBIP", version 2, kind 3, size 48, seq 7: all little-endian.
+    // magic "MBIP", version 3, kind 3, size 48, seq 7: all little-endian.
     CHECK(bytes[0] == std::byte{'M'});
     CHECK(bytes[3] == std::byte{'P'});
-    CHECK(bytes[4] == std::byte{2});
+    CHECK(bytes[4] == std::byte{3});
+    CHECK(bytes[5] == std::byte{0});
     CHECK(bytes[6] == std::byte{3});
     CHECK(bytes[8] == std::byte{48});
     CHECK(bytes[12] == std::byte{7});
@@ -89,6 +90,8 @@ TEST_CASE("the decoder rejects malformed headers")
     SUBCASE("version")
     {
         bytes[4] = std::byte{1}; // version 1 had no dirty bitmap in its hello
+        CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::unsupported);
+        bytes[4] = std::byte{2}; // version 2's hello had no dirty map layout
         CHECK(code_of(ipc::decode(bytes, {}, client_ctx)) == mb::errc::unsupported);
     }
     SUBCASE("unknown kind")
@@ -157,7 +160,7 @@ TEST_CASE("a hello's dirty bitmap: exactly the guest's bitmap size, one mappable
     const ipc::DecodeContext fresh{ipc::Receiver::client, 0};
     const ipc::ObjectInfo sealed{true, bitmap, true};
     const auto hello = wire({0, ipc::Hello{guest, bitmap}});
-    REQUIRE(hello.size() == 32);
+    REQUIRE(hello.size() == 40);
     auto d = ipc::decode(hello, std::span(&sealed, 1), fresh);
     REQUIRE(d.has_value());
     CHECK(std::get<ipc::Hello>(d->body).dirty_bitmap_bytes == bitmap);
@@ -179,12 +182,112 @@ TEST_CASE("a hello's dirty bitmap: exactly the guest's bitmap size, one mappable
           mb::errc::invalid_argument);
 }
 
-TEST_CASE("the wire's bitmap size is the DirtyBitmap's, for every guest size")
+TEST_CASE("the wire's dirty map size is the DirtyBitmap's, for every guest size and both layouts")
 {
     for (std::uint64_t size :
          {std::uint64_t{0x1000}, std::uint64_t{0x100000}, std::uint64_t{0x40000000} + 0x1000,
-          std::uint64_t{1} << 39, ipc::max_guest_size})
+          std::uint64_t{0x1000} * 8 * 512 + 0x1000, std::uint64_t{1} << 39, ipc::max_guest_size}) {
+        CAPTURE(size);
         CHECK(ipc::wire_dirty_bitmap_bytes(size) == mb::detail::DirtyBitmap::bytes_for(size));
+        CHECK(ipc::wire_dirty_map_bytes(size, ipc::WireDirtyLayout::bits) ==
+              mb::detail::DirtyBitmap::bytes_for(size, mb::DirtyMapLayout::bits));
+        CHECK(ipc::wire_dirty_map_bytes(size, ipc::WireDirtyLayout::bytes) ==
+              mb::detail::DirtyBitmap::bytes_for(size, mb::DirtyMapLayout::bytes));
+    }
+    // The wire's layout values are DirtyMapLayout's (the manager and the client cast).
+    CHECK(static_cast<unsigned>(ipc::WireDirtyLayout::bits) ==
+          static_cast<unsigned>(mb::DirtyMapLayout::bits));
+    CHECK(static_cast<unsigned>(ipc::WireDirtyLayout::bytes) ==
+          static_cast<unsigned>(mb::DirtyMapLayout::bytes));
+}
+
+TEST_CASE("a hello names its dirty map's layout (version 3): both round-trip; the size must be "
+          "the layout's, the value known, and 0 without a map")
+{
+    const ipc::DecodeContext fresh{ipc::Receiver::client, 0};
+    constexpr std::uint64_t bits_size = 0x1000;  // 256 pages: 4 words, one page
+    constexpr std::uint64_t bytes_size = 0x1000; // 256 pages: 256 bytes, one page
+    REQUIRE(ipc::wire_dirty_map_bytes(guest, ipc::WireDirtyLayout::bits) == bits_size);
+    REQUIRE(ipc::wire_dirty_map_bytes(guest, ipc::WireDirtyLayout::bytes) == bytes_size);
+    // A guest whose two maps differ in size: 64 MiB, 16384 pages, 2 KiB of bits, 16 KiB of bytes.
+    constexpr std::uint64_t big = 0x4000000;
+    constexpr std::uint64_t big_bits = 0x1000;
+    constexpr std::uint64_t big_bytes = 0x4000;
+    REQUIRE(ipc::wire_dirty_map_bytes(big, ipc::WireDirtyLayout::bits) == big_bits);
+    REQUIRE(ipc::wire_dirty_map_bytes(big, ipc::WireDirtyLayout::bytes) == big_bytes);
+
+    SUBCASE("both layouts round-trip; the layout is byte 32, followed by 7 zero bytes")
+    {
+        for (const auto layout : {ipc::WireDirtyLayout::bits, ipc::WireDirtyLayout::bytes}) {
+            const std::uint64_t size = ipc::wire_dirty_map_bytes(big, layout);
+            CAPTURE(static_cast<unsigned>(layout));
+            const auto bytes = wire({0, ipc::Hello{big, size, layout}});
+            REQUIRE(bytes.size() == 40);
+            CHECK(bytes[8] == std::byte{40});
+            CHECK(bytes[32] == std::byte{static_cast<std::uint8_t>(layout)});
+            CHECK(std::all_of(bytes.begin() + 33, bytes.end(),
+                              [](std::byte b) { return b == std::byte{0}; }));
+            const ipc::ObjectInfo sealed{true, size, true};
+            auto d = ipc::decode(bytes, std::span(&sealed, 1), fresh);
+            REQUIRE(d.has_value());
+            const auto& h = std::get<ipc::Hello>(d->body);
+            CHECK(h.guest_size == big);
+            CHECK(h.dirty_bitmap_bytes == size);
+            CHECK(h.dirty_layout == layout);
+            CHECK(ipc::fd_count(d->body) == 1);
+        }
+        auto d = ipc::decode(wire({0, ipc::Hello{big}}), {}, fresh); // untracked: layout 0
+        REQUIRE(d.has_value());
+        CHECK(std::get<ipc::Hello>(d->body).dirty_layout == ipc::WireDirtyLayout::bits);
+    }
+    SUBCASE("the size must be the layout's: the other layout's size is refused, both ways")
+    {
+        const ipc::ObjectInfo of_bits{true, big_bits, true};
+        const ipc::ObjectInfo of_bytes{true, big_bytes, true};
+        // The byte map's size named as a bit map, and the bit map's named as a byte map (each
+        // with an fd of the size the message names, so only the layout rule can refuse it).
+        auto a = ipc::decode(wire({0, ipc::Hello{big, big_bytes, ipc::WireDirtyLayout::bits}}),
+                             std::span(&of_bytes, 1), fresh);
+        REQUIRE_FALSE(a.has_value());
+        CHECK(code_of(a) == mb::errc::invalid_argument);
+        CHECK(a.error().full_message().find("bit layout") != std::string::npos);
+        auto b = ipc::decode(wire({0, ipc::Hello{big, big_bits, ipc::WireDirtyLayout::bytes}}),
+                             std::span(&of_bits, 1), fresh);
+        REQUIRE_FALSE(b.has_value());
+        CHECK(code_of(b) == mb::errc::invalid_argument);
+        CHECK(b.error().full_message().find("byte layout") != std::string::npos);
+    }
+    SUBCASE("an unknown layout value is refused")
+    {
+        const ipc::ObjectInfo sealed{true, big_bits, true};
+        for (const std::uint8_t value : {std::uint8_t{2}, std::uint8_t{0x80}, std::uint8_t{0xff}}) {
+            CAPTURE(value);
+            auto bytes = wire({0, ipc::Hello{big, big_bits, ipc::WireDirtyLayout::bits}});
+            bytes[32] = std::byte{value};
+            auto d = ipc::decode(bytes, std::span(&sealed, 1), fresh);
+            REQUIRE_FALSE(d.has_value());
+            CHECK(code_of(d) == mb::errc::invalid_argument);
+            CHECK(d.error().full_message().find("unknown dirty map layout") != std::string::npos);
+        }
+    }
+    SUBCASE("no map: the layout must be 0 (bits), so the encoding stays canonical")
+    {
+        auto d = ipc::decode(wire({0, ipc::Hello{big, 0, ipc::WireDirtyLayout::bytes}}), {}, fresh);
+        REQUIRE_FALSE(d.has_value());
+        CHECK(code_of(d) == mb::errc::invalid_argument);
+        CHECK(d.error().full_message().find("without a dirty map") != std::string::npos);
+    }
+    SUBCASE("the reserved bytes after the layout must be zero")
+    {
+        const ipc::ObjectInfo sealed{true, big_bytes, true};
+        for (std::size_t at = 33; at < 40; ++at) {
+            CAPTURE(at);
+            auto bytes = wire({0, ipc::Hello{big, big_bytes, ipc::WireDirtyLayout::bytes}});
+            bytes[at] = std::byte{1};
+            CHECK(code_of(ipc::decode(bytes, std::span(&sealed, 1), fresh)) ==
+                  mb::errc::invalid_argument);
+        }
+    }
 }
 
 TEST_CASE("a fault reply's piece must lie inside the object its fd names, with exactly one fd")
@@ -411,6 +514,30 @@ TEST_CASE("a hello's dirty bitmap over a real channel: a DirtyBitmap's sealed me
         REQUIRE(runs.size() == 1);
         CHECK(runs[0] == mb::DirtyRun{mb::Gpa{0x5000}, mb::Length{0x2000}});
         CHECK((*view)->words()[0].load() == 0); // the same words
+    }
+    SUBCASE("a byte map's memfd: accepted with its layout, mapped in it, shared both ways")
+    {
+        auto dirty = mb::detail::DirtyBitmap::create(guest, mb::DirtyMapLayout::bytes);
+        REQUIRE(dirty.has_value());
+        const std::uint64_t bytes = ipc::wire_dirty_map_bytes(guest, ipc::WireDirtyLayout::bytes);
+        REQUIRE(manager.send({0, ipc::Hello{guest, bytes, ipc::WireDirtyLayout::bytes}},
+                             (*dirty)->share_fd()));
+        auto in = client.receive(1000, fresh);
+        REQUIRE(in.has_value());
+        REQUIRE(in->fd.valid());
+        REQUIRE(std::get<ipc::Hello>(in->message.body).dirty_layout == ipc::WireDirtyLayout::bytes);
+        auto view =
+            mb::detail::DirtyBitmap::map_shared(in->fd.release(), guest, mb::DirtyMapLayout::bytes);
+        REQUIRE(view.has_value());
+        CHECK((*view)->layout() == mb::DirtyMapLayout::bytes);
+        (*view)->mark(0x5000, 0x2000); // the "worker" marks pages 5 and 6: two bytes
+        CHECK((*dirty)->marks()[5] == 1);
+        CHECK((*dirty)->marks()[6] == 1);
+        std::vector<mb::DirtyRun> runs;
+        REQUIRE((*dirty)->take_runs(0, guest, runs));
+        REQUIRE(runs.size() == 1);
+        CHECK(runs[0] == mb::DirtyRun{mb::Gpa{0x5000}, mb::Length{0x2000}});
+        CHECK((*view)->marks()[5] == 0); // the same bytes
     }
     SUBCASE("map_shared checks the size itself")
     {

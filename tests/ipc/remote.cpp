@@ -155,7 +155,7 @@ struct Served {
     std::unique_ptr<Helper> child;
 };
 
-/// `mode`: the helper's (client, tracked_client); `expect`: its first line.
+/// `mode`: the helper's (client, tracked_client, bytemap_client); `expect`: its first line.
 template <class M = Manager>
 Served serve_child(M& m, std::chrono::milliseconds deadline = std::chrono::milliseconds(500),
                    const char* mode = "client", const std::string& expect = "connected")
@@ -467,12 +467,13 @@ TEST_CASE("a hostile client is cut off; it never obtains memory the manager does
 namespace {
 
 using Tracked = TrackedMockGuestMemoryManager;
+using ByteMapTracked = ByteMapTrackedMockGuestMemoryManager;
 
-Tracked tracked_guest()
+template <class M = Tracked>
+M tracked_guest()
 {
-    return must(Tracked::builder()
-                    .add_backing(RamBackingRequest({range(0, 8 * MiB)}))
-                    .build(Length{16 * MiB}));
+    return must(
+        M::builder().add_backing(RamBackingRequest({range(0, 8 * MiB)})).build(Length{16 * MiB}));
 }
 
 /// The child writes a u64 into each of `pages` (random RAM pages, random order), once: the first
@@ -480,7 +481,8 @@ Tracked tracked_guest()
 /// second half while this thread harvests in a loop (how many of those takes overlap the
 /// child's writes is up to the scheduler: the in-process harvest tests in tests/dirty pin that
 /// race down), then one last take. Returns the union of the pages taken.
-std::set<std::uint64_t> harvest_while_child_writes(Tracked& m, Helper& child,
+template <class M>
+std::set<std::uint64_t> harvest_while_child_writes(M& m, Helper& child,
                                                    const std::vector<std::uint64_t>& pages)
 {
     auto write_list = [&](std::size_t from, std::size_t to) {
@@ -571,6 +573,34 @@ TEST_CASE("a worker process's writes are marked: exactly its pages, while the ma
     }
 }
 
+TEST_CASE("a worker process of a byte-map manager marks its byte map: exactly its pages, while "
+          "the manager harvests")
+{
+    ByteMapTracked m = tracked_guest<ByteMapTracked>();
+    // Each page gets its own offset inside the page (a u64, never straddling two pages): a mark
+    // must name the page, not its chunk of 64.
+    std::vector<std::uint64_t> pages = random_pages(11, 700);
+    for (std::size_t i = 0; i < pages.size(); ++i)
+        pages[i] += (i * 8) % page_size;
+    std::set<std::uint64_t> expected;
+    for (std::uint64_t p : pages)
+        expected.insert(p & ~(page_size - 1));
+
+    SUBCASE("connected before tracking starts")
+    {
+        auto s = serve_child(m, std::chrono::milliseconds(500), "bytemap_client");
+        CHECK(s.child->write(0x3000, 1) == "ok"); // before start: cleared by start
+        must(m.start_dirty_tracking());
+        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
+    }
+    SUBCASE("connected while tracking is on")
+    {
+        must(m.start_dirty_tracking());
+        auto s = serve_child(m, std::chrono::milliseconds(500), "bytemap_client");
+        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
+    }
+}
+
 TEST_CASE("tracking must match: an untracked worker of a tracked manager is refused, and the "
           "reverse")
 {
@@ -580,6 +610,25 @@ TEST_CASE("tracking must match: an untracked worker of a tracked manager is refu
     Manager untracked = legacy_guest();
     auto b = serve_child(untracked, std::chrono::milliseconds(500), "tracked_client",
                          "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+    ByteMapTracked bytes = tracked_guest<ByteMapTracked>();
+    auto c = serve_child(bytes, std::chrono::milliseconds(500), "client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+    auto d = serve_child(untracked, std::chrono::milliseconds(500), "bytemap_client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+}
+
+TEST_CASE("the dirty map's layout must match: a bit-map worker of a byte-map manager is refused, "
+          "and the reverse")
+{
+    ByteMapTracked bytes = tracked_guest<ByteMapTracked>();
+    auto a = serve_child(bytes, std::chrono::milliseconds(500), "tracked_client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+    Tracked bits = tracked_guest();
+    auto b = serve_child(bits, std::chrono::milliseconds(500), "bytemap_client",
+                         "refused " + std::to_string(static_cast<int>(errc::unsupported)));
+    // Each manager still serves the worker of its own layout.
+    auto c = serve_child(bytes, std::chrono::milliseconds(500), "bytemap_client");
+    auto d = serve_child(bits, std::chrono::milliseconds(500), "tracked_client");
 }
 
 TEST_CASE("migration without a hypervisor, with a worker process writing too: byte for byte")

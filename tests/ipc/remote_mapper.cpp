@@ -10,9 +10,13 @@
 
 #include <chrono>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <sys/mman.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
+#include <vector>
 
 namespace mb = membacking;
 namespace ipc = membacking::ipc;
@@ -139,4 +143,109 @@ TEST_CASE("a remote mapper disconnects and drops everything on EOF or a hostile 
     CHECK_FALSE(resident(f.memory.owner()->base() + 0x5000));
     CHECK(mb::test::error_of(f.memory.read_plain<std::uint64_t>(mb::Gpa{0x5000})) ==
           mb::errc::unmapped);
+}
+
+// ---- dirty tracking: the hello's dirty map, in the manager's layout (protocol version 3) ----
+
+namespace {
+
+/// A scripted tracked manager: its dirty map in `layout`, sent with the hello.
+struct TrackedManager {
+    ipc::Channel<> manager;
+    std::shared_ptr<mb::detail::DirtyBitmap> map;
+    int client_socket = -1;
+
+    explicit TrackedManager(mb::DirtyMapLayout layout)
+    {
+        map = must(mb::detail::DirtyBitmap::create(guest, layout));
+        auto pair = must(ipc::Channel<>::pair());
+        manager = std::move(pair.first);
+        const auto wire_layout = static_cast<ipc::WireDirtyLayout>(layout);
+        REQUIRE(manager.send(
+            {0, ipc::Hello{guest, ipc::wire_dirty_map_bytes(guest, wire_layout), wire_layout}},
+            map->share_fd()));
+        client_socket = pair.second.release();
+    }
+
+    template <class Tracking>
+    auto connect()
+    {
+        ipc::RemoteMapperOptions o;
+        o.log = &quiet;
+        o.fault_timeout = std::chrono::milliseconds(2000);
+        return ipc::connect_guest_memory<Tracking>(std::exchange(client_socket, -1), o);
+    }
+};
+
+} // namespace
+
+TEST_CASE("a remote mapper marks a byte-map manager's map in bytes: exactly the pages it wrote")
+{
+    TrackedManager m(mb::DirtyMapLayout::bytes);
+    auto memory = must(m.connect<mb::ByteMapDirtyTracking>());
+    REQUIRE(memory.owner()->dirty_bitmap() != nullptr);
+    CHECK(memory.owner()->dirty_bitmap()->layout() == mb::DirtyMapLayout::bytes);
+    const mb::Mappable object = mb::test::make_memfd(0x10000);
+    std::thread manager([&] {
+        auto in = must(m.manager.receive(5000, manager_ctx));
+        REQUIRE(in.status == ipc::Incoming<>::Status::message);
+        REQUIRE(m.manager.send({in.message.seq, ipc::FaultReply{0, true, 0x4000, 0x4000, 0}},
+                               object.native_handle()));
+    });
+    CHECK(memory.write_plain<std::uint64_t>(mb::Gpa{0x5008}, 1).has_value());
+    manager.join();
+    CHECK(memory.write_plain<std::uint64_t>(mb::Gpa{0x6ff8}, 2).has_value());
+    CHECK(memory.write_plain<std::uint32_t>(mb::Gpa{0x4ffe}, 3).has_value()); // pages 4 and 5
+    // One byte per page, in the manager's map (a bit-layout marker would have set bits of the
+    // first word instead, pages 0 to 63).
+    const unsigned char* marks = m.map->marks();
+    for (std::uint64_t page = 0; page < 16; ++page) {
+        CAPTURE(page);
+        CHECK(marks[page] == (page >= 4 && page <= 6 ? 1 : 0));
+    }
+    std::vector<mb::DirtyRun> runs;
+    REQUIRE(m.map->take_runs(0, guest, runs));
+    REQUIRE(runs.size() == 1);
+    CHECK(runs[0] == mb::DirtyRun{mb::Gpa{0x4000}, mb::Length{0x3000}});
+}
+
+TEST_CASE("connect_guest_memory refuses a tracking policy of the other layout, both ways, naming "
+          "both policies")
+{
+    SUBCASE("a bit-map client of a byte-map manager")
+    {
+        TrackedManager m(mb::DirtyMapLayout::bytes);
+        auto memory = m.connect<mb::DirtyTracking>();
+        REQUIRE_FALSE(memory.has_value());
+        CHECK(memory.error().code() == mb::make_error_code(mb::errc::unsupported));
+        const std::string why = memory.error().full_message();
+        CHECK(why.find("connect_guest_memory<ByteMapDirtyTracking>, not "
+                       "connect_guest_memory<DirtyTracking>") != std::string::npos);
+    }
+    SUBCASE("a byte-map client of a bit-map manager")
+    {
+        TrackedManager m(mb::DirtyMapLayout::bits);
+        auto memory = m.connect<mb::ByteMapDirtyTracking>();
+        REQUIRE_FALSE(memory.has_value());
+        CHECK(memory.error().code() == mb::make_error_code(mb::errc::unsupported));
+        const std::string why = memory.error().full_message();
+        CHECK(why.find("connect_guest_memory<DirtyTracking>, not "
+                       "connect_guest_memory<ByteMapDirtyTracking>") != std::string::npos);
+    }
+    SUBCASE("an untracked client of a byte-map manager is told the byte-map policy")
+    {
+        TrackedManager m(mb::DirtyMapLayout::bytes);
+        auto memory = m.connect<mb::NoDirtyTracking>();
+        REQUIRE_FALSE(memory.has_value());
+        CHECK(memory.error().code() == mb::make_error_code(mb::errc::unsupported));
+        CHECK(memory.error().full_message().find("connect_guest_memory<ByteMapDirtyTracking>") !=
+              std::string::npos);
+    }
+    SUBCASE("the matching policies connect")
+    {
+        TrackedManager bytes(mb::DirtyMapLayout::bytes);
+        CHECK(bytes.connect<mb::ByteMapDirtyTracking>().has_value());
+        TrackedManager bits(mb::DirtyMapLayout::bits);
+        CHECK(bits.connect<mb::DirtyTracking>().has_value());
+    }
 }

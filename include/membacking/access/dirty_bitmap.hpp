@@ -268,10 +268,12 @@ public:
         return shared_.load();
     }
 
-    /// A worker's view of a manager's bitmap for guest addresses [0, address_space): takes
-    /// ownership of `fd` (what share_fd() gave the manager's side), which must be a sealed memfd
-    /// of exactly bytes_for(address_space) bytes whose size can never change. Registers this
-    /// process for the global barrier first (file comment). Marks only: a worker never harvests.
+    /// A worker's view of a manager's map for guest addresses [0, address_space) in `layout`
+    /// (the manager's: ipc/protocol.hpp's hello names it): takes ownership of `fd` (what
+    /// share_fd() gave the manager's side), which must be a sealed memfd of exactly
+    /// bytes_for(address_space, layout) bytes whose size can never change. For the bit layout,
+    /// registers this process for the global barrier first (file comment; a byte map needs
+    /// none: access/dirty_byte_map.hpp). Marks only: a worker never harvests.
     /// Its system calls go through `Sys` (membarrier's registration, fstat, F_GET_SEALS, mmap).
     /// Leak-free as create(): `fd` is guarded from the start, the object allocated before the
     /// mapping exists.

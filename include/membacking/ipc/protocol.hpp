@@ -10,8 +10,9 @@
  * Every message is a fixed-size little-endian record: a 16-byte header, then the body of its kind.
  *
  *   header  u32 magic 'MBIP' | u16 version | u16 kind | u32 size (whole message) | u32 seq
- *   hello           manager -> client  u64 guest_size | u64 dirty_bitmap_bytes         1 fd if
- *                                                           dirty_bitmap_bytes is not 0, else 0
+ *   hello           manager -> client  u64 guest_size | u64 dirty_bitmap_bytes |       1 fd if
+ *                                      u8 dirty_layout | 7 zero bytes   dirty_bitmap_bytes is not
+ *                                                                                 0, else 0 fds
  *   fault_request   client  -> manager u64 gpa | u8 write | 7 zero bytes               0 fds
  *   fault_reply     manager -> client  u32 status | u8 writable | 3 zero bytes |
  *                                      u64 gpa | u64 length | u64 object_offset        1 fd if
@@ -26,13 +27,20 @@
  * the object its fd names (ObjectInfo: what fstat says about that fd). A message that fails any of
  * these is rejected whole, with an error that says why.
  *
- * Version 2 (version 1 had no dirty bitmap): a manager that tracks dirty pages sends its bitmap
- * with the hello (access/dirty_bitmap.hpp: a sealed memfd of one bit per 4 KiB page), and the
- * client marks what it writes into it. The hello is accepted only if dirty_bitmap_bytes is exactly
- * the size of the bitmap of guest_size (wire_dirty_bitmap_bytes), the fd is a regular file of
- * exactly that size, and its size is sealed (F_SEAL_SHRINK and F_SEAL_GROW: the manager cannot
- * shrink it under the client's marks, which would be SIGBUS). A peer of the other version is
- * refused with errc::unsupported, naming both versions.
+ * Version 2 (version 1 had no dirty bitmap): a manager that tracks dirty pages sends its dirty
+ * map with the hello (access/dirty_bitmap.hpp: a sealed memfd), and the client marks what it
+ * writes into it. The hello is accepted only if dirty_bitmap_bytes is exactly the size of the map
+ * of guest_size in its layout (wire_dirty_map_bytes), the fd is a regular file of exactly that
+ * size, and its size is sealed (F_SEAL_SHRINK and F_SEAL_GROW: the manager cannot shrink it under
+ * the client's marks, which would be SIGBUS).
+ *
+ * Version 3 (version 2's map was always one bit per page): the hello names the map's layout,
+ * dirty_layout (WireDirtyLayout, the values of DirtyMapLayout): 0 = one bit per 4 KiB page
+ * (DirtyTracking), 1 = one byte per page (ByteMapDirtyTracking). Any other value is refused, and
+ * a hello without a map must say 0 (the encoding stays canonical). The client maps the map in
+ * that layout and connects only with the matching policy (ipc/remote_mapper.hpp).
+ *
+ * A peer of another version is refused with errc::unsupported, naming both versions.
  */
 #pragma once
 
@@ -49,16 +57,32 @@
 namespace membacking::ipc {
 
 inline constexpr std::uint32_t protocol_magic = 0x5049424d; // "MBIP" in little-endian bytes
-inline constexpr std::uint16_t protocol_version = 2;
+inline constexpr std::uint16_t protocol_version = 3;
 inline constexpr std::size_t header_size = 16;
 inline constexpr std::size_t max_message_size = 48;
-/// The bytes of the dirty bitmap of a guest of guest_size bytes: one bit per 4 KiB page, in
-/// 64-bit words, rounded up to whole pages (DirtyBitmap::bytes_for; a test checks they agree).
-[[nodiscard]] constexpr std::uint64_t wire_dirty_bitmap_bytes(std::uint64_t guest_size) noexcept
+/// How a hello's dirty map records pages (version 3). The values are DirtyMapLayout's
+/// (access/dirty_bitmap.hpp, which this layer does not include: ipc/remote_mapper.hpp and
+/// manager/client.hpp assert that they agree, and convert with a cast).
+enum class WireDirtyLayout : std::uint8_t {
+    bits = 0,  ///< one bit per 4 KiB page (DirtyTracking)
+    bytes = 1, ///< one byte per 4 KiB page (ByteMapDirtyTracking)
+};
+/// The bytes of the dirty map of a guest of guest_size bytes in `layout`: one bit (or one byte)
+/// per 4 KiB page, in 64-bit words, rounded up to whole pages (DirtyBitmap::bytes_for; a test
+/// checks they agree for both layouts).
+[[nodiscard]] constexpr std::uint64_t wire_dirty_map_bytes(std::uint64_t guest_size,
+                                                           WireDirtyLayout layout) noexcept
 {
     constexpr std::uint64_t page = 4096;
-    const std::uint64_t words = ((guest_size + page - 1) / page + 63) / 64;
+    const std::uint64_t pages = (guest_size + page - 1) / page;
+    const std::uint64_t words =
+        layout == WireDirtyLayout::bytes ? (pages + 7) / 8 : (pages + 63) / 64;
     return (words * 8 + page - 1) / page * page;
+}
+/// The bytes of the bit layout's map (wire_dirty_map_bytes(guest_size, WireDirtyLayout::bits)).
+[[nodiscard]] constexpr std::uint64_t wire_dirty_bitmap_bytes(std::uint64_t guest_size) noexcept
+{
+    return wire_dirty_map_bytes(guest_size, WireDirtyLayout::bits);
 }
 /// The largest guest a client accepts (2^52 bytes: more than any x86-64 physical address width).
 inline constexpr std::uint64_t max_guest_size = std::uint64_t{1} << 52;
@@ -78,9 +102,11 @@ enum class Receiver : std::uint8_t { client, manager };
 
 struct Hello {
     std::uint64_t guest_size = 0;
-    /// 0: the manager does not track dirty pages. Otherwise the size of its bitmap, whose fd
-    /// comes with the message.
+    /// 0: the manager does not track dirty pages. Otherwise the size of its dirty map (in
+    /// dirty_layout), whose fd comes with the message.
     std::uint64_t dirty_bitmap_bytes = 0;
+    /// The dirty map's layout; bits when there is no map (version 3).
+    WireDirtyLayout dirty_layout = WireDirtyLayout::bits;
 };
 struct FaultRequest {
     std::uint64_t gpa = 0;
@@ -141,7 +167,8 @@ namespace detail {
 [[nodiscard]] constexpr std::size_t size_of(MessageKind k) noexcept
 {
     switch (k) {
-    case MessageKind::hello:         // u64 guest_size, u64 dirty_bitmap_bytes
+    case MessageKind::hello: // u64 guest_size, u64 dirty_bitmap_bytes, u8 layout, 7 reserved
+        return header_size + 24;
     case MessageKind::fault_request: // u64 gpa, u8 write, 7 reserved bytes
     case MessageKind::invalidate:    // u64 gpa, u64 length
         return header_size + 16;
@@ -268,6 +295,8 @@ private:
     if (const auto* h = std::get_if<Hello>(&m.body)) {
         w.put(h->guest_size);
         w.put(h->dirty_bitmap_bytes);
+        w.put(static_cast<std::uint8_t>(h->dirty_layout));
+        w.zeros(7);
     } else if (const auto* q = std::get_if<FaultRequest>(&m.body)) {
         w.put(q->gpa);
         w.put(static_cast<std::uint8_t>(q->write ? 1 : 0));
@@ -332,19 +361,36 @@ private:
         Hello h;
         h.guest_size = r.get<std::uint64_t>();
         h.dirty_bitmap_bytes = r.get<std::uint64_t>();
+        const auto layout = r.get<std::uint8_t>();
+        if (!r.zeros(7))
+            return detail::reject(k, "reserved bytes are not zero");
         if (ctx.guest_size != 0)
             return detail::reject(k, "a second hello");
         if (h.guest_size == 0 || h.guest_size % wire_page_size != 0 ||
             h.guest_size > max_guest_size)
             return detail::reject(k, "guest size " + MemoryRange::hex(h.guest_size) +
                                          " is zero, unaligned or above 2^52");
+        if (layout > static_cast<std::uint8_t>(WireDirtyLayout::bytes)) {
+            std::string why = "unknown dirty map layout ";
+            why += std::to_string(layout);
+            return detail::reject(k, why);
+        }
+        h.dirty_layout = static_cast<WireDirtyLayout>(layout);
+        if (h.dirty_bitmap_bytes == 0 && h.dirty_layout != WireDirtyLayout::bits)
+            return detail::reject(k, "a dirty map layout without a dirty map (must be 0)");
         if (h.dirty_bitmap_bytes != 0) {
-            const std::uint64_t expected = wire_dirty_bitmap_bytes(h.guest_size);
-            if (h.dirty_bitmap_bytes != expected)
-                return detail::reject(k,
-                                      "dirty bitmap of " + MemoryRange::hex(h.dirty_bitmap_bytes) +
-                                          " bytes (a guest of " + MemoryRange::hex(h.guest_size) +
-                                          " bytes has " + MemoryRange::hex(expected) + ")");
+            const std::uint64_t expected = wire_dirty_map_bytes(h.guest_size, h.dirty_layout);
+            if (h.dirty_bitmap_bytes != expected) {
+                std::string why = "dirty map of ";
+                why += MemoryRange::hex(h.dirty_bitmap_bytes);
+                why += " bytes (a guest of ";
+                why += MemoryRange::hex(h.guest_size);
+                why += " bytes has ";
+                why += MemoryRange::hex(expected);
+                why += h.dirty_layout == WireDirtyLayout::bytes ? " in the byte layout)"
+                                                                : " in the bit layout)";
+                return detail::reject(k, why);
+            }
             fds_expected = 1;
             if (objects.size() == 1) {
                 const ObjectInfo& o = objects[0];

@@ -35,8 +35,9 @@
  *   Options::share_check (serve_process: every byte of the object is guest memory, and no
  *   mapping places part of it read-only and part writable; manager/detail/shared_objects.hpp).
  * - A malformed or hostile message from the client is logged and the client is cut off.
- * - Dirty tracking: a tracked manager's hello carries its bitmap's memfd; the client marks into
- *   it (ipc/remote_mapper.hpp, access/dirty_bitmap.hpp for why that is sound across processes).
+ * - Dirty tracking: a tracked manager's hello carries its dirty map's memfd and layout (one bit
+ *   or one byte per page); the client marks into it (ipc/remote_mapper.hpp; access/dirty_bitmap.hpp
+ *   and access/dirty_byte_map.hpp for why that is sound across processes).
  */
 #pragma once
 
@@ -100,14 +101,16 @@ public:
 
     /// Serves `channel` (the manager's end) for a guest of guest_size bytes: sends the hello and
     /// starts the server thread. Register the result with add_memory_listener. A manager that
-    /// tracks dirty pages passes its bitmap's memfd (DirtyBitmap::share_fd; the hello carries a
-    /// copy, the caller keeps its own), so that the client marks what it writes.
+    /// tracks dirty pages passes its map's memfd (DirtyBitmap::share_fd; the hello carries a
+    /// copy, the caller keeps its own) and its layout (DirtyBitmap::layout), so that the client
+    /// marks what it writes, the way the manager's map records it.
     [[nodiscard]] static Result<std::shared_ptr<RemoteListener>>
     create(Channel<Sys> channel, std::uint64_t guest_size, std::string name, Options options = {},
-           int dirty_bitmap_fd = -1)
+           int dirty_bitmap_fd = -1, WireDirtyLayout dirty_layout = WireDirtyLayout::bits)
     {
-        const Hello hello{guest_size,
-                          dirty_bitmap_fd >= 0 ? wire_dirty_bitmap_bytes(guest_size) : 0};
+        const bool tracked = dirty_bitmap_fd >= 0;
+        const Hello hello{guest_size, tracked ? wire_dirty_map_bytes(guest_size, dirty_layout) : 0,
+                          tracked ? dirty_layout : WireDirtyLayout::bits};
         MEMBACKING_TRY_CONTEXT(channel.send({0, hello}, dirty_bitmap_fd), "greeting the client");
         std::shared_ptr<RemoteListener> l(new RemoteListener(std::move(channel), guest_size,
                                                              std::move(name), std::move(options)));

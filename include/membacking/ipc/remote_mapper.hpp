@@ -26,12 +26,15 @@
  * once, waiting fault requests return, and every later access that faults returns
  * errc::unmapped. No access ever hangs: a fault waits at most fault_timeout (1 s by default).
  *
- * Dirty tracking: a tracked manager's hello carries its dirty bitmap (a sealed memfd); connect()
- * maps it (DirtyBitmap::map_shared, which registers this process for the harvest's global
- * membarrier) and dirty_bitmap() gives it to GuestMemory's marker. connect_guest_memory must be
- * told which it expects (its Tracking argument) and refuses the other (errc::unsupported): an
- * untracked client of a tracked manager would write pages that no harvest reports, and a
- * tracked client of an untracked one would mark nothing anyone reads. Marks need no message:
+ * Dirty tracking: a tracked manager's hello carries its dirty map (a sealed memfd) and the map's
+ * layout (protocol version 3: one bit per page, DirtyTracking, or one byte per page,
+ * ByteMapDirtyTracking); connect() maps it in that layout (DirtyBitmap::map_shared, which for the
+ * bit layout registers this process for the harvest's global membarrier; the byte layout needs
+ * none) and dirty_bitmap() gives it to GuestMemory's marker. connect_guest_memory must be told
+ * which it expects (its Tracking argument) and refuses any other (errc::unsupported): an
+ * untracked client of a tracked manager would write pages that no harvest reports, a tracked
+ * client of an untracked one would mark nothing anyone reads, and a client of the other layout
+ * would mark bits where the manager reads bytes, or the reverse. Marks need no message:
  * they land in the manager's words directly, whether tracking is on or off (as local handles'
  * do), so start and stop reach a client without any protocol.
  *
@@ -112,8 +115,8 @@ public:
         const std::uint64_t size = h.guest_size;
         std::shared_ptr<membacking::detail::DirtyBitmap> dirty;
         if (h.dirty_bitmap_bytes != 0) {
-            auto bitmap =
-                membacking::detail::DirtyBitmap::map_shared<Sys>(hello->fd.release(), size);
+            auto bitmap = membacking::detail::DirtyBitmap::map_shared<Sys>(
+                hello->fd.release(), size, layout_of(h.dirty_layout));
             if (!bitmap)
                 return std::move(bitmap).error().context("connecting to the guest memory manager");
             dirty = std::move(*bitmap);
@@ -133,8 +136,9 @@ public:
     [[nodiscard]] bool connected() const noexcept { return connected_.load(); }
     /// Fault requests the manager answered with memory (for tests and benchmarks).
     [[nodiscard]] std::uint64_t faults_served() const noexcept { return served_.load(); }
-    /// The manager's dirty bitmap, mapped here (null if the manager does not track dirty pages):
-    /// what GuestMemory<RemoteMapper, Gpa, DirtyTracking> marks into.
+    /// The manager's dirty map, mapped here in the manager's layout (null if the manager does
+    /// not track dirty pages): what GuestMemory<RemoteMapper, Gpa, DirtyTracking> (bits) or
+    /// GuestMemory<RemoteMapper, Gpa, ByteMapDirtyTracking> (bytes) marks into.
     [[nodiscard]] membacking::detail::DirtyBitmap* dirty_bitmap() const noexcept
     {
         return dirty_.get();
@@ -154,6 +158,16 @@ public:
     }
 
 private:
+    /// The wire's layout values are DirtyMapLayout's (ipc/protocol.hpp).
+    static_assert(static_cast<std::uint8_t>(DirtyMapLayout::bits) ==
+                      static_cast<std::uint8_t>(WireDirtyLayout::bits) &&
+                  static_cast<std::uint8_t>(DirtyMapLayout::bytes) ==
+                      static_cast<std::uint8_t>(WireDirtyLayout::bytes));
+    [[nodiscard]] static constexpr DirtyMapLayout layout_of(WireDirtyLayout l) noexcept
+    {
+        return static_cast<DirtyMapLayout>(l);
+    }
+
     std::optional<errc> ask(std::uint64_t gpa, bool write)
     {
         if (gpa >= size_)
@@ -283,9 +297,21 @@ private:
     std::atomic<std::uint64_t> served_ = 0;
 };
 
+namespace detail {
+
+/// The tracking policy whose map has `layout` (for error messages).
+[[nodiscard]] constexpr const char* tracking_policy_name(DirtyMapLayout layout) noexcept
+{
+    return layout == DirtyMapLayout::bytes ? "ByteMapDirtyTracking" : "DirtyTracking";
+}
+
+} // namespace detail
+
 /// The client process's GuestMemory over `socket`: the same handle type as a local one.
-/// Tracking: DirtyTracking for a manager that tracks dirty pages (TrackedGuestMemoryManager),
-/// NoDirtyTracking otherwise; a mismatch is errc::unsupported (file comment).
+/// Tracking: DirtyTracking for a manager that tracks dirty pages in a bit map
+/// (TrackedGuestMemoryManager), ByteMapDirtyTracking for one with a byte map
+/// (ByteMapTrackedGuestMemoryManager), NoDirtyTracking otherwise; a mismatch is
+/// errc::unsupported, naming the policy to connect with (file comment).
 template <DirtyTrackingPolicy Tracking = NoDirtyTracking, class Sys = os::LinuxSyscalls>
 [[nodiscard]] Result<GuestMemory<RemoteMapper<Sys>, Gpa, Tracking>>
 connect_guest_memory(int socket, RemoteMapperOptions options = {})
@@ -293,16 +319,32 @@ connect_guest_memory(int socket, RemoteMapperOptions options = {})
     auto mapper = RemoteMapper<Sys>::connect(socket, options);
     if (!mapper)
         return std::move(mapper).error();
-    const bool tracked = (*mapper)->dirty_bitmap() != nullptr;
-    if (tracked && !Tracking::enabled)
-        return make_error(errc::unsupported,
-                          "the guest memory manager tracks dirty pages: connect with "
-                          "connect_guest_memory<DirtyTracking>, or a migration would lose this "
-                          "process's writes");
-    if (!tracked && Tracking::enabled)
-        return make_error(errc::unsupported,
-                          "the guest memory manager does not track dirty pages: connect with "
-                          "connect_guest_memory<NoDirtyTracking>");
+    const membacking::detail::DirtyBitmap* dirty = (*mapper)->dirty_bitmap();
+    if (dirty != nullptr && !Tracking::enabled) {
+        std::string why = "the guest memory manager tracks dirty pages: connect with "
+                          "connect_guest_memory<";
+        why += detail::tracking_policy_name(dirty->layout());
+        why += ">, not connect_guest_memory<NoDirtyTracking>, or a migration would lose this "
+               "process's writes";
+        return make_error(errc::unsupported, why);
+    }
+    if (dirty == nullptr && Tracking::enabled) {
+        std::string why = "the guest memory manager does not track dirty pages: connect with "
+                          "connect_guest_memory<NoDirtyTracking>, not connect_guest_memory<";
+        why += detail::tracking_policy_name(Tracking::layout);
+        why += ">";
+        return make_error(errc::unsupported, why);
+    }
+    if (dirty != nullptr && Tracking::enabled && dirty->layout() != Tracking::layout) {
+        std::string why = "the guest memory manager's dirty map has one ";
+        why += dirty->layout() == DirtyMapLayout::bytes ? "byte" : "bit";
+        why += " per page: connect with connect_guest_memory<";
+        why += detail::tracking_policy_name(dirty->layout());
+        why += ">, not connect_guest_memory<";
+        why += detail::tracking_policy_name(Tracking::layout);
+        why += ">, or this process's marks would be misread";
+        return make_error(errc::unsupported, why);
+    }
     return GuestMemory<RemoteMapper<Sys>, Gpa, Tracking>(std::move(*mapper));
 }
 

@@ -18,10 +18,13 @@
  * listener (ipc/remote_listener.hpp), registered like any other: its invalidations happen inside
  * the control call, bounded by a deadline after which the process is cut off. A tracked manager
  * (TrackedGuestMemoryManager) hands the process its dirty bitmap too: the process must connect
- * with ipc::connect_guest_memory<DirtyTracking>, and its writes are marked like local ones.
+ * with ipc::connect_guest_memory<DirtyTracking>, and its writes are marked like local ones; a
+ * byte-map manager (ByteMapTrackedGuestMemoryManager) hands it its byte map, and the process
+ * connects with ipc::connect_guest_memory<ByteMapDirtyTracking>.
  */
 #pragma once
 
+#include <membacking/access/dirty_bitmap.hpp>
 #include <membacking/base/config.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/guest_memory.hpp>
@@ -92,13 +95,21 @@ public:
                 return make_error(errc::not_found, "the guest memory manager is gone");
             return c->template check_shared_objects<Sys>(change);
         };
-        // A tracked manager shares its dirty bitmap: the process marks what it writes.
+        // A tracked manager shares its dirty map, in its layout: the process marks what it writes.
         int dirty_bitmap_fd = -1;
-        if constexpr (Core::TrackingPolicy::enabled)
-            dirty_bitmap_fd = core->primary()->dirty_bitmap()->share_fd();
-        auto listener =
-            ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
-                                             std::move(name), std::move(options), dirty_bitmap_fd);
+        auto dirty_layout = ipc::WireDirtyLayout::bits;
+        if constexpr (Core::TrackingPolicy::enabled) {
+            static_assert(static_cast<ipc::WireDirtyLayout>(DirtyMapLayout::bits) ==
+                              ipc::WireDirtyLayout::bits &&
+                          static_cast<ipc::WireDirtyLayout>(DirtyMapLayout::bytes) ==
+                              ipc::WireDirtyLayout::bytes);
+            const auto* dirty = core->primary()->dirty_bitmap();
+            dirty_bitmap_fd = dirty->share_fd();
+            dirty_layout = static_cast<ipc::WireDirtyLayout>(dirty->layout());
+        }
+        auto listener = ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
+                                                         std::move(name), std::move(options),
+                                                         dirty_bitmap_fd, dirty_layout);
         if (!listener)
             return std::move(listener).error();
         auto id = core->add_listener(*listener);
