@@ -62,8 +62,8 @@ enum class Hooked : std::uint8_t { no, yes };
 template <class Sys = os::LinuxSyscalls, class Tracking = DirtyTracking>
 struct Guest {
     // Tracked: the dirty tests see the union of the partition's log and the VMM's marks.
-    using Manager = BasicGuestMemoryManager<Tracking, NestedPriority, DefaultVaPolicy,
-                                            KvmPartition<Sys>>;
+    using Manager =
+        BasicGuestMemoryManager<Tracking, NestedPriority, DefaultVaPolicy, KvmPartition<Sys>>;
 
     explicit Guest(Hooked hooked = Hooked::yes)
         : id(must(manager.attach_partition(Vtl::vtl0, kvm,

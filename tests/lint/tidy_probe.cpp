@@ -19,12 +19,16 @@ template class BasicGuestMemoryManager<NoDirtyTracking, NestedPriority, LinuxMma
                                        MockPartition>;
 template class BasicGuestMemoryManager<DirtyTracking, NestedPriority, LinuxMmap<>, KvmPartition<>,
                                        MockPartition>;
+template class BasicGuestMemoryManager<ByteMapDirtyTracking, NestedPriority, LinuxMmap<>,
+                                       KvmPartition<>, MockPartition>;
 template class MappingManager<LinuxMmap<>>;
 template class VaMapper<LinuxMmap<>>;
 template class GuestMemoryView<VaMapper<LinuxMmap<>>>;
 template class GuestMemory<VaMapper<LinuxMmap<>>>;
 template class GuestMemoryView<VaMapper<LinuxMmap<>>, Gpa, DirtyTracking>;
 template class GuestMemory<VaMapper<LinuxMmap<>>, Gpa, DirtyTracking>;
+template class GuestMemoryView<VaMapper<LinuxMmap<>>, Gpa, ByteMapDirtyTracking>;
+template class GuestMemory<VaMapper<LinuxMmap<>>, Gpa, ByteMapDirtyTracking>;
 
 template class LinuxMmap<os::LinuxSyscalls>;
 template class KvmPartition<os::LinuxSyscalls>;
@@ -58,6 +62,15 @@ template bool tidy_probe_access(
 template bool
 tidy_probe_access(const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>,
                                                     membacking::Gpa, membacking::DirtyTracking>&);
+template bool tidy_probe_access(
+    const membacking::GuestMemoryView<membacking::VaMapper<membacking::LinuxMmap<>>,
+                                      membacking::Gpa, membacking::ByteMapDirtyTracking>&);
+
+/// A worker's connection and a manager's service of it, in the byte map's layout.
+template membacking::Result<membacking::GuestMemory<
+    membacking::ipc::RemoteMapper<>, membacking::Gpa, membacking::ByteMapDirtyTracking>>
+membacking::ipc::connect_guest_memory<membacking::ByteMapDirtyTracking>(
+    int, membacking::ipc::RemoteMapperOptions);
 
 /// The memory-table listener registration, instantiated with a minimal listener.
 struct TidyProbeListener {
