@@ -4,7 +4,10 @@
  *
  * DirtyBitmap: one bit per 4 KiB guest page over the whole guest address space, where every
  * write through a tracked GuestMemory (access/dirty_tracking.hpp) records the pages it wrote, and
- * where a migration loop takes them back as runs (GPA, length) or as a bitmap.
+ * where a migration loop takes them back as runs (GPA, length) or as a bitmap. Or, in the byte
+ * layout (DirtyMapLayout::bytes, chosen by ByteMapDirtyTracking), one byte per page: the same
+ * storage, API and results, whose marks and take are access/dirty_byte_map.hpp's; everything
+ * below about marking, barriers and clearing is the bit layout's.
  *
  * Storage: ceil(pages / 64) 64-bit words, rounded up to whole pages. Linux: a sealed memfd
  * (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: its size can never change, so no process that maps
@@ -54,8 +57,9 @@
  * Rejected: moving the bitmap's pages away atomically (MREMAP_DONTUNMAP leaves zero pages
  * behind) would turn every writer's next mark into a page fault, which the access path must not
  * take on success; and cmpxchg16b halves the locked instructions where the plain store removes
- * them. A byte per page (a mark would be one compare) makes the bitmap 8x larger: 128 MiB to scan
- * for 512 GiB, above the 4.6 ms goal at any memory bandwidth this machine has.
+ * them. A byte per page (a mark is one plain store) makes the map 8x larger: 128 MiB to scan for
+ * 512 GiB, above the 4.6 ms goal at any memory bandwidth this machine has; so it is the second
+ * layout, for guests whose map a take can read in time, not a replacement.
  */
 #pragma once
 
