@@ -538,10 +538,25 @@ std::vector<std::uint64_t> random_pages(std::uint64_t seed, std::size_t count)
 
 } // namespace
 
-TEST_CASE("a worker process's writes are marked: exactly its pages, while the manager harvests")
+namespace {
+/// The worker tests of either layout: the manager type and the helper mode of its worker.
+struct BitMapWorker {
+    using Manager = Tracked;
+    static constexpr const char* mode = "tracked_client";
+};
+struct ByteMapWorker {
+    using Manager = ByteMapTracked;
+    static constexpr const char* mode = "bytemap_client";
+};
+} // namespace
+
+TEST_CASE_TEMPLATE("a worker process's writes are marked (either layout): exactly its pages, "
+                   "while the manager harvests",
+                   W, BitMapWorker, ByteMapWorker)
 {
-    Tracked m = tracked_guest();
-    // Each page gets its own offset inside the page: a mark must name the page, not the word.
+    typename W::Manager m = tracked_guest<typename W::Manager>();
+    // Each page gets its own offset inside the page (a u64, never straddling two pages): a mark
+    // must name the page, not its word or chunk.
     std::vector<std::uint64_t> pages = random_pages(5, 700);
     for (std::size_t i = 0; i < pages.size(); ++i)
         pages[i] += (i * 8) % page_size;
@@ -551,7 +566,7 @@ TEST_CASE("a worker process's writes are marked: exactly its pages, while the ma
 
     SUBCASE("connected before tracking starts")
     {
-        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        auto s = serve_child(m, std::chrono::milliseconds(500), W::mode);
         CHECK(s.child->write(0x3000, 1) == "ok"); // before start: cleared by start
         must(m.start_dirty_tracking());
         CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
@@ -559,44 +574,16 @@ TEST_CASE("a worker process's writes are marked: exactly its pages, while the ma
     SUBCASE("connected while tracking is on")
     {
         must(m.start_dirty_tracking());
-        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        auto s = serve_child(m, std::chrono::milliseconds(500), W::mode);
         CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
     }
     SUBCASE("tracking stopped and started again: the worker keeps marking")
     {
-        auto s = serve_child(m, std::chrono::milliseconds(500), "tracked_client");
+        auto s = serve_child(m, std::chrono::milliseconds(500), W::mode);
         must(m.start_dirty_tracking());
         CHECK(s.child->write(0x3000, 1) == "ok");
         must(m.stop_dirty_tracking());
         must(m.start_dirty_tracking());
-        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
-    }
-}
-
-TEST_CASE("a worker process of a byte-map manager marks its byte map: exactly its pages, while "
-          "the manager harvests")
-{
-    ByteMapTracked m = tracked_guest<ByteMapTracked>();
-    // Each page gets its own offset inside the page (a u64, never straddling two pages): a mark
-    // must name the page, not its chunk of 64.
-    std::vector<std::uint64_t> pages = random_pages(11, 700);
-    for (std::size_t i = 0; i < pages.size(); ++i)
-        pages[i] += (i * 8) % page_size;
-    std::set<std::uint64_t> expected;
-    for (std::uint64_t p : pages)
-        expected.insert(p & ~(page_size - 1));
-
-    SUBCASE("connected before tracking starts")
-    {
-        auto s = serve_child(m, std::chrono::milliseconds(500), "bytemap_client");
-        CHECK(s.child->write(0x3000, 1) == "ok"); // before start: cleared by start
-        must(m.start_dirty_tracking());
-        CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
-    }
-    SUBCASE("connected while tracking is on")
-    {
-        must(m.start_dirty_tracking());
-        auto s = serve_child(m, std::chrono::milliseconds(500), "bytemap_client");
         CHECK(harvest_while_child_writes(m, *s.child, pages) == expected);
     }
 }
