@@ -28,6 +28,7 @@
 #include <atomic>
 #include <concepts>
 #include <cstdint>
+#include <type_traits>
 
 namespace membacking {
 
@@ -49,59 +50,60 @@ struct NoDirtyTracking {
     };
 };
 
-/// Every write through the access path marks the pages it wrote in the mapper's DirtyBitmap.
-struct DirtyTracking {
+/// Every write through the access path marks the pages it wrote in the mapper's DirtyBitmap,
+/// which its manager creates in `Layout`: DirtyTracking and ByteMapDirtyTracking below.
+template <DirtyMapLayout Layout>
+struct BasicDirtyTracking {
     static constexpr bool enabled = true;
-    static constexpr DirtyMapLayout layout = DirtyMapLayout::bits;
+    static constexpr DirtyMapLayout layout = Layout;
     struct Marker {
+        static constexpr bool bits = Layout == DirtyMapLayout::bits;
+        /// The bit map's words, or the byte map's bytes.
+        using Map = std::conditional_t<bits, std::atomic<std::uint64_t>*, unsigned char*>;
+
         Marker() noexcept = default;
-        /// The mapper's bitmap (VaMapper::dirty_bitmap); it lives as long as the mapper.
+        /// The mapper's map (VaMapper::dirty_bitmap); it lives as long as the mapper.
         template <class Mapper>
-        explicit Marker(const Mapper& mapper) noexcept : words(mapper.dirty_bitmap()->words())
+        explicit Marker(const Mapper& mapper) noexcept : map(storage(*mapper.dirty_bitmap()))
         {}
         /// Marks the pages of [gpa, gpa + len), absolute GPAs (nothing when len is 0).
         MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
         {
-            if (len != 0)
-                detail::DirtyBitmap::mark_words(words, gpa, len);
+            if (len == 0)
+                return;
+            if constexpr (bits)
+                detail::DirtyBitmap::mark_words(map, gpa, len);
+            else
+                detail::DirtyByteMap::mark(map, gpa, len);
         }
         /// Marks the page of a fixed-size access of Size (1, 2, 4 or 8) bytes at gpa, absolute;
         /// `Aligned`: the caller has checked that gpa is a multiple of Size, so the access lies
-        /// in one page (DirtyBitmap::mark_one).
+        /// in one page (DirtyBitmap::mark_one, DirtyByteMap::mark_one).
         template <std::uint64_t Size, bool Aligned>
         MEMBACKING_ALWAYS_INLINE void mark_one(std::uint64_t gpa) const noexcept
         {
-            detail::DirtyBitmap::mark_one<Size, Aligned>(words, gpa);
+            if constexpr (bits)
+                detail::DirtyBitmap::mark_one<Size, Aligned>(map, gpa);
+            else
+                detail::DirtyByteMap::mark_one<Size, Aligned>(map, gpa);
         }
-        std::atomic<std::uint64_t>* words = nullptr;
+        Map map = nullptr;
+
+    private:
+        [[nodiscard]] static Map storage(const detail::DirtyBitmap& m) noexcept
+        {
+            if constexpr (bits)
+                return m.words();
+            else
+                return m.marks();
+        }
     };
 };
 
-/// Every write through the access path marks the pages it wrote in the mapper's byte map.
-struct ByteMapDirtyTracking {
-    static constexpr bool enabled = true;
-    static constexpr DirtyMapLayout layout = DirtyMapLayout::bytes;
-    struct Marker {
-        Marker() noexcept = default;
-        /// The mapper's map (VaMapper::dirty_bitmap), created in the byte layout.
-        template <class Mapper>
-        explicit Marker(const Mapper& mapper) noexcept : marks(mapper.dirty_bitmap()->marks())
-        {}
-        /// Marks the pages of [gpa, gpa + len), absolute GPAs (nothing when len is 0).
-        MEMBACKING_ALWAYS_INLINE void mark(std::uint64_t gpa, std::uint64_t len) const noexcept
-        {
-            if (len != 0)
-                detail::DirtyByteMap::mark(marks, gpa, len);
-        }
-        /// Marks the page (or, misaligned, the two pages) of a fixed-size access at gpa.
-        template <std::uint64_t Size, bool Aligned>
-        MEMBACKING_ALWAYS_INLINE void mark_one(std::uint64_t gpa) const noexcept
-        {
-            detail::DirtyByteMap::mark_one<Size, Aligned>(marks, gpa);
-        }
-        unsigned char* marks = nullptr;
-    };
-};
+/// A bit per page: the mark is a load and a test, and a `lock or` the first time.
+using DirtyTracking = BasicDirtyTracking<DirtyMapLayout::bits>;
+/// A byte per page: the mark is one plain store (access/dirty_byte_map.hpp), the map 8x larger.
+using ByteMapDirtyTracking = BasicDirtyTracking<DirtyMapLayout::bytes>;
 
 /// What GuestMemoryView accepts as its tracking policy.
 template <class T>
