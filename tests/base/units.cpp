@@ -93,3 +93,20 @@ TEST_CASE("units: hex formatting, as MemoryRange prints")
     os << Gpa{0x1f} << " " << Length{0x20} << " " << Offset{0x21};
     CHECK(os.str() == "0x1f 0x20 0x21");
 }
+
+namespace {
+/// The literals inside a template: clang 14 left a consteval literal's call there to the linker
+/// (an undefined reference), so this test case failed to link before units.hpp fell back to
+/// constexpr for it.
+template <class Unit>
+Unit first_page_end()
+{
+    return Unit{(0x1000_gpa).value() + (4_KiB).value() + (2_MiB).value() + (1_GiB).value()};
+}
+} // namespace
+
+TEST_CASE("units: the literals work inside templates (clang 14 included)")
+{
+    CHECK(first_page_end<Gpa>() == Gpa{0x1000 + 0x1000 + 0x200000 + 0x40000000});
+    CHECK(first_page_end<Length>() == Length{0x1000 + 0x1000 + 0x200000 + 0x40000000});
+}
