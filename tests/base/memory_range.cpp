@@ -103,3 +103,18 @@ TEST_CASE("MemoryRange: formats as 0x0-0x100000")
     os << range(0xa0000, 0xc0000);
     CHECK(os.str() == "0xa0000-0xc0000");
 }
+
+namespace {
+/// MemoryRange::constant inside a template: clang 14 left the consteval call there to the linker
+/// (an undefined reference) until MEMBACKING_CONSTEVAL made it constexpr for that compiler.
+template <class T>
+MemoryRange legacy_vga()
+{
+    return MemoryRange::constant(0xa0000, 0xc0000);
+}
+} // namespace
+
+TEST_CASE("MemoryRange: constant works inside templates (clang 14 included)")
+{
+    CHECK(legacy_vga<int>() == MemoryRange::valid_or_abort(0xa0000, 0xc0000));
+}

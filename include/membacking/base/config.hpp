@@ -81,6 +81,17 @@
 #    define MEMBACKING_COLD
 #endif
 
+// consteval where the compiler evaluates it everywhere. clang before 15 does not evaluate a
+// consteval call written inside a template: it leaves the call to the linker, which finds no
+// definition (an undefined reference in any user template that writes 0x1000_gpa, 4_KiB or
+// MemoryRange::constant). There these are constexpr: still folded wherever a constant is needed,
+// and their checks stop the program through detail::fatal if a call is evaluated at run time.
+#if defined(__clang__) && __clang_major__ < 15
+#    define MEMBACKING_CONSTEVAL constexpr
+#else
+#    define MEMBACKING_CONSTEVAL consteval
+#endif
+
 // [[clang::lifetimebound]] where the compiler has it (clang): the result refers into the object
 // (or argument) it is attached to, so binding it past that object's life is diagnosed. GCC has no
 // equivalent; there the deleted rvalue overloads next to each use are what catch the mistake.

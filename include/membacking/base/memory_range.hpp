@@ -34,7 +34,11 @@ namespace membacking {
 
 namespace detail {
 // Not constexpr on purpose: a MemoryRange::constant that reaches it is a compile error naming it.
-inline void memory_range_constant_is_unaligned_or_reversed() {}
+// (Where constant() is only constexpr, MEMBACKING_CONSTEVAL, one evaluated at run time stops here.)
+[[noreturn]] inline void memory_range_constant_is_unaligned_or_reversed() noexcept
+{
+    fatal("MemoryRange::constant given unaligned or reversed bounds");
+}
 } // namespace detail
 
 class MemoryRange {
@@ -65,7 +69,8 @@ public:
 
     /// A compile-time constant [start, end): unaligned or reversed bounds do not compile (the
     /// error names detail::memory_range_constant_is_unaligned_or_reversed).
-    [[nodiscard]] static consteval MemoryRange constant(std::uint64_t start, std::uint64_t end)
+    [[nodiscard]] static MEMBACKING_CONSTEVAL MemoryRange constant(std::uint64_t start,
+                                                                   std::uint64_t end)
     {
         if (!is_page_aligned(start) || !is_page_aligned(end) || start > end)
             detail::memory_range_constant_is_unaligned_or_reversed();

@@ -1,6 +1,6 @@
 /**
  * @file base/units.hpp
- * Layer: base (includes nothing from the library).
+ * Layer: base (includes base/fatal.hpp only).
  *
  * Strong types for the three kinds of number the public API takes, so that passing one where
  * another belongs (a length as an address, a file offset as a region offset) does not compile:
@@ -26,10 +26,11 @@
  */
 #pragma once
 
+#include <membacking/base/fatal.hpp>
+
 #include <compare>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -204,25 +205,14 @@ inline std::ostream& operator<<(std::ostream& os, Offset v)
 
 namespace detail {
 // Not constexpr on purpose: a literal that reaches it is a compile error naming it. (Where the
-// literals are only constexpr, below, one evaluated at run time stops the program here.)
-[[noreturn]] inline void unit_literal_overflows_64_bits()
+// literals are only constexpr, MEMBACKING_CONSTEVAL, one evaluated at run time stops here.)
+[[noreturn]] inline void unit_literal_overflows_64_bits() noexcept
 {
-    std::fputs("membacking: a unit literal overflows 64 bits\n", stderr);
-    std::abort();
+    fatal("a unit literal overflows 64 bits");
 }
 
-// clang before 15 does not evaluate a consteval call written inside a template: it leaves the
-// call to the linker, which finds no definition (an undefined reference to the literal
-// operator, in any user template that writes 0x1000_gpa or 4_KiB). There the literals are
-// constexpr: still folded wherever a constant is needed, and checked as above.
-#if defined(__clang__) && __clang_major__ < 15
-#    define MEMBACKING_UNIT_LITERAL constexpr
-#else
-#    define MEMBACKING_UNIT_LITERAL consteval
-#endif
-
 template <unsigned Shift>
-MEMBACKING_UNIT_LITERAL Length scaled_length(unsigned long long n)
+MEMBACKING_CONSTEVAL Length scaled_length(unsigned long long n)
 {
     if (n > (UINT64_MAX >> Shift))
         unit_literal_overflows_64_bits();
@@ -232,25 +222,23 @@ MEMBACKING_UNIT_LITERAL Length scaled_length(unsigned long long n)
 
 namespace literals {
 /// 0xfe000000_gpa
-MEMBACKING_UNIT_LITERAL Gpa operator""_gpa(unsigned long long address)
+MEMBACKING_CONSTEVAL Gpa operator""_gpa(unsigned long long address)
 {
     return Gpa(address);
 }
 /// 4_KiB, 2_MiB, 1_GiB: Lengths.
-MEMBACKING_UNIT_LITERAL Length operator""_KiB(unsigned long long n)
+MEMBACKING_CONSTEVAL Length operator""_KiB(unsigned long long n)
 {
     return detail::scaled_length<10>(n);
 }
-MEMBACKING_UNIT_LITERAL Length operator""_MiB(unsigned long long n)
+MEMBACKING_CONSTEVAL Length operator""_MiB(unsigned long long n)
 {
     return detail::scaled_length<20>(n);
 }
-MEMBACKING_UNIT_LITERAL Length operator""_GiB(unsigned long long n)
+MEMBACKING_CONSTEVAL Length operator""_GiB(unsigned long long n)
 {
     return detail::scaled_length<30>(n);
 }
 } // namespace literals
-
-#undef MEMBACKING_UNIT_LITERAL
 
 } // namespace membacking
