@@ -1144,17 +1144,19 @@ X86Asm counting_guest()
     return a;
 }
 
-using KvmManager =
-    TrackedGuestMemoryManager<NestedPriority, DefaultVaPolicy, KvmPartition<test::InjectingKvm>>;
-using KvmSide = test::migration::Side<KvmManager>;
+template <class Tracking>
+using KvmManager = BasicGuestMemoryManager<Tracking, NestedPriority, DefaultVaPolicy,
+                                           KvmPartition<test::InjectingKvm>>;
 
 /// A source under KVM (its guest counting on a vCPU thread through the gate, three VMM writers)
 /// migrated into a destination, pass after pass; the last pass with the vCPU stopped and the
 /// writers joined. `drop_guest_log` hides the partition's log from every take (the loop's check
-/// must then fail). Returns the pages that differ at the end.
+/// must then fail). Returns the pages that differ at the end. Tracking: the source's layout.
+template <class Tracking>
 std::uint64_t migrate_running_guest(bool drop_guest_log)
 {
     using namespace test::migration;
+    using KvmSide = Side<KvmManager<Tracking>>;
     test::InjectingKvm::reset();
     KvmVm vm = make_vm();
     // Before the managers: their teardown (and the BAR's) still goes through the gate's hook.
@@ -1194,7 +1196,8 @@ std::uint64_t migrate_running_guest(bool drop_guest_log)
     std::uint64_t rounds = 0;
     for (std::uint32_t i = 0; i < counters; i += 100)
         rounds +=
-            src.mem.read_plain<std::uint32_t>(Gpa{counter_first + i * counter_stride}).value();
+            src.mem.template read_plain<std::uint32_t>(Gpa{counter_first + i * counter_stride})
+                .value();
     CHECK(rounds > 0);
     CHECK(done.copied > 0);
     std::uint64_t compared = 0;
@@ -1205,14 +1208,18 @@ std::uint64_t migrate_running_guest(bool drop_guest_log)
 }
 } // namespace
 
-TEST_CASE("migration with a running KVM guest: the guest's log and the VMM's marks, PAM, a BAR")
+// In both layouts of the source's dirty map: KVM's log merged into bits or bytes, pass after pass.
+TEST_CASE_TEMPLATE(
+    "migration with a running KVM guest: the guest's log and the VMM's marks, PAM, a BAR", Tracking,
+    DirtyTracking, ByteMapDirtyTracking)
 {
-    CHECK(migrate_running_guest(false) == 0);
+    CHECK(migrate_running_guest<Tracking>(false) == 0);
 }
 
-TEST_CASE("the KVM loop's check has teeth: without the guest's log, the copy differs")
+TEST_CASE_TEMPLATE("the KVM loop's check has teeth: without the guest's log, the copy differs",
+                   Tracking, DirtyTracking, ByteMapDirtyTracking)
 {
-    CHECK(migrate_running_guest(true) > 0);
+    CHECK(migrate_running_guest<Tracking>(true) > 0);
 }
 
 TEST_CASE_TEMPLATE_INVOKE(partition_conformance, KvmFixture);
