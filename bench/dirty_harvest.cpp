@@ -82,7 +82,7 @@ struct Guest {
         : m(must(M::builder()
                      .add_backing(RamBackingRequest({MemoryRange::constant(0, 2 << 20)}))
                      .build(Length{gib * GiB}))),
-          words(m.core().primary()->dirty_bitmap()->words()), count(gib * GiB / page_size / 64)
+          map(storage(*m.core().primary()->dirty_bitmap())), count(gib * GiB / page_size / 64)
     {
         if (auto r = m.start_dirty_tracking(); !r)
             std::exit(1);
@@ -93,9 +93,23 @@ struct Guest {
     {
         return count * (bytes ? 64 : sizeof(std::uint64_t));
     }
+    /// The bit layout's words (harvest_locked_floor exchanges them).
+    [[nodiscard]] std::atomic<std::uint64_t>* words() const requires(!bytes)
+    {
+        return static_cast<std::atomic<std::uint64_t>*>(map);
+    }
     M m;
-    std::atomic<std::uint64_t>* words;
+    void* map;           ///< the map's storage: the bit layout's words or the byte layout's bytes
     std::uint64_t count; ///< 64-page words of the address space
+
+private:
+    [[nodiscard]] static void* storage(const detail::DirtyBitmap& b)
+    {
+        if constexpr (bytes)
+            return b.marks();
+        else
+            return b.words();
+    }
 };
 
 template <class M = Manager>
@@ -152,9 +166,9 @@ template <class M>
 void write_pattern(Guest<M>& g, const std::vector<std::uint64_t>& p)
 {
     if constexpr (Guest<M>::bytes)
-        std::memcpy(static_cast<void*>(g.words), byte_pattern(p).data(), g.map_bytes());
+        std::memcpy(g.map, byte_pattern(p).data(), g.map_bytes());
     else
-        std::memcpy(static_cast<void*>(g.words), p.data(), p.size() * sizeof(std::uint64_t));
+        std::memcpy(g.map, p.data(), p.size() * sizeof(std::uint64_t));
 }
 
 template <class M, std::uint64_t Run>
@@ -201,13 +215,13 @@ void harvest_memcpy(benchmark::State& state)
     for (auto _ : state) {
         write_pattern(g, p);
         const auto start = std::chrono::steady_clock::now();
-        std::memcpy(out.data(), static_cast<const void*>(g.words), g.map_bytes());
+        std::memcpy(out.data(), g.map, g.map_bytes());
         benchmark::ClobberMemory();
         const auto end = std::chrono::steady_clock::now();
         state.SetIterationTime(std::chrono::duration<double>(end - start).count());
     }
     // Leave the map clean for the harvests that follow in this run.
-    std::memset(static_cast<void*>(g.words), 0, g.map_bytes());
+    std::memset(g.map, 0, g.map_bytes());
 }
 
 /// The locked exchanges alone: one per word of the pattern that is neither clean nor all ones.
@@ -226,13 +240,13 @@ void harvest_locked_floor(benchmark::State& state)
         write_pattern(g, p);
         const auto start = std::chrono::steady_clock::now();
         for (const std::uint64_t i : partial)
-            taken |= g.words[i].exchange(0, std::memory_order_acquire);
+            taken |= g.words()[i].exchange(0, std::memory_order_acquire);
         const auto end = std::chrono::steady_clock::now();
         state.SetIterationTime(std::chrono::duration<double>(end - start).count());
     }
     benchmark::DoNotOptimize(taken);
     state.counters["locked"] = static_cast<double>(partial.size());
-    std::memset(static_cast<void*>(g.words), 0, g.count * sizeof(std::uint64_t));
+    std::memset(g.map, 0, g.count * sizeof(std::uint64_t));
 }
 
 void harvest_barrier(benchmark::State& state)

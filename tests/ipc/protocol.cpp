@@ -194,11 +194,12 @@ TEST_CASE("the wire's dirty map size is the DirtyBitmap's, for every guest size 
         CHECK(ipc::wire_dirty_map_bytes(size, ipc::WireDirtyLayout::bytes) ==
               mb::detail::DirtyBitmap::bytes_for(size, mb::DirtyMapLayout::bytes));
     }
-    // The wire's layout values are DirtyMapLayout's (the manager and the client cast).
-    CHECK(static_cast<unsigned>(ipc::WireDirtyLayout::bits) ==
-          static_cast<unsigned>(mb::DirtyMapLayout::bits));
-    CHECK(static_cast<unsigned>(ipc::WireDirtyLayout::bytes) ==
-          static_cast<unsigned>(mb::DirtyMapLayout::bytes));
+    // The one conversion between the wire's layout and the map's (the manager sends to_wire,
+    // the client maps from_wire): each layout to its own name, and back.
+    CHECK(ipc::to_wire(mb::DirtyMapLayout::bits) == ipc::WireDirtyLayout::bits);
+    CHECK(ipc::to_wire(mb::DirtyMapLayout::bytes) == ipc::WireDirtyLayout::bytes);
+    CHECK(ipc::from_wire(ipc::WireDirtyLayout::bits) == mb::DirtyMapLayout::bits);
+    CHECK(ipc::from_wire(ipc::WireDirtyLayout::bytes) == mb::DirtyMapLayout::bytes);
 }
 
 TEST_CASE("a hello names its dirty map's layout (version 3): both round-trip; the size must be "

@@ -160,7 +160,7 @@ struct TrackedManager {
         map = must(mb::detail::DirtyBitmap::create(guest, layout));
         auto pair = must(ipc::Channel<>::pair());
         manager = std::move(pair.first);
-        const auto wire_layout = static_cast<ipc::WireDirtyLayout>(layout);
+        const auto wire_layout = ipc::to_wire(layout);
         REQUIRE(manager.send(
             {0, ipc::Hello{guest, ipc::wire_dirty_map_bytes(guest, wire_layout), wire_layout}},
             map->share_fd()));

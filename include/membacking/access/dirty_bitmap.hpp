@@ -66,6 +66,7 @@
 #include <membacking/access/dirty_byte_map.hpp>
 #include <membacking/base/align.hpp>
 #include <membacking/base/config.hpp>
+#include <membacking/base/dirty_map_layout.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 #include <membacking/base/units.hpp>
@@ -96,11 +97,6 @@
 #endif
 
 namespace membacking {
-
-/// How a DirtyBitmap records pages: `bits`, one bit per page (the default: 2 MiB for a 64 GiB
-/// guest; a mark is a load, a test and, the first time, a `lock or`), or `bytes`, one byte per
-/// page (8x the memory; a mark is one plain store: access/dirty_byte_map.hpp).
-enum class DirtyMapLayout : std::uint8_t { bits, bytes };
 
 /// A run of dirty pages: [gpa, gpa + length), page-aligned.
 struct DirtyRun {

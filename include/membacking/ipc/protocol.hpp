@@ -44,6 +44,7 @@
  */
 #pragma once
 
+#include <membacking/base/dirty_map_layout.hpp>
 #include <membacking/base/memory_range.hpp>
 #include <membacking/base/result.hpp>
 
@@ -60,13 +61,27 @@ inline constexpr std::uint32_t protocol_magic = 0x5049424d; // "MBIP" in little-
 inline constexpr std::uint16_t protocol_version = 3;
 inline constexpr std::size_t header_size = 16;
 inline constexpr std::size_t max_message_size = 48;
-/// How a hello's dirty map records pages (version 3). The values are DirtyMapLayout's
-/// (access/dirty_bitmap.hpp, which this layer does not include: ipc/remote_mapper.hpp and
-/// manager/client.hpp assert that they agree, and convert with a cast).
+/// How a hello's dirty map records pages (version 3): DirtyMapLayout's values, fixed on the wire.
+/// to_wire and from_wire below are the only conversions.
 enum class WireDirtyLayout : std::uint8_t {
     bits = 0,  ///< one bit per 4 KiB page (DirtyTracking)
     bytes = 1, ///< one byte per 4 KiB page (ByteMapDirtyTracking)
 };
+static_assert(static_cast<std::uint8_t>(DirtyMapLayout::bits) ==
+                      static_cast<std::uint8_t>(WireDirtyLayout::bits) &&
+                  static_cast<std::uint8_t>(DirtyMapLayout::bytes) ==
+                      static_cast<std::uint8_t>(WireDirtyLayout::bytes),
+              "the wire's layout values are DirtyMapLayout's");
+/// A map's layout as a hello sends it.
+[[nodiscard]] constexpr WireDirtyLayout to_wire(DirtyMapLayout layout) noexcept
+{
+    return static_cast<WireDirtyLayout>(layout);
+}
+/// A decoded hello's layout (decode refuses values outside WireDirtyLayout) as a map's.
+[[nodiscard]] constexpr DirtyMapLayout from_wire(WireDirtyLayout layout) noexcept
+{
+    return static_cast<DirtyMapLayout>(layout);
+}
 /// The bytes of the dirty map of a guest of guest_size bytes in `layout`: one bit (or one byte)
 /// per 4 KiB page, in 64-bit words, rounded up to whole pages (DirtyBitmap::bytes_for; a test
 /// checks they agree for both layouts).

@@ -116,7 +116,7 @@ public:
         std::shared_ptr<membacking::detail::DirtyBitmap> dirty;
         if (h.dirty_bitmap_bytes != 0) {
             auto bitmap = membacking::detail::DirtyBitmap::map_shared<Sys>(
-                hello->fd.release(), size, layout_of(h.dirty_layout));
+                hello->fd.release(), size, from_wire(h.dirty_layout));
             if (!bitmap)
                 return std::move(bitmap).error().context("connecting to the guest memory manager");
             dirty = std::move(*bitmap);
@@ -158,16 +158,6 @@ public:
     }
 
 private:
-    /// The wire's layout values are DirtyMapLayout's (ipc/protocol.hpp).
-    static_assert(static_cast<std::uint8_t>(DirtyMapLayout::bits) ==
-                      static_cast<std::uint8_t>(WireDirtyLayout::bits) &&
-                  static_cast<std::uint8_t>(DirtyMapLayout::bytes) ==
-                      static_cast<std::uint8_t>(WireDirtyLayout::bytes));
-    [[nodiscard]] static constexpr DirtyMapLayout layout_of(WireDirtyLayout l) noexcept
-    {
-        return static_cast<DirtyMapLayout>(l);
-    }
-
     std::optional<errc> ask(std::uint64_t gpa, bool write)
     {
         if (gpa >= size_)

@@ -99,13 +99,9 @@ public:
         int dirty_bitmap_fd = -1;
         auto dirty_layout = ipc::WireDirtyLayout::bits;
         if constexpr (Core::TrackingPolicy::enabled) {
-            static_assert(static_cast<ipc::WireDirtyLayout>(DirtyMapLayout::bits) ==
-                              ipc::WireDirtyLayout::bits &&
-                          static_cast<ipc::WireDirtyLayout>(DirtyMapLayout::bytes) ==
-                              ipc::WireDirtyLayout::bytes);
             const auto* dirty = core->primary()->dirty_bitmap();
             dirty_bitmap_fd = dirty->share_fd();
-            dirty_layout = static_cast<ipc::WireDirtyLayout>(dirty->layout());
+            dirty_layout = ipc::to_wire(dirty->layout());
         }
         auto listener = ipc::RemoteListener<Sys>::create(std::move(socket), core->primary()->size(),
                                                          std::move(name), std::move(options),
