@@ -31,10 +31,12 @@ constexpr std::uint64_t MiB = std::uint64_t{1} << 20;
 
 using Kvm = KvmPartition<FakeKvm>;
 
-/// A partition over the fake VM (a /dev/null descriptor stands for the VM's).
-std::shared_ptr<Kvm> make_partition()
+/// A partition over the fake VM (a /dev/null descriptor stands for the VM's), of a kernel
+/// with KVM_SET_USER_MEMORY_REGION2 and manual protect if `modern`.
+std::shared_ptr<Kvm> make_partition(bool modern = false)
 {
     FakeKvm::reset();
+    FakeKvm::modern = modern;
     const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     REQUIRE(fd >= 0);
     auto p = must(Kvm::create(fd));
@@ -206,4 +208,90 @@ TEST_CASE("KVM under a manager: a partition whose dirty logging cannot be restor
     }
     CHECK(seen.rolled_back >= 1);
     CHECK(seen.quarantined >= 1);
+}
+
+namespace {
+
+alignas(4096) std::byte big_host[256 * 4096];
+
+/// The pages set in a take's bitmap (bit i: page i of the part).
+std::vector<std::uint64_t> pages_of(const std::vector<std::uint64_t>& bits)
+{
+    std::vector<std::uint64_t> pages;
+    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
+        if ((bits[i / 64] >> (i % 64)) & 1U)
+            pages.push_back(i);
+    return pages;
+}
+
+} // namespace
+
+TEST_CASE("KVM, both kernel generations (fake): a take returns exactly the pages the guest "
+          "wrote in the part; manual protect clears only those, clear-on-read keeps the rest "
+          "pending")
+{
+    for (const bool modern : {false, true}) {
+        CAPTURE(modern);
+        auto p = make_partition(modern);
+        CHECK(p->capabilities().user_memory2 == modern);
+        CHECK(p->capabilities().manual_dirty_log_protect == modern);
+        CHECK(FakeKvm::manual_protect == modern);
+        // The modern fake refuses KVM_SET_USER_MEMORY_REGION, the old one ..._REGION2: the slot
+        // exists only if the partition used the call of its kernel.
+        must(p->map_range(host, MiB, 8 * pg, true, false));
+        REQUIRE(FakeKvm::slots.size() == 1);
+        must(p->set_dirty_logging(true));
+        for (const std::uint64_t page : {std::uint64_t{1}, std::uint64_t{2}, std::uint64_t{6}})
+            REQUIRE(FakeKvm::dirty(MiB + page * pg));
+
+        const auto part = must(p->take_dirty_log(range(MiB, MiB + 4 * pg)));
+        CHECK(pages_of(part) == std::vector<std::uint64_t>{1, 2});
+        // Page 6 lies outside the part: still in KVM's log under manual protect, in the
+        // partition's pending log after a clear-on-read.
+        CHECK(FakeKvm::logged_pages() == (modern ? 1U : 0U));
+        CHECK(p->pending_dirty_pages() == (modern ? 0U : 1U));
+
+        const auto rest = must(p->take_dirty_log(range(MiB, MiB + 8 * pg)));
+        CHECK(pages_of(rest) == std::vector<std::uint64_t>{6});
+        CHECK(FakeKvm::logged_pages() == 0);
+        CHECK(p->pending_dirty_pages() == 0);
+        CHECK(pages_of(must(p->take_dirty_log(range(MiB, MiB + 8 * pg)))).empty());
+    }
+}
+
+TEST_CASE("KVM, manual protect: a take that fails at any ioctl loses no page; the chunks KVM "
+          "cleared before a KVM_CLEAR_DIRTY_LOG failed wait in the pending log")
+{
+    // 256 pages in chunks of 64, a dirty page in each chunk: one KVM_GET_DIRTY_LOG, then four
+    // KVM_CLEAR_DIRTY_LOG. Failing each call in turn, and then every call after it.
+    const std::vector<std::uint64_t> written{3, 70, 140, 200};
+    long failures = 0;
+    for (long n = 1;; ++n) {
+        CAPTURE(n);
+        auto p = make_partition(true);
+        p->set_clear_chunk_pages(64);
+        must(p->map_range(big_host, 4 * MiB, 256 * pg, true, false));
+        must(p->set_dirty_logging(true));
+        for (const std::uint64_t page : written)
+            REQUIRE(FakeKvm::dirty(4 * MiB + page * pg));
+        const auto all = range(4 * MiB, 4 * MiB + 256 * pg);
+        bool reached = false;
+        auto r = failing_from(n, reached, [&] { return p->take_dirty_log(all); });
+        if (!reached) {
+            REQUIRE(r.has_value());
+            CHECK(pages_of(*r) == written);
+            break;
+        }
+        ++failures;
+        REQUIRE_FALSE(r.has_value());
+        CHECK(r.error().full_message().find(n == 1 ? "KVM_GET_DIRTY_LOG" : "KVM_CLEAR_DIRTY_LOG") !=
+              std::string::npos);
+        // Every page is still somewhere: KVM's log (not cleared) or the pending log (cleared by
+        // a chunk that succeeded).
+        CHECK(FakeKvm::logged_pages() + p->pending_dirty_pages() == written.size());
+        // The next take, with the kernel well again, returns them all, once.
+        CHECK(pages_of(must(p->take_dirty_log(all))) == written);
+        CHECK(pages_of(must(p->take_dirty_log(all))).empty());
+    }
+    CHECK(failures == 5); // the read and the four clears
 }

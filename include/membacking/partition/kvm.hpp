@@ -603,8 +603,9 @@ private:
     /// KVM_CLEAR_DIRTY_LOG of the pages set in `bits` (bit i = page first + i of slot s), in
     /// chunks of clear_chunk_pages_ that start at a multiple of 64 pages (KVM's rule; a chunk's
     /// length is a multiple of 64 too unless it ends the slot). A chunk with no bit set is not
-    /// sent. A failure part-way leaves the pages not yet cleared in KVM's log (reported again
-    /// later: too often, never too rarely).
+    /// sent. A failure part-way loses no page: those of the chunks KVM did clear go to the
+    /// pending log, the others stay in KVM's; the next take reports both (too often, never too
+    /// rarely).
     Result<void> clear_dirty_bits(const SlotInfo& s, std::uint64_t first,
                                   const std::vector<std::uint64_t>& bits)
     {
@@ -631,14 +632,33 @@ private:
             clear.first_page = chunk;
             clear.num_pages = static_cast<std::uint32_t>(chunk_end - chunk);
             clear.dirty_bitmap = mask.data();
-            if (Sys::ioctl(vm_fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear) != 0)
-                return os::last_error([&] {
+            if (Sys::ioctl(vm_fd_.get(), KVM_CLEAR_DIRTY_LOG, &clear) != 0) {
+                Error e = os::last_error([&] {
                     return "KVM_CLEAR_DIRTY_LOG of pages " + std::to_string(chunk) + "+" +
                            std::to_string(chunk_end - chunk) + " of memslot " +
                            std::to_string(s.slot) + " (" + span_of(s).to_string() + ") failed";
                 });
+                keep_cleared(s, first, bits, chunk);
+                return e;
+            }
         }
         return {};
+    }
+
+    /// After a clear that failed at slot page `stop`: the pages of `bits` (bit i = page
+    /// first + i of slot s) below it, which KVM cleared, go to the pending log.
+    void keep_cleared(const SlotInfo& s, std::uint64_t first,
+                      const std::vector<std::uint64_t>& bits, std::uint64_t stop)
+    {
+        if (stop <= first)
+            return;
+        const std::uint64_t pages = stop - first;
+        PendingDirty cleared{s.gpa + first * page_size, pages,
+                             std::vector<std::uint64_t>((pages + 63) / 64, 0)};
+        for (std::uint64_t i = 0; i < pages; ++i)
+            if (test_bit(bits, i))
+                cleared.bits[i / 64] |= std::uint64_t{1} << (i % 64);
+        keep_pending(std::move(cleared));
     }
 
     /// Merges into `bitmap` (bit i = page i of `part`) and clears the pending log's bits of
