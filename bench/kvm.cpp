@@ -347,7 +347,7 @@ void kvm_harvest(benchmark::State& state, bool clear_on_read)
 {
     const auto size = static_cast<std::uint64_t>(state.range(0)) * MiB;
     const auto percent = static_cast<std::uint64_t>(state.range(1));
-    HarvestGuest<Sys>* guest = &harvest_guest<Sys>(size, clear_on_read);
+    HarvestGuest<Sys>* const guest = &harvest_guest<Sys>(size, clear_on_read);
     if (!guest->error.empty()) {
         state.SkipWithError(guest->error.c_str());
         return;
@@ -546,9 +546,9 @@ const bool registered = [] {
         benchmark::RegisterBenchmark(name, fn)
             ->Arg(256)
             ->Unit(benchmark::kMillisecond)
+            // Whole guest passes: a smoke run's --benchmark_min_time does not cut this one short.
             ->UseRealTime()
-            ->MinTime(
-                1.0); // whole guest passes (a smoke run's --benchmark_min_time does not cut it)
+            ->MinTime(1.0);
     return true;
 }();
 

@@ -35,6 +35,7 @@ using namespace membacking;
 using example::KvmVm;
 using example::X86Asm;
 using test::must;
+using test::pages_in;
 using test::range;
 using Exit = KvmVm::Exit;
 
@@ -493,16 +494,6 @@ X86Asm write_pages(const std::vector<std::uint32_t>& pages)
         a.mov(X86Asm::edi, static_cast<std::uint32_t>(MiB + p * page_size)).store_byte_edi(1);
     a.hlt();
     return a;
-}
-
-/// The pages (of the RAM above 1 MiB) set in a bitmap that starts at page `first`.
-std::vector<std::uint64_t> pages_in(const std::vector<std::uint64_t>& bits, std::uint64_t first)
-{
-    std::vector<std::uint64_t> out;
-    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
-        if (((bits[i / 64] >> (i % 64)) & 1U) != 0)
-            out.push_back(first + i);
-    return out;
 }
 
 /// A take of part of a window, then of the rest, in either kernel mode (hide: play a kernel

@@ -214,16 +214,6 @@ namespace {
 
 alignas(4096) std::byte big_host[256 * 4096];
 
-/// The pages set in a take's bitmap (bit i: page i of the part).
-std::vector<std::uint64_t> pages_of(const std::vector<std::uint64_t>& bits)
-{
-    std::vector<std::uint64_t> pages;
-    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
-        if ((bits[i / 64] >> (i % 64)) & 1U)
-            pages.push_back(i);
-    return pages;
-}
-
 } // namespace
 
 TEST_CASE("KVM, both kernel generations (fake): a take returns exactly the pages the guest "
@@ -245,17 +235,17 @@ TEST_CASE("KVM, both kernel generations (fake): a take returns exactly the pages
             REQUIRE(FakeKvm::dirty(MiB + page * pg));
 
         const auto part = must(p->take_dirty_log(range(MiB, MiB + 4 * pg)));
-        CHECK(pages_of(part) == std::vector<std::uint64_t>{1, 2});
+        CHECK(test::pages_in(part) == std::vector<std::uint64_t>{1, 2});
         // Page 6 lies outside the part: still in KVM's log under manual protect, in the
         // partition's pending log after a clear-on-read.
         CHECK(FakeKvm::logged_pages() == (modern ? 1U : 0U));
         CHECK(p->pending_dirty_pages() == (modern ? 0U : 1U));
 
         const auto rest = must(p->take_dirty_log(range(MiB, MiB + 8 * pg)));
-        CHECK(pages_of(rest) == std::vector<std::uint64_t>{6});
+        CHECK(test::pages_in(rest) == std::vector<std::uint64_t>{6});
         CHECK(FakeKvm::logged_pages() == 0);
         CHECK(p->pending_dirty_pages() == 0);
-        CHECK(pages_of(must(p->take_dirty_log(range(MiB, MiB + 8 * pg)))).empty());
+        CHECK(test::pages_in(must(p->take_dirty_log(range(MiB, MiB + 8 * pg)))).empty());
     }
 }
 
@@ -279,7 +269,7 @@ TEST_CASE("KVM, manual protect: a take that fails at any ioctl loses no page; th
         auto r = failing_from(n, reached, [&] { return p->take_dirty_log(all); });
         if (!reached) {
             REQUIRE(r.has_value());
-            CHECK(pages_of(*r) == written);
+            CHECK(test::pages_in(*r) == written);
             break;
         }
         ++failures;
@@ -290,8 +280,8 @@ TEST_CASE("KVM, manual protect: a take that fails at any ioctl loses no page; th
         // a chunk that succeeded).
         CHECK(FakeKvm::logged_pages() + p->pending_dirty_pages() == written.size());
         // The next take, with the kernel well again, returns them all, once.
-        CHECK(pages_of(must(p->take_dirty_log(all))) == written);
-        CHECK(pages_of(must(p->take_dirty_log(all))).empty());
+        CHECK(test::pages_in(must(p->take_dirty_log(all))) == written);
+        CHECK(test::pages_in(must(p->take_dirty_log(all))).empty());
     }
     CHECK(failures == 5); // the read and the four clears
 }

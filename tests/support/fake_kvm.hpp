@@ -22,6 +22,7 @@
 #include <membacking/partition/kvm.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <linux/kvm.h>
@@ -78,7 +79,7 @@ struct FakeKvm : os::LinuxSyscalls {
         std::uint64_t n = 0;
         for (const auto& [slot, bits] : logs)
             for (const std::uint64_t w : bits)
-                n += static_cast<std::uint64_t>(__builtin_popcountll(w));
+                n += static_cast<std::uint64_t>(std::popcount(w));
         return n;
     }
     /// Every ioctl from the n-th from now on fails.

@@ -17,6 +17,7 @@
 #include <string>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #if MEMBACKING_OS_LINUX
 #    include <sys/mman.h>
@@ -77,6 +78,17 @@ inline MemoryRange range(std::uint64_t start, std::uint64_t end)
     auto r = MemoryRange::create(start, end);
     REQUIRE_MESSAGE(r.has_value(), "bad test range");
     return *r;
+}
+
+/// The pages set in a dirty bitmap (bit i: page first + i), ascending.
+inline std::vector<std::uint64_t> pages_in(const std::vector<std::uint64_t>& bits,
+                                           std::uint64_t first = 0)
+{
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t i = 0; i < bits.size() * 64; ++i)
+        if (((bits[i / 64] >> (i % 64)) & 1U) != 0)
+            out.push_back(first + i);
+    return out;
 }
 
 } // namespace membacking::test
