@@ -312,6 +312,51 @@ TEST_CASE_TEMPLATE("the dirty API: ranges, bitmap, the partitions' logs merged, 
     CHECK(take(m) == pages(0x3000, 1));
 }
 
+TEST_CASE_TEMPLATE("a partition detached during a pass leaves its guest's writes reported; an "
+                   "attach refused during a pass takes no id and leaves logging off",
+                   Manager, TRACKED_MANAGERS)
+{
+    Manager m = ram_guest<Manager>(); // one window: RAM [0, 4 MiB)
+    auto a = std::make_shared<MockPartition>();
+    auto b = std::make_shared<MockPartition>();
+    const PartitionId ida = must(m.attach_partition(Vtl::vtl0, a));
+    const PartitionId idb = must(m.attach_partition(Vtl::vtl0, b));
+    must(m.start_dirty_tracking());
+
+    // Detached: its log of the window moves into the manager's map first.
+    a->mark_dirty(0x7000);
+    b->mark_dirty(0x9000);
+    must(m.detach_partition(ida));
+    CHECK(take(m) == pages(0x7000, 1) + " " + pages(0x9000, 1));
+
+    // Bad input changes nothing: no partition's log is read, nothing is marked.
+    b->mark_dirty(0x9000);
+    CHECK(test::error_of(m.detach_partition(ida)) == errc::not_found);
+    CHECK(b->dirty_logging());
+    CHECK(take(m) == pages(0x9000, 1));
+
+    // A log that cannot be read: the guest may have written anywhere it could, so the whole
+    // window is reported (a page too many costs a copy, a page lost costs the migration).
+    b->mark_dirty(0x9000);
+    b->fail_next(MockPartition::Op::take_dirty_log);
+    must(m.detach_partition(idb));
+    CHECK(take(m) == pages(0, ram_end / page));
+
+    // An attach refused during a pass (logging, or the first window, fails): logging is off
+    // again, nothing is mapped, and no id is taken.
+    for (const MockPartition::Op op :
+         {MockPartition::Op::set_dirty_logging, MockPartition::Op::map}) {
+        CAPTURE(MockPartition::op_name(op));
+        auto c = std::make_shared<MockPartition>();
+        c->fail_next(op);
+        CHECK(test::error_of(m.attach_partition(Vtl::vtl0, c)) == errc::resource_exhausted);
+        CHECK(!c->dirty_logging());
+        CHECK(c->windows().empty());
+    }
+    const PartitionId idc = must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
+    CHECK(idc.value == idb.value + 1);
+}
+
 TEST_CASE_TEMPLATE(
     "what becomes visible is dirty whole: a BAR placed and moved, RAM hidden and back", Manager,
     TRACKED_MANAGERS)

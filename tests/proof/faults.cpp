@@ -152,27 +152,35 @@ struct FlakyPartition : MockPartition {
 using Va = LinuxMmap<FaultSyscalls>;
 using Manager = GuestMemoryManager<NestedPriority, Va, FlakyPartition>;
 
-/// Everything an operation starts from: a PC-like guest with a partition attached, a stack of
-/// two regions, a device region placed, a lazy mapper, and memory filled with a pattern.
-struct Fixture {
-    explicit Fixture(Manager manager) : m(std::move(manager)) {}
-    Manager m;
-    std::shared_ptr<FlakyPartition> partition = std::make_shared<FlakyPartition>();
-    std::shared_ptr<FlakyPartition> spare = std::make_shared<FlakyPartition>(); // not attached
+/// What both sweeps' guests hold (the mock's Fixture and the KVM's KvmFixture), all of it set up
+/// by one populate(): a PC-like guest with a partition attached, two stacks of two regions, two
+/// make-before-break stacks, device regions placed, a lazy mapper, and memory filled with a
+/// pattern. The operations both tables run (shared_operations) name only these members.
+template <class M>
+struct GuestFixture {
+    explicit GuestFixture(M manager) : m(std::move(manager)) {}
+    M m;
     PartitionId id{};
     RegionId low{}, high{}, low2{}, high2{};
     /// Make-before-break stacks: a lower region inside a higher one whose mappings leave a
     /// hole over it (high3 unmapped, high4 mapped).
     RegionId low3{}, high3{}, low4{}, high4{};
-    std::optional<Manager::Device> bar;
-    std::optional<Manager::Device> twin; // same range and priority as bar, registered after it
+    std::optional<typename M::Device> bar;
+    std::optional<typename M::Device> twin; // same range and priority as bar, registered after it
     /// Writable device regions under PAM segments 0xc4000 (unmapped) and 0xc8000 (write-only,
     /// which exposes it read-only).
-    std::optional<Manager::Device> under_c4, under_c8;
-    Manager::Memory lazy;
+    std::optional<typename M::Device> under_c4, under_c8;
+    typename M::Memory lazy;
     Mappable extra = test::make_object(0x10000);
     /// place_split's pieces, kept placed (dropping them is a control operation of its own).
-    std::vector<Manager::Device> split;
+    std::vector<typename M::Device> split;
+};
+
+/// The mock sweep's guest: a flaky mock partition attached, and a spare one to attach.
+struct Fixture : GuestFixture<Manager> {
+    using GuestFixture::GuestFixture;
+    std::shared_ptr<FlakyPartition> partition = std::make_shared<FlakyPartition>();
+    std::shared_ptr<FlakyPartition> spare = std::make_shared<FlakyPartition>(); // not attached
 };
 
 constexpr std::uint64_t stack1 = 8 * MiB;  // low mapped, high not
@@ -180,6 +188,7 @@ constexpr std::uint64_t stack2 = 10 * MiB; // low2 and high2 mapped
 constexpr std::uint64_t stack3 = 12 * MiB; // low3 mapped, high3 (with a hole over it) not
 constexpr std::uint64_t stack4 = 14 * MiB; // low4 and high4 (with a hole over it) mapped
 constexpr std::uint64_t bar_at = 16 * MiB;
+constexpr std::uint64_t rom_at = 24 * MiB; // the KVM sweep's ROM region
 
 /// A stack at `at`: a lower region, mapped, and a higher one over it, mapped if `map_high`.
 template <class M>
@@ -216,61 +225,60 @@ std::vector<std::uint64_t> probe_gpas()
     for (std::uint64_t g = MiB; g < 4 * MiB; g += 0x40000)
         out.push_back(g);
     for (const std::uint64_t base :
-         {stack1, stack2, stack3, stack4, bar_at, bar_at + MiB, bar_at + 4 * MiB})
+         {stack1, stack2, stack3, stack4, bar_at, bar_at + MiB, bar_at + 4 * MiB, rom_at})
         for (std::uint64_t g = base; g < base + 0x10000; g += 0x1000)
             out.push_back(g);
     return out;
 }
 
-std::unique_ptr<Fixture> make_fixture()
+/// Everything but the partition: `f`'s partition is attached (f.id) and the injector disarmed.
+template <class M>
+void populate(GuestFixture<M>& f)
 {
-    Injector::disarm();
-    auto f = std::make_unique<Fixture>(build_guest());
-    f->id = must(f->m.attach_partition(Vtl::vtl0, f->partition));
-    add_stack(f->m, stack1, f->low, f->high, false);
-    add_stack(f->m, stack2, f->low2, f->high2, true);
+    add_stack(f.m, stack1, f.low, f.high, false);
+    add_stack(f.m, stack2, f.low2, f.high2, true);
     // high covers [at, at + 64 KiB) with mappings at [0, 24 KiB) and [32 KiB, 64 KiB); low is
     // [at + 16 KiB, at + 48 KiB), wholly mapped: switching between them replaces two parts in
     // place and removes or adds only the hole.
     const auto add_holed_stack = [&](std::uint64_t at, RegionId& low, RegionId& high,
                                      bool map_high) {
-        high = must(f->m.add_region("high", range(at, at + 0x10000), 2, MappingType::Ram));
+        high = must(f.m.add_region("high", range(at, at + 0x10000), 2, MappingType::Ram));
         const Mappable object = test::make_object(0x10000);
-        must(f->m.add_mapping(
+        must(f.m.add_mapping(
             high, {range(0, 0x6000), MappingBacking::file(object, Offset{0}), true, {}}));
-        must(f->m.add_mapping(
+        must(f.m.add_mapping(
             high,
             {range(0x8000, 0x10000), MappingBacking::file(object, Offset{0x8000}), true, {}}));
-        low = must(f->m.add_region("low", range(at + 0x4000, at + 0xc000), 1, MappingType::Ram));
-        must(f->m.add_mapping(low, {range(0, 0x8000),
-                                    MappingBacking::file(test::make_object(0x8000), Offset{0}),
-                                    true,
-                                    {}}));
-        must(f->m.map_region(low, {true, false, false}));
+        low = must(f.m.add_region("low", range(at + 0x4000, at + 0xc000), 1, MappingType::Ram));
+        must(f.m.add_mapping(low, {range(0, 0x8000),
+                                   MappingBacking::file(test::make_object(0x8000), Offset{0}),
+                                   true,
+                                   {}}));
+        must(f.m.map_region(low, {true, false, false}));
         if (map_high)
-            must(f->m.map_region(high, {true, false, false}));
+            must(f.m.map_region(high, {true, false, false}));
     };
-    add_holed_stack(stack3, f->low3, f->high3, false);
-    add_holed_stack(stack4, f->low4, f->high4, true);
-    f->bar = must(f->m.device_memory_mapper().new_region("bar", Length{0x10000}));
-    must(f->bar->map({.offset = Offset{0},
+    add_holed_stack(stack3, f.low3, f.high3, false);
+    add_holed_stack(stack4, f.low4, f.high4, true);
+    f.bar = must(f.m.device_memory_mapper().new_region("bar", Length{0x10000}));
+    must(f.bar->map({.offset = Offset{0},
+                     .length = Length{0x10000},
+                     .object = test::make_object(0x10000),
+                     .object_offset = Offset{0},
+                     .protection = Protection::read_write}));
+    must(f.bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    // Hidden behind bar (the earlier registered wins): a failed move of bar must not show it.
+    f.twin = must(f.m.device_memory_mapper().new_region("twin", Length{0x10000}));
+    must(f.twin->map({.offset = Offset{0},
                       .length = Length{0x10000},
                       .object = test::make_object(0x10000),
                       .object_offset = Offset{0},
                       .protection = Protection::read_write}));
-    must(f->bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
-    // Hidden behind bar (the earlier registered wins): a failed move of bar must not show it.
-    f->twin = must(f->m.device_memory_mapper().new_region("twin", Length{0x10000}));
-    must(f->twin->map({.offset = Offset{0},
-                       .length = Length{0x10000},
-                       .object = test::make_object(0x10000),
-                       .object_offset = Offset{0},
-                       .protection = Protection::read_write}));
-    must(f->twin->map_to_guest(Gpa{bar_at}, Protection::read_write));
-    must(f->m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
-                                                          RamVisibility::unmapped));
+    must(f.twin->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    must(f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
+                                                         RamVisibility::unmapped));
     const auto place_under = [&](std::uint64_t at) {
-        auto d = must(f->m.device_memory_mapper().new_region("under", Length{0x4000}));
+        auto d = must(f.m.device_memory_mapper().new_region("under", Length{0x4000}));
         must(d.map({.offset = Offset{0},
                     .length = Length{0x4000},
                     .object = test::make_object(0x4000),
@@ -279,16 +287,24 @@ std::unique_ptr<Fixture> make_fixture()
         must(d.map_to_guest(Gpa{at}, Protection::read_write));
         return d;
     };
-    f->under_c4 = place_under(0xc4000);
-    f->under_c8 = place_under(0xc8000);
-    must(f->m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
-                                                          RamVisibility::write_only));
-    f->lazy = must(f->m.client().lazy_guest_memory());
+    f.under_c4 = place_under(0xc4000);
+    f.under_c8 = place_under(0xc8000);
+    must(f.m.ram_visibility_control().set_ram_visibility(range(0xc8000, 0xcc000),
+                                                         RamVisibility::write_only));
+    f.lazy = must(f.m.client().lazy_guest_memory());
     const std::uint64_t pattern = 0x9e3779b97f4a7c15;
     for (const std::uint64_t g : probe_gpas())
-        (void)f->m.guest_memory().write_plain<std::uint64_t>(Gpa{g}, g * pattern);
+        (void)f.m.guest_memory().template write_plain<std::uint64_t>(Gpa{g}, g * pattern);
     const std::vector<std::uint8_t> ee(0x10000, 0xee);
-    test::write_object(f->extra, 0, ee.data(), ee.size());
+    test::write_object(f.extra, 0, ee.data(), ee.size());
+}
+
+std::unique_ptr<Fixture> make_fixture()
+{
+    Injector::disarm();
+    auto f = std::make_unique<Fixture>(build_guest());
+    f->id = must(f->m.attach_partition(Vtl::vtl0, f->partition));
+    populate(*f);
     return f;
 }
 
@@ -484,11 +500,18 @@ bool quarantine_holds(const Snapshot& s)
     return true;
 }
 
-/// One control operation, run from a fresh fixture.
-struct Operation {
+/// One control operation, run from a fresh fixture of type F, with what that fixture needs first
+/// (before the "before" snapshot).
+template <class F>
+struct SweepOperation {
     std::string name;
-    std::function<Result<void>(Fixture&)> run;
+    std::function<Result<void>(F&)> prepare; ///< may be empty
+    std::function<Result<void>(F&)> run;
+    /// May be empty: what must hold once the operation's run is judged consistent, after a
+    /// failure and retry too (the KVM sweep's tracked variants: no dirty page lost).
+    std::function<Result<void>(F&)> verify = {};
 };
+using Operation = SweepOperation<Fixture>;
 
 template <class T>
 Result<void> drop_value(Result<T> r)
@@ -498,35 +521,17 @@ Result<void> drop_value(Result<T> r)
     return {};
 }
 
-/// The operations both sweeps run (the mock's Fixture and the KVM's KvmFixture): each takes
-/// either fixture and names only members both have, so the two tables cannot drift apart.
-namespace both {
-
-/// set_ram_visibility of the 16 KiB PAM segment at `at`.
-auto set_visibility(std::uint64_t at, RamVisibility v)
+/// The operations both sweeps run, on either fixture (GuestFixture's members only), so that the
+/// mock's table and the KVM's cannot drift apart; `tag` ends each name.
+template <class F>
+std::vector<SweepOperation<F>> shared_operations(const std::string& tag)
 {
-    return [at, v](auto& f) {
-        return f.m.ram_visibility_control().set_ram_visibility(range(at, at + 0x4000), v);
+    /// set_ram_visibility of the 16 KiB PAM segment at `at`.
+    const auto set_visibility = [](std::uint64_t at, RamVisibility v) {
+        return [at, v](F& f) {
+            return f.m.ram_visibility_control().set_ram_visibility(range(at, at + 0x4000), v);
+        };
     };
-}
-constexpr auto detach_partition = [](auto& f) { return f.m.detach_partition(f.id); };
-/// high over low, which stays mapped under it.
-constexpr auto map_high = [](auto& f) { return f.m.map_region(f.high, {true, false, false}); };
-/// A mapped region mapped again, read-only.
-constexpr auto map_low_read_only = [](auto& f) {
-    return f.m.map_region(f.low, {false, false, false});
-};
-/// high2 goes; low2 under it reappears.
-constexpr auto unmap_high2 = [](auto& f) { return f.m.unmap_region(f.high2); };
-constexpr auto move_bar = [](auto& f) {
-    return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write);
-};
-constexpr auto unplace_bar = [](auto& f) { return f.bar->unmap_from_guest(); };
-
-} // namespace both
-
-std::vector<Operation> operations()
-{
     const auto dev = [](Offset at, Length len, const Mappable& object) {
         return DeviceMapping{.offset = at,
                              .length = len,
@@ -534,54 +539,79 @@ std::vector<Operation> operations()
                              .object_offset = Offset{0},
                              .protection = Protection::read_write};
     };
-    return {
-        {"attach_partition",
-         [](Fixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.spare)); }},
-        {"detach_partition", both::detach_partition},
-        {"set_ram_visibility read_only", both::set_visibility(0xc0000, RamVisibility::read_only)},
-        {"set_ram_visibility unmapped", both::set_visibility(0xc0000, RamVisibility::unmapped)},
+    std::vector<SweepOperation<F>> ops = {
+        {"detach_partition", {}, [](F& f) { return f.m.detach_partition(f.id); }},
+        {"set_ram_visibility read_only", {}, set_visibility(0xc0000, RamVisibility::read_only)},
+        {"set_ram_visibility unmapped", {}, set_visibility(0xc0000, RamVisibility::unmapped)},
         {"set_ram_visibility read_write (from unmapped)",
-         both::set_visibility(0xc4000, RamVisibility::read_write)},
+         {},
+         set_visibility(0xc4000, RamVisibility::read_write)},
         {"set_ram_visibility write_only (from read_write, nothing below)",
-         both::set_visibility(0xc0000, RamVisibility::write_only)},
+         {},
+         set_visibility(0xc0000, RamVisibility::write_only)},
         {"set_ram_visibility write_only (from unmapped, the device below becomes read-only)",
-         both::set_visibility(0xc4000, RamVisibility::write_only)},
+         {},
+         set_visibility(0xc4000, RamVisibility::write_only)},
         {"set_ram_visibility unmapped (from write_only, the device below becomes writable)",
-         both::set_visibility(0xc8000, RamVisibility::unmapped)},
+         {},
+         set_visibility(0xc8000, RamVisibility::unmapped)},
         {"set_ram_visibility read_write (from write_only)",
-         both::set_visibility(0xc8000, RamVisibility::read_write)},
-        {"map_region over a mapped region", both::map_high},
-        {"map_region read-only (permission change)", both::map_low_read_only},
-        {"unmap_region (the region under it reappears)", both::unmap_high2},
-        {"remove_region (mapped)", [](Fixture& f) { return f.m.remove_region(f.high2); }},
+         {},
+         set_visibility(0xc8000, RamVisibility::read_write)},
+        // high over low, which stays mapped under it.
+        {"map_region over a mapped region",
+         {},
+         [](F& f) {
+             return f.m.map_region(f.high, {true, false, false});
+         }},
+        {"map_region read-only (permission change)",
+         {},
+         [](F& f) {
+             return f.m.map_region(f.low, {false, false, false});
+         }},
+        {"unmap_region (the region under it reappears)",
+         {},
+         [](F& f) { return f.m.unmap_region(f.high2); }},
+        {"remove_region (mapped)", {}, [](F& f) { return f.m.remove_region(f.high2); }},
         {"map_region over a lower region, a hole in its mappings (make-before-break)",
-         [](Fixture& f) {
+         {},
+         [](F& f) {
              return f.m.map_region(f.high3, {true, false, false});
          }},
         {"unmap_region, the lower region replacing part of it in place (make-before-break)",
-         [](Fixture& f) { return f.m.unmap_region(f.high4); }},
+         {},
+         [](F& f) { return f.m.unmap_region(f.high4); }},
         {"add_mapping (file, splits the one under it)",
-         [](Fixture& f) {
+         {},
+         [](F& f) {
              return f.m.add_mapping(
                  f.low,
                  {range(0x4000, 0x8000), MappingBacking::file(f.extra, Offset{0}), true, {}});
          }},
         {"remove_mappings (split)",
-         [](Fixture& f) { return f.m.remove_mappings(f.low, range(0x8000, 0xc000)); }},
+         {},
+         [](F& f) { return f.m.remove_mappings(f.low, range(0x8000, 0xc000)); }},
         {"device map (sub-mapping)",
-         [dev](Fixture& f) { return f.bar->map(dev(Offset{0x1000}, Length{0x2000}, f.extra)); }},
+         {},
+         [dev](F& f) { return f.bar->map(dev(Offset{0x1000}, Length{0x2000}, f.extra)); }},
         {"device unmap (sub-range)",
-         [](Fixture& f) { return f.bar->unmap(Offset{0x2000}, Length{0x1000}); }},
-        {"device map_to_guest (move)", both::move_bar},
+         {},
+         [](F& f) { return f.bar->unmap(Offset{0x2000}, Length{0x1000}); }},
+        {"device map_to_guest (move)",
+         {},
+         [](F& f) { return f.bar->map_to_guest(Gpa{bar_at + MiB}, Protection::read_write); }},
         {"device map_to_guest (read-only in place)",
-         [](Fixture& f) { return f.bar->map_to_guest(Gpa{bar_at}, Protection::read_only); }},
-        {"device unmap_from_guest", both::unplace_bar},
+         {},
+         [](F& f) { return f.bar->map_to_guest(Gpa{bar_at}, Protection::read_only); }},
+        {"device unmap_from_guest", {}, [](F& f) { return f.bar->unmap_from_guest(); }},
         {"device new_region",
-         [](Fixture& f) {
+         {},
+         [](F& f) {
              return drop_value(f.m.device_memory_mapper().new_region("new", Length{0x10000}));
          }},
         {"device place_split (the object's size is checked first)",
-         [](Fixture& f) -> Result<void> {
+         {},
+         [](F& f) -> Result<void> {
              auto pieces =
                  f.m.device_memory_mapper().place_split({.name = "split",
                                                          .gpa = Gpa{bar_at + 4 * MiB},
@@ -595,8 +625,23 @@ std::vector<Operation> operations()
              return {};
          }},
         {"client lazy_guest_memory",
-         [](Fixture& f) { return drop_value(f.m.client().lazy_guest_memory()); }},
+         {},
+         [](F& f) { return drop_value(f.m.client().lazy_guest_memory()); }},
     };
+    for (SweepOperation<F>& op : ops)
+        op.name += tag;
+    return ops;
+}
+
+std::vector<Operation> operations()
+{
+    std::vector<Operation> ops = {
+        {"attach_partition",
+         {},
+         [](Fixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.spare)); }},
+    };
+    std::ranges::move(shared_operations<Fixture>(""), std::back_inserter(ops));
+    return ops;
 }
 
 std::size_t open_fds()
@@ -611,29 +656,33 @@ std::size_t open_fds()
 }
 
 /// The builder's variants: each is an operation with no fixture.
+template <class M>
 struct BuildVariant {
     std::string name;
-    std::function<Result<Manager>()> build;
+    std::function<Result<M>()> build;
 };
-std::vector<BuildVariant> builds()
+/// For manager type M (the KVM sweep's is dirty-tracked: its build also makes the dirty map);
+/// `tag` ends each name.
+template <class M>
+std::vector<BuildVariant<M>> builds(const std::string& tag)
 {
-    return {
+    std::vector<BuildVariant<M>> variants = {
         {"build (memfd RAM)",
          [] {
-             return Manager::builder()
+             return M::builder()
                  .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
                  .build(Length{8 * MiB});
          }},
         {"build (x86 legacy)",
          [] {
-             return Manager::builder()
+             return M::builder()
                  .x86_legacy_support(true)
                  .add_backing(RamBackingRequest({range(0, 2 * MiB)}))
                  .build(Length{8 * MiB});
          }},
         {"build (private memory, THP)",
          [] {
-             return Manager::builder()
+             return M::builder()
                  .add_backing(RamBackingRequest({range(0, 2 * MiB)})
                                   .private_memory(true)
                                   .transparent_hugepages(true))
@@ -641,19 +690,22 @@ std::vector<BuildVariant> builds()
          }},
         {"build (an existing mappable, its size checked first)",
          [] {
-             return Manager::builder()
+             return M::builder()
                  .add_backing(RamBackingRequest({range(0, 2 * MiB)})
                                   .existing_mappable(test::make_object(2 * MiB)))
                  .build(Length{8 * MiB});
          }},
         {"build (two backings)",
          [] {
-             return Manager::builder()
+             return M::builder()
                  .add_backing(RamBackingRequest({range(0, MiB)}))
                  .add_backing(RamBackingRequest({range(2 * MiB, 3 * MiB)}))
                  .build(Length{8 * MiB});
          }},
     };
+    for (BuildVariant<M>& b : variants)
+        b.name += tag;
+    return variants;
 }
 
 // ---- The same sweep through the KVM policy: KvmPartition over a fake kernel (FakeKvm) whose
@@ -671,18 +723,16 @@ bool kvm_modern = false;
 /// three chunks of RAM above 1 MiB.
 constexpr std::uint64_t guest_dirty_pages[] = {0x10000, 0x105000, 0x246000, 0x3c8000};
 
-/// A smaller guest for the KVM sweep: a PC-like layout, two region stacks (the higher region
-/// unmapped, then mapped), a region the operations map read-only (a ROM), a device region
-/// placed, a lazy mapper, a PAM segment unmapped, and memory filled with a pattern.
-struct KvmFixture {
-    explicit KvmFixture(KvmManager manager) : m(std::move(manager)) {}
-    KvmManager m;
+/// The mock's guest (populate()) with a KVM partition over the fake kernel attached, dirty
+/// tracking built in, and a ROM region (unmapped) for the operations to map read-only.
+struct KvmFixture : GuestFixture<KvmManager> {
+    using GuestFixture::GuestFixture;
     std::shared_ptr<KvmPart> partition;
-    PartitionId id{};
-    RegionId low{}, high{}, low2{}, high2{}, rom{};
-    std::optional<KvmManager::Device> bar;
-    KvmManager::Memory lazy;
+    RegionId rom{};
     std::vector<std::uint64_t> taken; ///< pages the take operation's successful runs returned
+    /// The tracked variants: pages the guest (the fake kernel's log) and the VMM (the tracked
+    /// GuestMemory) wrote before the operation.
+    std::vector<std::uint64_t> guest_written, vmm_written;
 };
 
 std::unique_ptr<KvmFixture> make_kvm_fixture()
@@ -704,26 +754,12 @@ std::unique_ptr<KvmFixture> make_kvm_fixture()
     if (kvm_modern)
         f->partition->set_clear_chunk_pages(64);
     f->id = must(f->m.attach_partition(Vtl::vtl0, f->partition));
-    add_stack(f->m, stack1, f->low, f->high, false);
-    add_stack(f->m, stack2, f->low2, f->high2, true);
-    f->rom = must(f->m.add_region("rom", range(stack3, stack3 + 0x10000), 1, MappingType::Ram));
+    populate(*f);
+    f->rom = must(f->m.add_region("rom", range(rom_at, rom_at + 0x10000), 1, MappingType::Ram));
     must(f->m.add_mapping(f->rom, {range(0, 0x10000),
                                    MappingBacking::file(test::make_object(0x10000), Offset{0}),
                                    false,
                                    {}}));
-    f->bar = must(f->m.device_memory_mapper().new_region("bar", Length{0x10000}));
-    must(f->bar->map({.offset = Offset{0},
-                      .length = Length{0x10000},
-                      .object = test::make_object(0x10000),
-                      .object_offset = Offset{0},
-                      .protection = Protection::read_write}));
-    must(f->bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
-    must(f->m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
-                                                          RamVisibility::unmapped));
-    f->lazy = must(f->m.client().lazy_guest_memory());
-    const std::uint64_t pattern = 0x9e3779b97f4a7c15;
-    for (const std::uint64_t g : probe_gpas())
-        (void)f->m.guest_memory().write_plain<std::uint64_t>(Gpa{g}, g * pattern);
     return f;
 }
 
@@ -740,47 +776,95 @@ Snapshot snapshot(const KvmFixture& f)
     return s;
 }
 
-/// A KVM operation, with what its fixture needs first (before the "before" snapshot).
-struct KvmOperation {
-    std::string name;
-    std::function<Result<void>(KvmFixture&)> prepare; ///< may be empty
-    std::function<Result<void>(KvmFixture&)> run;
-};
+using KvmOperation = SweepOperation<KvmFixture>;
 
-std::unique_ptr<KvmFixture> fresh(const KvmOperation& op)
+/// The pages of `runs`, in order.
+std::vector<std::uint64_t> pages_of(const std::vector<DirtyRun>& runs)
 {
-    auto f = make_kvm_fixture();
-    if (op.prepare)
-        must(op.prepare(*f));
-    return f;
+    std::vector<std::uint64_t> pages;
+    for (const DirtyRun& r : runs)
+        for (std::uint64_t g = r.gpa.value(); g < r.gpa.value() + r.length.value(); g += page_size)
+            pages.push_back(g);
+    return pages;
 }
 
+/// What the tracked variants' guest writes before the operation (where a logging memslot holds
+/// the page): RAM, a PAM segment, each stack's visible region and the BAR. The VMM writes the
+/// page after each.
+constexpr std::uint64_t tracked_guest_pages[] = {0x10000,         0x105000,        0xc0000,
+                                                 stack1 + 0x1000, stack2 + 0x2000, stack3 + 0x5000,
+                                                 stack4 + 0x1000, stack4 + 0x4000, bar_at + 0x3000};
+
+/// The tracked variant of `op`: the same operation during a migration pass (tracking on, pages
+/// written by the guest and by the VMM), after which, failed and retried or not, the next take
+/// returns every one of those pages still visible, the guest's and the VMM's, whatever failed: a
+/// partition that failed is detached here (the documented recovery), which keeps its log (or,
+/// a failed partition's log untrusted, every page it could write).
+KvmOperation tracked(KvmOperation op)
+{
+    op.name += ", tracking";
+    op.prepare = [prepare = std::move(op.prepare)](KvmFixture& f) -> Result<void> {
+        if (prepare)
+            MEMBACKING_TRY(prepare(f));
+        MEMBACKING_TRY(f.m.start_dirty_tracking());
+        for (const std::uint64_t g : tracked_guest_pages) {
+            if (test::FakeKvm::dirty(g))
+                f.guest_written.push_back(g);
+            else if (!test::FakeKvm::slots.empty()) // none: detached (attach's preparation)
+                return make_error(errc::not_found,
+                                  "no logging memslot holds " + MemoryRange::hex(g));
+            if (!f.m.guest_memory().write_plain<std::uint64_t>(Gpa{g + page_size}, g))
+                return make_error(errc::invalid_range,
+                                  "the VMM cannot write " + MemoryRange::hex(g + page_size));
+            f.vmm_written.push_back(g + page_size);
+        }
+        return {};
+    };
+    op.verify = [](KvmFixture& f) -> Result<void> {
+        const Health health = f.m.health();
+        for (const Health::FailedPartition& p : health.failed_partitions)
+            MEMBACKING_TRY(f.m.detach_partition(p.id));
+        std::vector<DirtyRun> runs;
+        MEMBACKING_TRY(f.m.take_dirty_runs(range(0, 32 * MiB), runs));
+        const std::vector<std::uint64_t> pages = pages_of(runs);
+        // A page hidden now (a PAM segment unmapped, a region removed) is not copied, so it
+        // need not be reported: when it shows again it is dirty whole (README, "Regions
+        // toggled, moved or removed during a pass"). Whether it shows is the snapshot's to check.
+        const auto visible = [&](std::uint64_t g) {
+            return f.m.guest_memory().template read_plain<std::uint8_t>(Gpa{g}).has_value();
+        };
+        const auto lost = [&](const std::vector<std::uint64_t>& written,
+                              const char* by) -> Result<void> {
+            for (const std::uint64_t g : written)
+                if (visible(g) && std::ranges::find(pages, g) == pages.end())
+                    return make_error(errc::conflict, std::string("the page ") +
+                                                          MemoryRange::hex(g) + " written by " +
+                                                          by + " was not reported");
+            return {};
+        };
+        MEMBACKING_TRY(lost(f.vmm_written, "the VMM"));
+        MEMBACKING_TRY(lost(f.guest_written, "the guest"));
+        return {};
+    };
+    return op;
+}
+
+/// Every operation of the mock's table but attaching the spare (here: the partition, detached
+/// first), and those only a KVM guest has: a ROM, and the dirty log.
 std::vector<KvmOperation> kvm_operations()
 {
     const auto start_tracking = [](KvmFixture& f) { return f.m.start_dirty_tracking(); };
-    return {
+    std::vector<KvmOperation> ops = {
         {"attach_partition (KVM)", [](KvmFixture& f) { return f.m.detach_partition(f.id); },
          [](KvmFixture& f) { return drop_value(f.m.attach_partition(Vtl::vtl0, f.partition)); }},
-        {"detach_partition (KVM)", {}, both::detach_partition},
-        {"set_ram_visibility read_only (KVM)",
-         {},
-         both::set_visibility(0xc0000, RamVisibility::read_only)},
-        {"set_ram_visibility unmapped (KVM)",
-         {},
-         both::set_visibility(0xc0000, RamVisibility::unmapped)},
-        {"set_ram_visibility read_write, from unmapped (KVM)",
-         {},
-         both::set_visibility(0xc4000, RamVisibility::read_write)},
-        {"map_region over a mapped region (KVM)", {}, both::map_high},
-        {"unmap_region, the region under it reappears (KVM)", {}, both::unmap_high2},
+    };
+    std::ranges::move(shared_operations<KvmFixture>(" (KVM)"), std::back_inserter(ops));
+    std::vector<KvmOperation> own = {
         {"map_region read-only: a ROM (KVM)",
          {},
          [](KvmFixture& f) {
              return f.m.map_region(f.rom, {false, false, false});
          }},
-        {"map_region read-only: a permission change (KVM)", {}, both::map_low_read_only},
-        {"device map_to_guest, a BAR move (KVM)", {}, both::move_bar},
-        {"device unmap_from_guest (KVM)", {}, both::unplace_bar},
         {"start_dirty_tracking (KVM)", {}, start_tracking},
         {"take_dirty_runs (KVM)",
          [start_tracking](KvmFixture& f) -> Result<void> {
@@ -796,10 +880,7 @@ std::vector<KvmOperation> kvm_operations()
          [](KvmFixture& f) -> Result<void> {
              std::vector<DirtyRun> runs;
              MEMBACKING_TRY(f.m.take_dirty_runs(range(0, 32 * MiB), runs));
-             for (const DirtyRun& r : runs)
-                 for (std::uint64_t g = r.gpa.value(); g < r.gpa.value() + r.length.value();
-                      g += page_size)
-                     f.taken.push_back(g);
+             std::ranges::copy(pages_of(runs), std::back_inserter(f.taken));
              for (const std::uint64_t g : guest_dirty_pages)
                  if (std::ranges::find(f.taken, g) == f.taken.end())
                      return make_error(errc::conflict, "the guest's page " + MemoryRange::hex(g) +
@@ -809,35 +890,51 @@ std::vector<KvmOperation> kvm_operations()
         {"stop_dirty_tracking (KVM)", start_tracking,
          [](KvmFixture& f) { return f.m.stop_dirty_tracking(); }},
     };
+    // The topology operations again, during a migration pass.
+    const std::size_t topology = ops.size() + 1; // those so far and the ROM's
+    std::ranges::move(own, std::back_inserter(ops));
+    for (std::size_t i = 0; i < topology; ++i)
+        ops.push_back(tracked(ops[i]));
+    return ops;
 }
 
 /// The outcome of one injected run, as the checks see it.
 enum class Verdict { consistent, quarantined, restored, diverged, retry_failed };
 
-std::unique_ptr<Fixture> fresh(const Operation& /*op*/)
+/// A new fixture of `op`'s type, prepared for it.
+template <class F>
+std::unique_ptr<F> fresh(const SweepOperation<F>& op)
 {
-    return make_fixture();
+    std::unique_ptr<F> f;
+    if constexpr (std::is_same_v<F, KvmFixture>)
+        f = make_kvm_fixture();
+    else
+        f = make_fixture();
+    if (op.prepare)
+        must(op.prepare(*f));
+    return f;
 }
 
-template <class Op>
-Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool persistent,
-                     bool& succeeded, bool& reached)
+/// Runs `op` on `f` with the n-th call failing (and, if `persistent`, every later one), and
+/// judges the state it leaves, a retry's and a restore's (see the file comment).
+template <class Op, class F>
+Verdict judge(const Op& op, F& f, const Snapshot& reference_after, long n, bool persistent,
+              bool& succeeded, bool& reached)
 {
-    auto f = fresh(op);
-    const Snapshot before = snapshot(*f);
+    const Snapshot before = snapshot(f);
     Injector::arm(n, persistent);
-    Result<void> r = op.run(*f);
+    Result<void> r = op.run(f);
     reached = Injector::fired > 0;
     Injector::disarm();
     succeeded = r.has_value();
     if (r)
-        return diverged(snapshot(*f), reference_after) ? Verdict::diverged : Verdict::consistent;
-    const Snapshot failed = snapshot(*f);
+        return diverged(snapshot(f), reference_after) ? Verdict::diverged : Verdict::consistent;
+    const Snapshot failed = snapshot(f);
     // Only a persistent failure may take something out of service.
     const bool quarantine = persistent && !failed.healthy();
     if (diverged(failed, before, quarantine))
         return Verdict::diverged;
-    auto again = op.run(*f);
+    auto again = op.run(f);
     std::vector<PartitionId> detached;
     if (!again && quarantine) {
         // A failed partition keeps what it could not undo (a retried attach of it overlaps), and
@@ -846,17 +943,17 @@ Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool
         // One the operation itself attached (a failed attach) is attached again by the retry:
         // only those attached before are missing from the state it reaches.
         for (const PartitionId id : failed.failed_ids)
-            if (f->m.detach_partition(id) &&
+            if (f.m.detach_partition(id) &&
                 std::ranges::any_of(before.map.partitions,
                                     [&](const MemoryMap::Partition& p) { return p.id == id; }))
                 detached.push_back(id);
-        again = op.run(*f);
+        again = op.run(f);
     }
     if (!again) {
         std::fprintf(stderr, "the retry failed: %s\n", again.error().full_message().c_str());
         return Verdict::retry_failed;
     }
-    const Snapshot retried = snapshot(*f);
+    const Snapshot retried = snapshot(f);
     if (diverged(retried, reference_after, quarantine, detached))
         return Verdict::diverged;
     if (!quarantine)
@@ -867,20 +964,37 @@ Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool
         return Verdict::quarantined;
     // The host accepts calls again: each quarantined mapper is put back in service, and then
     // reads what a run without injection reads (failed partitions stay out of service).
-    for (const Health::QuarantinedMapper& q : f->m.health().quarantined_mappers)
-        if (auto back = f->m.restore_mapper(q.id); !back) {
+    for (const Health::QuarantinedMapper& q : f.m.health().quarantined_mappers)
+        if (auto back = f.m.restore_mapper(q.id); !back) {
             std::fprintf(stderr, "restoring VA mapper %llu failed: %s\n",
                          static_cast<unsigned long long>(q.id),
                          back.error().full_message().c_str());
             return Verdict::diverged;
         }
-    const Snapshot restored = snapshot(*f);
+    const Snapshot restored = snapshot(f);
     if (std::ranges::any_of(restored.mapper_quarantined, std::identity{})) {
         std::fprintf(stderr, "a mapper is still quarantined after restore_mapper\n");
         return Verdict::diverged;
     }
     return diverged(restored, reference_after, !restored.healthy(), detached) ? Verdict::diverged
                                                                               : Verdict::restored;
+}
+
+/// judge() on a fresh fixture, then the operation's own check of what must hold after it.
+template <class Op>
+Verdict run_injected(const Op& op, const Snapshot& reference_after, long n, bool persistent,
+                     bool& succeeded, bool& reached)
+{
+    auto f = fresh(op);
+    const Verdict v = judge(op, *f, reference_after, n, persistent, succeeded, reached);
+    if (v == Verdict::diverged || v == Verdict::retry_failed || !op.verify)
+        return v;
+    Injector::disarm();
+    if (auto r = op.verify(*f); !r) {
+        std::fprintf(stderr, "%s\n", r.error().full_message().c_str());
+        return Verdict::diverged;
+    }
+    return v;
 }
 
 /// The single-failure sweep of `ops`: counts its points (and those the operation absorbed).
@@ -893,6 +1007,8 @@ void sweep_single(const std::vector<Op>& ops, long& points, long& absorbed)
             auto f = fresh(op);
             must(op.run(*f));
             after = snapshot(*f);
+            if (op.verify)
+                must(op.verify(*f));
         }
         long n = 1;
         for (;; ++n) {
@@ -913,13 +1029,11 @@ void sweep_single(const std::vector<Op>& ops, long& points, long& absorbed)
     }
 }
 
-} // namespace
-
-TEST_CASE("fault injection: every single failure of every control operation is all-or-nothing")
+/// The single-failure sweep of the builder's variants for manager type M.
+template <class M>
+void sweep_builds_single(const std::vector<BuildVariant<M>>& variants, long& points, long& absorbed)
 {
-    long points = 0, absorbed = 0;
-    sweep_single(operations(), points, absorbed);
-    for (const BuildVariant& b : builds()) {
+    for (const BuildVariant<M>& b : variants) {
         long n = 1;
         for (;; ++n) {
             const std::size_t fds = open_fds();
@@ -940,7 +1054,16 @@ TEST_CASE("fault injection: every single failure of every control operation is a
         }
         MESSAGE(b.name << ": " << n - 1 << " injection points");
     }
-    MESSAGE("operations: " << operations().size() + builds().size()
+}
+
+} // namespace
+
+TEST_CASE("fault injection: every single failure of every control operation is all-or-nothing")
+{
+    long points = 0, absorbed = 0;
+    sweep_single(operations(), points, absorbed);
+    sweep_builds_single(builds<Manager>(""), points, absorbed);
+    MESSAGE("operations: " << operations().size() + builds<Manager>("").size()
                            << ", single-failure injection points: " << points
                            << " (absorbed, the operation succeeding anyway: " << absorbed << ")");
     CHECK(points > 100);
@@ -1009,6 +1132,8 @@ void sweep_persistent(const std::vector<Op>& ops, PersistentTally& tally)
             auto f = fresh(op);
             must(op.run(*f));
             after = snapshot(*f);
+            if (op.verify)
+                must(op.verify(*f));
         }
         run_persistent(op.name, tally, [&](long n) {
             // 0: rolled back; 3: out of service, checked; 4: the same with a mapper restored;
@@ -1028,13 +1153,11 @@ void sweep_persistent(const std::vector<Op>& ops, PersistentTally& tally)
     }
 }
 
-} // namespace
-
-TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
+/// The persistent-failure sweep of the builder's variants for manager type M.
+template <class M>
+void sweep_builds_persistent(const std::vector<BuildVariant<M>>& variants, PersistentTally& tally)
 {
-    PersistentTally tally;
-    sweep_persistent(operations(), tally);
-    for (const BuildVariant& b : builds()) {
+    for (const BuildVariant<M>& b : variants) {
         run_persistent(b.name, tally, [&](long n) {
             const std::size_t fds = open_fds();
             Injector::arm(n, true);
@@ -1048,6 +1171,15 @@ TEST_CASE("fault injection: persistent failures from the n-th call on (each in a
             return ok ? 0 : 1;
         });
     }
+}
+
+} // namespace
+
+TEST_CASE("fault injection: persistent failures from the n-th call on (each in a forked child)")
+{
+    PersistentTally tally;
+    sweep_persistent(operations(), tally);
+    sweep_builds_persistent(builds<Manager>(""), tally);
     MESSAGE("persistent injection points: "
             << tally.points << ", rolled back: " << tally.rolled_back
             << ", survived with a mapper or partition out of service: " << tally.quarantined
@@ -1067,8 +1199,10 @@ TEST_CASE("fault injection through the KVM policy: every single failure of a VM 
         kvm_modern = modern;
         long points = 0, absorbed = 0;
         sweep_single(kvm_operations(), points, absorbed);
+        sweep_builds_single(builds<KvmManager>(" (KVM, dirty-tracked)"), points, absorbed);
         MESSAGE(std::string(modern ? "modern" : "old")
-                << " kernel: KVM operations: " << kvm_operations().size()
+                << " kernel: KVM operations: "
+                << kvm_operations().size() + builds<KvmManager>("").size()
                 << ", single-failure injection points: " << points << " (absorbed: " << absorbed
                 << ")");
         CHECK(points > 20);
@@ -1084,6 +1218,7 @@ TEST_CASE("fault injection through the KVM policy: persistent failures from the 
         kvm_modern = modern;
         PersistentTally tally;
         sweep_persistent(kvm_operations(), tally);
+        sweep_builds_persistent(builds<KvmManager>(" (KVM, dirty-tracked)"), tally);
         MESSAGE(std::string(modern ? "modern" : "old")
                 << " kernel: KVM persistent injection points: " << tally.points
                 << ", rolled back: " << tally.rolled_back

@@ -240,26 +240,21 @@ public:
     template <class P>
     Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition, QuiesceHook hook)
     {
+        // A partition attached during a migration logs from the start; all or nothing.
+        using Logging = typename decltype(partitions_)::DirtyLogging;
         return control([&](Control& c) -> Result<PartitionId> {
-            auto id = partitions_.attach(vtl, std::move(partition), c.regions.active_regions(),
-                                         std::move(hook));
-            if (!id || !tracking_)
-                return id;
-            // A partition attached during a migration logs from the start; all or nothing.
-            // A partition that cannot be detached again stays attached, marked failed.
-            if (auto on = partitions_.set_dirty_logging(*id, true); !on) {
-                if (auto off = partitions_.detach(*id, c.regions.active_regions()); !off)
-                    partitions_.mark_failed(*id, on.error(), off.error());
-                return std::move(on).error();
-            }
-            return id;
+            return partitions_.attach(vtl, std::move(partition), c.regions.active_regions(),
+                                      std::move(hook), tracking_ ? Logging::on : Logging::off);
         });
     }
 
     Result<void> detach(PartitionId id)
     {
-        return control(
-            [&](Control& c) { return partitions_.detach(id, c.regions.active_regions()); });
+        return control([&](Control& c) {
+            const std::vector<RegionActivation> visible = c.regions.active_regions();
+            keep_dirty_log_of(id, visible);
+            return partitions_.detach(id, visible);
+        });
     }
 
     // ---- dirty tracking: called by tracked managers only (see GuestMemoryManager) ----
@@ -450,6 +445,27 @@ private:
             return R(make_error(errc::not_found, "the guest memory manager is gone"));
         else
             return R{}; // an optional: nothing
+    }
+
+    /// During a migration, a partition about to be detached takes its guest's writes with it:
+    /// its log of each writable window moves into the bitmap first. A window whose log cannot be
+    /// read (the partition failed, or the read fails) is dirty whole: its guest may have written
+    /// anywhere in it, and a page reported but not written costs a copy, a page lost costs the
+    /// migration. If the detach then fails, the pages stay reported (never fewer than written).
+    void keep_dirty_log_of(PartitionId id, const std::vector<RegionActivation>& visible)
+    {
+        if constexpr (Tracking::enabled) {
+            if (!tracking_ || !partitions_.attached(id))
+                return;
+            for (const RegionActivation& w : visible) {
+                if (!w.params.writable)
+                    continue;
+                if (auto bits = partitions_.take_dirty_log(id, w.gpa))
+                    dirty_->merge(w.gpa.start(), *bits);
+                else
+                    dirty_since_change(w.gpa);
+            }
+        }
     }
 
     /// A change of what is visible at `range` (a mapping added, a window mapped): its bytes

@@ -132,12 +132,18 @@ public:
     /// The prefetches queued so far; run them without holding the lock the set is used under.
     [[nodiscard]] Deferred take_deferred() { return std::exchange(deferred_, {}); }
 
+    /// Whether a partition attached now logs dirty pages from the start (a migration is on).
+    enum class DirtyLogging : bool { off, on };
+
     /// Adds a partition and maps every window of `visible` into it; `hook` (optional) is its
-    /// quiesce bracket. All or nothing: on failure the partition is left with nothing mapped
+    /// quiesce bracket; with DirtyLogging::on, its logging is turned on before the first window
+    /// (a policy that cannot log fails: its guest's writes would be lost). All or nothing: on
+    /// failure the partition is left with nothing mapped and logging off, and no id is taken
     /// (the cause's code, with "failed to attach partition to memory manager" as context).
     template <class P>
     Result<PartitionId> attach(Vtl vtl, std::shared_ptr<P> partition,
-                               const std::vector<RegionActivation>& visible, QuiesceHook hook = {})
+                               const std::vector<RegionActivation>& visible, QuiesceHook hook = {},
+                               DirtyLogging logging = DirtyLogging::off)
     {
         static_assert(occurs_once<P, Ps...>,
                       "this partition policy is not one of the manager's partition policies");
@@ -175,18 +181,34 @@ public:
         // anyway, marked failed (its id is taken), so that it is reported and can be detached.
         std::optional<Error> stuck;
         UndoLog undo;
+        const auto fail = [&](Error cause) -> Result<PartitionId> {
+            undo.rollback();
+            if (stuck || is_failed(id)) { // is_failed: the policy reported itself
+                auto& list = std::get<std::vector<Attached<P>>>(lists_);
+                list.insert(list.end(), entries.begin(), entries.end());
+                ++next_id_;
+                mark_failed(id, cause, stuck ? *stuck : cause);
+            }
+            return attach_error(std::move(cause));
+        };
+        if (logging == DirtyLogging::on) {
+            if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
+                // Before any window: a memslot is created logging, not switched later.
+                hold(entries.back());
+                if (auto r = watched(entries.back(), partition->set_dirty_logging(true)); !r)
+                    return fail(std::move(r).error());
+                undo.push([partition, &stuck]() -> Result<void> {
+                    if (auto u = partition->set_dirty_logging(false); !u && !stuck)
+                        stuck = std::move(u).error();
+                    return {};
+                });
+            } else
+                return attach_error(no_dirty_log<P>());
+        }
         for (const Attached<P>& e : entries)
             for (const RegionActivation& act : visible) {
-                if (auto r = map_one(e, act); !r) {
-                    undo.rollback();
-                    if (stuck || is_failed(id)) { // is_failed: the policy reported itself
-                        auto& list = std::get<std::vector<Attached<P>>>(lists_);
-                        list.insert(list.end(), entries.begin(), entries.end());
-                        ++next_id_;
-                        mark_failed(id, r.error(), stuck ? *stuck : r.error());
-                    }
-                    return attach_error(std::move(r).error());
-                }
+                if (auto r = map_one(e, act); !r)
+                    return fail(std::move(r).error());
                 undo.push([this, e, range = act.gpa, &stuck]() -> Result<void> {
                     if (auto u = unmap_one(e, range); !u && !stuck)
                         stuck = std::move(u).error();
@@ -437,6 +459,17 @@ public:
         std::size_t n = 0;
         std::apply([&](const auto&... lists) { ((n += lists.size()), ...); }, lists_);
         return n;
+    }
+
+    /// Whether partition `id` is attached (failed or not).
+    [[nodiscard]] bool attached(PartitionId id) const noexcept
+    {
+        return std::apply(
+            [&](const auto&... lists) {
+                return (... ||
+                        std::ranges::any_of(lists, [&](const auto& a) { return a.id == id; }));
+            },
+            lists_);
     }
 
 private:
