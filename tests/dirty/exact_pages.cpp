@@ -5,6 +5,7 @@
 // rule for topology changes.
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -383,13 +384,8 @@ TEST_CASE_TEMPLATE(
     // A device region under a PAM segment (RAM hides it) appears when the segment is unmapped,
     // and the RAM comes back dirty whole: a copy made while it was hidden is of other bytes.
     const MemoryRange pam = *x86_legacy::pam_range(1, 0);
-    auto rom = must(m.device_memory_mapper().new_region("rom", Length{pam.size()}));
-    must(rom.map({.offset = Offset{0},
-                  .length = Length{pam.size()},
-                  .object = object,
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_only}));
-    must(rom.map_to_guest(Gpa{pam.start()}, Protection::read_only));
+    auto rom = test::place_device(m, "rom", Gpa{pam.start()}, Length{pam.size()}, object,
+                                  Protection::read_only);
     CHECK(take(m).empty()); // placed, but hidden under RAM
     must(m.ram_visibility_control().set_ram_visibility(pam, RamVisibility::unmapped));
     CHECK(take(m) == pages(pam.start(), pam.size() / page));

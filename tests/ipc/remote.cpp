@@ -9,6 +9,7 @@
 
 #include "line_protocol.hpp"
 #include "migration_loop.hpp"
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -192,13 +193,8 @@ TEST_CASE("a child process sees the current topology and shares writes both ways
     CHECK(child.read(16 * MiB) == err(errc::out_of_range));
 
     // Device memory moved around: the child never sees it where it no longer is.
-    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
-    must(bar.map({.offset = Offset{0},
-                  .length = Length{0x10000},
-                  .object = test::make_object(0x10000),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    auto bar =
+        test::place_device(m, "bar0", Gpa{8 * MiB}, Length{0x10000}, test::make_object(0x10000));
     REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB + 8}, 0x1234).has_value());
     for (int i = 0; i < 20; ++i) {
         const std::uint64_t here = (i % 2 == 0) ? 8 * MiB : 12 * MiB;

@@ -11,6 +11,7 @@
 #include "kvm_vcpu.hpp"
 #include "migration_loop.hpp"
 #include "partition_conformance.hpp"
+#include "place_device.hpp"
 #include "smaps.hpp"
 #include "test_support.hpp"
 #include "vcpu_gate.hpp"
@@ -377,13 +378,8 @@ TEST_CASE("a read-only window is a KVM_MEM_READONLY slot even over writable host
 TEST_CASE("device memory is visible to the guest at its GPA, and after it moves")
 {
     Guest<> g;
-    auto dev = must(g.manager.device_memory_mapper().new_region("bar0", Length{0x10000}));
-    must(dev.map({.offset = Offset{0},
-                  .length = Length{0x10000},
-                  .object = filled_memfd(0x10000, 0xdd),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    auto dev = test::place_device(g.manager, "bar0", Gpa{8 * MiB}, Length{0x10000},
+                                  filled_memfd(0x10000, 0xdd));
     g.load(copy_byte(8 * MiB + 0x10));
     g.run_to_halt();
     CHECK(g.result_byte() == 0xdd);
@@ -1058,13 +1054,8 @@ TEST_CASE("an ioctl failure in the middle of an operation leaves partition and m
     Guest<test::InjectingKvm> g;
     // VGA device memory under the VGA window: unmapping the window deletes RAM's slot, then
     // creates the device's. The second memslot call fails.
-    auto vram = must(g.manager.device_memory_mapper().new_region("vga-vram", Length{0x20000}));
-    must(vram.map({.offset = Offset{0},
-                   .length = Length{0x20000},
-                   .object = filled_memfd(0x20000, 0x3c),
-                   .object_offset = Offset{0},
-                   .protection = Protection::read_write}));
-    must(vram.map_to_guest(Gpa{0xa0000}, Protection::read_write));
+    auto vram = test::place_device(g.manager, "vga-vram", Gpa{0xa0000}, Length{0x20000},
+                                   filled_memfd(0x20000, 0x3c));
     REQUIRE(g.memory.write_plain<std::uint8_t>(Gpa{0xa0010}, 0x42).has_value()); // RAM's byte
     const auto slots_before = g.kvm->slots();
     const auto map_before = g.manager.memory_map().to_text();

@@ -5,6 +5,7 @@
 // leases while it changes.
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "test_support.hpp"
 
 #include <algorithm>
@@ -152,13 +153,9 @@ TEST_CASE("a lease of an unmapped, read-only, out-of-range or private range fail
     }
     SUBCASE("read-only: a write lease is refused, a read lease is not")
     {
-        auto rom = must(m.device_memory_mapper().new_region("rom", Length{2 * page}));
-        must(rom.map({.offset = Offset{0},
-                      .length = Length{2 * page},
-                      .object = test::make_memfd(2 * page),
-                      .object_offset = Offset{0},
-                      .protection = Protection::read_only}));
-        must(rom.map_to_guest(Gpa{16 * MiB}, Protection::read_write));
+        auto rom = test::place_device(m, "rom", Gpa{16 * MiB}, Length{2 * page},
+                                      test::make_memfd(2 * page), Protection::read_only,
+                                      Protection::read_write);
         CHECK(code_of(memory.lease(Gpa{16 * MiB}, Length{page}, LeaseAccess::write)) ==
               errc::read_only);
         CHECK(code_of(memory.lease(Gpa{16 * MiB}, Length{page}, LeaseAccess::read_write)) ==
@@ -187,13 +184,8 @@ TEST_CASE("probe says how much of a range is mapped and writable, from its start
 {
     auto m = ram_guest(4 * MiB);
     auto memory = m.guest_memory();
-    auto rom = must(m.device_memory_mapper().new_region("rom", Length{page}));
-    must(rom.map({.offset = Offset{0},
-                  .length = Length{page},
-                  .object = test::make_memfd(page),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_only}));
-    must(rom.map_to_guest(Gpa{4 * MiB}, Protection::read_write)); // right after RAM
+    auto rom = test::place_device(m, "rom", Gpa{4 * MiB}, Length{page}, test::make_memfd(page),
+                                  Protection::read_only, Protection::read_write); // right after RAM
 
     CHECK(memory.probe(Gpa{0}, Length{page}) == RangeProbe{Length{page}, Length{page}});
     // RAM, then the ROM page, then a gap.
@@ -282,13 +274,7 @@ TEST_CASE("a lease outlives unmapping, remapping elsewhere and the manager; writ
     Lease lease;
     {
         auto m = ram_guest(4 * MiB);
-        auto dev = must(m.device_memory_mapper().new_region("bar", Length{4 * page}));
-        must(dev.map({.offset = Offset{0},
-                      .length = Length{4 * page},
-                      .object = object,
-                      .object_offset = Offset{0},
-                      .protection = Protection::read_write}));
-        must(dev.map_to_guest(Gpa{16 * MiB}, Protection::read_write));
+        auto dev = test::place_device(m, "bar", Gpa{16 * MiB}, Length{4 * page}, object);
         lease =
             must(m.guest_memory().lease(Gpa{16 * MiB + page}, Length{page}, LeaseAccess::write));
         must(dev.map_to_guest(Gpa{32 * MiB}, Protection::read_write)); // moved

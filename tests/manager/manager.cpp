@@ -4,6 +4,7 @@
 // round trip, the client, the memory-map dump, teardown, and concurrent control calls.
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -118,13 +119,8 @@ TEST_CASE("attaching a partition replays what is visible and keeps it in sync")
     CHECK(w->executable);
 
     // A new region appears in it too.
-    auto dev = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
-    must(dev.map({.offset = Offset{0},
-                  .length = Length{0x10000},
-                  .object = test::make_object(0x10000),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(dev.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    auto dev =
+        test::place_device(m, "bar0", Gpa{8 * MiB}, Length{0x10000}, test::make_object(0x10000));
     CHECK(p->lookup(8 * MiB).has_value());
 
     must(m.detach_partition(id));
@@ -268,13 +264,7 @@ TEST_CASE("end to end: PAM toggles RW, RO, unmapped, with device memory showing 
 
     // An option ROM device under the PAM segment, at device priority.
     Mappable rom_object = test::make_object(0x4000);
-    auto rom = must(m.device_memory_mapper().new_region("option-rom", Length{0x4000}));
-    must(rom.map({.offset = Offset{0},
-                  .length = Length{0x4000},
-                  .object = rom_object,
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(rom.map_to_guest(Gpa{0xc0000}, Protection::read_write));
+    auto rom = test::place_device(m, "option-rom", Gpa{0xc0000}, Length{0x4000}, rom_object);
     REQUIRE(mem.write_plain<std::uint32_t>(Gpa{0xc0010}, 0xaaaa5555).has_value()); // into RAM
 
     // RW: RAM, writable.
@@ -363,13 +353,7 @@ TEST_CASE("device memory: sub-mappings replace and split, offsets are checked")
     auto mem = m.guest_memory();
     Mappable a = test::make_object(0x10000);
     Mappable b = test::make_object(0x10000);
-    auto dax = must(m.device_memory_mapper().new_region("dax", Length{0x8000}));
-    must(dax.map({.offset = Offset{0},
-                  .length = Length{0x8000},
-                  .object = a,
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(dax.map_to_guest(Gpa{4 * MiB}, Protection::read_write));
+    auto dax = test::place_device(m, "dax", Gpa{4 * MiB}, Length{0x8000}, a);
     REQUIRE(mem.fill(Gpa{4 * MiB}, 0xaa, Length{0x8000}).has_value());
     must(dax.map({.offset = Offset{0x2000},
                   .length = Length{0x1000},
@@ -488,13 +472,8 @@ TEST_CASE("end to end: device memory moved between GPAs, in memory and in the pa
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     auto mem = m.guest_memory();
-    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
-    must(bar.map({.offset = Offset{0},
-                  .length = Length{0x10000},
-                  .object = test::make_object(0x10000),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    auto bar =
+        test::place_device(m, "bar0", Gpa{8 * MiB}, Length{0x10000}, test::make_object(0x10000));
     REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB + 8}, 0x1122334455667788).has_value());
     CHECK(bar.placement() == range(8 * MiB, 8 * MiB + 0x10000));
 
@@ -529,13 +508,8 @@ TEST_CASE("device memory moved to where it already is: no unmap, a permission ch
     auto p = std::make_shared<MockPartition>();
     must(m.attach_partition(Vtl::vtl0, p));
     auto mem = m.guest_memory();
-    auto bar = must(m.device_memory_mapper().new_region("bar0", Length{0x10000}));
-    must(bar.map({.offset = Offset{0},
-                  .length = Length{0x10000},
-                  .object = test::make_object(0x10000),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(bar.map_to_guest(Gpa{8 * MiB}, Protection::read_write));
+    auto bar =
+        test::place_device(m, "bar0", Gpa{8 * MiB}, Length{0x10000}, test::make_object(0x10000));
     REQUIRE(mem.write_plain<std::uint64_t>(Gpa{8 * MiB}, 42).has_value());
     const auto bar_id = [&] {
         const MemoryMap map = m.memory_map();
@@ -760,13 +734,8 @@ TEST_CASE("the memory map dump, as text and as JSON")
 {
     Manager m = legacy_guest();
     must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
-    auto dev = must(m.device_memory_mapper().new_region("vga \"vram\"", Length{0x20000}));
-    must(dev.map({.offset = Offset{0},
-                  .length = Length{0x20000},
-                  .object = test::make_object(0x20000),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_write}));
-    must(dev.map_to_guest(Gpa{0xa0000}, Protection::read_write));
+    auto dev = test::place_device(m, "vga \"vram\"", Gpa{0xa0000}, Length{0x20000},
+                                  test::make_object(0x20000));
     must(m.ram_visibility_control().set_ram_visibility(range(0xa0000, 0xc0000),
                                                        RamVisibility::unmapped));
     const MemoryMap map = m.memory_map();

@@ -10,6 +10,7 @@
 // mincore over the primary's reservation. Each measure is first shown to see what it counts.
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -113,13 +114,8 @@ TEST_CASE("leaks: map/unmap, device-region and lazy-mapper cycles come back to t
                            true,
                            {}}));
     auto device_cycle = [&](int i) {
-        auto dev = must(m.device_memory_mapper().new_region("dev", Length{0x10000}));
-        must(dev.map({.offset = Offset{0},
-                      .length = Length{0x10000},
-                      .object = test::make_object(0x10000),
-                      .object_offset = Offset{0},
-                      .protection = Protection::read_write}));
-        must(dev.map_to_guest(Gpa{12 * MiB}, Protection::read_write));
+        auto dev = test::place_device(m, "dev", Gpa{12 * MiB}, Length{0x10000},
+                                      test::make_object(0x10000));
         REQUIRE(
             mem.write_plain<std::uint32_t>(Gpa{12 * MiB + 0x1000}, static_cast<std::uint32_t>(i))
                 .has_value());

@@ -10,6 +10,7 @@
 // placeholders) and the mock partition.
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -135,13 +136,8 @@ TEST_CASE("make-before-break: readers of GPAs that both states map never see the
     const Manager::Memory lazy = must(m.client().lazy_guest_memory());
 
     // The ROM under the PAM segment, and the segment's RAM with its own bytes.
-    auto rom = must(m.device_memory_mapper().new_region("rom", Length{seg_size}));
-    must(rom.map({.offset = Offset{0},
-                  .length = Length{seg_size},
-                  .object = object_of(seg_size, rom_value),
-                  .object_offset = Offset{0},
-                  .protection = Protection::read_only}));
-    must(rom.map_to_guest(Gpa{seg_start}, Protection::read_only));
+    auto rom = test::place_device(m, "rom", Gpa{seg_start}, Length{seg_size},
+                                  object_of(seg_size, rom_value), Protection::read_only);
     auto control = m.ram_visibility_control();
     const MemoryRange segment = range(seg_start, seg_start + seg_size);
     must(control.set_ram_visibility(segment, RamVisibility::read_write));

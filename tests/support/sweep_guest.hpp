@@ -9,6 +9,7 @@
 
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 #include "test_support.hpp"
 
@@ -116,31 +117,16 @@ void populate(GuestFixture<M>& f)
     };
     add_holed_stack(stack3, f.low3, f.high3, false);
     add_holed_stack(stack4, f.low4, f.high4, true);
-    f.bar = must(f.m.device_memory_mapper().new_region("bar", Length{0x10000}));
-    must(f.bar->map({.offset = Offset{0},
-                     .length = Length{0x10000},
-                     .object = test::make_object(0x10000),
-                     .object_offset = Offset{0},
-                     .protection = Protection::read_write}));
-    must(f.bar->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    f.bar =
+        test::place_device(f.m, "bar", Gpa{bar_at}, Length{0x10000}, test::make_object(0x10000));
     // Hidden behind bar (the earlier registered wins): a failed move of bar must not show it.
-    f.twin = must(f.m.device_memory_mapper().new_region("twin", Length{0x10000}));
-    must(f.twin->map({.offset = Offset{0},
-                      .length = Length{0x10000},
-                      .object = test::make_object(0x10000),
-                      .object_offset = Offset{0},
-                      .protection = Protection::read_write}));
-    must(f.twin->map_to_guest(Gpa{bar_at}, Protection::read_write));
+    f.twin =
+        test::place_device(f.m, "twin", Gpa{bar_at}, Length{0x10000}, test::make_object(0x10000));
     must(f.m.ram_visibility_control().set_ram_visibility(range(0xc4000, 0xc8000),
                                                          RamVisibility::unmapped));
     const auto place_under = [&](std::uint64_t at) {
-        auto d = must(f.m.device_memory_mapper().new_region("under", Length{0x4000}));
-        must(d.map({.offset = Offset{0},
-                    .length = Length{0x4000},
-                    .object = test::make_object(0x4000),
-                    .object_offset = Offset{0},
-                    .protection = Protection::read_write}));
-        must(d.map_to_guest(Gpa{at}, Protection::read_write));
+        auto d =
+            test::place_device(f.m, "under", Gpa{at}, Length{0x4000}, test::make_object(0x4000));
         return d;
     };
     f.under_c4 = place_under(0xc4000);

@@ -256,6 +256,7 @@ TEST_CASE("without WinHvPlatform.dll a VMM gets a clear error")
 
 #include <membacking/membacking.hpp>
 
+#include "place_device.hpp"
 #include "platform.hpp"
 
 #include <optional>
@@ -301,13 +302,8 @@ TEST_CASE("write-only PAM under WHP: the device below is mapped read-only, then 
     auto whp = must(WhpPartition::create(handle));
     must(m.attach_partition(Vtl::vtl0, whp));
     const MemoryRange seg = x86_legacy::pam_segments[2];
-    auto device = must(m.device_memory_mapper().new_region("rom", Length{0x4000}));
-    must(device.map({.offset = Offset{0},
-                     .length = Length{0x4000},
-                     .object = test::make_object(0x4000),
-                     .object_offset = Offset{0},
-                     .protection = Protection::read_write}));
-    must(device.map_to_guest(Gpa{seg.start()}, Protection::read_write));
+    auto device =
+        test::place_device(m, "rom", Gpa{seg.start()}, Length{0x4000}, test::make_object(0x4000));
     const auto flags_at_segment = [&]() -> std::optional<std::uint32_t> {
         for (const auto& w : standin.mapped())
             if (w.gpa == seg.start() && w.size == seg.size())
