@@ -356,6 +356,22 @@ TEST_CASE_TEMPLATE("a partition detached during a pass leaves its guest's writes
     }
     const PartitionId idc = must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
     CHECK(idc.value == idb.value + 1);
+
+    // A window made read-only during the pass, then its partition detached: the page the guest
+    // wrote before is reported (the toggle replaced the window's VA mapping, which makes it
+    // dirty whole; the detach takes the read-only window's log too).
+    Manager pc = must(Manager::builder()
+                          .x86_legacy_support(true)
+                          .add_backing(RamBackingRequest({range(0, ram_end)}))
+                          .build(Length{space}));
+    auto p = std::make_shared<MockPartition>();
+    const PartitionId idp = must(pc.attach_partition(Vtl::vtl0, p));
+    must(pc.start_dirty_tracking());
+    const MemoryRange pam = *x86_legacy::pam_range(1, 0);
+    p->mark_dirty(pam.start() + page);
+    must(pc.ram_visibility_control().set_ram_visibility(pam, RamVisibility::read_only));
+    must(pc.detach_partition(idp));
+    CHECK(take(pc) == pages(pam.start(), pam.size() / page));
 }
 
 TEST_CASE_TEMPLATE(

@@ -447,19 +447,19 @@ private:
             return R{}; // an optional: nothing
     }
 
-    /// During a migration, a partition about to be detached takes its guest's writes with it:
-    /// its log of each writable window moves into the bitmap first. A window whose log cannot be
-    /// read (the partition failed, or the read fails) is dirty whole: its guest may have written
-    /// anywhere in it, and a page reported but not written costs a copy, a page lost costs the
-    /// migration. If the detach then fails, the pages stay reported (never fewer than written).
+    /// During a migration, a partition about to be detached would take its guest's writes with
+    /// it: its log of each visible window moves into the bitmap first (read-only ones too: a
+    /// window made read-only during the pass keeps, in the partition, what the guest wrote
+    /// before). A window whose log cannot be read (the partition failed, or the read fails) is
+    /// dirty whole: its guest may have written anywhere in it, and a page reported but not
+    /// written costs a copy, a page lost costs the migration. If the detach then fails, the
+    /// pages stay reported (never fewer than written).
     void keep_dirty_log_of(PartitionId id, const std::vector<RegionActivation>& visible)
     {
         if constexpr (Tracking::enabled) {
             if (!tracking_ || !partitions_.attached(id))
                 return;
             for (const RegionActivation& w : visible) {
-                if (!w.params.writable)
-                    continue;
                 if (auto bits = partitions_.take_dirty_log(id, w.gpa))
                     dirty_->merge(w.gpa.start(), *bits);
                 else
