@@ -318,17 +318,22 @@ TEST_CASE_TEMPLATE("a partition detached during a pass leaves its guest's writes
                    Manager, TRACKED_MANAGERS)
 {
     Manager m = ram_guest<Manager>(); // one window: RAM [0, 4 MiB)
+    const QuiesceHook hold_nothing{[] {}, [] {}};
     auto a = std::make_shared<MockPartition>();
     auto b = std::make_shared<MockPartition>();
-    const PartitionId ida = must(m.attach_partition(Vtl::vtl0, a));
-    const PartitionId idb = must(m.attach_partition(Vtl::vtl0, b));
+    // a's guest writes page 0x5000 until its vCPUs are held: the detach must hold them before it
+    // reads the log, else that write lands after the read and goes with the partition.
+    MockPartition* guest_a = a.get();
+    const PartitionId ida = must(m.attach_partition(
+        Vtl::vtl0, a, QuiesceHook{[guest_a] { guest_a->mark_dirty(0x5000); }, [] {}}));
+    const PartitionId idb = must(m.attach_partition(Vtl::vtl0, b, hold_nothing));
     must(m.start_dirty_tracking());
 
-    // Detached: its log of the window moves into the manager's map first.
+    // Detached: its log of the window moves into the manager's map first, exactly.
     a->mark_dirty(0x7000);
     b->mark_dirty(0x9000);
     must(m.detach_partition(ida));
-    CHECK(take(m) == pages(0x7000, 1) + " " + pages(0x9000, 1));
+    CHECK(take(m) == pages(0x5000, 1) + " " + pages(0x7000, 1) + " " + pages(0x9000, 1));
 
     // Bad input changes nothing: no partition's log is read, nothing is marked.
     b->mark_dirty(0x9000);
@@ -343,6 +348,14 @@ TEST_CASE_TEMPLATE("a partition detached during a pass leaves its guest's writes
     must(m.detach_partition(idb));
     CHECK(take(m) == pages(0, ram_end / page));
 
+    // No quiesce hook: its vCPUs may write between the read and the window's removal, so the
+    // whole window is reported too.
+    auto running = std::make_shared<MockPartition>();
+    const PartitionId idr = must(m.attach_partition(Vtl::vtl0, running));
+    running->mark_dirty(0x9000);
+    must(m.detach_partition(idr));
+    CHECK(take(m) == pages(0, ram_end / page));
+
     // An attach refused during a pass (logging, or the first window, fails): logging is off
     // again, nothing is mapped, and no id is taken.
     for (const MockPartition::Op op :
@@ -355,23 +368,18 @@ TEST_CASE_TEMPLATE("a partition detached during a pass leaves its guest's writes
         CHECK(c->windows().empty());
     }
     const PartitionId idc = must(m.attach_partition(Vtl::vtl0, std::make_shared<MockPartition>()));
-    CHECK(idc.value == idb.value + 1);
+    CHECK(idc.value == idr.value + 1);
 
-    // A window made read-only during the pass, then its partition detached: the page the guest
-    // wrote before is reported (the toggle replaced the window's VA mapping, which makes it
-    // dirty whole; the detach takes the read-only window's log too).
-    Manager pc = must(Manager::builder()
-                          .x86_legacy_support(true)
-                          .add_backing(RamBackingRequest({range(0, ram_end)}))
-                          .build(Length{space}));
-    auto p = std::make_shared<MockPartition>();
-    const PartitionId idp = must(pc.attach_partition(Vtl::vtl0, p));
-    must(pc.start_dirty_tracking());
-    const MemoryRange pam = *x86_legacy::pam_range(1, 0);
-    p->mark_dirty(pam.start() + page);
-    must(pc.ram_visibility_control().set_ram_visibility(pam, RamVisibility::read_only));
-    must(pc.detach_partition(idp));
-    CHECK(take(pc) == pages(pam.start(), pam.size() / page));
+    // A read-only window's log is taken too (the mock logs a write into any window, as a
+    // partition keeps what its guest wrote before a window was made read-only).
+    auto rom = test::place_device(m, "rom", Gpa{8 * MiB}, Length{4 * page},
+                                  test::make_object(4 * page), Protection::read_only);
+    auto d = std::make_shared<MockPartition>();
+    const PartitionId idd = must(m.attach_partition(Vtl::vtl0, d, hold_nothing));
+    (void)take(m); // what the ROM's placement and the attach marked
+    d->mark_dirty(8 * MiB + page);
+    must(m.detach_partition(idd));
+    CHECK(take(m) == pages(8 * MiB + page, 1));
 }
 
 TEST_CASE_TEMPLATE(

@@ -185,7 +185,11 @@ in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wineserver -w || true
 # Connection reset by peer" (seen once in a run of this script, the test 0.01 s old). Its
 # services (winedevice.exe) are started here, their output to /dev/null: started by a test they
 # would hold that test's output pipe open, and meson would wait for it for ever.
-in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wineserver -p </dev/null >/dev/null 2>&1
+if ! in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wineserver -p </dev/null >/dev/null 2>&1; then
+    echo "== windows: the wineserver did not start"
+    echo "0 passed, 1 failed, 0 skipped"
+    exit 1
+fi
 in_chroot "$chroot_dir" env "${wine_env[@]}" /usr/lib/wine/wine64 wineboot </dev/null >/dev/null 2>&1 ||
     true
 log "Wine prefix ready in ${SECONDS}s"

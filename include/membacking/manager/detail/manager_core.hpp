@@ -252,6 +252,9 @@ public:
     {
         return control([&](Control& c) {
             const std::vector<RegionActivation> visible = c.regions.active_regions();
+            // One partition operation for both: vCPUs held to read the log stay held until the
+            // windows are gone.
+            const auto op = partitions_.operation();
             keep_dirty_log_of(id, visible);
             return partitions_.detach(id, visible);
         });
@@ -450,20 +453,25 @@ private:
     /// During a migration, a partition about to be detached would take its guest's writes with
     /// it: its log of each visible window moves into the bitmap first (read-only ones too: a
     /// window made read-only during the pass keeps, in the partition, what the guest wrote
-    /// before). A window whose log cannot be read (the partition failed, or the read fails) is
-    /// dirty whole: its guest may have written anywhere in it, and a page reported but not
-    /// written costs a copy, a page lost costs the migration. If the detach then fails, the
-    /// pages stay reported (never fewer than written).
+    /// before). Exact only with the vCPUs held from that read until the windows are gone: with
+    /// a quiesce hook they are (hold_vcpus, in the detach's own operation); without one, a
+    /// write between the read and a window's removal would go with the partition, so every
+    /// visible window is reported dirty whole instead. So is a window whose log cannot be read
+    /// (the partition failed, or the read fails). A page reported but not written costs a copy,
+    /// a page lost costs the migration. If the detach then fails, the pages stay reported.
     void keep_dirty_log_of(PartitionId id, const std::vector<RegionActivation>& visible)
     {
         if constexpr (Tracking::enabled) {
             if (!tracking_ || !partitions_.attached(id))
                 return;
+            const bool held = partitions_.hold_vcpus(id);
             for (const RegionActivation& w : visible) {
-                if (auto bits = partitions_.take_dirty_log(id, w.gpa))
-                    dirty_->merge(w.gpa.start(), *bits);
-                else
-                    dirty_since_change(w.gpa);
+                if (held)
+                    if (auto bits = partitions_.take_dirty_log(id, w.gpa)) {
+                        dirty_->merge(w.gpa.start(), *bits);
+                        continue;
+                    }
+                dirty_since_change(w.gpa);
             }
         }
     }

@@ -195,7 +195,9 @@ public:
             if constexpr (partition_supports<PartitionFeatures::dirty_log, P>) {
                 // Before any window: a memslot is created logging, not switched later.
                 hold(entries.back());
-                if (auto r = watched(entries.back(), partition->set_dirty_logging(true)); !r)
+                // Not watched(): a policy that reports its log out of service is refused, not
+                // kept attached as failed (nothing of it is mapped yet).
+                if (auto r = partition->set_dirty_logging(true); !r)
                     return fail(std::move(r).error());
                 undo.push([partition, &stuck]() -> Result<void> {
                     if (auto u = partition->set_dirty_logging(false); !u && !stuck)
@@ -459,6 +461,26 @@ public:
         std::size_t n = 0;
         std::apply([&](const auto&... lists) { ((n += lists.size()), ...); }, lists_);
         return n;
+    }
+
+    /// Holds partition `id`'s vCPUs out of guest mode (its quiesce hook's begin) until the
+    /// current operation ends; false if it has no hook (its vCPUs may run meanwhile). Call
+    /// inside an operation().
+    bool hold_vcpus(PartitionId id)
+    {
+        bool held = false;
+        for_each(
+            [&](auto& a) {
+                if (a.id != id)
+                    return true;
+                if (a.quiesce) {
+                    hold(a);
+                    held = true;
+                }
+                return false;
+            },
+            Failed::include);
+        return held;
     }
 
     /// Whether partition `id` is attached (failed or not).
